@@ -1,0 +1,95 @@
+//! Parsed domain values: raw strings become these at the edge, nothing deeper sees a raw query string.
+
+pub mod call_sid;
+pub mod phone;
+
+pub use call_sid::CallSid;
+pub use phone::{mask, Phone};
+
+use std::fmt;
+
+/// The channel a delivery goes out on.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    Call,
+    Sms,
+    Whatsapp,
+}
+
+impl Channel {
+    pub const ALL: [Channel; 3] = [Channel::Call, Channel::Sms, Channel::Whatsapp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Call => "call",
+            Channel::Sms => "sms",
+            Channel::Whatsapp => "whatsapp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "call" | "voice" => Some(Channel::Call),
+            "sms" => Some(Channel::Sms),
+            "whatsapp" => Some(Channel::Whatsapp),
+            _ => None,
+        }
+    }
+
+    /// Claim order when provider limits force one: a ringing phone first, then SMS, then WhatsApp.
+    pub fn priority(self) -> i64 {
+        match self {
+            Channel::Call => 0,
+            Channel::Sms => 1,
+            Channel::Whatsapp => 2,
+        }
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an incident came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Exotel,
+    Api,
+    Alertmanager,
+    Cli,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Exotel => "exotel",
+            Source::Api => "api",
+            Source::Alertmanager => "alertmanager",
+            Source::Cli => "cli",
+        }
+    }
+}
+
+/// Keeps at most `max` characters of `s`, on a character boundary.
+pub fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// Now, in milliseconds since the Unix epoch: the one time representation stored in both engines.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A random URL-safe token of `bytes` random bytes, hex encoded.
+pub fn random_token(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut buf = vec![0u8; bytes];
+    rand::rngs::OsRng.fill_bytes(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}

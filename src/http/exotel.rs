@@ -1,0 +1,212 @@
+//! Exotel's webhooks: the Passthru that stores an emergency and the Dynamic Greeting that plays it.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+
+use super::params::{exotel_time, http_url, Params};
+use super::AppState;
+use crate::domain::{mask, truncate, CallSid, Phone, Source};
+use crate::error::AppError;
+use crate::messages::{self, Vars};
+use crate::store::NewIncident;
+
+/// How long the Passthru waits for the database before answering 302, so the caller on the line is
+/// moved to the flow's fallback branch instead of waiting on a stuck disk.
+const STORE_BUDGET: Duration = Duration::from_secs(5);
+/// The greeting must answer fast: a doctor is listening to silence meanwhile.
+const GREETING_BUDGET: Duration = Duration::from_secs(3);
+/// Longest emergency type label kept.
+const MAX_TYPE_CHARS: usize = 64;
+
+/// `GET` (or `POST` form) `/exotel/passthru`: stores the incident and its queued deliveries in one
+/// transaction, then answers 200. Never calls a provider.
+#[tracing::instrument(skip_all, fields(call_sid, incident_id))]
+pub async fn passthru(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    let mut params = Params::from_query(uri.query());
+    params
+        .extend_body(&headers, body)
+        .await
+        .map_err(AppError::BadRequest)?;
+    if !state.webhook_token_ok(params.get("token").as_deref()) {
+        tracing::warn!("passthru with a missing or wrong token");
+        return Err(AppError::Unauthorized);
+    }
+    let call_sid =
+        CallSid::parse(&params.get("CallSid").unwrap_or_default()).map_err(AppError::BadRequest)?;
+    tracing::Span::current().record("call_sid", call_sid.as_str());
+
+    let routing = state.routing.current();
+    let msg = &state.settings.messages;
+    // EmergencyType wins; else the IVR digits through the [ivr] table; else the default route.
+    let requested = params
+        .get_any(&["EmergencyType", "emergency_type"])
+        .map(|t| truncate(&t, MAX_TYPE_CHARS))
+        .or_else(|| {
+            params
+                .get("digits")
+                .and_then(|d| routing.type_for_digits(&d).map(str::to_owned))
+        });
+    let plan = routing.plan(requested.as_deref());
+
+    let recording = params.get("RecordingUrl").and_then(|raw| {
+        let url = http_url(&raw);
+        if url.is_none() {
+            tracing::warn!("RecordingUrl is not an http(s) URL; kept for audit, never forwarded");
+        }
+        url
+    });
+    let caller = params.get_any(&["CallFrom", "From"]).map(|raw| {
+        Phone::parse(&raw, state.region())
+            .map(|p| p.e164().to_owned())
+            .unwrap_or_else(|_| truncate(&raw, 32))
+    });
+    let occurred_at = params
+        .get("StartTime")
+        .and_then(|t| exotel_time(&t, msg.utc_offset_minutes))
+        .or_else(|| {
+            params
+                .get("Created")
+                .and_then(|t| exotel_time(&t, msg.utc_offset_minutes))
+        });
+
+    let incident = NewIncident {
+        source: Source::Exotel,
+        call_sid: Some(call_sid.as_str().to_owned()),
+        dedup_key: None,
+        emergency_type: plan.emergency_type.clone(),
+        route: plan.route.clone(),
+        caller,
+        recording_url: recording,
+        message: None,
+        raw_params: params.audit_json(&["token"]),
+        occurred_at,
+    };
+
+    let stored = tokio::time::timeout(
+        STORE_BUDGET,
+        state.store.create_incident(&incident, &plan.targets),
+    )
+    .await;
+    match stored {
+        Ok(Ok(created)) => {
+            tracing::Span::current().record("incident_id", created.incident_id.as_str());
+            if created.is_new {
+                tracing::info!(
+                    emergency_type = %plan.emergency_type,
+                    route = %plan.route,
+                    caller = %incident.caller.as_deref().map(mask).unwrap_or_default(),
+                    has_recording = incident.recording_url.is_some(),
+                    deliveries = created.deliveries,
+                    "incident stored"
+                );
+                state.wake.notify_one();
+            } else {
+                tracing::info!("repeated passthru for a stored CallSid; nothing new");
+            }
+            Ok((StatusCode::OK, format!("stored {}", created.incident_id)).into_response())
+        }
+        failed => {
+            let reason = match failed {
+                Ok(Err(e)) => format!("{e:#}"),
+                _ => format!("no answer from the database within {STORE_BUDGET:?}"),
+            };
+            // 302 sends the caller down the flow's fallback branch (e.g. straight to a human).
+            tracing::error!(
+                error = %reason,
+                emergency_type = %plan.emergency_type,
+                "EMERGENCY NOT STORED: answering 302 so the Exotel flow takes its fallback branch"
+            );
+            Ok((
+                StatusCode::FOUND,
+                "could not store the emergency; take the fallback branch",
+            )
+                .into_response())
+        }
+    }
+}
+
+/// `GET`/`HEAD` `/exotel/greeting?CustomField=<reference>`: what the outbound call plays. Always 200 with
+/// `Content-Type: text/plain` and something speakable, whatever the request holds.
+#[tracing::instrument(skip_all, fields(delivery_id))]
+pub async fn greeting(State(state): State<AppState>, method: Method, uri: Uri) -> Response {
+    let params = Params::from_query(uri.query());
+    let msg = &state.settings.messages;
+    let fallback = || messages::speakable(&msg.greeting_fallback);
+
+    let body = if !state.webhook_token_ok(params.get("token").as_deref()) {
+        // A doctor is on the line: say something useful, but reveal nothing stored.
+        tracing::warn!("greeting with a missing or wrong token; answering the generic alert");
+        fallback()
+    } else {
+        match params.get("CustomField").filter(|r| r.len() <= 128) {
+            None => fallback(),
+            Some(reference) => {
+                match tokio::time::timeout(GREETING_BUDGET, state.store.greeting(&reference)).await
+                {
+                    Ok(Ok(Some(view))) => {
+                        tracing::Span::current().record("delivery_id", view.delivery_id.as_str());
+                        if method == Method::GET {
+                            if let Err(e) = state
+                                .store
+                                .record_event(
+                                    &view.delivery_id,
+                                    "greeting_played",
+                                    None,
+                                    "greeting fetched by Exotel",
+                                )
+                                .await
+                            {
+                                tracing::error!(
+                                    error = format!("{e:#}"),
+                                    "could not record the greeting play"
+                                );
+                            }
+                        }
+                        let vars = Vars {
+                            emergency_type: &view.emergency_type,
+                            source: &view.source,
+                            caller: view.caller.as_deref(),
+                            time_ms: view.occurred_at.unwrap_or(view.received_at),
+                            recording: view.recording_url.as_deref(),
+                            message: view.message.as_deref(),
+                            incident: &view.incident_id,
+                        };
+                        messages::greeting_body(msg, view.recording_url.as_deref(), &vars)
+                    }
+                    Ok(Ok(None)) => {
+                        tracing::warn!(
+                            "greeting for an unknown reference; answering the generic alert"
+                        );
+                        fallback()
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(
+                            error = format!("{e:#}"),
+                            "greeting lookup failed; generic alert"
+                        );
+                        fallback()
+                    }
+                    Err(_) => {
+                        tracing::error!("greeting lookup timed out; generic alert");
+                        fallback()
+                    }
+                }
+            }
+        }
+    };
+    let mut response = (StatusCode::OK, body).into_response();
+    // Exactly text/plain: Exotel asks for "nothing else", and axum would add a charset.
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}

@@ -1,0 +1,120 @@
+//! The HTTP surface: router, shared state and the layers every request passes through.
+
+pub mod exotel;
+pub mod params;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::settings::Settings;
+use crate::stakeholders::reload::RoutingHandle;
+use crate::store::Store;
+
+/// Everything a handler needs; cloned per request (every field is shared).
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub routing: Arc<RoutingHandle>,
+    pub webhook_token: Arc<SecretString>,
+    pub admin_token: Arc<SecretString>,
+    /// Wakes the dispatcher as soon as new work is committed.
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+impl AppState {
+    pub fn webhook_token_ok(&self, given: Option<&str>) -> bool {
+        token_matches(&self.webhook_token, given)
+    }
+
+    pub fn admin_token_ok(&self, given: Option<&str>) -> bool {
+        token_matches(&self.admin_token, given)
+    }
+
+    pub fn region(&self) -> phonenumber::country::Id {
+        crate::domain::phone::region(&self.settings.stakeholders.default_country)
+            .unwrap_or(phonenumber::country::Id::IN)
+    }
+}
+
+/// Constant-time comparison, so response timing does not reveal how much of a guess was right.
+pub fn token_matches(expected: &SecretString, given: Option<&str>) -> bool {
+    let expected = expected.expose_secret().as_bytes();
+    match given {
+        Some(g) if !expected.is_empty() => g.as_bytes().ct_eq(expected).into(),
+        _ => false,
+    }
+}
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: AppState) -> Router {
+    let settings = &state.settings.server;
+    let timeout = Duration::from_secs(settings.request_timeout_secs);
+    let max_body = settings.max_body_bytes;
+    let max_uri = settings.max_uri_bytes;
+
+    Router::new()
+        .route(
+            "/exotel/passthru",
+            get(exotel::passthru).post(exotel::passthru),
+        )
+        .route(
+            "/exotel/greeting",
+            get(exotel::greeting).head(exotel::greeting),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(max_uri, limit_uri))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        // The span holds the path only: query strings carry the webhook token and phone numbers.
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let request_id = req
+                .headers()
+                .get(&REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!(
+                "request",
+                method = %req.method(),
+                path = %req.uri().path(),
+                request_id = %request_id,
+            )
+        }))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Rejects oversized URIs before any handler reads them: the Passthru GET carries its fields there.
+async fn limit_uri(State(max): State<usize>, req: Request, next: Next) -> Response {
+    let len = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().len())
+        .unwrap_or(0);
+    if len > max {
+        tracing::warn!(len, max, "request URI too long");
+        return (
+            StatusCode::URI_TOO_LONG,
+            format!("request URI is {len} bytes; the limit is {max}"),
+        )
+            .into_response();
+    }
+    next.run(req).await
+}

@@ -1,0 +1,216 @@
+//! Tolerant reading of webhook fields, as Exotel really sends them: unknown keys ignored, empty values
+//! absent, values wrapped in literal quotes, repeated and bracketed keys, query string or form or JSON.
+
+use axum::body::Bytes;
+use axum::http::{header, HeaderMap};
+
+/// The largest value kept for one field; longer ones are cut, never the reason to drop an emergency.
+pub const MAX_VALUE_CHARS: usize = 4096;
+
+/// The fields of one webhook request, in the order received.
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    pairs: Vec<(String, String)>,
+}
+
+impl Params {
+    /// Reads the query string (percent-decoding never fails: bad escapes are kept as written).
+    pub fn from_query(query: Option<&str>) -> Self {
+        let mut p = Params::default();
+        p.extend_form(query.unwrap_or("").as_bytes());
+        p
+    }
+
+    fn extend_form(&mut self, bytes: &[u8]) {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(bytes).unwrap_or_default();
+        self.pairs.extend(pairs);
+    }
+
+    /// Adds the fields of a POST body: a form, a JSON object (nested objects flattened to
+    /// `Legs[0][Status]`-style keys, as forms spell them) or multipart form data.
+    pub async fn extend_body(&mut self, headers: &HeaderMap, body: Bytes) -> Result<(), String> {
+        if body.is_empty() {
+            return Ok(());
+        }
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if content_type.starts_with("application/json") {
+            let value: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| format!("the body is not valid JSON: {e}"))?;
+            flatten_json("", &value, &mut self.pairs);
+            Ok(())
+        } else if content_type.starts_with("multipart/form-data") {
+            let boundary = multer::parse_boundary(&content_type)
+                .map_err(|e| format!("bad multipart body: {e}"))?;
+            let stream =
+                futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+            let mut multipart = multer::Multipart::new(stream, boundary);
+            while let Some(field) = multipart
+                .next_field()
+                .await
+                .map_err(|e| format!("bad multipart body: {e}"))?
+            {
+                let name = field.name().unwrap_or("").to_owned();
+                let text = field
+                    .text()
+                    .await
+                    .map_err(|e| format!("bad multipart body: {e}"))?;
+                self.pairs.push((name, text));
+            }
+            Ok(())
+        } else {
+            // Exotel's forms, and anything sent without a content type.
+            self.extend_form(&body);
+            Ok(())
+        }
+    }
+
+    /// The first non-empty value of `key` (matched case-insensitively), cleaned: surrounding
+    /// whitespace and one layer of literal quotes removed (`digits="215250"`), cut to a sane length.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.pairs
+            .iter()
+            .filter(|(k, _)| k.trim().eq_ignore_ascii_case(key))
+            .find_map(|(_, v)| clean(v))
+    }
+
+    /// The first of several accepted names that has a value.
+    pub fn get_any(&self, keys: &[&str]) -> Option<String> {
+        keys.iter().find_map(|k| self.get(k))
+    }
+
+    /// Every field except the ones named, as a JSON list of `[key, value]` pairs for the audit record.
+    /// A list, not an object, so repeated keys and their order survive.
+    pub fn audit_json(&self, without: &[&str]) -> String {
+        let kept: Vec<(&str, &str)> = self
+            .pairs
+            .iter()
+            .filter(|(k, _)| !without.iter().any(|w| k.eq_ignore_ascii_case(w)))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        serde_json::to_string(&kept).unwrap_or_else(|_| "[]".to_owned())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+}
+
+/// Trims, strips one layer of matching quotes, treats empty as absent, cuts overlong values.
+pub fn clean(raw: &str) -> Option<String> {
+    let mut s = raw.trim();
+    for q in ['"', '\''] {
+        if s.len() >= 2 && s.starts_with(q) && s.ends_with(q) {
+            s = s[1..s.len() - 1].trim();
+            break;
+        }
+    }
+    if s.is_empty() || s.eq_ignore_ascii_case("null") {
+        return None;
+    }
+    Some(s.chars().take(MAX_VALUE_CHARS).collect())
+}
+
+fn flatten_json(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    use serde_json::Value;
+    let key = |k: &str| {
+        if prefix.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{prefix}[{k}]")
+        }
+    };
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                flatten_json(&key(k), v, out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                flatten_json(&key(&i.to_string()), v, out);
+            }
+        }
+        Value::Null => out.push((prefix.to_owned(), String::new())),
+        Value::String(s) => out.push((prefix.to_owned(), s.clone())),
+        other => out.push((prefix.to_owned(), other.to_string())),
+    }
+}
+
+/// An http(s) URL with a host, or nothing: only such URLs are ever forwarded or played.
+pub fn http_url(raw: &str) -> Option<String> {
+    if raw.len() > 2048 {
+        return None;
+    }
+    let url = reqwest::Url::parse(raw).ok()?;
+    (matches!(url.scheme(), "http" | "https") && url.host_str().is_some_and(|h| !h.is_empty()))
+        .then(|| url.to_string())
+}
+
+/// Exotel's timestamps: `2024-07-31 16:42:56` and `Wed, 31 Jul 2024 16:42:56`, both local time without
+/// a zone; read in the configured offset.
+pub fn exotel_time(raw: &str, utc_offset_minutes: i32) -> Option<i64> {
+    let naive = chrono::NaiveDateTime::parse_from_str(raw.trim(), "%Y-%m-%d %H:%M:%S")
+        .or_else(|_| chrono::NaiveDateTime::parse_from_str(raw.trim(), "%a, %d %b %Y %H:%M:%S"))
+        .ok()?;
+    // The epoch placeholder Exotel sends for EndTime (1970-01-01 05:30:00) means "unknown".
+    if naive.and_utc().timestamp() < 86_400 {
+        return None;
+    }
+    let offset = chrono::FixedOffset::east_opt(utc_offset_minutes * 60)?;
+    naive
+        .and_local_timezone(offset)
+        .single()
+        .map(|t| t.timestamp_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleans_quotes_empties_and_repeats() {
+        let p = Params::from_query(Some(
+            "digits=%22215250%22&DialWhomNumber=&CallSid=&CallSid=abc&callsid=def&Legs[1][Insights][Status]=x&EmergencyType=%27Heart%27",
+        ));
+        assert_eq!(p.get("digits").as_deref(), Some("215250"));
+        assert_eq!(p.get("DialWhomNumber"), None);
+        assert_eq!(p.get("CallSid").as_deref(), Some("abc"));
+        assert_eq!(p.get("Legs[1][Insights][Status]").as_deref(), Some("x"));
+        assert_eq!(p.get("EmergencyType").as_deref(), Some("Heart"));
+        assert_eq!(p.get("missing"), None);
+    }
+
+    #[test]
+    fn bad_percent_escapes_do_not_fail() {
+        let p = Params::from_query(Some("CallSid=a%ZZb&x=%"));
+        assert_eq!(p.get("CallSid").as_deref(), Some("a%ZZb"));
+    }
+
+    #[test]
+    fn audit_keeps_repeats_and_drops_the_token() {
+        let p = Params::from_query(Some("a=1&a=2&token=secret"));
+        assert_eq!(p.audit_json(&["token"]), r#"[["a","1"],["a","2"]]"#);
+    }
+
+    #[test]
+    fn reads_both_exotel_date_formats_and_ignores_the_epoch_placeholder() {
+        let a = exotel_time("2024-07-31 16:42:56", 330).unwrap();
+        let b = exotel_time("Wed, 31 Jul 2024 16:42:56", 330).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a, 1_722_424_376_000);
+        assert_eq!(exotel_time("1970-01-01 05:30:00", 330), None);
+        assert_eq!(exotel_time("yesterday", 330), None);
+    }
+
+    #[test]
+    fn only_http_urls_pass() {
+        assert!(http_url("https://recordings.exotel.com/exotelrecordings/acme/abc.mp3").is_some());
+        assert!(http_url("ftp://x/y").is_none());
+        assert!(http_url("javascript:alert(1)").is_none());
+        assert!(http_url("not a url").is_none());
+    }
+}

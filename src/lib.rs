@@ -1,0 +1,140 @@
+//! exotel-sos: one emergency in, the right people called, texted and messaged, with proof of who was reached.
+#![forbid(unsafe_code)]
+
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod messages;
+pub mod settings;
+pub mod stakeholders;
+pub mod store;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+
+use crate::http::AppState;
+use crate::settings::{non_empty, Settings};
+use crate::stakeholders::reload::RoutingHandle;
+use crate::stakeholders::Routing;
+use crate::store::Store;
+
+/// A configured, migrated application, ready to serve.
+pub struct App {
+    pub state: AppState,
+    /// Tokens generated and stored by the server (not given in settings): these, and only these, are
+    /// printed at start inside the ready-to-paste URLs.
+    pub generated_webhook_token: bool,
+    pub generated_admin_token: bool,
+}
+
+/// Loads the stakeholder file with the settings' region, joining every problem into one error.
+pub fn load_routing(settings: &Settings) -> anyhow::Result<Routing> {
+    let region = domain::phone::region(&settings.stakeholders.default_country)
+        .context("stakeholders.default_country is not a region code")?;
+    Routing::load(&settings.stakeholders.file, region).map_err(|errors| {
+        anyhow::anyhow!(
+            "the stakeholder file has {} problem(s):\n  - {}",
+            errors.len(),
+            errors.join("\n  - ")
+        )
+    })
+}
+
+impl App {
+    /// Connects to the database, applies migrations, loads the stakeholder file and the tokens.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let routing = load_routing(&settings)?;
+        for w in &routing.warnings {
+            tracing::warn!(warning = %w, "stakeholder file");
+        }
+        let store =
+            Store::connect(&settings.database.url, settings.database.max_connections).await?;
+        store.migrate().await?;
+
+        let (webhook_token, generated_webhook_token) =
+            token(&store, &settings.server.webhook_token, "webhook_token").await?;
+        let (admin_token, generated_admin_token) =
+            token(&store, &settings.server.admin_token, "admin_token").await?;
+
+        let region = domain::phone::region(&settings.stakeholders.default_country)
+            .context("stakeholders.default_country is not a region code")?;
+        let routing = Arc::new(RoutingHandle::new(
+            routing,
+            settings.stakeholders.file.clone(),
+            region,
+        ));
+        Ok(App {
+            state: AppState {
+                settings: Arc::new(settings),
+                store,
+                routing,
+                webhook_token: Arc::new(webhook_token),
+                admin_token: Arc::new(admin_token),
+                wake: Arc::new(tokio::sync::Notify::new()),
+            },
+            generated_webhook_token,
+            generated_admin_token,
+        })
+    }
+
+    /// The lines printed at start: where to point Exotel. Settings-given tokens are never printed.
+    pub fn banner(&self) -> String {
+        use secrecy::ExposeSecret;
+        let base = self.state.settings.public_base();
+        let token = if self.generated_webhook_token {
+            self.state.webhook_token.expose_secret().to_owned()
+        } else {
+            "<server.webhook_token>".to_owned()
+        };
+        let mut out = format!(
+            "Passthru applet URL (inbound flow, after the recording):\n    {base}/exotel/passthru?token={token}\n\
+             Greeting applet URL (outbound flow, \"read text from URL\"):\n    {base}/exotel/greeting?token={token}\n"
+        );
+        if self.generated_admin_token {
+            out.push_str(&format!(
+                "Admin API bearer token (for /api/*):\n    {}\n",
+                self.state.admin_token.expose_secret()
+            ));
+        }
+        out
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, with the stakeholder file watched.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        self.state.routing.spawn_watchers(stop_rx.clone());
+        let router = http::router(self.state.clone());
+        let mut stop_for_server = stop_rx.clone();
+        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let _ = stop_for_server.changed().await;
+        });
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        server.await.context("serving HTTP")?;
+        self.state.store.close().await;
+        Ok(())
+    }
+}
+
+/// The token from settings, or the stored (generated once) one; `true` when it was generated.
+async fn token(
+    store: &Store,
+    configured: &SecretString,
+    name: &str,
+) -> anyhow::Result<(SecretString, bool)> {
+    match non_empty(configured) {
+        Some(t) => Ok((SecretString::from(t.to_owned()), false)),
+        None => Ok((SecretString::from(store.secret(name).await?), true)),
+    }
+}

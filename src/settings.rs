@@ -1,0 +1,249 @@
+//! Typed, layered settings: built-in defaults, then a file, then `SOS_<SECTION>__<KEY>` variables.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// The built-in defaults, compiled in so the binary runs from any directory.
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub exotel: ExotelSettings,
+    pub gupshup: GupshupSettings,
+    pub stakeholders: StakeholderSettings,
+    pub messages: MessageSettings,
+    pub incidents: IncidentSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub listen: String,
+    pub public_url: String,
+    pub webhook_token: SecretString,
+    pub admin_token: SecretString,
+    pub request_timeout_secs: u64,
+    pub max_body_bytes: usize,
+    pub max_uri_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExotelSettings {
+    pub base_url: String,
+    pub account_sid: String,
+    pub api_key: SecretString,
+    pub api_token: SecretString,
+    pub caller_id: String,
+    pub flow_url: String,
+    pub sms_from: String,
+    pub dlt_entity_id: String,
+    pub dlt_template_id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GupshupSettings {
+    pub base_url: String,
+    pub userid: String,
+    pub password: SecretString,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StakeholderSettings {
+    pub file: PathBuf,
+    pub default_country: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MessageSettings {
+    pub sms: String,
+    pub whatsapp: String,
+    pub greeting_text: String,
+    pub greeting_fallback: String,
+    pub greeting_repeat: u32,
+    pub utc_offset_minutes: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IncidentSettings {
+    pub auto_resolve_after_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// `Some(secret)` when the value is set, `None` for an empty string.
+pub fn non_empty(secret: &SecretString) -> Option<&str> {
+    let s = secret.expose_secret();
+    (!s.trim().is_empty()).then_some(s)
+}
+
+impl Settings {
+    /// Loads the layers. `file` comes from `--config`, else `SOS_CONFIG`.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// Same as [`Settings::load`] with an explicit environment, so tests do not touch the process's.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("SOS_"))
+            .collect();
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get("SOS_CONFIG").map(PathBuf::from));
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = &file {
+            anyhow::ensure!(
+                path.exists(),
+                "settings file {} does not exist",
+                path.display()
+            );
+            builder = builder.add_source(config::File::from(path.as_path()).required(true));
+        }
+        let env_source = config::Environment::with_prefix("SOS")
+            .prefix_separator("_")
+            .separator("__")
+            .source(Some(
+                env.into_iter().filter(|(k, _)| k != "SOS_CONFIG").collect(),
+            ));
+        let settings: Settings = builder
+            .add_source(env_source)
+            .build()
+            .context("reading settings")?
+            .try_deserialize()
+            .context("settings have a wrong or missing value")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The checks startup runs; `check-config` runs exactly these too.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "server.listen {:?} is not an address like 127.0.0.1:8080",
+                self.server.listen
+            ));
+        }
+        match reqwest::Url::parse(&self.server.public_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            _ => problems.push(format!(
+                "server.public_url {:?} is not an http(s) URL",
+                self.server.public_url
+            )),
+        }
+        for (key, url) in [
+            ("exotel.base_url", &self.exotel.base_url),
+            ("gupshup.base_url", &self.gupshup.base_url),
+        ] {
+            if !matches!(
+                reqwest::Url::parse(url)
+                    .map(|u| u.scheme().to_owned())
+                    .as_deref(),
+                Ok("http" | "https")
+            ) {
+                problems.push(format!("{key} {url:?} is not an http(s) URL"));
+            }
+        }
+        if !(self.database.url.starts_with("sqlite:") || self.database.url.starts_with("postgres"))
+        {
+            problems.push("database.url must start with sqlite:// or postgres://".to_owned());
+        }
+        if self.database.max_connections == 0 {
+            problems.push("database.max_connections must be at least 1".to_owned());
+        }
+        if self.server.request_timeout_secs == 0 {
+            problems.push("server.request_timeout_secs must be at least 1".to_owned());
+        }
+        if crate::domain::phone::region(&self.stakeholders.default_country).is_none() {
+            problems.push(format!(
+                "stakeholders.default_country {:?} is not a known region code such as IN",
+                self.stakeholders.default_country
+            ));
+        }
+        if self.messages.greeting_repeat == 0 {
+            problems.push("messages.greeting_repeat must be at least 1".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("invalid settings:\n  - {}", problems.join("\n  - "))
+        }
+    }
+
+    /// The public base URL without a trailing slash.
+    pub fn public_base(&self) -> &str {
+        self.server.public_url.trim_end_matches('/')
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_env_overrides_win() {
+        let s = Settings::load_with_env(
+            None,
+            [
+                (
+                    "SOS_DATABASE__URL".to_owned(),
+                    "postgres://x@y/z".to_owned(),
+                ),
+                ("SOS_SERVER__WEBHOOK_TOKEN".to_owned(), "12345".to_owned()),
+                ("OTHER".to_owned(), "ignored".to_owned()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:8080");
+        assert_eq!(s.database.url, "postgres://x@y/z");
+        assert_eq!(non_empty(&s.server.webhook_token), Some("12345"));
+        assert_eq!(non_empty(&s.server.admin_token), None);
+        // Secrets never show in Debug output.
+        assert!(!format!("{s:?}").contains("12345"));
+    }
+
+    #[test]
+    fn invalid_values_are_all_reported() {
+        let err = Settings::load_with_env(
+            None,
+            [
+                ("SOS_SERVER__LISTEN".to_owned(), "nowhere".to_owned()),
+                (
+                    "SOS_STAKEHOLDERS__DEFAULT_COUNTRY".to_owned(),
+                    "XX".to_owned(),
+                ),
+            ],
+        )
+        .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("server.listen"), "{text}");
+        assert!(text.contains("default_country"), "{text}");
+    }
+}

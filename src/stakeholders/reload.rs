@@ -1,0 +1,138 @@
+//! Live reload of the stakeholder file on SIGHUP and on change; a broken edit keeps the previous routing.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use notify::Watcher;
+use tokio::sync::mpsc;
+
+use super::Routing;
+
+/// The current routing, shared by every request; replaced whole so a request never sees half an edit.
+pub struct RoutingHandle {
+    current: RwLock<Arc<Routing>>,
+    path: PathBuf,
+    region: phonenumber::country::Id,
+}
+
+impl RoutingHandle {
+    pub fn new(routing: Routing, path: PathBuf, region: phonenumber::country::Id) -> Self {
+        RoutingHandle {
+            current: RwLock::new(Arc::new(routing)),
+            path,
+            region,
+        }
+    }
+
+    pub fn current(&self) -> Arc<Routing> {
+        // A poisoned lock only means a panic elsewhere while swapping; the Arc inside is still whole.
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the file. On errors every one is logged and the previous routing stays in force.
+    pub fn reload(&self) -> Result<(), Vec<String>> {
+        match Routing::load(&self.path, self.region) {
+            Ok(routing) => {
+                for w in &routing.warnings {
+                    tracing::warn!(warning = %w, "stakeholder file");
+                }
+                tracing::info!(
+                    file = %self.path.display(),
+                    contacts = routing.contact_count(),
+                    "stakeholder file reloaded"
+                );
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
+                Ok(())
+            }
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!(error = %e, "stakeholder file rejected; previous routing kept");
+                }
+                Err(errors)
+            }
+        }
+    }
+
+    /// Reloads on SIGHUP and whenever the file changes on disk, until `shutdown` fires.
+    pub fn spawn_watchers(self: &Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+
+        // The directory is watched, not the file: editors save by writing a new file and renaming it.
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let file_name = self.path.file_name().map(|n| n.to_owned());
+        let fs_tx = tx.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                let ours = event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().map(|n| n.to_owned()) == file_name);
+                if ours && !event.kind.is_access() {
+                    let _ = fs_tx.send(());
+                }
+            }
+        });
+        let watcher = match watcher {
+            Ok(mut w) => match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the stakeholder file; SIGHUP still reloads it");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no file watcher; SIGHUP still reloads the stakeholder file");
+                None
+            }
+        };
+
+        #[cfg(unix)]
+        {
+            let hup_tx = tx.clone();
+            let mut hup_shutdown = shutdown.clone();
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(mut hup) => {
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::select! {
+                                got = hup.recv() => {
+                                    if got.is_none() { break; }
+                                    tracing::info!("SIGHUP: reloading the stakeholder file");
+                                    let _ = hup_tx.send(());
+                                }
+                                _ = hup_shutdown.changed() => break,
+                            }
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+            }
+        }
+
+        let handle = Arc::clone(self);
+        tokio::spawn(async move {
+            let _watcher = watcher; // dropped, and so stopped, with this task
+            loop {
+                tokio::select! {
+                    got = rx.recv() => {
+                        if got.is_none() { break; }
+                        // An editor's save is several events; settle, then read once.
+                        tokio::time::sleep(Duration::from_millis(150)).await;
+                        while rx.try_recv().is_ok() {}
+                        let _ = handle.reload();
+                    }
+                    _ = shutdown.changed() => break,
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,380 @@
+//! Storage: PostgreSQL or embedded SQLite behind one [`Store`], with per-engine migrations.
+//!
+//! Both engines run the same runtime SQL through sqlx's `Any` driver; the few places where they differ
+//! (row locking when claiming work) branch on [`Engine`]. Times are milliseconds since the Unix epoch.
+
+mod rows;
+
+pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow};
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::AnyPool;
+
+use crate::domain::{now_ms, random_token, Source};
+use crate::stakeholders::Target;
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Postgres,
+    Sqlite,
+}
+
+impl Engine {
+    pub fn of_url(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Engine::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Engine::Sqlite)
+        } else {
+            anyhow::bail!("database.url must start with sqlite:// or postgres://")
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Postgres => "postgres",
+            Engine::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// The one handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    engine: Engine,
+}
+
+/// What the caller wants stored for a new incident.
+#[derive(Debug, Clone)]
+pub struct NewIncident {
+    pub source: Source,
+    pub call_sid: Option<String>,
+    pub dedup_key: Option<String>,
+    pub emergency_type: String,
+    pub route: String,
+    pub caller: Option<String>,
+    pub recording_url: Option<String>,
+    pub message: Option<String>,
+    /// Every parameter as received (secrets removed), JSON, for audit.
+    pub raw_params: String,
+    pub occurred_at: Option<i64>,
+}
+
+/// The result of [`Store::create_incident`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub incident_id: String,
+    /// False when the CallSid or open dedup key was already stored: nothing new was written.
+    pub is_new: bool,
+    pub deliveries: usize,
+}
+
+impl Store {
+    /// Connects and configures the engine. SQLite runs in WAL mode with `synchronous=FULL`, so a commit
+    /// (and so a 200 to Exotel) survives a power cut, not only a crash.
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        sqlx::any::install_default_drivers();
+        let engine = Engine::of_url(url)?;
+        let options =
+            AnyConnectOptions::from_str(url).context("database.url is not a valid URL")?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if engine == Engine::Sqlite {
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = FULL",
+                            "PRAGMA foreign_keys = ON",
+                            "PRAGMA busy_timeout = 10000",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .with_context(|| format!("cannot open the {} database", engine.as_str()))?;
+        Ok(Store { pool, engine })
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Applies the embedded migrations of this engine.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        let migrator = match self.engine {
+            Engine::Postgres => &POSTGRES_MIGRATIONS,
+            Engine::Sqlite => &SQLITE_MIGRATIONS,
+        };
+        migrator
+            .run(&self.pool)
+            .await
+            .context("applying migrations")?;
+        Ok(())
+    }
+
+    /// True when every embedded migration has been applied.
+    pub async fn is_migrated(&self) -> anyhow::Result<bool> {
+        let migrator = match self.engine {
+            Engine::Postgres => &POSTGRES_MIGRATIONS,
+            Engine::Sqlite => &SQLITE_MIGRATIONS,
+        };
+        let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(applied.unwrap_or(0) >= latest)
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// The stored secret `name`, creating it with a fresh random value the first time. Safe when several
+    /// replicas start at once: the first insert wins and everyone reads it back.
+    pub async fn secret(&self, name: &str) -> anyhow::Result<String> {
+        sqlx::query(
+            "INSERT INTO app_secrets (name, value, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(random_token(24))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        let value: String = sqlx::query_scalar("SELECT value FROM app_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(value)
+    }
+
+    /// Stores the incident and one queued delivery per target in ONE transaction. A repeat of a stored
+    /// CallSid, or of the dedup key of an incident still open, writes nothing and returns the first one.
+    pub async fn create_incident(
+        &self,
+        incident: &NewIncident,
+        targets: &[Target],
+    ) -> anyhow::Result<Created> {
+        let now = now_ms();
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut tx = self.pool.begin().await?;
+        // The insert comes first so that SQLite takes its write lock at once (no upgrade deadlock), and a
+        // concurrent repeat waits on the unique index instead of racing a read.
+        let inserted: Option<String> = sqlx::query_scalar(
+            "INSERT INTO incidents (id, source, call_sid, dedup_key, emergency_type, route, caller, \
+             recording_url, message, raw_params, status, occurred_at, received_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'open', $11, $12) \
+             ON CONFLICT DO NOTHING RETURNING id",
+        )
+        .bind(&id)
+        .bind(incident.source.as_str())
+        .bind(incident.call_sid.as_deref())
+        .bind(incident.dedup_key.as_deref())
+        .bind(&incident.emergency_type)
+        .bind(&incident.route)
+        .bind(incident.caller.as_deref())
+        .bind(incident.recording_url.as_deref())
+        .bind(incident.message.as_deref())
+        .bind(&incident.raw_params)
+        .bind(incident.occurred_at)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await
+        .context("inserting the incident")?;
+
+        if inserted.is_none() {
+            let existing: Option<String> = sqlx::query_scalar(
+                "SELECT id FROM incidents WHERE call_sid = $1 \
+                 OR (dedup_key = $2 AND status = 'open') ORDER BY received_at LIMIT 1",
+            )
+            .bind(incident.call_sid.as_deref())
+            .bind(incident.dedup_key.as_deref())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let incident_id =
+                existing.context("the incident conflicted with one that can no longer be found")?;
+            // A later Passthru of the same call may be the first to carry the recording (one placed
+            // after the Voicemail applet); keep it rather than lose it. Nothing else changes.
+            if let Some(url) = &incident.recording_url {
+                sqlx::query(
+                    "UPDATE incidents SET recording_url = $1 WHERE id = $2 AND recording_url IS NULL",
+                )
+                .bind(url)
+                .bind(&incident_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            return Ok(Created {
+                incident_id,
+                is_new: false,
+                deliveries: 0,
+            });
+        }
+
+        for target in targets {
+            sqlx::query(
+                "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, priority, \
+                 greeting_ref, status, due_at, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8, $8)",
+            )
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(&id)
+            .bind(&target.contact_name)
+            .bind(target.phone.e164())
+            .bind(target.channel.as_str())
+            .bind(target.channel.priority())
+            .bind(random_token(16))
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .context("inserting a delivery")?;
+        }
+        tx.commit().await.context("committing the incident")?;
+        Ok(Created {
+            incident_id: id,
+            is_new: true,
+            deliveries: targets.len(),
+        })
+    }
+
+    /// What the greeting of the delivery with this reference should play or say.
+    pub async fn greeting(&self, greeting_ref: &str) -> anyhow::Result<Option<GreetingView>> {
+        let row = sqlx::query(
+            "SELECT d.id AS delivery_id, i.id AS incident_id, i.source, i.emergency_type, \
+             i.recording_url, i.message, i.caller, i.occurred_at, i.received_at \
+             FROM deliveries d JOIN incidents i ON i.id = d.incident_id WHERE d.greeting_ref = $1",
+        )
+        .bind(greeting_ref)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| GreetingView::from_row(&r)).transpose()
+    }
+
+    pub async fn incident(&self, id: &str) -> anyhow::Result<Option<IncidentRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM incidents WHERE id = $1",
+            IncidentRow::COLUMNS
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| IncidentRow::from_row(&r)).transpose()
+    }
+
+    pub async fn incident_by_call_sid(
+        &self,
+        call_sid: &str,
+    ) -> anyhow::Result<Option<IncidentRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM incidents WHERE call_sid = $1",
+            IncidentRow::COLUMNS
+        ))
+        .bind(call_sid)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| IncidentRow::from_row(&r)).transpose()
+    }
+
+    pub async fn count_incidents(&self) -> anyhow::Result<i64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM incidents")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+
+    /// The incident's deliveries, calls first.
+    pub async fn deliveries(&self, incident_id: &str) -> anyhow::Result<Vec<DeliveryRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM deliveries WHERE incident_id = $1 ORDER BY priority, contact_name, id",
+            DeliveryRow::COLUMNS
+        ))
+        .bind(incident_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(DeliveryRow::from_row).collect()
+    }
+
+    pub async fn delivery(&self, id: &str) -> anyhow::Result<Option<DeliveryRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM deliveries WHERE id = $1",
+            DeliveryRow::COLUMNS
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| DeliveryRow::from_row(&r)).transpose()
+    }
+
+    /// The audit trail of one delivery, oldest first.
+    pub async fn events(&self, delivery_id: &str) -> anyhow::Result<Vec<EventRow>> {
+        let rows = sqlx::query(
+            "SELECT id, delivery_id, at, kind, provider_id, detail FROM delivery_events \
+             WHERE delivery_id = $1 ORDER BY id",
+        )
+        .bind(delivery_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(EventRow::from_row).collect()
+    }
+
+    /// Appends one event to a delivery's audit trail.
+    pub async fn record_event(
+        &self,
+        delivery_id: &str,
+        kind: &str,
+        provider_id: Option<&str>,
+        detail: &str,
+    ) -> anyhow::Result<()> {
+        insert_event(&self.pool, delivery_id, kind, provider_id, detail, now_ms()).await
+    }
+}
+
+/// Shared by plain and transactional callers.
+async fn insert_event<'e, E>(
+    executor: E,
+    delivery_id: &str,
+    kind: &str,
+    provider_id: Option<&str>,
+    detail: &str,
+    at: i64,
+) -> anyhow::Result<()>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query(
+        "INSERT INTO delivery_events (delivery_id, at, kind, provider_id, detail) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(delivery_id)
+    .bind(at)
+    .bind(kind)
+    .bind(provider_id)
+    .bind(detail)
+    .execute(executor)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! `exotel-sos check-config` on good and broken stakeholder files, through the real binary.
+
+use std::process::Command;
+
+use crate::helpers::STAKEHOLDERS;
+
+fn check(stakeholders: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stakeholders.toml");
+    std::fs::write(&file, stakeholders).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_exotel-sos"))
+        .arg("check-config")
+        .env("SOS_STAKEHOLDERS__FILE", &file)
+        .env(
+            "SOS_DATABASE__URL",
+            format!("sqlite://{}/x.db?mode=rwc", dir.path().display()),
+        )
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn good_file_prints_the_routing_table_with_masked_numbers() {
+    let (ok, text) = check(STAKEHOLDERS);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("Heart -> cardiology, emergency-desk, lab"),
+        "{text}"
+    );
+    assert!(text.contains("+91******0001"), "{text}");
+    assert!(!text.contains("9800000001"), "no full number: {text}");
+    assert!(text.contains("1 -> Heart"), "{text}");
+}
+
+#[test]
+fn broken_file_reports_every_problem_with_file_and_entry() {
+    let broken = r#"
+[[contact]]
+name = "Typo"
+phone = "+91 98000"
+teams = ["cardiology"]
+
+[[contact]]
+name = "Floating"
+phone = "+919800000009"
+
+[routes]
+Heart = ["cardiology", "nobody"]
+Lungs = []
+default = ["cardiology"]
+"#;
+    let (ok, text) = check(broken);
+    assert!(!ok);
+    for needle in [
+        "contact[0] \"Typo\": bad phone number",
+        "contact[1] \"Floating\": is in no team",
+        "routes.Heart: team \"nobody\" has no contacts",
+        "routes.Lungs: route has no teams",
+        "stakeholders.toml",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(
+        !text.contains("9800000009"),
+        "numbers masked even in errors: {text}"
+    );
+}
+
+#[test]
+fn unparseable_file_and_bad_settings_fail_clearly() {
+    let (ok, text) = check("[[contact]\nname=");
+    assert!(!ok);
+    assert!(text.contains("not valid TOML"), "{text}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_exotel-sos"))
+        .arg("check-config")
+        .env("SOS_SERVER__LISTEN", "everywhere")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.listen"));
+}

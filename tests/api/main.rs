@@ -1,0 +1,8 @@
+//! Integration tests: the real server over real HTTP, on SQLite and on PostgreSQL.
+
+mod helpers;
+
+mod check_config;
+mod greeting;
+mod passthru;
+mod reload;

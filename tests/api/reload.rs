@@ -1,0 +1,104 @@
+//! Live edits of the stakeholder file: applied on change and on SIGHUP, broken edits rejected.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+const ONLY_DESK: &str = r#"
+[[contact]]
+name = "New desk"
+phone = "+919800000077"
+channels = ["call"]
+teams = ["emergency-desk"]
+
+[routes]
+default = ["emergency-desk"]
+"#;
+
+async fn deliveries_for(app: &TestApp, sid: &str) -> Vec<exotel_sos::store::DeliveryRow> {
+    let inc = app.store.incident_by_call_sid(sid).await.unwrap().unwrap();
+    app.store.deliveries(&inc.id).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_change_applies_and_broken_edit_keeps_previous_routing() {
+    let app = spawn_app(Db::Sqlite).await;
+    app.passthru("CallSid=dddd0000000000000000000000000001&EmergencyType=Heart")
+        .await;
+
+    // A broken edit: rejected, previous routing kept.
+    std::fs::write(
+        &app.stakeholders,
+        "[[contact]]\nname = \"x\"\nphone = \"1\"\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    app.passthru("CallSid=dddd0000000000000000000000000002&EmergencyType=Heart")
+        .await;
+    assert_eq!(
+        deliveries_for(&app, "dddd0000000000000000000000000002")
+            .await
+            .len(),
+        HEART_DELIVERIES
+    );
+
+    // A good edit: applied without a restart.
+    std::fs::write(&app.stakeholders, ONLY_DESK).unwrap();
+    let routing = app.state.routing.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let r = routing.clone();
+            async move { r.current().contact_count() == 1 }
+        })
+        .await,
+        "the edit was picked up"
+    );
+    app.passthru("CallSid=dddd0000000000000000000000000003&EmergencyType=Heart")
+        .await;
+    let d = deliveries_for(&app, "dddd0000000000000000000000000003").await;
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].phone, "+919800000077");
+
+    // Incidents already recorded keep the contacts they were created with.
+    assert_eq!(
+        deliveries_for(&app, "dddd0000000000000000000000000001")
+            .await
+            .len(),
+        HEART_DELIVERIES
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_file() {
+    // The watcher may also see the write; SIGHUP must be enough on its own, so compare before and after.
+    let app = spawn_app(Db::Sqlite).await;
+    // Our own handler too, so the signal can never take the default action (terminate) in this process.
+    let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
+    // A served request proves the app's watchers (installed before serving) are in place.
+    assert_eq!(
+        app.client
+            .get(format!("{}/healthz", app.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let routing = app.state.routing.clone();
+    assert_eq!(routing.current().contact_count(), 4);
+    std::fs::write(&app.stakeholders, ONLY_DESK).unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let r = routing.clone();
+            async move { r.current().contact_count() == 1 }
+        })
+        .await
+    );
+    app.stop().await;
+}
