@@ -76,6 +76,7 @@ impl App {
                 webhook_token: Arc::new(webhook_token),
                 admin_token: Arc::new(admin_token),
                 wake: Arc::new(tokio::sync::Notify::new()),
+                dispatcher_heartbeat: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             },
             generated_webhook_token,
             generated_admin_token,

@@ -197,6 +197,26 @@ impl Settings {
         }
     }
 
+    /// Whether each channel has its credentials (live) or runs dry-run.
+    pub fn channel_live(&self, channel: crate::domain::Channel) -> bool {
+        use crate::domain::Channel;
+        let exotel = !self.exotel.account_sid.trim().is_empty()
+            && non_empty(&self.exotel.api_key).is_some()
+            && non_empty(&self.exotel.api_token).is_some();
+        match channel {
+            Channel::Call => {
+                exotel
+                    && !self.exotel.caller_id.trim().is_empty()
+                    && !self.exotel.flow_url.trim().is_empty()
+            }
+            Channel::Sms => exotel && !self.exotel.sms_from.trim().is_empty(),
+            Channel::Whatsapp => {
+                !self.gupshup.userid.trim().is_empty()
+                    && non_empty(&self.gupshup.password).is_some()
+            }
+        }
+    }
+
     /// The public base URL without a trailing slash.
     pub fn public_base(&self) -> &str {
         self.server.public_url.trim_end_matches('/')

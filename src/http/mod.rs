@@ -31,6 +31,8 @@ pub struct AppState {
     pub admin_token: Arc<SecretString>,
     /// Wakes the dispatcher as soon as new work is committed.
     pub wake: Arc<tokio::sync::Notify>,
+    /// When the dispatcher loop last went round (ms since the epoch; 0 = not started): `/readyz` reads it.
+    pub dispatcher_heartbeat: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl AppState {
