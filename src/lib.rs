@@ -1,10 +1,12 @@
 //! exotel-sos: one emergency in, the right people called, texted and messaged, with proof of who was reached.
 #![forbid(unsafe_code)]
 
+pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod http;
 pub mod messages;
+pub mod providers;
 pub mod settings;
 pub mod stakeholders;
 pub mod store;
@@ -83,6 +85,19 @@ impl App {
         })
     }
 
+    /// The dispatcher for this app's settings, store and wake-ups.
+    pub fn dispatcher(&self) -> anyhow::Result<dispatch::Dispatcher> {
+        use secrecy::ExposeSecret;
+        let s = &self.state;
+        dispatch::Dispatcher::new(
+            s.store.clone(),
+            s.settings.clone(),
+            dispatch::lanes(&s.settings, s.webhook_token.expose_secret()),
+            s.wake.clone(),
+            s.dispatcher_heartbeat.clone(),
+        )
+    }
+
     /// The lines printed at start: where to point Exotel. Settings-given tokens are never printed.
     pub fn banner(&self) -> String {
         use secrecy::ExposeSecret;
@@ -96,6 +111,13 @@ impl App {
             "Passthru applet URL (inbound flow, after the recording):\n    {base}/exotel/passthru?token={token}\n\
              Greeting applet URL (outbound flow, \"read text from URL\"):\n    {base}/exotel/greeting?token={token}\n"
         );
+        for channel in domain::Channel::ALL {
+            if !self.state.settings.channel_live(channel) {
+                out.push_str(&format!(
+                    "WARNING: {channel} is DRY-RUN (credentials not set): deliveries are recorded as simulated, nothing is sent\n"
+                ));
+            }
+        }
         if self.generated_admin_token {
             out.push_str(&format!(
                 "Admin API bearer token (for /api/*):\n    {}\n",
@@ -113,6 +135,19 @@ impl App {
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         self.state.routing.spawn_watchers(stop_rx.clone());
+        let dispatcher = if self.state.settings.dispatch.enabled {
+            let d = Arc::new(self.dispatcher()?);
+            if self.state.store.engine() == store::Engine::Postgres {
+                tokio::spawn(dispatch::listen_for_wakeups(
+                    self.state.settings.database.url.clone(),
+                    self.state.wake.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+            Some(tokio::spawn(d.run(stop_rx.clone())))
+        } else {
+            None
+        };
         let router = http::router(self.state.clone());
         let mut stop_for_server = stop_rx.clone();
         let server = axum::serve(listener, router).with_graceful_shutdown(async move {
@@ -122,8 +157,13 @@ impl App {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        server.await.context("serving HTTP")?;
+        let served = server.await.context("serving HTTP");
+        if let Some(d) = dispatcher {
+            // The dispatcher finishes or releases its in-flight work before the database closes.
+            let _ = d.await;
+        }
         self.state.store.close().await;
+        served?;
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ pub struct Settings {
     pub stakeholders: StakeholderSettings,
     pub messages: MessageSettings,
     pub incidents: IncidentSettings,
+    pub dispatch: DispatchSettings,
     pub log: LogSettings,
 }
 
@@ -49,6 +50,9 @@ pub struct ExotelSettings {
     pub sms_from: String,
     pub dlt_entity_id: String,
     pub dlt_template_id: String,
+    pub call_timeout_secs: u64,
+    pub ring_timeout_secs: u64,
+    pub sms_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,6 +60,9 @@ pub struct GupshupSettings {
     pub base_url: String,
     pub userid: String,
     pub password: SecretString,
+    pub msg_type: String,
+    pub template: bool,
+    pub timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +75,7 @@ pub struct StakeholderSettings {
 pub struct MessageSettings {
     pub sms: String,
     pub whatsapp: String,
+    pub recording_link: RecordingLink,
     pub greeting_text: String,
     pub greeting_fallback: String,
     pub greeting_repeat: u32,
@@ -77,6 +85,63 @@ pub struct MessageSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct IncidentSettings {
     pub auto_resolve_after_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingLink {
+    Direct,
+    Short,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DispatchSettings {
+    pub enabled: bool,
+    pub poll_interval_ms: u64,
+    pub lease_secs: f64,
+    pub retry_schedule_secs: String,
+    pub max_attempts: u32,
+    pub retry_after_max_secs: f64,
+    pub redial_delay_secs: f64,
+    pub max_redials: u32,
+    pub shutdown_grace_secs: f64,
+    pub call_concurrency: u32,
+    pub call_per_minute: u32,
+    pub sms_concurrency: u32,
+    pub sms_per_minute: u32,
+    pub whatsapp_concurrency: u32,
+    pub whatsapp_per_minute: u32,
+}
+
+impl DispatchSettings {
+    /// The retry waits, parsed from `"2, 5, 15"`.
+    pub fn retry_schedule(&self) -> Result<Vec<std::time::Duration>, String> {
+        let waits: Result<Vec<_>, _> = self
+            .retry_schedule_secs
+            .split(',')
+            .map(|s| s.trim().parse::<f64>())
+            .collect();
+        match waits {
+            Ok(w) if !w.is_empty() && w.iter().all(|s| s.is_finite() && *s >= 0.0) => Ok(w
+                .into_iter()
+                .map(std::time::Duration::from_secs_f64)
+                .collect()),
+            _ => Err(format!(
+                "dispatch.retry_schedule_secs {:?} is not a list of seconds like \"2, 5, 15\"",
+                self.retry_schedule_secs
+            )),
+        }
+    }
+
+    /// (concurrency, requests a minute) for a channel.
+    pub fn limits(&self, channel: crate::domain::Channel) -> (u32, u32) {
+        use crate::domain::Channel;
+        match channel {
+            Channel::Call => (self.call_concurrency, self.call_per_minute),
+            Channel::Sms => (self.sms_concurrency, self.sms_per_minute),
+            Channel::Whatsapp => (self.whatsapp_concurrency, self.whatsapp_per_minute),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +254,36 @@ impl Settings {
         }
         if self.messages.greeting_repeat == 0 {
             problems.push("messages.greeting_repeat must be at least 1".to_owned());
+        }
+        let d = &self.dispatch;
+        if let Err(e) = d.retry_schedule() {
+            problems.push(e);
+        }
+        for c in crate::domain::Channel::ALL {
+            let (concurrency, per_minute) = d.limits(c);
+            if concurrency == 0 || per_minute == 0 {
+                problems.push(format!(
+                    "dispatch.{c}_concurrency and dispatch.{c}_per_minute must be at least 1"
+                ));
+            }
+        }
+        if d.max_attempts == 0 {
+            problems.push("dispatch.max_attempts must be at least 1".to_owned());
+        }
+        let longest = self
+            .exotel
+            .call_timeout_secs
+            .max(self.exotel.sms_timeout_secs)
+            .max(self.gupshup.timeout_secs);
+        if !(d.lease_secs > longest as f64) {
+            problems.push(format!(
+                "dispatch.lease_secs ({}) must exceed the longest provider time limit ({longest} s), or a slow \
+                 request would be sent twice",
+                d.lease_secs
+            ));
+        }
+        if !(self.exotel.ring_timeout_secs > 0 && self.exotel.ring_timeout_secs <= 60) {
+            problems.push("exotel.ring_timeout_secs must be 1 to 60".to_owned());
         }
         if problems.is_empty() {
             Ok(())

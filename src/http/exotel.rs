@@ -155,15 +155,8 @@ pub async fn greeting(State(state): State<AppState>, method: Method, uri: Uri) -
                     Ok(Ok(Some(view))) => {
                         tracing::Span::current().record("delivery_id", view.delivery_id.as_str());
                         if method == Method::GET {
-                            if let Err(e) = state
-                                .store
-                                .record_event(
-                                    &view.delivery_id,
-                                    "greeting_played",
-                                    None,
-                                    "greeting fetched by Exotel",
-                                )
-                                .await
+                            if let Err(e) =
+                                state.store.record_greeting_play(&view.delivery_id).await
                             {
                                 tracing::error!(
                                     error = format!("{e:#}"),

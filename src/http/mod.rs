@@ -1,5 +1,6 @@
 //! The HTTP surface: router, shared state and the layers every request passes through.
 
+pub mod callbacks;
 pub mod exotel;
 pub mod params;
 
@@ -10,7 +11,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
@@ -76,6 +77,9 @@ pub fn router(state: AppState) -> Router {
             "/exotel/greeting",
             get(exotel::greeting).head(exotel::greeting),
         )
+        .route("/exotel/call-status", post(callbacks::call_status))
+        .route("/exotel/sms-status", post(callbacks::sms_status))
+        .route("/r/{reference}", get(callbacks::recording_link))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

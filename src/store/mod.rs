@@ -3,7 +3,10 @@
 //! Both engines run the same runtime SQL through sqlx's `Any` driver; the few places where they differ
 //! (row locking when claiming work) branch on [`Engine`]. Times are milliseconds since the Unix epoch.
 
+mod queue;
 mod rows;
+
+pub use queue::{CallReport, CallbackEffect, Finish, RedialPolicy};
 
 pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow};
 
@@ -17,6 +20,9 @@ use sqlx::AnyPool;
 
 use crate::domain::{now_ms, random_token, Source};
 use crate::stakeholders::Target;
+
+/// The PostgreSQL NOTIFY channel that wakes every replica's dispatcher when work is committed.
+pub const WAKE_CHANNEL: &str = "sos_wake";
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -253,6 +259,10 @@ impl Store {
             .execute(&mut *tx)
             .await
             .context("inserting a delivery")?;
+        }
+        if self.engine == Engine::Postgres {
+            // Delivered at commit, to every replica's dispatcher.
+            sqlx::query("NOTIFY sos_wake").execute(&mut *tx).await?;
         }
         tx.commit().await.context("committing the incident")?;
         Ok(Created {

@@ -1,0 +1,437 @@
+//! The dispatcher: claims due deliveries under a lease, sends each through its channel's client within
+//! that channel's limits, and records a truthful outcome. Never holds a transaction across a request.
+
+pub mod limits;
+pub mod retry;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use self::limits::{Limits, Pause};
+use self::retry::RetryPolicy;
+use crate::domain::{mask, now_ms, Channel};
+use crate::messages::{self, Vars};
+use crate::providers::exotel::Account;
+use crate::providers::exotel_call::ExotelCall;
+use crate::providers::exotel_sms::ExotelSms;
+use crate::providers::gupshup::Gupshup;
+use crate::providers::{self, Client, Job, Outcome};
+use crate::settings::{RecordingLink, Settings};
+use crate::store::{DeliveryRow, Finish, IncidentRow, Store};
+
+/// One channel: its client, whether it is live, and its limits.
+pub struct Lane {
+    pub client: Box<dyn Client>,
+    pub live: bool,
+    pub limits: Limits,
+}
+
+impl Lane {
+    pub fn channel(&self) -> Channel {
+        self.client.channel()
+    }
+}
+
+/// Builds the three lanes from settings. Exotel's calls and SMS share one pause (one account).
+pub fn lanes(settings: &Settings, webhook_token: &str) -> Vec<Lane> {
+    let ex = &settings.exotel;
+    let account = Account {
+        base_url: ex.base_url.clone(),
+        account_sid: ex.account_sid.clone(),
+        api_key: ex.api_key.expose_secret().to_owned(),
+        api_token: ex.api_token.clone(),
+    };
+    let base = settings.public_base();
+    let d = &settings.dispatch;
+    let exotel_pause = Arc::new(Pause::default());
+    let clients: Vec<(Box<dyn Client>, Arc<Pause>)> = vec![
+        (
+            Box::new(ExotelCall {
+                account: account.clone(),
+                caller_id: ex.caller_id.clone(),
+                flow_url: ex.flow_url.clone(),
+                status_callback: format!("{base}/exotel/call-status?token={webhook_token}"),
+                ring_timeout_secs: ex.ring_timeout_secs,
+                request_timeout: Duration::from_secs(ex.call_timeout_secs),
+            }),
+            exotel_pause.clone(),
+        ),
+        (
+            Box::new(ExotelSms {
+                account,
+                from: ex.sms_from.clone(),
+                dlt_entity_id: ex.dlt_entity_id.clone(),
+                dlt_template_id: ex.dlt_template_id.clone(),
+                status_callback: format!("{base}/exotel/sms-status?token={webhook_token}"),
+                request_timeout: Duration::from_secs(ex.sms_timeout_secs),
+            }),
+            exotel_pause,
+        ),
+        (
+            Box::new(Gupshup {
+                base_url: settings.gupshup.base_url.clone(),
+                userid: settings.gupshup.userid.clone(),
+                password: settings.gupshup.password.clone(),
+                msg_type: settings.gupshup.msg_type.clone(),
+                is_template: settings.gupshup.template,
+                request_timeout: Duration::from_secs(settings.gupshup.timeout_secs),
+            }),
+            Arc::new(Pause::default()),
+        ),
+    ];
+    clients
+        .into_iter()
+        .map(|(client, pause)| {
+            let (concurrency, per_minute) = d.limits(client.channel());
+            Lane {
+                live: client.is_live(),
+                limits: Limits::new(concurrency, per_minute, pause),
+                client,
+            }
+        })
+        .collect()
+}
+
+pub struct Dispatcher {
+    store: Store,
+    settings: Arc<Settings>,
+    /// This process's lease owner name.
+    owner: String,
+    lanes: Vec<Arc<Lane>>,
+    http: reqwest::Client,
+    wake: Arc<Notify>,
+    heartbeat: Arc<AtomicI64>,
+    retry: RetryPolicy,
+    lease: Duration,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Store,
+        settings: Arc<Settings>,
+        lanes: Vec<Lane>,
+        wake: Arc<Notify>,
+        heartbeat: Arc<AtomicI64>,
+    ) -> anyhow::Result<Self> {
+        let d = &settings.dispatch;
+        let retry = RetryPolicy {
+            schedule: d.retry_schedule().map_err(anyhow::Error::msg)?,
+            max_attempts: d.max_attempts,
+            retry_after_max: Duration::from_secs_f64(d.retry_after_max_secs),
+            jitter: 0.2,
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("exotel-sos/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Dispatcher {
+            owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
+            lease: Duration::from_secs_f64(d.lease_secs),
+            store,
+            settings,
+            lanes: lanes.into_iter().map(Arc::new).collect(),
+            http,
+            wake,
+            heartbeat,
+            retry,
+        })
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Runs until `shutdown` turns true: then stops claiming, lets in-flight requests finish within the
+    /// grace period, and releases the leases of whatever did not.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        for lane in &self.lanes {
+            if !lane.live {
+                tracing::warn!(
+                    channel = %lane.channel(),
+                    "DRY-RUN: {} credentials are not set; deliveries are recorded as simulated and NOT sent",
+                    lane.channel()
+                );
+            }
+        }
+        tracing::info!(owner = %self.owner, "dispatcher started");
+        let poll = Duration::from_millis(self.settings.dispatch.poll_interval_ms.max(10));
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            self.heartbeat.store(now_ms(), Ordering::Relaxed);
+            let mut saturated = false;
+            // Calls first: when limits force an order, a ringing phone matters most.
+            for lane in &self.lanes {
+                if lane.live && lane.limits.pause.remaining().is_some() {
+                    continue; // paused provider: claiming now would only burn leases
+                }
+                let free = lane.limits.concurrency.available_permits();
+                if free == 0 {
+                    continue;
+                }
+                match self
+                    .store
+                    .claim(lane.channel(), &self.owner, self.lease, free as i64)
+                    .await
+                {
+                    Ok(rows) => {
+                        saturated |= rows.len() == free;
+                        for row in rows {
+                            let Ok(permit) = lane.limits.concurrency.clone().acquire_owned().await
+                            else {
+                                continue;
+                            };
+                            tasks.spawn(Arc::clone(&self).process(Arc::clone(lane), row, permit));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), channel = %lane.channel(), "claiming deliveries failed");
+                    }
+                }
+            }
+            while tasks.try_join_next().is_some() {}
+            if saturated {
+                tokio::task::yield_now().await;
+                // Wait for a permit to free up rather than spinning.
+                if !tasks.is_empty() {
+                    tokio::select! {
+                        _ = tasks.join_next() => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+
+        let grace = Duration::from_secs_f64(self.settings.dispatch.shutdown_grace_secs);
+        tracing::info!(in_flight = tasks.len(), "dispatcher stopping");
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+                .await
+                .is_ok();
+        if !drained {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        match self.store.release(&self.owner).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                released = n,
+                "released unfinished deliveries; they will be sent again"
+            ),
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "could not release leases; they expire by themselves and the work resumes"
+            ),
+        }
+        tracing::info!("dispatcher stopped");
+    }
+
+    async fn process(
+        self: Arc<Self>,
+        lane: Arc<Lane>,
+        d: DeliveryRow,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        let span = tracing::info_span!(
+            "delivery",
+            delivery_id = %d.id,
+            incident_id = %d.incident_id,
+            channel = %d.channel,
+            to = %mask(&d.phone),
+            attempt = d.attempts,
+        );
+        async move {
+            let finish = match self.store.incident(&d.incident_id).await {
+                Ok(Some(incident)) => self.send(&lane, &d, &incident).await,
+                Ok(None) => Finish::Failed {
+                    reason: "incident not found".to_owned(),
+                },
+                Err(e) => self.after_transient(&d, format!("reading the incident: {e:#}"), None),
+            };
+            match &finish {
+                Finish::Accepted { provider_id, .. } => {
+                    tracing::info!(provider_id = provider_id.as_deref().unwrap_or("-"), "accepted by provider")
+                }
+                Finish::Simulated { .. } => tracing::info!("dry-run: simulated"),
+                Finish::Retry { reason, due_at } => {
+                    tracing::warn!(reason = %reason, retry_in_ms = due_at - now_ms(), "transient failure; will retry")
+                }
+                Finish::Failed { reason } => tracing::error!(reason = %reason, "DELIVERY FAILED"),
+            }
+            match self.store.finish_attempt(&d.id, &self.owner, &finish).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!("lease lost before the outcome was recorded; another dispatcher owns it"),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "could not record the outcome; the lease will expire and the delivery will be sent again"
+                ),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn send(&self, lane: &Lane, d: &DeliveryRow, incident: &IncidentRow) -> Finish {
+        let job = Job {
+            delivery_id: d.id.clone(),
+            channel: lane.channel(),
+            phone: d.phone.clone(),
+            greeting_ref: d.greeting_ref.clone(),
+            text: self.text_for(lane.channel(), d, incident),
+        };
+        let prepared = lane.client.prepare(&job);
+        if !lane.live {
+            return Finish::Simulated {
+                request: prepared.redacted_json(),
+            };
+        }
+        lane.limits.ready().await;
+        let outcome = match providers::execute(&self.http, &prepared).await {
+            Ok(answer) => lane.client.classify(&answer),
+            Err(transport) => transport,
+        };
+        match outcome {
+            Outcome::Accepted {
+                provider_id,
+                detail,
+            } => Finish::Accepted {
+                provider_id,
+                detail,
+            },
+            Outcome::Permanent { reason } => Finish::Failed { reason },
+            Outcome::Transient {
+                reason,
+                retry_after,
+            } => {
+                if let Some(wait) = retry_after {
+                    let bounded = wait.min(self.retry.retry_after_max);
+                    tracing::warn!(
+                        pause_ms = bounded.as_millis() as u64,
+                        "provider asked us to slow down"
+                    );
+                    lane.limits.pause.pause_for(bounded);
+                }
+                self.after_transient(d, reason, retry_after)
+            }
+        }
+    }
+
+    fn after_transient(
+        &self,
+        d: &DeliveryRow,
+        reason: String,
+        retry_after: Option<Duration>,
+    ) -> Finish {
+        match self.retry.next_wait(d.attempts as u32, retry_after) {
+            Some(wait) => Finish::Retry {
+                due_at: now_ms() + wait.as_millis() as i64,
+                reason,
+            },
+            None => Finish::Failed {
+                reason: format!("gave up after {} attempts; last: {reason}", d.attempts),
+            },
+        }
+    }
+
+    /// The SMS or WhatsApp text from the operator's template.
+    fn text_for(&self, channel: Channel, d: &DeliveryRow, incident: &IncidentRow) -> String {
+        let m = &self.settings.messages;
+        let template = match channel {
+            Channel::Call => return String::new(),
+            Channel::Sms => &m.sms,
+            Channel::Whatsapp => &m.whatsapp,
+        };
+        let link = incident
+            .recording_url
+            .as_ref()
+            .map(|url| match m.recording_link {
+                RecordingLink::Direct => url.clone(),
+                RecordingLink::Short => {
+                    format!("{}/r/{}", self.settings.public_base(), d.greeting_ref)
+                }
+            });
+        let vars = Vars {
+            emergency_type: &incident.emergency_type,
+            source: &incident.source,
+            caller: incident.caller.as_deref(),
+            time_ms: incident.occurred_at.unwrap_or(incident.received_at),
+            recording: link.as_deref(),
+            message: incident.message.as_deref(),
+            incident: &incident.id,
+        };
+        messages::render(template, &vars, m.utc_offset_minutes)
+    }
+}
+
+/// Listens for PostgreSQL NOTIFY so a Passthru stored by another replica wakes this one at once;
+/// reconnects on loss. Polling still covers any gap.
+pub async fn listen_for_wakeups(
+    url: String,
+    wake: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
+            l.listen(crate::store::WAKE_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        match listener.await {
+            Ok(mut l) => {
+                backoff = Duration::from_millis(500);
+                loop {
+                    tokio::select! {
+                        n = l.recv() => match n {
+                            Ok(_) => wake.notify_one(),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "LISTEN connection lost; polling until it is back");
+                                break;
+                            }
+                        },
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot LISTEN for wake-ups; polling meanwhile"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "sos".to_owned())
+}
+
+/// Counts of live and dry-run channels, for the start banner.
+pub fn channel_modes(lanes: &[Lane]) -> HashMap<Channel, bool> {
+    lanes.iter().map(|l| (l.channel(), l.live)).collect()
+}

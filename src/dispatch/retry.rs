@@ -1,0 +1,74 @@
+//! Retry policy as data: the schedule from settings, jitter, and Retry-After within bounds.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub schedule: Vec<Duration>,
+    pub max_attempts: u32,
+    pub retry_after_max: Duration,
+    /// Fraction of the wait added at random, so a provider's recovery is not met by a thundering herd.
+    pub jitter: f64,
+}
+
+impl RetryPolicy {
+    /// The wait before the next try after attempt number `attempt` (1-based) failed transiently, or
+    /// `None` when the attempts are used up.
+    pub fn next_wait(&self, attempt: u32, retry_after: Option<Duration>) -> Option<Duration> {
+        if attempt >= self.max_attempts {
+            return None;
+        }
+        let idx = (attempt.saturating_sub(1) as usize).min(self.schedule.len().saturating_sub(1));
+        let base = self
+            .schedule
+            .get(idx)
+            .copied()
+            .unwrap_or(Duration::from_secs(1));
+        let jittered = base.mul_f64(1.0 + rand::thread_rng().gen_range(0.0..=self.jitter.max(0.0)));
+        let floor = retry_after
+            .map(|r| r.min(self.retry_after_max))
+            .unwrap_or_default();
+        Some(jittered.max(floor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            schedule: vec![Duration::from_secs(2), Duration::from_secs(10)],
+            max_attempts: 4,
+            retry_after_max: Duration::from_secs(60),
+            jitter: 0.2,
+        }
+    }
+
+    #[test]
+    fn follows_the_schedule_with_jitter_then_gives_up() {
+        let p = policy();
+        let w1 = p.next_wait(1, None).unwrap();
+        assert!(
+            w1 >= Duration::from_secs(2) && w1 <= Duration::from_millis(2400),
+            "{w1:?}"
+        );
+        let w3 = p.next_wait(3, None).unwrap();
+        assert!(
+            w3 >= Duration::from_secs(10) && w3 <= Duration::from_secs(12),
+            "{w3:?}"
+        );
+        assert_eq!(p.next_wait(4, None), None);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_within_bounds() {
+        let p = policy();
+        assert!(p.next_wait(1, Some(Duration::from_secs(30))).unwrap() >= Duration::from_secs(30));
+        assert!(
+            p.next_wait(1, Some(Duration::from_secs(9999))).unwrap() <= Duration::from_secs(60)
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! Exotel's StatusCallbacks for calls and SMS: matched by provider id, idempotent, never a step back.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+
+use super::params::Params;
+use super::AppState;
+use crate::error::AppError;
+use crate::store::{CallReport, CallbackEffect, RedialPolicy};
+
+async fn read(
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+    state: &AppState,
+) -> Result<Params, AppError> {
+    let mut params = Params::from_query(uri.query());
+    params
+        .extend_body(headers, body)
+        .await
+        .map_err(AppError::BadRequest)?;
+    if !state.webhook_token_ok(params.get("token").as_deref()) {
+        tracing::warn!("status callback with a missing or wrong token");
+        return Err(AppError::Unauthorized);
+    }
+    Ok(params)
+}
+
+fn answer(effect: CallbackEffect, what: &str) -> Result<Response, AppError> {
+    match effect {
+        CallbackEffect::Applied(status) => {
+            Ok((StatusCode::OK, format!("ok: {status}")).into_response())
+        }
+        CallbackEffect::Ignored(why) => Ok((StatusCode::OK, format!("ok: {why}")).into_response()),
+        CallbackEffect::Unknown => Err(AppError::NotFound(format!("no delivery has this {what}"))),
+    }
+}
+
+/// `POST /exotel/call-status` (JSON, form or multipart).
+#[tracing::instrument(skip_all, fields(call_sid))]
+pub async fn call_status(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    let p = read(&uri, &headers, body, &state).await?;
+    let call_sid = p
+        .get("CallSid")
+        .ok_or_else(|| AppError::BadRequest("CallSid is required".to_owned()))?;
+    tracing::Span::current().record("call_sid", call_sid.as_str());
+    let status = p
+        .get("Status")
+        .or_else(|| p.get("Legs[0][Status]"))
+        .ok_or_else(|| AppError::BadRequest("Status is required".to_owned()))?;
+    // RecordingUrl and most other fields are absent on unanswered calls (nammayatri #917): all optional.
+    let detail = [
+        "Status",
+        "EventType",
+        "ConversationDuration",
+        "DateUpdated",
+        "Legs[0][Status]",
+        "Legs[0][OnCallDuration]",
+    ]
+    .iter()
+    .filter_map(|k| p.get(k).map(|v| format!("{k}={v}")))
+    .collect::<Vec<_>>()
+    .join(" ");
+    let d = &state.settings.dispatch;
+    let effect = state
+        .store
+        .apply_call_report(
+            &CallReport {
+                call_sid,
+                custom_field: p.get("CustomField"),
+                status: status.clone(),
+                detail,
+            },
+            RedialPolicy {
+                delay: Duration::from_secs_f64(d.redial_delay_secs),
+                max_redials: d.max_redials,
+            },
+        )
+        .await?;
+    tracing::info!(status = %status, effect = ?effect, "call status");
+    answer(effect, "CallSid")
+}
+
+/// `POST /exotel/sms-status` (form).
+#[tracing::instrument(skip_all, fields(sms_sid))]
+pub async fn sms_status(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    let p = read(&uri, &headers, body, &state).await?;
+    let sms_sid = p
+        .get("SmsSid")
+        .ok_or_else(|| AppError::BadRequest("SmsSid is required".to_owned()))?;
+    tracing::Span::current().record("sms_sid", sms_sid.as_str());
+    let status = p
+        .get("Status")
+        .ok_or_else(|| AppError::BadRequest("Status is required".to_owned()))?;
+    let code = p.get("DetailedStatusCode").unwrap_or_default();
+    let name = p.get("DetailedStatus").unwrap_or_default();
+    let reason = format!("{status}: {code} {name}").trim().to_owned();
+    let detail = [
+        "Status",
+        "DetailedStatusCode",
+        "DetailedStatus",
+        "DateSent",
+        "SmsUnits",
+    ]
+    .iter()
+    .filter_map(|k| p.get(k).map(|v| format!("{k}={v}")))
+    .collect::<Vec<_>>()
+    .join(" ");
+    let effect = state
+        .store
+        .apply_sms_report(
+            &sms_sid,
+            p.get("CustomField").as_deref(),
+            &status,
+            &reason,
+            &detail,
+        )
+        .await?;
+    tracing::info!(status = %status, effect = ?effect, "sms status");
+    answer(effect, "SmsSid")
+}
+
+/// `GET /r/{reference}`: the short recording link for SMS templates whose DLT variables are too short
+/// for Exotel's URLs. Redirects to the stored recording only.
+pub async fn recording_link(
+    State(state): State<AppState>,
+    Path(reference): Path<String>,
+) -> Response {
+    if reference.len() > 128 {
+        return (StatusCode::NOT_FOUND, "no such recording").into_response();
+    }
+    match state.store.greeting(&reference).await {
+        Ok(Some(view)) => match view.recording_url {
+            Some(url) => (StatusCode::FOUND, [(header::LOCATION, url)]).into_response(),
+            None => (StatusCode::NOT_FOUND, "this alert has no recording").into_response(),
+        },
+        Ok(None) => (StatusCode::NOT_FOUND, "no such recording").into_response(),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "recording link lookup failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! What Exotel's voice and SMS APIs share: account, credentials, and the `RestException` error body.
+
+use secrecy::SecretString;
+
+/// Reads `RestException.Message` from a JSON or XML error body (frappe/crm reads it the same way), so
+/// the operator sees Exotel's own words, e.g. a TRAI NDNC block.
+pub fn rest_exception(body: &str) -> Option<String> {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
+        let e = &v["RestException"];
+        let message = e["Message"].as_str()?;
+        return Some(
+            match e["Code"]
+                .as_i64()
+                .or_else(|| e["Code"].as_str()?.parse().ok())
+            {
+                Some(code) => format!("{message} (code {code})"),
+                None => message.to_owned(),
+            },
+        );
+    }
+    // <TwilioResponse><RestException><Status>403</Status><Message>…</Message></RestException>
+    let start = body.find("<Message>")? + "<Message>".len();
+    let end = body[start..].find("</Message>")? + start;
+    Some(body[start..end].trim().to_owned())
+}
+
+/// The reason to store for a non-2xx answer.
+pub fn error_reason(status: u16, body: &str) -> String {
+    match rest_exception(body) {
+        Some(msg) => format!("HTTP {status}: {msg}"),
+        None => {
+            let snippet: String = body.chars().take(200).collect();
+            format!("HTTP {status}: {}", snippet.trim())
+        }
+    }
+}
+
+/// Account and credentials, shared by the call and SMS clients.
+#[derive(Clone)]
+pub struct Account {
+    pub base_url: String,
+    pub account_sid: String,
+    pub api_key: String,
+    pub api_token: SecretString,
+}
+
+impl Account {
+    /// `{base}/v1/Accounts/{sid}/{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "{}/v1/Accounts/{}/{path}",
+            self.base_url.trim_end_matches('/'),
+            self.account_sid
+        )
+    }
+
+    pub fn has_credentials(&self) -> bool {
+        use secrecy::ExposeSecret;
+        !self.account_sid.trim().is_empty()
+            && !self.api_key.trim().is_empty()
+            && !self.api_token.expose_secret().trim().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_json_and_xml_rest_exceptions() {
+        assert_eq!(
+            rest_exception(
+                r#"{"RestException":{"Status":400,"Message":"Invalid From","Code":10001}}"#
+            )
+            .as_deref(),
+            Some("Invalid From (code 10001)")
+        );
+        let xml = "<TwilioResponse><RestException><Status>403</Status><Message>Call to [01234] cannot be made because of TRAI NDNC regulations</Message></RestException></TwilioResponse>";
+        assert_eq!(
+            rest_exception(xml).as_deref(),
+            Some("Call to [01234] cannot be made because of TRAI NDNC regulations")
+        );
+        assert_eq!(rest_exception("<html>oops</html>"), None);
+        assert_eq!(
+            error_reason(502, "<html>Bad gateway</html>"),
+            "HTTP 502: <html>Bad gateway</html>"
+        );
+    }
+}

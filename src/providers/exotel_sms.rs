@@ -1,0 +1,86 @@
+//! Exotel SMS, with India's DLT ids.
+//!
+//! <https://developer.exotel.com/api/sms>
+
+use std::time::Duration;
+
+use super::exotel::{error_reason, Account};
+use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
+use crate::domain::Channel;
+
+/// Exotel's limit on one SMS body.
+pub const MAX_BODY_CHARS: usize = 2000;
+
+pub struct ExotelSms {
+    pub account: Account,
+    pub from: String,
+    pub dlt_entity_id: String,
+    pub dlt_template_id: String,
+    /// `{public_url}/exotel/sms-status?token=…`
+    pub status_callback: String,
+    pub request_timeout: Duration,
+}
+
+impl Client for ExotelSms {
+    fn channel(&self) -> Channel {
+        Channel::Sms
+    }
+
+    fn is_live(&self) -> bool {
+        self.account.has_credentials() && !self.from.trim().is_empty()
+    }
+
+    fn prepare(&self, job: &Job) -> Prepared {
+        let mut form = vec![
+            ("From".to_owned(), self.from.clone()),
+            ("To".to_owned(), job.phone.clone()),
+            (
+                "Body".to_owned(),
+                job.text.chars().take(MAX_BODY_CHARS).collect(),
+            ),
+        ];
+        if !self.dlt_entity_id.trim().is_empty() {
+            form.push(("DltEntityId".into(), self.dlt_entity_id.clone()));
+        }
+        if !self.dlt_template_id.trim().is_empty() {
+            form.push(("DltTemplateId".into(), self.dlt_template_id.clone()));
+        }
+        form.push(("StatusCallback".into(), self.status_callback.clone()));
+        form.push(("CustomField".into(), job.greeting_ref.clone()));
+        Prepared {
+            url: self.account.url("Sms/send.json"),
+            form,
+            basic_auth: Some((self.account.api_key.clone(), self.account.api_token.clone())),
+            secret_fields: &[],
+            timeout: self.request_timeout,
+        }
+    }
+
+    fn classify(&self, answer: &Answer) -> Outcome {
+        if (200..300).contains(&answer.status) {
+            // `SMSMessage` is an object, or a list of them (hasgeek/funnel reads both).
+            let v: serde_json::Value = serde_json::from_str(&answer.body).unwrap_or_default();
+            let msg = match &v["SMSMessage"] {
+                serde_json::Value::Array(items) => items.first().cloned().unwrap_or_default(),
+                other => other.clone(),
+            };
+            let sid = msg["Sid"].as_str().map(str::to_owned);
+            let detail = format!(
+                "HTTP {}: {} {}",
+                answer.status,
+                msg["Status"].as_str().unwrap_or("accepted"),
+                msg["DetailedStatus"].as_str().unwrap_or("")
+            );
+            return Outcome::Accepted {
+                provider_id: sid,
+                detail: detail.trim().to_owned(),
+            };
+        }
+        // Exotel answers SMS overload with 503: transient, like any 5xx.
+        classify_http(
+            answer.status,
+            answer.retry_after,
+            error_reason(answer.status, &answer.body),
+        )
+    }
+}
