@@ -275,7 +275,7 @@ impl Settings {
             .call_timeout_secs
             .max(self.exotel.sms_timeout_secs)
             .max(self.gupshup.timeout_secs);
-        if !(d.lease_secs > longest as f64) {
+        if d.lease_secs.is_nan() || d.lease_secs <= longest as f64 {
             problems.push(format!(
                 "dispatch.lease_secs ({}) must exceed the longest provider time limit ({longest} s), or a slow \
                  request would be sent twice",

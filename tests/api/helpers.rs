@@ -119,6 +119,19 @@ impl TestDb {
         }
     }
 
+    /// Another handle on an existing database (a second replica): never drops it.
+    pub fn shared(url: &str) -> Self {
+        TestDb {
+            url: url.to_owned(),
+            pg_name: None,
+            _dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn shared_dir(_dir: PathBuf) -> Self {
+        TestDb::shared("")
+    }
+
     pub fn dir(&self) -> PathBuf {
         self._dir.path().to_path_buf()
     }
@@ -247,14 +260,16 @@ impl TestApp {
             .expect("greeting request")
     }
 
-    /// Stops the server and waits for it to finish.
-    pub async fn stop(mut self) {
+    /// Stops the server, waits for it to finish, and hands back the database (dropped with it).
+    pub async fn stop(mut self) -> TestDb {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(h) = self.handle.take() {
             let _ = tokio::time::timeout(Duration::from_secs(20), h).await;
         }
+        let dir = self.db.dir();
+        std::mem::replace(&mut self.db, TestDb::shared_dir(dir))
     }
 }
 
@@ -273,5 +288,181 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stand-ins for Exotel and GupShup, and the settings that make every channel live against them.
+pub struct Providers {
+    pub exotel: wiremock::MockServer,
+    pub gupshup: wiremock::MockServer,
+}
+
+pub const ACCOUNT: &str = "acme";
+pub const CALLS_PATH: &str = "/v1/Accounts/acme/Calls/connect.json";
+pub const SMS_PATH: &str = "/v1/Accounts/acme/Sms/send.json";
+pub const GUPSHUP_PATH: &str = "/GatewayAPI/rest";
+
+impl Providers {
+    pub async fn start() -> Self {
+        Providers {
+            exotel: wiremock::MockServer::start().await,
+            gupshup: wiremock::MockServer::start().await,
+        }
+    }
+
+    /// Live credentials pointing at the stand-ins, and fast retries so tests do not wait.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("SOS_EXOTEL__BASE_URL", self.exotel.uri()),
+            ("SOS_EXOTEL__ACCOUNT_SID", ACCOUNT.into()),
+            ("SOS_EXOTEL__API_KEY", "key123".into()),
+            ("SOS_EXOTEL__API_TOKEN", "tok456".into()),
+            ("SOS_EXOTEL__CALLER_ID", "08069891522".into()),
+            (
+                "SOS_EXOTEL__FLOW_URL",
+                "http://my.exotel.com/acme/exoml/start_voice/926".into(),
+            ),
+            ("SOS_EXOTEL__SMS_FROM", "HOSPTL".into()),
+            ("SOS_EXOTEL__DLT_ENTITY_ID", "1101000000000000001".into()),
+            ("SOS_EXOTEL__DLT_TEMPLATE_ID", "1107000000000000002".into()),
+            (
+                "SOS_GUPSHUP__BASE_URL",
+                format!("{}{GUPSHUP_PATH}", self.gupshup.uri()),
+            ),
+            ("SOS_GUPSHUP__USERID", "2000123456".into()),
+            ("SOS_GUPSHUP__PASSWORD", "gs-secret".into()),
+            ("SOS_DISPATCH__RETRY_SCHEDULE_SECS", "0.05, 0.1".into()),
+            ("SOS_DISPATCH__POLL_INTERVAL_MS", "50".into()),
+        ]
+    }
+
+    /// Requests the stand-ins received on `path`, as (form fields, request).
+    pub async fn requests(&self, path: &str) -> Vec<(Vec<(String, String)>, wiremock::Request)> {
+        let server = if path == GUPSHUP_PATH {
+            &self.gupshup
+        } else {
+            &self.exotel
+        };
+        server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.url.path() == path)
+            .map(|r| {
+                let form: Vec<(String, String)> =
+                    serde_urlencoded::from_bytes(&r.body).unwrap_or_default();
+                (form, r)
+            })
+            .collect()
+    }
+}
+
+pub fn field<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+/// Answers every request with a fresh provider id, as Exotel and GupShup do.
+pub struct FreshIds {
+    pub kind: &'static str,
+    pub n: std::sync::atomic::AtomicUsize,
+}
+
+impl FreshIds {
+    pub fn new(kind: &'static str) -> Self {
+        FreshIds {
+            kind,
+            n: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+impl wiremock::Respond for FreshIds {
+    fn respond(&self, _req: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let n = self.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let body = match self.kind {
+            "call" => {
+                serde_json::json!({"Call": {"Sid": format!("call{n:028}k"), "Status": "in-progress",
+                "To": null, "From": "+919800000001", "Direction": "outbound-api"}})
+            }
+            "sms" => {
+                serde_json::json!({"SMSMessage": {"Sid": format!("sms{n:029}"), "Status": "queued",
+                "DetailedStatusCode": 21010, "DetailedStatus": "PENDING_TO_OPERATOR"}})
+            }
+            _ => {
+                serde_json::json!({"response": {"id": format!("4340925846643462{n:03}-31668054994359383"),
+                "phone": "919800000001", "details": "", "status": "success"}})
+            }
+        };
+        wiremock::ResponseTemplate::new(200).set_body_json(body)
+    }
+}
+
+/// Mounts answering-at-once stand-ins for all three channels.
+pub async fn mount_happy(p: &Providers) {
+    use wiremock::matchers::{method, path};
+    wiremock::Mock::given(method("POST"))
+        .and(path(CALLS_PATH))
+        .respond_with(FreshIds::new("call"))
+        .mount(&p.exotel)
+        .await;
+    wiremock::Mock::given(method("POST"))
+        .and(path(SMS_PATH))
+        .respond_with(FreshIds::new("sms"))
+        .mount(&p.exotel)
+        .await;
+    wiremock::Mock::given(method("POST"))
+        .and(path(GUPSHUP_PATH))
+        .respond_with(FreshIds::new("whatsapp"))
+        .mount(&p.gupshup)
+        .await;
+}
+
+impl TestApp {
+    /// The incident's deliveries once every one has left `queued`/`sending`.
+    pub async fn settled(&self, call_sid: &str) -> Vec<exotel_sos::store::DeliveryRow> {
+        let store = self.store.clone();
+        let sid = call_sid.to_owned();
+        let ok = eventually(Duration::from_secs(20), || {
+            let store = store.clone();
+            let sid = sid.clone();
+            async move {
+                let Ok(Some(inc)) = store.incident_by_call_sid(&sid).await else {
+                    return false;
+                };
+                let ds = store.deliveries(&inc.id).await.unwrap_or_default();
+                !ds.is_empty()
+                    && ds
+                        .iter()
+                        .all(|d| d.status != "queued" && d.status != "sending")
+            }
+        })
+        .await;
+        assert!(ok, "deliveries of {call_sid} did not settle");
+        let inc = self
+            .store
+            .incident_by_call_sid(call_sid)
+            .await
+            .unwrap()
+            .unwrap();
+        self.store.deliveries(&inc.id).await.unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}?token={WEBHOOK_TOKEN}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}?token={WEBHOOK_TOKEN}", self.base))
+            .form(form)
+            .send()
+            .await
+            .unwrap()
     }
 }

@@ -3,6 +3,8 @@
 mod helpers;
 
 mod check_config;
+mod dispatch;
 mod greeting;
 mod passthru;
 mod reload;
+mod resilience;

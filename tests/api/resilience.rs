@@ -1,0 +1,249 @@
+//! At-least-once under failure: a second dispatcher on the same PostgreSQL, a process killed mid-send,
+//! and a graceful shutdown with work in flight.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, ResponseTemplate};
+
+use crate::helpers::*;
+
+/// Two replicas share one PostgreSQL: every delivery is sent exactly once in normal operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatchers_on_one_postgres_never_send_the_same_delivery_twice() {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let a = spawn_app_with(Db::Postgres, &p.env()).await;
+    // The second replica: same database, same stakeholders, its own dispatcher and HTTP port.
+    let settings = test_settings(&a.db, &a.stakeholders, &p.env());
+    let second_db = TestDb::shared(&a.db.url);
+    let b = start(second_db, a.stakeholders.clone(), settings).await;
+    let n = 30;
+    for i in 0..n {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let sid = format!("{i:032}");
+        assert_eq!(
+            app.passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
+                .await
+                .status(),
+            200
+        );
+    }
+    for i in 0..n {
+        a.settled(&format!("{i:032}")).await;
+    }
+    let mut per_reference: HashMap<String, usize> = HashMap::new();
+    for path in [CALLS_PATH, SMS_PATH, GUPSHUP_PATH] {
+        for (form, _) in p.requests(path).await {
+            let key = field(&form, "CustomField")
+                .or(field(&form, "extra"))
+                .unwrap()
+                .to_owned();
+            *per_reference.entry(key).or_default() += 1;
+        }
+    }
+    assert_eq!(per_reference.len(), n * HEART_DELIVERIES);
+    assert!(
+        per_reference.values().all(|&c| c == 1),
+        "a delivery was sent twice"
+    );
+    // Both replicas did some of the work.
+    let owners: std::collections::HashSet<String> = {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT DISTINCT detail FROM delivery_events WHERE kind = 'attempt'")
+                .fetch_all(a.store.pool())
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(d,)| d.rsplit(' ').next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(owners.len(), 2, "both dispatchers claimed work: {owners:?}");
+    b.stop().await;
+    a.stop().await;
+}
+
+fn spawn_server(db_url: &str, stakeholders: &std::path::Path, p: &Providers, port: u16) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_exotel-sos"));
+    cmd.arg("serve")
+        .env("SOS_DATABASE__URL", db_url)
+        .env("SOS_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("SOS_SERVER__WEBHOOK_TOKEN", WEBHOOK_TOKEN)
+        .env("SOS_SERVER__ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SOS_STAKEHOLDERS__FILE", stakeholders)
+        // A short lease, so the killed process's work is picked up within seconds.
+        .env("SOS_EXOTEL__CALL_TIMEOUT_SECS", "2")
+        .env("SOS_EXOTEL__SMS_TIMEOUT_SECS", "2")
+        .env("SOS_GUPSHUP__TIMEOUT_SECS", "2")
+        .env("SOS_DISPATCH__LEASE_SECS", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in p.env() {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("start the server")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_healthy(port: u16) {
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let url = url.clone();
+            async move { reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) }
+        })
+        .await,
+        "server came up"
+    );
+}
+
+const ONE_CALL: &str = r#"
+[[contact]]
+name = "Desk"
+phone = "+919800000004"
+channels = ["call"]
+teams = ["desk"]
+
+[routes]
+default = ["desk"]
+"#;
+
+async fn killed_mid_send_is_resumed_after_restart(db: Db) {
+    let p = Providers::start().await;
+    // The first request hangs: the process is killed while it waits for Exotel.
+    Mock::given(method("POST"))
+        .and(path(CALLS_PATH))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(60)))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&p.exotel)
+        .await;
+    mount_happy(&p).await;
+    let db = TestDb::new(db).await;
+    let stakeholders = db.dir().join("stakeholders.toml");
+    std::fs::write(&stakeholders, ONE_CALL).unwrap();
+
+    let port = free_port();
+    let mut first = spawn_server(&db.url, &stakeholders, &p, port);
+    wait_healthy(port).await;
+    let client = reqwest::Client::new();
+    let res = client
+        .get(format!(
+            "http://127.0.0.1:{port}/exotel/passthru?token={WEBHOOK_TOKEN}&CallSid=ffff0000000000000000000000000001"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !p.requests(CALLS_PATH).await.is_empty()
+        })
+        .await,
+        "the first process sent the call"
+    );
+    first.kill().unwrap(); // SIGKILL: no shutdown, no release
+    first.wait().unwrap();
+
+    let port = free_port();
+    let mut second = spawn_server(&db.url, &stakeholders, &p, port);
+    wait_healthy(port).await;
+    let store = exotel_sos::store::Store::connect(&db.url, 2).await.unwrap();
+    let inc = store
+        .incident_by_call_sid("ffff0000000000000000000000000001")
+        .await
+        .unwrap()
+        .unwrap();
+    let ok = eventually(Duration::from_secs(20), || {
+        let store = store.clone();
+        let id = inc.id.clone();
+        async move {
+            let ds = store.deliveries(&id).await.unwrap();
+            ds.len() == 1 && ds[0].status == "accepted"
+        }
+    })
+    .await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert!(
+        ok,
+        "the delivery was resumed and sent after the lease expired"
+    );
+    let d = &store.deliveries(&inc.id).await.unwrap()[0];
+    assert_eq!(d.attempts, 2);
+    assert_eq!(
+        p.requests(CALLS_PATH).await.len(),
+        2,
+        "sent again: at-least-once"
+    );
+    let attempts = store
+        .events(&d.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "attempt")
+        .count();
+    assert_eq!(attempts, 2, "both attempts are on record");
+    store.close().await;
+}
+
+crate::both_engines!(
+    killed_mid_send_is_resumed_after_restart,
+    shutdown_releases_work_still_in_flight
+);
+
+async fn shutdown_releases_work_still_in_flight(db: Db) {
+    let p = Providers::start().await;
+    Mock::given(method("POST"))
+        .and(path(CALLS_PATH))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(30)))
+        .mount(&p.exotel)
+        .await;
+    mount_happy(&p).await;
+    let mut env = p.env();
+    env.push(("SOS_DISPATCH__SHUTDOWN_GRACE_SECS", "0.3".into()));
+    let app = spawn_app_with(db, &env).await;
+    app.passthru("CallSid=ffff0000000000000000000000000002&EmergencyType=Heart")
+        .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !p.requests(CALLS_PATH).await.is_empty()
+        })
+        .await
+    );
+    let started = std::time::Instant::now();
+    let db = app.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown did not wait for the hung request"
+    );
+    // The app closed its pool on the way out; look with a connection of our own.
+    let store = exotel_sos::store::Store::connect(&db.url, 1).await.unwrap();
+    let inc = store
+        .incident_by_call_sid("ffff0000000000000000000000000002")
+        .await
+        .unwrap()
+        .unwrap();
+    let calls: Vec<_> = store
+        .deliveries(&inc.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.channel == "call")
+        .collect();
+    assert!(!calls.is_empty());
+    for d in calls {
+        assert_eq!(d.status, "queued", "released for the next process: {d:?}");
+        assert_eq!(d.lease_owner, None);
+    }
+    store.close().await;
+}
