@@ -84,3 +84,75 @@ impl Client for ExotelCall {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::Answer;
+    use secrecy::SecretString;
+
+    fn client() -> ExotelCall {
+        ExotelCall {
+            account: Account {
+                base_url: "https://api.in.exotel.com".into(),
+                account_sid: "acme".into(),
+                api_key: "k".into(),
+                api_token: SecretString::from("t".to_owned()),
+            },
+            caller_id: "08069891522".into(),
+            flow_url: "http://my.exotel.com/acme/exoml/start_voice/1".into(),
+            status_callback: "https://h/exotel/call-status?token=x".into(),
+            ring_timeout_secs: 30,
+            request_timeout: Duration::from_secs(45),
+        }
+    }
+
+    fn answer(status: u16, body: &str) -> Answer {
+        Answer {
+            status,
+            retry_after: None,
+            body: body.into(),
+        }
+    }
+
+    #[test]
+    fn reads_the_documented_success_body() {
+        let body = r#"{"Call":{"Sid":"40ccc7656e1a3eb66c6cb2be57d1142k","ParentCallSid":null,"DateCreated":"2020-02-20 18:42:19","To":null,"From":"+917800000000","Status":"in-progress","Direction":"outbound-api","RecordingUrl":null}}"#;
+        assert_eq!(
+            client().classify(&answer(200, body)),
+            Outcome::Accepted {
+                provider_id: Some("40ccc7656e1a3eb66c6cb2be57d1142k".into()),
+                detail: "HTTP 200: call originated (in-progress)".into()
+            }
+        );
+        assert!(matches!(
+            client().classify(&answer(200, "<TwilioResponse/>")),
+            Outcome::Accepted {
+                provider_id: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn classifies_errors_as_documented() {
+        let c = client();
+        let dnd = "<TwilioResponse><RestException><Status>403</Status><Message>Call to [01234] cannot be made because of TRAI NDNC regulations</Message></RestException></TwilioResponse>";
+        assert!(
+            matches!(c.classify(&answer(403, dnd)), Outcome::Permanent { ref reason } if reason.contains("TRAI NDNC"))
+        );
+        for s in [400, 401, 402, 404, 409] {
+            assert!(
+                matches!(c.classify(&answer(s, "{}")), Outcome::Permanent { .. }),
+                "{s}"
+            );
+        }
+        // No route at all is 500 or 504 (KB 3000083306): it may or may not have dialled; dial again.
+        for s in [429, 500, 502, 503, 504] {
+            assert!(
+                matches!(c.classify(&answer(s, "")), Outcome::Transient { .. }),
+                "{s}"
+            );
+        }
+    }
+}

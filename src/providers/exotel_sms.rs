@@ -84,3 +84,79 @@ impl Client for ExotelSms {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::Answer;
+    use secrecy::SecretString;
+
+    fn client() -> ExotelSms {
+        ExotelSms {
+            account: Account {
+                base_url: "https://api.exotel.com/".into(),
+                account_sid: "acme".into(),
+                api_key: "k".into(),
+                api_token: SecretString::from("t".to_owned()),
+            },
+            from: "HOSPTL".into(),
+            dlt_entity_id: String::new(),
+            dlt_template_id: String::new(),
+            status_callback: "https://h/exotel/sms-status?token=x".into(),
+            request_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn answer(status: u16, body: &str) -> Answer {
+        Answer {
+            status,
+            retry_after: None,
+            body: body.into(),
+        }
+    }
+
+    #[test]
+    fn reads_the_sid_from_an_object_or_a_list() {
+        let c = client();
+        let object = r#"{"SMSMessage":{"Sid":"0f477d60517e6e6a0f6d9a7e9af8630e","Status":"queued","DetailedStatusCode":21010,"DetailedStatus":"PENDING_TO_OPERATOR"}}"#;
+        let list = r#"{"SMSMessage":[{"Sid":"abc","Status":"queued"}]}"#;
+        assert!(matches!(c.classify(&answer(200, object)),
+            Outcome::Accepted { provider_id: Some(ref s), ref detail } if s == "0f477d60517e6e6a0f6d9a7e9af8630e" && detail.contains("PENDING_TO_OPERATOR")));
+        assert!(
+            matches!(c.classify(&answer(200, list)), Outcome::Accepted { provider_id: Some(ref s), .. } if s == "abc")
+        );
+    }
+
+    #[test]
+    fn overload_is_transient_and_slows_the_provider_bad_sender_is_permanent() {
+        let c = client();
+        assert!(matches!(
+            c.classify(&answer(503, "")),
+            Outcome::Transient {
+                retry_after: Some(_),
+                ..
+            }
+        ));
+        assert!(
+            matches!(c.classify(&answer(402, r#"{"RestException":{"Status":402,"Message":"Plan limit reached"}}"#)),
+            Outcome::Permanent { ref reason } if reason == "HTTP 402: Plan limit reached")
+        );
+        let empty_dlt = c.prepare(&Job {
+            delivery_id: "d".into(),
+            channel: Channel::Sms,
+            phone: "+919800000001".into(),
+            greeting_ref: "r".into(),
+            text: "x".repeat(3000),
+        });
+        assert!(
+            empty_dlt.form.iter().all(|(k, _)| k != "DltEntityId"),
+            "unset DLT ids are not sent"
+        );
+        let body = &empty_dlt.form.iter().find(|(k, _)| k == "Body").unwrap().1;
+        assert_eq!(body.chars().count(), MAX_BODY_CHARS);
+        assert_eq!(
+            empty_dlt.url,
+            "https://api.exotel.com/v1/Accounts/acme/Sms/send.json"
+        );
+    }
+}

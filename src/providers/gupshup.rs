@@ -121,3 +121,80 @@ impl Client for Gupshup {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::Answer;
+
+    fn client() -> Gupshup {
+        Gupshup {
+            base_url: "https://media.smsgupshup.com/GatewayAPI/rest".into(),
+            userid: "2000123456".into(),
+            password: SecretString::from("pw".to_owned()),
+            msg_type: "HSM".into(),
+            is_template: true,
+            request_timeout: Duration::from_secs(15),
+        }
+    }
+
+    fn answer(status: u16, body: &str) -> Answer {
+        Answer {
+            status,
+            retry_after: None,
+            body: body.into(),
+        }
+    }
+
+    #[test]
+    fn reads_success_and_error_bodies_whatever_the_http_status() {
+        let c = client();
+        let ok = r#"{"response":{"id":"4340925846643462155-31668054994359383","phone":"919800000001","details":"","status":"success"}}"#;
+        assert!(matches!(c.classify(&answer(200, ok)),
+            Outcome::Accepted { provider_id: Some(ref id), .. } if id == "4340925846643462155-31668054994359383"));
+        let bad_number = r#"{"response":{"id":"105","phone":"","details":"The phone number \"666\" is not a valid phone number","status":"error"}}"#;
+        assert!(
+            matches!(c.classify(&answer(200, bad_number)), Outcome::Permanent { ref reason } if reason.starts_with("GupShup error 105"))
+        );
+        let auth = r#"{"response":{"id":102,"phone":"","details":"Authentication failed","status":"error"}}"#;
+        assert!(matches!(
+            c.classify(&answer(200, auth)),
+            Outcome::Permanent { .. }
+        ));
+        let unknown = r#"{"response":{"id":"100","details":"Unknown exception","status":"error"}}"#;
+        assert!(matches!(
+            c.classify(&answer(200, unknown)),
+            Outcome::Transient { .. }
+        ));
+        assert!(matches!(
+            c.classify(&answer(500, bad_number)),
+            Outcome::Transient { .. }
+        ));
+        assert!(matches!(
+            c.classify(&answer(200, "success | 919800000001 | 123")),
+            Outcome::Transient { .. }
+        ));
+        assert!(matches!(
+            c.classify(&answer(502, "")),
+            Outcome::Transient { .. }
+        ));
+        assert!(matches!(
+            c.classify(&answer(401, "")),
+            Outcome::Permanent { .. }
+        ));
+    }
+
+    #[test]
+    fn sends_digits_without_plus_and_hides_the_password_when_stored() {
+        let p = client().prepare(&Job {
+            delivery_id: "d".into(),
+            channel: Channel::Whatsapp,
+            phone: "+919800000001".into(),
+            greeting_ref: "ref".into(),
+            text: "hi".into(),
+        });
+        assert!(p.form.contains(&("send_to".into(), "919800000001".into())));
+        let stored = p.redacted_json();
+        assert!(!stored.contains("\"pw\""), "{stored}");
+    }
+}

@@ -652,3 +652,49 @@ async fn retries_stop_at_the_maximum_with_the_last_reason(db: Db) {
         .all(|d| d.status == "accepted"));
     app.stop().await;
 }
+
+/// Short recording links for DLT templates: the SMS carries `/r/<ref>`, which redirects to the recording.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_recording_links_redirect_to_the_stored_recording() {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(
+        Db::Sqlite,
+        &p,
+        &[("SOS_MESSAGES__RECORDING_LINK", "short".into())],
+    )
+    .await;
+    app.passthru(&format!(
+        "CallSid={SID}&EmergencyType=Heart&RecordingUrl={REC}"
+    ))
+    .await;
+    let ds = app.settled(SID).await;
+    let sms = ds.iter().find(|d| d.channel == "sms").unwrap();
+    let (form, _) = p
+        .requests(SMS_PATH)
+        .await
+        .into_iter()
+        .find(|(f, _)| field(f, "CustomField") == Some(sms.greeting_ref.as_str()))
+        .unwrap();
+    let link = format!("http://127.0.0.1:8080/r/{}", sms.greeting_ref);
+    assert!(field(&form, "Body").unwrap().contains(&link));
+    let res = app
+        .client
+        .get(format!("{}/r/{}", app.base, sms.greeting_ref))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 302);
+    assert_eq!(
+        res.headers()["location"],
+        "https://recordings.exotel.com/exotelrecordings/acme/a.mp3"
+    );
+    let res = app
+        .client
+        .get(format!("{}/r/unknown", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    app.stop().await;
+}

@@ -247,3 +247,41 @@ async fn shutdown_releases_work_still_in_flight(db: Db) {
     }
     store.close().await;
 }
+
+/// A Passthru stored by one replica wakes another replica's dispatcher at once through NOTIFY, long
+/// before its poll would find the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_a_dispatcher_in_another_replica() {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    // Replica A takes webhooks only; replica B dispatches and polls only once a minute.
+    let mut env_a = p.env();
+    env_a.push(("SOS_DISPATCH__ENABLED", "false".into()));
+    let a = spawn_app_with(Db::Postgres, &env_a).await;
+    let mut env_b = p.env();
+    env_b.push(("SOS_DISPATCH__POLL_INTERVAL_MS", "60000".into()));
+    let settings = test_settings(&a.db, &a.stakeholders, &env_b);
+    let b = start(TestDb::shared(&a.db.url), a.stakeholders.clone(), settings).await;
+    // B's first round runs at start; give it that, and its LISTEN, before the Passthru.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            b.state
+                .dispatcher_heartbeat
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    a.passthru("CallSid=ffff0000000000000000000000000009&EmergencyType=Heart")
+        .await;
+    let ds = a.settled("ffff0000000000000000000000000009").await;
+    assert!(ds.iter().all(|d| d.status == "accepted"));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "woken by NOTIFY, not by the 60 s poll"
+    );
+    b.stop().await;
+    a.stop().await;
+}
