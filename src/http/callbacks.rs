@@ -30,6 +30,14 @@ async fn read(
     Ok(params)
 }
 
+/// `Status=completed EventType=terminal …`: the fields of a report worth keeping in the audit trail.
+fn summary(p: &Params, keys: &[&str]) -> String {
+    keys.iter()
+        .filter_map(|k| p.get(k).map(|v| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn answer(effect: CallbackEffect, what: &str) -> Result<Response, AppError> {
     match effect {
         CallbackEffect::Applied(status) => {
@@ -58,18 +66,17 @@ pub async fn call_status(
         .or_else(|| p.get("Legs[0][Status]"))
         .ok_or_else(|| AppError::BadRequest("Status is required".to_owned()))?;
     // RecordingUrl and most other fields are absent on unanswered calls (nammayatri #917): all optional.
-    let detail = [
-        "Status",
-        "EventType",
-        "ConversationDuration",
-        "DateUpdated",
-        "Legs[0][Status]",
-        "Legs[0][OnCallDuration]",
-    ]
-    .iter()
-    .filter_map(|k| p.get(k).map(|v| format!("{k}={v}")))
-    .collect::<Vec<_>>()
-    .join(" ");
+    let detail = summary(
+        &p,
+        &[
+            "Status",
+            "EventType",
+            "ConversationDuration",
+            "DateUpdated",
+            "Legs[0][Status]",
+            "Legs[0][OnCallDuration]",
+        ],
+    );
     let d = &state.settings.dispatch;
     let effect = state
         .store
@@ -109,17 +116,16 @@ pub async fn sms_status(
     let code = p.get("DetailedStatusCode").unwrap_or_default();
     let name = p.get("DetailedStatus").unwrap_or_default();
     let reason = format!("{status}: {code} {name}").trim().to_owned();
-    let detail = [
-        "Status",
-        "DetailedStatusCode",
-        "DetailedStatus",
-        "DateSent",
-        "SmsUnits",
-    ]
-    .iter()
-    .filter_map(|k| p.get(k).map(|v| format!("{k}={v}")))
-    .collect::<Vec<_>>()
-    .join(" ");
+    let detail = summary(
+        &p,
+        &[
+            "Status",
+            "DetailedStatusCode",
+            "DetailedStatus",
+            "DateSent",
+            "SmsUnits",
+        ],
+    );
     let effect = state
         .store
         .apply_sms_report(

@@ -350,33 +350,17 @@ impl Store {
                 "accepted",
             ),
         };
-        let mut tx = self.pool.begin().await?;
-        let applied = bind_all(sqlx::query(&sql), args)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
-        let result = if applied {
-            CallbackEffect::Applied(effect.to_owned())
-        } else {
-            CallbackEffect::Ignored(format!("delivery is {}; report changes nothing", d.status))
-        };
-        let detail = match &result {
-            CallbackEffect::Applied(s) => format!("{}; now {s}", report.detail),
-            CallbackEffect::Ignored(why) => format!("{}; ignored: {why}", report.detail),
-            CallbackEffect::Unknown => report.detail.clone(),
-        };
-        insert_event(
-            &mut *tx,
-            &d.id,
-            "call_status",
-            Some(&report.call_sid),
-            &detail,
+        self.apply_report(Transition {
+            delivery: &d,
+            sql: &sql,
+            args,
+            effect,
+            kind: "call_status",
+            provider_id: &report.call_sid,
+            detail: &report.detail,
             now,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(result)
+        })
+        .await
     }
 
     /// Applies Exotel's SMS StatusCallback: `sent` = delivered; `failed` and `failed_dnd` = failed with
@@ -428,23 +412,46 @@ impl Store {
                 "accepted",
             ),
         };
+        self.apply_report(Transition {
+            delivery: &d,
+            sql: &sql,
+            args,
+            effect,
+            kind: "sms_status",
+            provider_id: sms_sid,
+            detail,
+            now,
+        })
+        .await
+    }
+
+    /// Runs a callback's guarded transition and records the report, applied or not, in one transaction.
+    async fn apply_report(&self, t: Transition<'_>) -> anyhow::Result<CallbackEffect> {
         let mut tx = self.pool.begin().await?;
-        let applied = bind_all(sqlx::query(&sql), args)
+        let applied = bind_all(sqlx::query(t.sql), t.args)
             .execute(&mut *tx)
             .await?
             .rows_affected()
             == 1;
-        let result = if applied {
-            CallbackEffect::Applied(effect.to_owned())
+        let (result, note) = if applied {
+            (
+                CallbackEffect::Applied(t.effect.to_owned()),
+                format!("{}; now {}", t.detail, t.effect),
+            )
         } else {
-            CallbackEffect::Ignored(format!("delivery is {}; report changes nothing", d.status))
+            let why = format!("delivery is {}; report changes nothing", t.delivery.status);
+            let note = format!("{}; ignored: {why}", t.detail);
+            (CallbackEffect::Ignored(why), note)
         };
-        let note = match &result {
-            CallbackEffect::Applied(s) => format!("{detail}; now {s}"),
-            CallbackEffect::Ignored(why) => format!("{detail}; ignored: {why}"),
-            CallbackEffect::Unknown => detail.to_owned(),
-        };
-        insert_event(&mut *tx, &d.id, "sms_status", Some(sms_sid), &note, now).await?;
+        insert_event(
+            &mut *tx,
+            &t.delivery.id,
+            t.kind,
+            Some(t.provider_id),
+            &note,
+            t.now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(result)
     }
@@ -504,6 +511,18 @@ impl Store {
         .await?;
         Ok(rows)
     }
+}
+
+/// One callback's guarded update and what to record about it.
+struct Transition<'a> {
+    delivery: &'a DeliveryRow,
+    sql: &'a str,
+    args: Vec<Arg>,
+    effect: &'static str,
+    kind: &'static str,
+    provider_id: &'a str,
+    detail: &'a str,
+    now: i64,
 }
 
 /// A bind value for statements whose parameter list depends on the branch taken (PostgreSQL refuses
