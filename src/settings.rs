@@ -105,6 +105,7 @@ pub struct DispatchSettings {
     pub redial_delay_secs: f64,
     pub max_redials: u32,
     pub shutdown_grace_secs: f64,
+    pub report_wait_secs: f64,
     pub call_concurrency: u32,
     pub call_per_minute: u32,
     pub sms_concurrency: u32,

@@ -24,7 +24,15 @@ use crate::providers::exotel_sms::ExotelSms;
 use crate::providers::gupshup::Gupshup;
 use crate::providers::{self, Client, Job, Outcome};
 use crate::settings::{RecordingLink, Settings};
-use crate::store::{DeliveryRow, Finish, IncidentRow, Store};
+use crate::store::{CallReport, DeliveryRow, Finish, IncidentRow, RedialPolicy, Store};
+
+/// What to do with a call that was not reached, from settings; shared by callbacks and look-ups.
+pub fn redial_policy(settings: &Settings) -> RedialPolicy {
+    RedialPolicy {
+        delay: Duration::from_secs_f64(settings.dispatch.redial_delay_secs),
+        max_redials: settings.dispatch.max_redials,
+    }
+}
 
 /// One channel: its client, whether it is live, and its limits.
 pub struct Lane {
@@ -161,6 +169,9 @@ impl Dispatcher {
             }
         }
         tracing::info!(owner = %self.owner, "dispatcher started");
+        if self.lanes.iter().any(|l| l.live) {
+            tokio::spawn(Arc::clone(&self).reconcile(shutdown.clone()));
+        }
         let poll = Duration::from_millis(self.settings.dispatch.poll_interval_ms.max(10));
         let mut tasks: JoinSet<()> = JoinSet::new();
         loop {
@@ -240,6 +251,75 @@ impl Dispatcher {
             ),
         }
         tracing::info!("dispatcher stopped");
+    }
+
+    /// Exotel does not guarantee status callbacks: looks up calls and SMS whose report is overdue and
+    /// applies what the details API says, exactly as a callback would be applied.
+    async fn reconcile(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let wait = Duration::from_secs_f64(self.settings.dispatch.report_wait_secs);
+        let every = (wait / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+            for lane in self.lanes.iter().filter(|l| l.live) {
+                let before = now_ms() - wait.as_millis() as i64;
+                let overdue = match self.store.overdue_reports(lane.channel(), before, 50).await {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "listing overdue reports failed");
+                        continue;
+                    }
+                };
+                for d in overdue {
+                    let Some(provider_id) = d.provider_id.clone() else {
+                        continue;
+                    };
+                    let Some(lookup) = lane.client.status_lookup(&provider_id) else {
+                        break;
+                    };
+                    let span = tracing::info_span!("report_lookup", delivery_id = %d.id, incident_id = %d.incident_id, channel = %d.channel);
+                    let found = providers::fetch(&self.http, &lookup)
+                        .instrument(span.clone())
+                        .await
+                        .ok()
+                        .and_then(|answer| lane.client.read_status(&answer));
+                    let Some((status, detail)) = found else {
+                        span.in_scope(|| {
+                            tracing::warn!(
+                                "no status callback and no answer from the details API yet"
+                            )
+                        });
+                        continue;
+                    };
+                    let applied = match lane.channel() {
+                        Channel::Call => {
+                            self.store
+                                .apply_call_report(
+                                    &CallReport {
+                                        call_sid: provider_id,
+                                        custom_field: None,
+                                        status: status.clone(),
+                                        detail,
+                                    },
+                                    redial_policy(&self.settings),
+                                )
+                                .await
+                        }
+                        _ => {
+                            self.store
+                                .apply_sms_report(&provider_id, None, &status, &detail, &detail)
+                                .await
+                        }
+                    };
+                    span.in_scope(|| match applied {
+                        Ok(effect) => tracing::info!(status = %status, effect = ?effect, "overdue report looked up"),
+                        Err(e) => tracing::error!(error = format!("{e:#}"), "applying a looked-up report failed"),
+                    });
+                }
+            }
+        }
     }
 
     async fn process(

@@ -1,7 +1,5 @@
 //! Exotel's StatusCallbacks for calls and SMS: matched by provider id, idempotent, never a step back.
 
-use std::time::Duration;
-
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
@@ -10,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use super::params::Params;
 use super::AppState;
 use crate::error::AppError;
-use crate::store::{CallReport, CallbackEffect, RedialPolicy};
+use crate::store::{CallReport, CallbackEffect};
 
 async fn read(
     uri: &Uri,
@@ -77,7 +75,6 @@ pub async fn call_status(
             "Legs[0][OnCallDuration]",
         ],
     );
-    let d = &state.settings.dispatch;
     let effect = state
         .store
         .apply_call_report(
@@ -87,10 +84,7 @@ pub async fn call_status(
                 status: status.clone(),
                 detail,
             },
-            RedialPolicy {
-                delay: Duration::from_secs_f64(d.redial_delay_secs),
-                max_redials: d.max_redials,
-            },
+            crate::dispatch::redial_policy(&state.settings),
         )
         .await?;
     tracing::info!(status = %status, effect = ?effect, "call status");

@@ -83,6 +83,33 @@ impl Client for ExotelCall {
             error_reason(answer.status, &answer.body),
         )
     }
+
+    /// <https://developer.exotel.com/api/call-details>: `GET …/Calls/{CallSid}.json`.
+    fn status_lookup(&self, provider_id: &str) -> Option<Prepared> {
+        Some(Prepared {
+            url: self.account.url(&format!("Calls/{provider_id}.json")),
+            form: Vec::new(),
+            basic_auth: Some((self.account.api_key.clone(), self.account.api_token.clone())),
+            secret_fields: &[],
+            timeout: Duration::from_secs(15),
+        })
+    }
+
+    fn read_status(&self, answer: &Answer) -> Option<(String, String)> {
+        if !(200..300).contains(&answer.status) {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&answer.body).ok()?;
+        let status = v["Call"]["Status"].as_str()?.to_owned();
+        let detail = format!(
+            "Call Details API: Status={status} Duration={}",
+            v["Call"]["Duration"]
+                .as_i64()
+                .map(|d| d.to_string())
+                .unwrap_or_default()
+        );
+        Some((status, detail))
+    }
 }
 
 #[cfg(test)]

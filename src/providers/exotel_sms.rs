@@ -83,6 +83,40 @@ impl Client for ExotelSms {
             error_reason(answer.status, &answer.body),
         )
     }
+
+    /// <https://developer.exotel.com/api/sms>: `GET …/SMS/Messages/{SmsSid}.json`.
+    fn status_lookup(&self, provider_id: &str) -> Option<Prepared> {
+        Some(Prepared {
+            url: self
+                .account
+                .url(&format!("SMS/Messages/{provider_id}.json")),
+            form: Vec::new(),
+            basic_auth: Some((self.account.api_key.clone(), self.account.api_token.clone())),
+            secret_fields: &[],
+            timeout: self.request_timeout,
+        })
+    }
+
+    fn read_status(&self, answer: &Answer) -> Option<(String, String)> {
+        if !(200..300).contains(&answer.status) {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&answer.body).ok()?;
+        let msg = match &v["SMSMessage"] {
+            serde_json::Value::Array(items) => items.first().cloned()?,
+            other => other.clone(),
+        };
+        let status = msg["Status"].as_str()?.to_owned();
+        let code = msg["DetailedStatusCode"]
+            .as_i64()
+            .map(|c| c.to_string())
+            .unwrap_or_default();
+        let name = msg["DetailedStatus"].as_str().unwrap_or("");
+        Some((
+            status.clone(),
+            format!("{status}: {code} {name}").trim().to_owned(),
+        ))
+    }
 }
 
 #[cfg(test)]

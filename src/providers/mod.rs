@@ -120,6 +120,41 @@ pub trait Client: Send + Sync {
     fn is_live(&self) -> bool;
     fn prepare(&self, job: &Job) -> Prepared;
     fn classify(&self, answer: &Answer) -> Outcome;
+    /// Where to look up a request's outcome when its status callback never came, if the API has such
+    /// a look-up.
+    fn status_lookup(&self, _provider_id: &str) -> Option<Prepared> {
+        None
+    }
+    /// The status, and a detail for the audit trail, from a look-up's answer.
+    fn read_status(&self, _answer: &Answer) -> Option<(String, String)> {
+        None
+    }
+}
+
+/// Sends a prepared look-up as a GET (no body).
+pub async fn fetch(http: &reqwest::Client, prepared: &Prepared) -> Result<Answer, Outcome> {
+    let mut req = http
+        .get(&prepared.url)
+        .timeout(prepared.timeout)
+        .header(reqwest::header::ACCEPT, "application/json");
+    if let Some((user, pass)) = &prepared.basic_auth {
+        req = req.basic_auth(user, Some(pass.expose_secret()));
+    }
+    let started = Instant::now();
+    let res = req
+        .send()
+        .await
+        .map_err(|e| transport_failure(&e, started))?;
+    let status = res.status().as_u16();
+    let body = res
+        .text()
+        .await
+        .map_err(|e| transport_failure(&e, started))?;
+    Ok(Answer {
+        status,
+        retry_after: None,
+        body,
+    })
 }
 
 /// Sends a prepared request. Transport failures come back as transient outcomes.

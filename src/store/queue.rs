@@ -214,6 +214,42 @@ impl Store {
         Ok(updated)
     }
 
+    /// Accepted calls or SMS whose final report is overdue (last change before `before_ms`), oldest
+    /// first. Each is touched so the next sweep waits another full period before asking again.
+    pub async fn overdue_reports(
+        &self,
+        channel: Channel,
+        before_ms: i64,
+        limit: i64,
+    ) -> anyhow::Result<Vec<DeliveryRow>> {
+        let sql = format!(
+            "SELECT {} FROM deliveries WHERE channel = $1 AND status = 'accepted' \
+             AND provider_id IS NOT NULL AND updated_at < $2 ORDER BY updated_at LIMIT $3",
+            DeliveryRow::COLUMNS
+        );
+        let rows = sqlx::query(&sql)
+            .bind(channel.as_str())
+            .bind(before_ms)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let overdue: Vec<DeliveryRow> = rows
+            .iter()
+            .map(DeliveryRow::from_row)
+            .collect::<Result<_, _>>()?;
+        let now = now_ms();
+        for d in &overdue {
+            sqlx::query(
+                "UPDATE deliveries SET updated_at = $2 WHERE id = $1 AND status = 'accepted'",
+            )
+            .bind(&d.id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(overdue)
+    }
+
     /// Hands back every lease `owner` holds (graceful shutdown): those deliveries are due again at once.
     pub async fn release(&self, owner: &str) -> anyhow::Result<u64> {
         let now = now_ms();

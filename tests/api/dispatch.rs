@@ -698,3 +698,74 @@ async fn short_recording_links_redirect_to_the_stored_recording() {
     assert_eq!(res.status(), 404);
     app.stop().await;
 }
+
+/// Exotel does not guarantee callbacks: an overdue report is looked up in the details API and applied,
+/// so an unanswered call is still redialled and a delivered SMS still counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overdue_reports_are_looked_up_when_callbacks_never_come() {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    Mock::given(method("GET"))
+        .and(wiremock::matchers::path_regex(
+            r"^/v1/Accounts/acme/Calls/[a-z0-9]+\.json$",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            serde_json::json!({"Call": {"Sid": "x", "Status": "no-answer", "Duration": 0}}),
+        ))
+        .mount(&p.exotel)
+        .await;
+    Mock::given(method("GET"))
+        .and(wiremock::matchers::path_regex(r"^/v1/Accounts/acme/SMS/Messages/[a-z0-9]+\.json$"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!(
+            {"SMSMessage": {"Sid": "x", "Status": "sent", "DetailedStatusCode": 20005, "DetailedStatus": "DELIVERED_TO_HANDSET"}}
+        )))
+        .mount(&p.exotel)
+        .await;
+    let app = live_app(
+        Db::Sqlite,
+        &p,
+        &[
+            ("SOS_DISPATCH__REPORT_WAIT_SECS", "0.3".into()),
+            ("SOS_DISPATCH__MAX_REDIALS", "1".into()),
+            ("SOS_DISPATCH__REDIAL_DELAY_SECS", "0".into()),
+        ],
+    )
+    .await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=brain"))
+        .await;
+    let store = app.store.clone();
+    let done = eventually(Duration::from_secs(20), || {
+        let store = store.clone();
+        async move {
+            let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
+            let ds = store.deliveries(&inc.id).await.unwrap();
+            ds.iter()
+                .filter(|d| d.channel == "call")
+                .all(|d| d.status == "failed")
+                && ds
+                    .iter()
+                    .filter(|d| d.channel == "sms")
+                    .all(|d| d.status == "delivered")
+        }
+    })
+    .await;
+    assert!(
+        done,
+        "calls redialled then failed, SMS delivered, without a single callback"
+    );
+    let inc = app.store.incident_by_call_sid(SID).await.unwrap().unwrap();
+    let call = app
+        .store
+        .deliveries(&inc.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.channel == "call")
+        .unwrap();
+    assert_eq!(call.redials, 1);
+    let events = app.store.events(&call.id).await.unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e.detail.starts_with("Call Details API: Status=no-answer")));
+    app.stop().await;
+}
