@@ -1,10 +1,13 @@
 //! exotel-sos: one emergency in, the right people called, texted and messaged, with proof of who was reached.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod lifecycle;
 pub mod messages;
+pub mod metrics;
 pub mod settings;
 pub mod stakeholders;
 pub mod store;
@@ -77,6 +80,7 @@ impl App {
                 admin_token: Arc::new(admin_token),
                 wake: Arc::new(tokio::sync::Notify::new()),
                 dispatcher_heartbeat: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+                metrics: Arc::new(metrics::Metrics::new()),
             },
             generated_webhook_token,
             generated_admin_token,
@@ -113,6 +117,7 @@ impl App {
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         self.state.routing.spawn_watchers(stop_rx.clone());
+        tokio::spawn(lifecycle::auto_resolve(self.state.clone(), stop_rx.clone()));
         let router = http::router(self.state.clone());
         let mut stop_for_server = stop_rx.clone();
         let server = axum::serve(listener, router).with_graceful_shutdown(async move {

@@ -1,6 +1,8 @@
 //! The HTTP surface: router, shared state and the layers every request passes through.
 
+pub mod api;
 pub mod exotel;
+pub mod health;
 pub mod params;
 
 use std::sync::Arc;
@@ -33,6 +35,7 @@ pub struct AppState {
     pub wake: Arc<tokio::sync::Notify>,
     /// When the dispatcher loop last went round (ms since the epoch; 0 = not started): `/readyz` reads it.
     pub dispatcher_heartbeat: Arc<std::sync::atomic::AtomicI64>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -77,9 +80,12 @@ pub fn router(state: AppState) -> Router {
             get(exotel::greeting).head(exotel::greeting),
         )
         .route("/healthz", get(|| async { "ok" }))
+        .merge(api::routes())
+        .merge(health::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(max_uri, limit_uri))
+        .layer(middleware::from_fn_with_state(state.clone(), health::count_requests))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
