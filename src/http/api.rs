@@ -98,7 +98,7 @@ pub struct NewIncidentRequest {
     #[schema(min_length = 1, max_length = 1000, example = "db1 is down")]
     pub message: String,
     /// An http(s) audio file played in calls instead of the spoken message.
-    #[schema(format = Uri)]
+    #[schema(example = "https://example.com/alert.mp3")]
     pub audio_url: Option<String>,
     /// While an incident with this key is open, the same key returns it instead of alerting again.
     #[schema(max_length = 256)]
