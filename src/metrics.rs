@@ -12,8 +12,12 @@ use crate::domain::Source;
 use crate::stakeholders::DEFAULT_ROUTE;
 use crate::store::QueueStats;
 
-/// The content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus scrapes).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus prefers).
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`Metrics::encode_classic`]'s output (the classic Prometheus text format, for
+/// scrapers and tools such as `promtool` that do not ask for OpenMetrics).
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IncidentLabels {
@@ -178,10 +182,67 @@ impl Metrics {
         self.queue_oldest_age.set(age);
     }
 
-    /// The exposition text ([`CONTENT_TYPE`]).
+    /// The OpenMetrics exposition ([`OPENMETRICS_CONTENT_TYPE`]).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+
+    /// The classic Prometheus text exposition ([`CLASSIC_CONTENT_TYPE`]).
+    pub fn encode_classic(&self) -> Result<String, std::fmt::Error> {
+        Ok(openmetrics_to_classic(&self.encode()?))
+    }
+}
+
+/// Rewrites OpenMetrics text as the classic format: counter families take their samples' `_total` name
+/// (OpenMetrics names the family without it), and the `# UNIT` and `# EOF` lines, unknown there, go.
+fn openmetrics_to_classic(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = rest.split_once(' ');
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let family = if kind == "counter" && !name.ends_with("_total") {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            if let Some((help_name, doc)) = help.take() {
+                if help_name == name {
+                    out.push_str(&format!("# HELP {family} {doc}\n"));
+                }
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counters_with_total_and_drops_openmetrics_lines() {
+        let m = Metrics::new();
+        m.delivery_finished("sms", "delivered");
+        m.provider_request("call", "accepted", 0.1);
+        let classic = m.encode_classic().unwrap();
+        assert!(classic.contains("# HELP sos_deliveries_total "), "{classic}");
+        assert!(classic.contains("# TYPE sos_deliveries_total counter"));
+        assert!(classic.contains("sos_deliveries_total{channel=\"sms\",state=\"delivered\"} 1"));
+        assert!(classic.contains("# TYPE sos_provider_request_duration_seconds histogram"));
+        assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"));
     }
 }

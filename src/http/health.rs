@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::AppState;
 use crate::domain::{now_ms, Channel};
+use crate::metrics::{CLASSIC_CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE};
 
 /// A readiness probe must answer before the orchestrator's own timeout, even with a hung database.
 const DB_CHECK_BUDGET: Duration = Duration::from_secs(2);
@@ -100,21 +101,29 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// `GET /metrics`: the Prometheus exposition, with the queue gauges read from the store now. When the
-/// store cannot be read the gauges keep their last values and the rest is still served.
-async fn metrics(State(state): State<AppState>) -> Response {
+/// `GET /metrics`: the Prometheus exposition, OpenMetrics when the scraper asks for it (Prometheus does),
+/// else the classic text format. The queue gauges are read from the store now; when it cannot be read
+/// they keep their last values and the rest is still served.
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match tokio::time::timeout(DB_CHECK_BUDGET, state.store.queue_stats()).await {
         Ok(Ok(stats)) => state.metrics.set_queue(stats, now_ms()),
         Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "metrics: queue figures unavailable"),
         Err(_) => tracing::warn!("metrics: queue figures timed out"),
     }
-    match state.metrics.encode() {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let (encoded, content_type) = if openmetrics {
+        (state.metrics.encode(), OPENMETRICS_CONTENT_TYPE)
+    } else {
+        (state.metrics.encode_classic(), CLASSIC_CONTENT_TYPE)
+    };
+    match encoded {
         Ok(text) => {
             let mut res = (StatusCode::OK, text).into_response();
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
-            );
+            res.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             res
         }
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics").into_response(),

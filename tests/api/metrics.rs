@@ -8,13 +8,13 @@ use crate::op::*;
 
 both_engines!(metrics_count_incidents_requests_and_the_queue);
 
-async fn scrape(app: &TestApp) -> (String, String) {
-    let res = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap();
+/// GET /metrics, with this Accept header if any.
+async fn scrape(app: &TestApp, accept: Option<&str>) -> (String, String) {
+    let mut req = app.client.get(format!("{}/metrics", app.base));
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let res = req.send().await.unwrap();
     assert_eq!(res.status(), 200);
     let ctype = res
         .headers()
@@ -26,6 +26,9 @@ async fn scrape(app: &TestApp) -> (String, String) {
 }
 
 fn parse(text: &str) -> prometheus_parse::Scrape {
+    // prometheus-parse's sample pattern ends the label set at the first `}`, so the braces of route
+    // patterns such as `/api/v1/incidents/{id}` are spelled `:id` for it; promtool checks the raw text.
+    let text = text.replace("{id}", ":id");
     prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses")
 }
 
@@ -69,8 +72,8 @@ async fn metrics_count_incidents_requests_and_the_queue(db: Db) {
     app.state.metrics.provider_request("call", "accepted", 0.12);
     app.state.metrics.delivery_finished("sms", "delivered");
 
-    let (ctype, text) = scrape(&app).await;
-    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    let (ctype, text) = scrape(&app, None).await;
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
     let s = parse(&text);
     let incidents = "sos_incidents_total";
     assert_eq!(
@@ -88,7 +91,7 @@ async fn metrics_count_incidents_requests_and_the_queue(db: Db) {
     );
     let requests = "sos_webhook_requests_total";
     assert_eq!(
-        sample(&s, requests, &[("endpoint", "/api/v1/incidents/{id}"), ("status", "404")]),
+        sample(&s, requests, &[("endpoint", "/api/v1/incidents/:id"), ("status", "404")]),
         Some(2.0)
     );
     assert_eq!(
@@ -127,7 +130,7 @@ async fn metrics_count_incidents_requests_and_the_queue(db: Db) {
         )
         .await;
     }
-    let (_, text) = scrape(&app).await;
+    let (_, text) = scrape(&app, None).await;
     let s = parse(&text);
     assert_eq!(sample(&s, "sos_queue_depth", &[]), Some(0.0));
     assert_eq!(
@@ -139,6 +142,15 @@ async fn metrics_count_incidents_requests_and_the_queue(db: Db) {
         Some(6.0),
         "two calls (Asha and the desk) in each of the three incidents"
     );
+    // Prometheus asks for OpenMetrics, and gets it.
+    let (ctype, text) = scrape(
+        &app,
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+    )
+    .await;
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert!(text.contains("# TYPE sos_incidents counter"));
     app.stop().await;
 }
 
@@ -156,7 +168,7 @@ async fn promtool_accepts_the_exposition() {
     assert_eq!(post_incident(&app, &heart("one")).await.0, 201);
     app.state.metrics.provider_request("sms", "accepted", 0.3);
     app.state.metrics.delivery_finished("sms", "delivered");
-    let (_, text) = scrape(&app).await;
+    let (_, text) = scrape(&app, None).await;
     use std::io::Write;
     let mut child = std::process::Command::new("promtool")
         .args(["check", "metrics"])
