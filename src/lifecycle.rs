@@ -46,7 +46,10 @@ pub async fn auto_resolve(state: AppState, mut shutdown: tokio::sync::watch::Rec
         let ids = match state.store.open_incidents_received_before(cutoff).await {
             Ok(ids) => ids,
             Err(e) => {
-                tracing::warn!(error = format!("{e:#}"), "auto-resolve: cannot list incidents");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "auto-resolve: cannot list incidents"
+                );
                 continue;
             }
         };

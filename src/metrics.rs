@@ -239,7 +239,10 @@ mod tests {
         m.delivery_finished("sms", "delivered");
         m.provider_request("call", "accepted", 0.1);
         let classic = m.encode_classic().unwrap();
-        assert!(classic.contains("# HELP sos_deliveries_total "), "{classic}");
+        assert!(
+            classic.contains("# HELP sos_deliveries_total "),
+            "{classic}"
+        );
         assert!(classic.contains("# TYPE sos_deliveries_total counter"));
         assert!(classic.contains("sos_deliveries_total{channel=\"sms\",state=\"delivered\"} 1"));
         assert!(classic.contains("# TYPE sos_provider_request_duration_seconds histogram"));

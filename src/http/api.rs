@@ -730,7 +730,10 @@ pub async fn alertmanager(
     if payload.version != "4" {
         return Err(unprocessable(
             "version",
-            format!("version {:?} is not supported; expected \"4\"", payload.version),
+            format!(
+                "version {:?} is not supported; expected \"4\"",
+                payload.version
+            ),
         ));
     }
     tracing::Span::current().record("group_key", payload.group_key.as_str());

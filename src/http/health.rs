@@ -47,24 +47,24 @@ struct DispatcherState {
 /// `GET /readyz`: 200 when the database answers and is migrated and the dispatcher loop is alive; 503
 /// otherwise. The body says which part failed, and which channels are live or dry-run.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let (database, migrations) =
-        match tokio::time::timeout(DB_CHECK_BUDGET, state.store.ping()).await {
-            Ok(Ok(())) => {
-                let migrated =
-                    tokio::time::timeout(DB_CHECK_BUDGET, state.store.is_migrated()).await;
-                let m = match migrated {
-                    Ok(Ok(true)) => "ok",
-                    Ok(Ok(false)) => "pending",
-                    _ => "unknown",
-                };
-                ("ok", m)
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = format!("{e:#}"), "readyz: database unreachable");
-                ("unreachable", "unknown")
-            }
-            Err(_) => ("timeout", "unknown"),
-        };
+    let (database, migrations) = match tokio::time::timeout(DB_CHECK_BUDGET, state.store.ping())
+        .await
+    {
+        Ok(Ok(())) => {
+            let migrated = tokio::time::timeout(DB_CHECK_BUDGET, state.store.is_migrated()).await;
+            let m = match migrated {
+                Ok(Ok(true)) => "ok",
+                Ok(Ok(false)) => "pending",
+                _ => "unknown",
+            };
+            ("ok", m)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = format!("{e:#}"), "readyz: database unreachable");
+            ("unreachable", "unknown")
+        }
+        Err(_) => ("timeout", "unknown"),
+    };
     let stale_after_secs = state.settings.readyz.heartbeat_stale_secs;
     let beat = state.dispatcher_heartbeat.load(Ordering::Relaxed);
     // 0 means the loop has not started yet: not ready, so traffic waits for a replica that can send.
@@ -107,7 +107,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match tokio::time::timeout(DB_CHECK_BUDGET, state.store.queue_stats()).await {
         Ok(Ok(stats)) => state.metrics.set_queue(stats, now_ms()),
-        Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "metrics: queue figures unavailable"),
+        Ok(Err(e)) => tracing::warn!(
+            error = format!("{e:#}"),
+            "metrics: queue figures unavailable"
+        ),
         Err(_) => tracing::warn!("metrics: queue figures timed out"),
     }
     let openmetrics = headers

@@ -85,7 +85,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(max_uri, limit_uri))
-        .layer(middleware::from_fn_with_state(state.clone(), health::count_requests))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            health::count_requests,
+        ))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,

@@ -111,7 +111,12 @@ async fn firing_alerts_become_incidents_and_resolved_ones_close_them(db: Db) {
         .iter()
         .all(|s| s == "cancelled"));
     assert_eq!(
-        app.store.incident(&second.id).await.unwrap().unwrap().status,
+        app.store
+            .incident(&second.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
         "open"
     );
     // A resolved notification repeated finds nothing open.
@@ -229,7 +234,10 @@ receivers:
     let _am = Child(
         std::process::Command::new(&binary)
             .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             // An empty cluster address turns off HA gossip, whose settling would delay notifications.
             .arg("--cluster.listen-address=")

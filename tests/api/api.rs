@@ -261,8 +261,12 @@ async fn resolve_cancels_only_what_has_not_gone_out(db: Db) {
             .await
             .unwrap();
     }
-    let (status, outcome) =
-        post_raw(&app, &format!("/api/v1/incidents/{id}/resolve"), String::new()).await;
+    let (status, outcome) = post_raw(
+        &app,
+        &format!("/api/v1/incidents/{id}/resolve"),
+        String::new(),
+    )
+    .await;
     assert_eq!(status, 200, "{outcome}");
     assert_eq!(outcome["already_resolved"], false);
     assert_eq!(outcome["cancelled"], HEART_DELIVERIES - 2);
@@ -296,8 +300,12 @@ async fn resolve_cancels_only_what_has_not_gone_out(db: Db) {
     assert_eq!(cancelled_views, HEART_DELIVERIES - 2);
 
     // Again: nothing changes.
-    let (status, again) =
-        post_raw(&app, &format!("/api/v1/incidents/{id}/resolve"), String::new()).await;
+    let (status, again) = post_raw(
+        &app,
+        &format!("/api/v1/incidents/{id}/resolve"),
+        String::new(),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(again["already_resolved"], true);
     assert_eq!(again["cancelled"], 0);
@@ -334,7 +342,10 @@ async fn list_is_newest_first_filtered_and_paginated(db: Db) {
     let (s, all) = get(&app, "/api/v1/incidents").await;
     assert_eq!(s, 200);
     assert_eq!(page_ids(&all), newest_first);
-    assert!(all["incidents"][0]["deliveries"].is_null(), "list is a summary");
+    assert!(
+        all["incidents"][0]["deliveries"].is_null(),
+        "list is a summary"
+    );
 
     // Keyset pages.
     let mut seen = Vec::new();
@@ -417,7 +428,12 @@ async fn detail_shows_history_with_numbers_masked(db: Db) {
     .await
     .unwrap();
     app.store
-        .record_event(&asha_call.id, "sent", Some("prov-1"), "call to 09800000001 accepted")
+        .record_event(
+            &asha_call.id,
+            "sent",
+            Some("prov-1"),
+            "call to 09800000001 accepted",
+        )
         .await
         .unwrap();
     app.store
@@ -426,7 +442,12 @@ async fn detail_shows_history_with_numbers_masked(db: Db) {
         .unwrap();
 
     let text = detail_text(&app, &incident.id).await;
-    for secret in ["9800000001", "9901320691", "greeting_ref", &asha_call.greeting_ref] {
+    for secret in [
+        "9800000001",
+        "9901320691",
+        "greeting_ref",
+        &asha_call.greeting_ref,
+    ] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");
     }
     let body: Value = serde_json::from_str(&text).unwrap();
@@ -438,14 +459,20 @@ async fn detail_shows_history_with_numbers_masked(db: Db) {
     assert!(body["received_at"].as_str().unwrap().ends_with('Z'));
     let views = body["deliveries"].as_array().unwrap();
     assert_eq!(views.len(), BRAIN_DELIVERIES);
-    let view = views.iter().find(|d| d["id"] == asha_call.id.as_str()).unwrap();
+    let view = views
+        .iter()
+        .find(|d| d["id"] == asha_call.id.as_str())
+        .unwrap();
     assert_eq!(view["contact_name"], "Dr. Asha Rao");
     assert_eq!(view["phone"], "+91******0001");
     assert_eq!(view["channel"], "call");
     assert_eq!(view["status"], "failed");
     assert_eq!(view["attempts"], 2);
     assert_eq!(view["provider_id"], "prov-1");
-    assert!(view["last_error"].as_str().unwrap().contains("+91******0001"));
+    assert!(view["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("+91******0001"));
     let kinds: Vec<&str> = view["events"]
         .as_array()
         .unwrap()
@@ -540,7 +567,13 @@ async fn openapi_document_is_valid_and_covers_every_route() {
     for (path, method) in &documented {
         let url = format!("{}{}", app.base, path.replace("{id}", "x"));
         let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-        let status = app.client.request(method.clone(), &url).send().await.unwrap().status();
+        let status = app
+            .client
+            .request(method.clone(), &url)
+            .send()
+            .await
+            .unwrap()
+            .status();
         assert!(
             status == 200 || status == 401,
             "{method} {path} answered {status}"

@@ -50,7 +50,13 @@ async fn trigger_reports_each_outcome_with_its_exit_code(db: Db) {
     let app = spawn_app(db).await;
     let env = env_for(&app);
     let ok = [
-        "trigger", "--type", "Heart", "--message", "db1 is down", "--token", ADMIN_TOKEN,
+        "trigger",
+        "--type",
+        "Heart",
+        "--message",
+        "db1 is down",
+        "--token",
+        ADMIN_TOKEN,
     ];
     let r = run(&env, &ok).await;
     assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
@@ -86,7 +92,15 @@ async fn trigger_reports_each_outcome_with_its_exit_code(db: Db) {
 
     let r = run(
         &env,
-        &["trigger", "--type", "Heart", "--message", "m", "--token", "wrong"],
+        &[
+            "trigger",
+            "--type",
+            "Heart",
+            "--message",
+            "m",
+            "--token",
+            "wrong",
+        ],
     )
     .await;
     assert_eq!(r.code, 4, "{}", r.stderr);
@@ -114,7 +128,13 @@ async fn trigger_reports_each_outcome_with_its_exit_code(db: Db) {
     let r = run(
         &env,
         &[
-            "trigger", "--type", "Heart", "--message", "", "--token", ADMIN_TOKEN,
+            "trigger",
+            "--type",
+            "Heart",
+            "--message",
+            "",
+            "--token",
+            ADMIN_TOKEN,
         ],
     )
     .await;
@@ -152,7 +172,13 @@ async fn trigger_reads_the_generated_token_from_the_database(db: Db) {
     let app = spawn_app_with(db, &[("SOS_SERVER__ADMIN_TOKEN", String::new())]).await;
     let r = run(
         &env_for(&app),
-        &["trigger", "--type", "Heart", "--message", "from the db token"],
+        &[
+            "trigger",
+            "--type",
+            "Heart",
+            "--message",
+            "from the db token",
+        ],
     )
     .await;
     assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
@@ -161,7 +187,10 @@ async fn trigger_reads_the_generated_token_from_the_database(db: Db) {
     // Neither flag, setting nor reachable database: a clear message.
     let r = run(
         &[
-            ("SOS_DATABASE__URL", "sqlite:///nonexistent/dir/x.db?mode=rwc".into()),
+            (
+                "SOS_DATABASE__URL",
+                "sqlite:///nonexistent/dir/x.db?mode=rwc".into(),
+            ),
             ("SOS_SERVER__PUBLIC_URL", app.base.clone()),
         ],
         &["trigger", "--type", "Heart", "--message", "m"],
@@ -224,7 +253,13 @@ async fn json_logs_carry_the_incident_id_and_no_secrets() {
     let r = run(
         &[("SOS_SERVER__PUBLIC_URL", base.clone())],
         &[
-            "trigger", "--type", "Heart", "--message", "log me", "--token", ADMIN_TOKEN,
+            "trigger",
+            "--type",
+            "Heart",
+            "--message",
+            "log me",
+            "--token",
+            ADMIN_TOKEN,
         ],
     )
     .await;

@@ -24,9 +24,10 @@ async fn readyz(app: &TestApp) -> (u16, Value) {
 }
 
 fn beat(app: &TestApp, seconds_ago: i64) {
-    app.state
-        .dispatcher_heartbeat
-        .store(exotel_sos::domain::now_ms() - seconds_ago * 1000, Ordering::Relaxed);
+    app.state.dispatcher_heartbeat.store(
+        exotel_sos::domain::now_ms() - seconds_ago * 1000,
+        Ordering::Relaxed,
+    );
 }
 
 async fn readyz_follows_the_dispatcher_heartbeat(db: Db) {
@@ -77,7 +78,12 @@ async fn readyz_follows_the_dispatcher_heartbeat(db: Db) {
     let (status, body) = readyz(&app).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["dispatcher"]["alive"], false);
-    assert!(body["dispatcher"]["last_heartbeat_age_secs"].as_f64().unwrap() >= 31.0);
+    assert!(
+        body["dispatcher"]["last_heartbeat_age_secs"]
+            .as_f64()
+            .unwrap()
+            >= 31.0
+    );
     app.stop().await;
 }
 
@@ -115,7 +121,10 @@ async fn readyz_is_503_when_the_database_is_down(db: Db) {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["ready"], false);
     assert_ne!(body["database"], "ok");
-    assert_eq!(body["dispatcher"]["alive"], true, "only the database is down");
+    assert_eq!(
+        body["dispatcher"]["alive"], true,
+        "only the database is down"
+    );
 
     if let Some((admin, name)) = admin {
         sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))

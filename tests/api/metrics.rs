@@ -77,29 +77,53 @@ async fn metrics_count_incidents_requests_and_the_queue(db: Db) {
     let s = parse(&text);
     let incidents = "sos_incidents_total";
     assert_eq!(
-        sample(&s, incidents, &[("source", "api"), ("emergency_type", "Heart")]),
+        sample(
+            &s,
+            incidents,
+            &[("source", "api"), ("emergency_type", "Heart")]
+        ),
         Some(1.0)
     );
     assert_eq!(
-        sample(&s, incidents, &[("source", "api"), ("emergency_type", "default")]),
+        sample(
+            &s,
+            incidents,
+            &[("source", "api"), ("emergency_type", "default")]
+        ),
         Some(1.0),
         "unrouted types share one label value"
     );
     assert_eq!(
-        sample(&s, incidents, &[("source", "exotel"), ("emergency_type", "Heart")]),
+        sample(
+            &s,
+            incidents,
+            &[("source", "exotel"), ("emergency_type", "Heart")]
+        ),
         Some(1.0)
     );
     let requests = "sos_webhook_requests_total";
     assert_eq!(
-        sample(&s, requests, &[("endpoint", "/api/v1/incidents/:id"), ("status", "404")]),
+        sample(
+            &s,
+            requests,
+            &[("endpoint", "/api/v1/incidents/:id"), ("status", "404")]
+        ),
         Some(2.0)
     );
     assert_eq!(
-        sample(&s, requests, &[("endpoint", "/api/v1/incidents"), ("status", "201")]),
+        sample(
+            &s,
+            requests,
+            &[("endpoint", "/api/v1/incidents"), ("status", "201")]
+        ),
         Some(2.0)
     );
     assert_eq!(
-        sample(&s, requests, &[("endpoint", "/exotel/passthru"), ("status", "200")]),
+        sample(
+            &s,
+            requests,
+            &[("endpoint", "/exotel/passthru"), ("status", "200")]
+        ),
         Some(1.0)
     );
     assert!(
@@ -112,7 +136,11 @@ async fn metrics_count_incidents_requests_and_the_queue(db: Db) {
     );
     assert!(sample(&s, "sos_queue_oldest_due_age_seconds", &[]).is_some_and(|a| a >= 0.0));
     assert_eq!(
-        sample(&s, "sos_deliveries_total", &[("channel", "sms"), ("state", "delivered")]),
+        sample(
+            &s,
+            "sos_deliveries_total",
+            &[("channel", "sms"), ("state", "delivered")]
+        ),
         Some(1.0)
     );
     assert!(s.samples.iter().any(|x| x
@@ -138,7 +166,11 @@ async fn metrics_count_incidents_requests_and_the_queue(db: Db) {
         Some(0.0)
     );
     assert_eq!(
-        sample(&s, "sos_deliveries_total", &[("channel", "call"), ("state", "cancelled")]),
+        sample(
+            &s,
+            "sos_deliveries_total",
+            &[("channel", "call"), ("state", "cancelled")]
+        ),
         Some(6.0),
         "two calls (Asha and the desk) in each of the three incidents"
     );
