@@ -737,6 +737,13 @@ pub async fn alertmanager(
         ));
     }
     tracing::Span::current().record("group_key", payload.group_key.as_str());
+    if payload.truncated_alerts > 0 {
+        // Alertmanager's max_alerts cut the list: the missing alerts arrive with no notification here.
+        tracing::warn!(
+            truncated = payload.truncated_alerts,
+            "Alertmanager truncated this notification; raise max_alerts on the webhook receiver"
+        );
+    }
     let type_label = &state.settings.alertmanager.type_label;
     let mut outcome = AlertmanagerOutcome::default();
     for alert in &payload.alerts {

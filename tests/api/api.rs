@@ -32,6 +32,10 @@ async fn api_trigger_stores_incident_and_answers_201(db: Db) {
     )
     .await;
     assert_eq!(status, 201, "{body}");
+    // The dispatcher is woken at once (a stored permit: nobody waits in this test).
+    tokio::time::timeout(Duration::from_secs(1), app.state.wake.notified())
+        .await
+        .expect("the dispatcher was woken");
     let id = id_of(&body);
     assert_eq!(body["source"], "api");
     assert_eq!(body["emergency_type"], "Heart", "spelled as the route");
