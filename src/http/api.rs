@@ -90,6 +90,7 @@ pub struct ErrorBody {
 
 /// `POST /api/v1/incidents` body. Unknown fields are refused, so a typo cannot drop information.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NewIncidentRequest {
     /// Emergency type, matched case-insensitively against the routes; unknown types use the default route.
     #[schema(min_length = 1, max_length = 64, example = "ServerDown")]
