@@ -1,11 +1,14 @@
 //! exotel-sos: one emergency in, the right people called, texted and messaged, with proof of who was reached.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod lifecycle;
 pub mod messages;
+pub mod metrics;
 pub mod providers;
 pub mod settings;
 pub mod stakeholders;
@@ -79,6 +82,7 @@ impl App {
                 admin_token: Arc::new(admin_token),
                 wake: Arc::new(tokio::sync::Notify::new()),
                 dispatcher_heartbeat: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+                metrics: Arc::new(metrics::Metrics::new()),
             },
             generated_webhook_token,
             generated_admin_token,
@@ -95,6 +99,7 @@ impl App {
             dispatch::lanes(&s.settings, s.webhook_token.expose_secret()),
             s.wake.clone(),
             s.dispatcher_heartbeat.clone(),
+            s.metrics.clone(),
         )
     }
 
@@ -148,6 +153,7 @@ impl App {
         } else {
             None
         };
+        tokio::spawn(lifecycle::auto_resolve(self.state.clone(), stop_rx.clone()));
         let router = http::router(self.state.clone());
         let mut stop_for_server = stop_rx.clone();
         let server = axum::serve(listener, router).with_graceful_shutdown(async move {

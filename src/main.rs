@@ -1,4 +1,4 @@
-//! The `exotel-sos` command: `serve` (the default), `migrate`, `check-config`.
+//! The `exotel-sos` command: `serve` (the default), `migrate`, `check-config`, `trigger`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -31,6 +31,31 @@ enum Command {
     Migrate,
     /// Validate settings and the stakeholder file; print the routing table with masked numbers.
     CheckConfig,
+    /// Raise an incident through the running server's API (exit codes: 0 stored, 2 no token or bad
+    /// settings, 3 server unreachable, 4 token refused, 5 input refused, 1 other).
+    Trigger(TriggerCmd),
+}
+
+#[derive(clap::Args)]
+struct TriggerCmd {
+    /// Emergency type, matched against the stakeholder routes (unknown types use the default route).
+    #[arg(long = "type", value_name = "TYPE")]
+    emergency_type: String,
+    /// What happened; texted and spoken to every contact.
+    #[arg(long)]
+    message: String,
+    /// An http(s) audio file that calls play instead of the spoken message.
+    #[arg(long, value_name = "URL")]
+    audio_url: Option<String>,
+    /// While an incident with this key is open, triggering again sends nothing new.
+    #[arg(long, value_name = "KEY")]
+    dedup_key: Option<String>,
+    /// Server base URL (default: server.public_url).
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// Admin token (default: server.admin_token, else the one stored in the database).
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
 }
 
 #[tokio::main]
@@ -47,6 +72,7 @@ async fn main() -> ExitCode {
         Command::Serve => serve(settings).await,
         Command::Migrate => migrate(settings).await,
         Command::CheckConfig => return check_config(&settings),
+        Command::Trigger(t) => return trigger(&settings, t).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,6 +122,18 @@ fn check_config(settings: &Settings) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn trigger(settings: &Settings, t: TriggerCmd) -> ExitCode {
+    let args = exotel_sos::cli::TriggerArgs {
+        emergency_type: t.emergency_type,
+        message: t.message,
+        audio_url: t.audio_url,
+        dedup_key: t.dedup_key,
+        server: t.server,
+        token: t.token,
+    };
+    ExitCode::from(exotel_sos::cli::trigger(settings, args).await)
 }
 
 async fn shutdown_signal() {

@@ -20,6 +20,9 @@ pub struct Settings {
     pub incidents: IncidentSettings,
     pub dispatch: DispatchSettings,
     pub log: LogSettings,
+    pub alertmanager: AlertmanagerSettings,
+    pub readyz: ReadyzSettings,
+    pub housekeeping: HousekeepingSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +154,24 @@ pub struct LogSettings {
     pub level: String,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+pub struct AlertmanagerSettings {
+    /// The alert label whose value is the emergency type.
+    pub type_label: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReadyzSettings {
+    /// The dispatcher counts as alive while its last heartbeat is younger than this.
+    pub heartbeat_stale_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HousekeepingSettings {
+    /// How often open incidents past `incidents.auto_resolve_after_secs` are looked for.
+    pub auto_resolve_every_ms: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -252,6 +273,15 @@ impl Settings {
                 "stakeholders.default_country {:?} is not a known region code such as IN",
                 self.stakeholders.default_country
             ));
+        }
+        if self.alertmanager.type_label.trim().is_empty() {
+            problems.push("alertmanager.type_label must name a label".to_owned());
+        }
+        if self.readyz.heartbeat_stale_secs == 0 {
+            problems.push("readyz.heartbeat_stale_secs must be at least 1".to_owned());
+        }
+        if self.housekeeping.auto_resolve_every_ms < 10 {
+            problems.push("housekeeping.auto_resolve_every_ms must be at least 10".to_owned());
         }
         if self.messages.greeting_repeat == 0 {
             problems.push("messages.greeting_repeat must be at least 1".to_owned());

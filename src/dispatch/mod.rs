@@ -18,13 +18,16 @@ use self::limits::{Limits, Pause};
 use self::retry::RetryPolicy;
 use crate::domain::{mask, now_ms, Channel};
 use crate::messages::{self, Vars};
+use crate::metrics::Metrics;
 use crate::providers::exotel::Account;
 use crate::providers::exotel_call::ExotelCall;
 use crate::providers::exotel_sms::ExotelSms;
 use crate::providers::gupshup::Gupshup;
 use crate::providers::{self, Client, Job, Outcome};
 use crate::settings::{RecordingLink, Settings};
-use crate::store::{CallReport, DeliveryRow, Finish, IncidentRow, RedialPolicy, Store};
+use crate::store::{
+    CallReport, CallbackEffect, DeliveryRow, Finish, IncidentRow, RedialPolicy, Store,
+};
 
 /// What to do with a call that was not reached, from settings; shared by callbacks and look-ups.
 pub fn redial_policy(settings: &Settings) -> RedialPolicy {
@@ -118,6 +121,7 @@ pub struct Dispatcher {
     heartbeat: Arc<AtomicI64>,
     retry: RetryPolicy,
     lease: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
@@ -127,6 +131,7 @@ impl Dispatcher {
         lanes: Vec<Lane>,
         wake: Arc<Notify>,
         heartbeat: Arc<AtomicI64>,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let d = &settings.dispatch;
         let retry = RetryPolicy {
@@ -149,6 +154,7 @@ impl Dispatcher {
             wake,
             heartbeat,
             retry,
+            metrics,
         })
     }
 
@@ -313,6 +319,12 @@ impl Dispatcher {
                                 .await
                         }
                     };
+                    if let Ok(CallbackEffect::Applied(state)) = &applied {
+                        if state == "delivered" || state == "failed" {
+                            self.metrics
+                                .delivery_finished(lane.channel().as_str(), state);
+                        }
+                    }
                     span.in_scope(|| match applied {
                         Ok(effect) => tracing::info!(status = %status, effect = ?effect, "overdue report looked up"),
                         Err(e) => tracing::error!(error = format!("{e:#}"), "applying a looked-up report failed"),
@@ -355,7 +367,18 @@ impl Dispatcher {
                 Finish::Failed { reason } => tracing::error!(reason = %reason, "DELIVERY FAILED"),
             }
             match self.store.finish_attempt(&d.id, &self.owner, &finish).await {
-                Ok(true) => {}
+                Ok(true) => {
+                    // Final here: dry-run, failure, and WhatsApp's acceptance (no report follows).
+                    let final_state = match &finish {
+                        Finish::Simulated { .. } => Some("simulated"),
+                        Finish::Failed { .. } => Some("failed"),
+                        Finish::Accepted { .. } if lane.channel() == Channel::Whatsapp => Some("accepted"),
+                        _ => None,
+                    };
+                    if let Some(state) = final_state {
+                        self.metrics.delivery_finished(&d.channel, state);
+                    }
+                }
                 Ok(false) => tracing::warn!("lease lost before the outcome was recorded; another dispatcher owns it"),
                 Err(e) => tracing::error!(
                     error = format!("{e:#}"),
@@ -382,10 +405,21 @@ impl Dispatcher {
             };
         }
         lane.limits.ready().await;
+        let started = std::time::Instant::now();
         let outcome = match providers::execute(&self.http, &prepared).await {
             Ok(answer) => lane.client.classify(&answer),
             Err(transport) => transport,
         };
+        let label = match &outcome {
+            Outcome::Accepted { .. } => "accepted",
+            Outcome::Transient { .. } => "transient",
+            Outcome::Permanent { .. } => "permanent",
+        };
+        self.metrics.provider_request(
+            lane.channel().as_str(),
+            label,
+            started.elapsed().as_secs_f64(),
+        );
         match outcome {
             Outcome::Accepted {
                 provider_id,

@@ -36,7 +36,17 @@ fn summary(p: &Params, keys: &[&str]) -> String {
         .join(" ")
 }
 
-fn answer(effect: CallbackEffect, what: &str) -> Result<Response, AppError> {
+fn answer(
+    state: &AppState,
+    channel: &str,
+    effect: CallbackEffect,
+    what: &str,
+) -> Result<Response, AppError> {
+    if let CallbackEffect::Applied(s) = &effect {
+        if s == "delivered" || s == "failed" {
+            state.metrics.delivery_finished(channel, s);
+        }
+    }
     match effect {
         CallbackEffect::Applied(status) => {
             Ok((StatusCode::OK, format!("ok: {status}")).into_response())
@@ -88,7 +98,7 @@ pub async fn call_status(
         )
         .await?;
     tracing::info!(status = %status, effect = ?effect, "call status");
-    answer(effect, "CallSid")
+    answer(&state, "call", effect, "CallSid")
 }
 
 /// `POST /exotel/sms-status` (form).
@@ -131,7 +141,7 @@ pub async fn sms_status(
         )
         .await?;
     tracing::info!(status = %status, effect = ?effect, "sms status");
-    answer(effect, "SmsSid")
+    answer(&state, "sms", effect, "SmsSid")
 }
 
 /// `GET /r/{reference}`: the short recording link for SMS templates whose DLT variables are too short

@@ -109,6 +109,9 @@ pub async fn passthru(
                     "incident stored"
                 );
                 state.wake.notify_one();
+                state
+                    .metrics
+                    .incident_created(Source::Exotel, &plan.emergency_type, &plan.route);
             } else {
                 tracing::info!("repeated passthru for a stored CallSid; nothing new");
             }

@@ -1,7 +1,9 @@
 //! The HTTP surface: router, shared state and the layers every request passes through.
 
+pub mod api;
 pub mod callbacks;
 pub mod exotel;
+pub mod health;
 pub mod params;
 
 use std::sync::Arc;
@@ -34,6 +36,7 @@ pub struct AppState {
     pub wake: Arc<tokio::sync::Notify>,
     /// When the dispatcher loop last went round (ms since the epoch; 0 = not started): `/readyz` reads it.
     pub dispatcher_heartbeat: Arc<std::sync::atomic::AtomicI64>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -81,9 +84,15 @@ pub fn router(state: AppState) -> Router {
         .route("/exotel/sms-status", post(callbacks::sms_status))
         .route("/r/{reference}", get(callbacks::recording_link))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(api::routes())
+        .merge(health::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(max_uri, limit_uri))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            health::count_requests,
+        ))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,

@@ -3,11 +3,13 @@
 //! Both engines run the same runtime SQL through sqlx's `Any` driver; the few places where they differ
 //! (row locking when claiming work) branch on [`Engine`]. Times are milliseconds since the Unix epoch.
 
+mod incidents;
 mod queue;
 mod rows;
 
 pub use queue::{CallReport, CallbackEffect, Finish, RedialPolicy};
 
+pub use incidents::{IncidentFilter, QueueStats, Resolved};
 pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow};
 
 use std::str::FromStr;

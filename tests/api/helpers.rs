@@ -193,6 +193,11 @@ pub fn test_settings(
     Settings::load_with_env(None, env).expect("test settings are valid")
 }
 
+/// For tests that watch queued deliveries themselves: no dispatcher in the app.
+pub fn without_dispatcher() -> (&'static str, String) {
+    ("SOS_DISPATCH__ENABLED", "false".into())
+}
+
 pub async fn spawn_app(db: Db) -> TestApp {
     spawn_app_with(db, &[]).await
 }

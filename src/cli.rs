@@ -1,0 +1,162 @@
+//! `exotel-sos trigger`: raises an incident through the running server's API, as an operator would.
+//!
+//! Exit codes tell scripts what went wrong without parsing text: see the `EXIT_*` constants.
+
+use std::time::Duration;
+
+use crate::http::api::SOURCE_HEADER;
+use crate::settings::{non_empty, Settings};
+use crate::store::Store;
+
+/// The incident was stored (or an open one with the same dedup key exists).
+pub const EXIT_OK: u8 = 0;
+/// Anything else: an unexpected answer from the server.
+pub const EXIT_OTHER: u8 = 1;
+/// Settings are invalid or no admin token can be found.
+pub const EXIT_CONFIG: u8 = 2;
+/// The server cannot be reached (down, wrong URL) or did not answer in time.
+pub const EXIT_UNREACHABLE: u8 = 3;
+/// The server refused the admin token (401).
+pub const EXIT_UNAUTHORIZED: u8 = 4;
+/// The server refused the input (422): the message names the field.
+pub const EXIT_INVALID: u8 = 5;
+
+/// How long to wait for the server: it answers as soon as the incident is committed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long to try the database for a stored token before giving up on it.
+const DB_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone)]
+pub struct TriggerArgs {
+    pub emergency_type: String,
+    pub message: String,
+    pub audio_url: Option<String>,
+    pub dedup_key: Option<String>,
+    /// Base URL of the server; `server.public_url` when absent.
+    pub server: Option<String>,
+    /// Admin token; `server.admin_token`, else the token stored in the database, when absent.
+    pub token: Option<String>,
+}
+
+/// Runs the command, printing the outcome; returns the exit code.
+pub async fn trigger(settings: &Settings, args: TriggerArgs) -> u8 {
+    let base = args
+        .server
+        .clone()
+        .unwrap_or_else(|| settings.public_base().to_owned());
+    let base = base.trim_end_matches('/').to_owned();
+    let token = match admin_token(settings, args.token.as_deref()).await {
+        Some(t) => t,
+        None => {
+            eprintln!(
+                "error: no admin token: pass --token, or set server.admin_token \
+                 (SOS_SERVER__ADMIN_TOKEN), or run where the server's database is reachable"
+            );
+            return EXIT_CONFIG;
+        }
+    };
+    let client = match reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot build an HTTP client: {e}");
+            return EXIT_OTHER;
+        }
+    };
+    let body = serde_json::json!({
+        "emergency_type": args.emergency_type,
+        "message": args.message,
+        "audio_url": args.audio_url,
+        "dedup_key": args.dedup_key,
+    });
+    let url = format!("{base}/api/v1/incidents");
+    let res = client
+        .post(&url)
+        .bearer_auth(&token)
+        .header(SOURCE_HEADER, "cli")
+        .json(&body)
+        .send()
+        .await;
+    let res = match res {
+        Ok(r) => r,
+        Err(e) => {
+            let why = if e.is_timeout() {
+                "no answer in time".to_owned()
+            } else {
+                // reqwest's Display omits the cause ("connection refused"), which is the useful part.
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    text = format!("{text}: {s}");
+                    source = s.source();
+                }
+                text
+            };
+            eprintln!("error: cannot reach the exotel-sos server at {base}: {why}");
+            eprintln!("       is it running? (set the URL with --server or server.public_url)");
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let status = res.status().as_u16();
+    let json: serde_json::Value = res.json().await.unwrap_or(serde_json::Value::Null);
+    let text = |key: &str| json.get(key).and_then(|v| v.as_str()).unwrap_or("?");
+    match status {
+        201 => {
+            let deliveries = json
+                .get("deliveries")
+                .and_then(|d| d.as_array())
+                .map_or(0, Vec::len);
+            println!(
+                "incident {} created: {} {} alert(s) queued (route {})",
+                text("id"),
+                deliveries,
+                text("emergency_type"),
+                text("route"),
+            );
+            EXIT_OK
+        }
+        200 => {
+            println!(
+                "incident {} with this dedup key is already open; nothing new was sent",
+                text("id")
+            );
+            EXIT_OK
+        }
+        401 => {
+            eprintln!("error: the server refused the admin token (401); check --token or server.admin_token");
+            EXIT_UNAUTHORIZED
+        }
+        422 => {
+            eprintln!("error: invalid {}: {}", text("field"), text("error"));
+            EXIT_INVALID
+        }
+        other => {
+            eprintln!(
+                "error: the server answered {other}: {}",
+                json.get("error")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("(no details)")
+            );
+            EXIT_OTHER
+        }
+    }
+}
+
+/// The flag, else the setting, else the token the server generated and stored in its database.
+async fn admin_token(settings: &Settings, flag: Option<&str>) -> Option<String> {
+    if let Some(t) = flag.map(str::trim).filter(|t| !t.is_empty()) {
+        return Some(t.to_owned());
+    }
+    if let Some(t) = non_empty(&settings.server.admin_token) {
+        return Some(t.to_owned());
+    }
+    // Never create a SQLite file or a token here: read only what the server stored.
+    let url = settings.database.url.replace("mode=rwc", "mode=rw");
+    let stored = tokio::time::timeout(DB_TIMEOUT, async {
+        let store = Store::connect(&url, 1).await.ok()?;
+        let token = store.existing_secret("admin_token").await.ok().flatten();
+        store.close().await;
+        token
+    })
+    .await;
+    stored.ok().flatten()
+}

@@ -1,0 +1,829 @@
+//! The operator API under `/api/v1`: triggers (JSON and Alertmanager), incident views, resolve, OpenAPI.
+//!
+//! Every route but the OpenAPI document needs `Authorization: Bearer <server.admin_token>`. Phone numbers
+//! leave masked; greeting references and the raw provider requests never leave.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use super::params::http_url;
+use super::AppState;
+use crate::domain::{mask, Source};
+use crate::error::AppError;
+use crate::store::{DeliveryRow, EventRow, IncidentFilter, IncidentRow, NewIncident};
+
+/// How long a trigger waits for the database before answering 500 (so the caller retries).
+const STORE_BUDGET: Duration = Duration::from_secs(5);
+/// Longest emergency type accepted (the Passthru cuts at the same length).
+pub const MAX_TYPE_CHARS: usize = 64;
+/// Longest message accepted: it is spoken, texted and sent on WhatsApp, so it must stay short.
+pub const MAX_MESSAGE_CHARS: usize = 1000;
+pub const MAX_DEDUP_KEY_CHARS: usize = 256;
+const MAX_URL_CHARS: usize = 2048;
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+/// Header by which the `trigger` command marks its incidents as coming from the command line.
+pub const SOURCE_HEADER: &str = "x-sos-source";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/api/v1/incidents",
+            post(create_incident).get(list_incidents),
+        )
+        .route("/api/v1/incidents/{id}", get(get_incident))
+        .route("/api/v1/incidents/{id}/resolve", post(resolve_incident))
+        .route("/api/v1/alertmanager", post(alertmanager))
+        .route("/api/v1/openapi.json", get(openapi_json))
+}
+
+/// The OpenAPI 3 document of `/api/v1`, generated from the handlers' annotations below.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "exotel-sos operator API",
+        description = "Trigger, inspect and resolve emergency incidents."
+    ),
+    paths(
+        create_incident,
+        list_incidents,
+        get_incident,
+        resolve_incident,
+        alertmanager,
+        openapi_json
+    ),
+    components(schemas(AlertmanagerAlert)),
+    modifiers(&BearerAuth),
+    tags((name = "incidents", description = "Emergencies and who was reached"))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// An error answer: what is wrong and, for invalid input, which field.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    pub field: Option<String>,
+}
+
+/// `POST /api/v1/incidents` body. Unknown fields are refused, so a typo cannot drop information.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewIncidentRequest {
+    /// Emergency type, matched case-insensitively against the routes; unknown types use the default route.
+    #[schema(min_length = 1, max_length = 64, example = "ServerDown")]
+    pub emergency_type: String,
+    /// What happened; texted, sent on WhatsApp and spoken in calls.
+    #[schema(min_length = 1, max_length = 1000, example = "db1 is down")]
+    pub message: String,
+    /// An http(s) audio file played in calls instead of the spoken message.
+    #[schema(example = "https://example.com/alert.mp3")]
+    pub audio_url: Option<String>,
+    /// While an incident with this key is open, the same key returns it instead of alerting again.
+    #[schema(max_length = 256)]
+    pub dedup_key: Option<String>,
+}
+
+/// An incident as operators see it. Times are RFC 3339, UTC.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IncidentView {
+    pub id: String,
+    /// `exotel`, `api`, `alertmanager` or `cli`.
+    pub source: String,
+    pub emergency_type: String,
+    /// The route used (`default` when the type is unknown).
+    pub route: String,
+    pub call_sid: Option<String>,
+    pub dedup_key: Option<String>,
+    /// The caller's number, masked.
+    pub caller: Option<String>,
+    pub recording_url: Option<String>,
+    pub message: Option<String>,
+    /// `open` or `resolved`.
+    pub status: String,
+    pub occurred_at: Option<String>,
+    pub received_at: String,
+    pub resolved_at: Option<String>,
+}
+
+/// An incident with every delivery and each delivery's history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IncidentDetail {
+    #[serde(flatten)]
+    pub incident: IncidentView,
+    pub deliveries: Vec<DeliveryView>,
+}
+
+/// One contact on one channel.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryView {
+    pub id: String,
+    pub contact_name: String,
+    /// Masked, e.g. `+91******0001`.
+    pub phone: String,
+    /// `call`, `sms` or `whatsapp`.
+    pub channel: String,
+    /// `queued`, `sending`, `accepted`, `delivered`, `failed`, `simulated` or `cancelled`.
+    pub status: String,
+    pub attempts: i64,
+    pub redials: i64,
+    pub provider_id: Option<String>,
+    pub provider_status: Option<String>,
+    pub last_error: Option<String>,
+    pub due_at: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+    pub played_at: Option<String>,
+    pub events: Vec<EventView>,
+}
+
+/// One entry of a delivery's audit trail.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventView {
+    pub at: String,
+    pub kind: String,
+    pub provider_id: Option<String>,
+    pub detail: String,
+}
+
+/// A page of incidents, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IncidentList {
+    pub incidents: Vec<IncidentView>,
+    /// Pass as `before` for the next page; absent on the last page.
+    pub next_before: Option<String>,
+}
+
+/// Filters and paging of `GET /api/v1/incidents`. Use `before` (keyset, stable while incidents
+/// arrive) or `page` (1-based), not both.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Page size, 1..=200 (default 50).
+    pub limit: Option<i64>,
+    /// Only incidents older than the incident with this id.
+    pub before: Option<String>,
+    /// 1-based page number.
+    pub page: Option<i64>,
+    /// `open` or `resolved`.
+    pub status: Option<String>,
+    /// Emergency type, case-insensitive.
+    pub emergency_type: Option<String>,
+}
+
+/// What `POST /api/v1/incidents/{id}/resolve` did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResolveOutcome {
+    /// True when the incident was already resolved (nothing changed).
+    pub already_resolved: bool,
+    /// Deliveries that had not gone out and were cancelled.
+    pub cancelled: usize,
+    pub incident: IncidentDetail,
+}
+
+/// Alertmanager webhook payload, version 4.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertmanagerPayload {
+    #[schema(example = "4")]
+    pub version: String,
+    pub group_key: String,
+    #[serde(default)]
+    pub truncated_alerts: u64,
+    /// `firing` or `resolved` (of the group; each alert carries its own).
+    pub status: String,
+    #[serde(default)]
+    pub receiver: String,
+    #[serde(default)]
+    pub group_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub common_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub common_annotations: BTreeMap<String, String>,
+    #[serde(default, rename = "externalURL")]
+    pub external_url: String,
+    pub alerts: Vec<AlertmanagerAlert>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertmanagerAlert {
+    /// `firing` or `resolved`.
+    pub status: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    pub starts_at: Option<String>,
+    pub ends_at: Option<String>,
+    #[serde(default, rename = "generatorURL")]
+    pub generator_url: Option<String>,
+    #[serde(default)]
+    pub fingerprint: String,
+}
+
+/// What an Alertmanager notification did, by incident id.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct AlertmanagerOutcome {
+    /// New incidents (alerts fanned out).
+    pub created: Vec<String>,
+    /// Firing alerts whose incident was already open (repeats; nothing sent again).
+    pub existing: Vec<String>,
+    /// Incidents closed by resolved alerts.
+    pub resolved: Vec<String>,
+    /// Resolved alerts with no open incident (already resolved, or never seen).
+    pub unmatched: usize,
+}
+
+fn unprocessable(field: &str, message: impl Into<String>) -> AppError {
+    AppError::Unprocessable {
+        field: crate::domain::truncate(field, 64),
+        message: message.into(),
+    }
+}
+
+/// Checks `Authorization: Bearer <admin token>` in constant time. The token is never logged.
+fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    if state.admin_token_ok(given) {
+        Ok(())
+    } else {
+        tracing::warn!("operator API request with a missing or wrong bearer token");
+        Err(AppError::Unauthorized)
+    }
+}
+
+fn iso(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Masks every spelling of `phone` in free text (provider errors may quote the number).
+fn scrub(text: &str, phone: &str) -> String {
+    let masked = mask(phone);
+    let digits = phone.trim_start_matches('+');
+    let mut out = text.replace(phone, &masked).replace(digits, &masked);
+    if digits.len() > 10 {
+        out = out.replace(&digits[digits.len() - 10..], &masked);
+    }
+    out
+}
+
+impl From<IncidentRow> for IncidentView {
+    fn from(r: IncidentRow) -> Self {
+        IncidentView {
+            id: r.id,
+            source: r.source,
+            emergency_type: r.emergency_type,
+            route: r.route,
+            call_sid: r.call_sid,
+            dedup_key: r.dedup_key,
+            caller: r.caller.as_deref().map(mask),
+            recording_url: r.recording_url,
+            message: r.message,
+            status: r.status,
+            occurred_at: r.occurred_at.map(iso),
+            received_at: iso(r.received_at),
+            resolved_at: r.resolved_at.map(iso),
+        }
+    }
+}
+
+fn delivery_view(d: DeliveryRow, events: Vec<EventRow>) -> DeliveryView {
+    let phone = d.phone;
+    DeliveryView {
+        events: events
+            .into_iter()
+            .map(|e| EventView {
+                at: iso(e.at),
+                kind: e.kind,
+                provider_id: e.provider_id,
+                detail: scrub(&e.detail, &phone),
+            })
+            .collect(),
+        id: d.id,
+        contact_name: d.contact_name,
+        channel: d.channel,
+        status: d.status,
+        attempts: d.attempts,
+        redials: d.redials,
+        provider_id: d.provider_id,
+        provider_status: d.provider_status,
+        last_error: d.last_error.map(|e| scrub(&e, &phone)),
+        due_at: iso(d.due_at),
+        created_at: iso(d.created_at),
+        updated_at: iso(d.updated_at),
+        finished_at: d.finished_at.map(iso),
+        played_at: d.played_at.map(iso),
+        phone: mask(&phone),
+    }
+}
+
+async fn incident_detail(state: &AppState, id: &str) -> Result<IncidentDetail, AppError> {
+    let incident = state
+        .store
+        .incident(id)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no incident {id}")))?;
+    let deliveries = state.store.deliveries(id).await?;
+    let mut events = state.store.incident_events(id).await?;
+    Ok(IncidentDetail {
+        incident: incident.into(),
+        deliveries: deliveries
+            .into_iter()
+            .map(|d| {
+                let ev = events.remove(&d.id).unwrap_or_default();
+                delivery_view(d, ev)
+            })
+            .collect(),
+    })
+}
+
+/// One trigger, whichever door it came through.
+struct Trigger {
+    source: Source,
+    emergency_type: Option<String>,
+    message: String,
+    recording_url: Option<String>,
+    dedup_key: Option<String>,
+    raw_params: String,
+    occurred_at: Option<i64>,
+}
+
+/// Stores the incident and its deliveries (or finds the open one with the same dedup key), wakes the
+/// dispatcher for a new one. Returns the incident id and whether it is new.
+async fn store_trigger(state: &AppState, t: Trigger) -> Result<(String, bool), AppError> {
+    let plan = state.routing.current().plan(t.emergency_type.as_deref());
+    let incident = NewIncident {
+        source: t.source,
+        call_sid: None,
+        dedup_key: t.dedup_key,
+        emergency_type: plan.emergency_type.clone(),
+        route: plan.route.clone(),
+        caller: None,
+        recording_url: t.recording_url,
+        message: Some(t.message),
+        raw_params: t.raw_params,
+        occurred_at: t.occurred_at,
+    };
+    let created = tokio::time::timeout(
+        STORE_BUDGET,
+        state.store.create_incident(&incident, &plan.targets),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer from the database within {STORE_BUDGET:?}"))??;
+    tracing::Span::current().record("incident_id", created.incident_id.as_str());
+    if created.is_new {
+        tracing::info!(
+            incident_id = %created.incident_id,
+            source = t.source.as_str(),
+            emergency_type = %plan.emergency_type,
+            route = %plan.route,
+            deliveries = created.deliveries,
+            "incident stored"
+        );
+        state.wake.notify_one();
+        state
+            .metrics
+            .incident_created(t.source, &plan.emergency_type, &plan.route);
+    } else {
+        tracing::info!(
+            incident_id = %created.incident_id,
+            "an incident with this dedup key is open; nothing new"
+        );
+    }
+    Ok((created.incident_id, created.is_new))
+}
+
+fn required_str(
+    map: &serde_json::Map<String, Value>,
+    field: &str,
+    max: usize,
+) -> Result<String, AppError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Err(unprocessable(field, "is required")),
+        Some(v) => optional_str(map, field, max)?
+            .ok_or_else(|| unprocessable(field, format!("must be a string, not {}", kind(v)))),
+    }
+}
+
+/// The trimmed string, `None` when absent or null; an error for another JSON type, an empty or an
+/// overlong value.
+fn optional_str(
+    map: &serde_json::Map<String, Value>,
+    field: &str,
+    max: usize,
+) -> Result<Option<String>, AppError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            let s = s.trim();
+            if s.is_empty() {
+                Err(unprocessable(field, "must not be empty"))
+            } else if s.chars().count() > max {
+                Err(unprocessable(
+                    field,
+                    format!("is longer than {max} characters"),
+                ))
+            } else {
+                Ok(Some(s.to_owned()))
+            }
+        }
+        Some(other) => Err(unprocessable(
+            field,
+            format!("must be a string, not {}", kind(other)),
+        )),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, AppError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(unprocessable(
+            "body",
+            format!("must be a JSON object, not {}", kind(&other)),
+        )),
+        Err(e) => Err(unprocessable("body", format!("is not valid JSON: {e}"))),
+    }
+}
+
+/// Parses and validates a `POST /api/v1/incidents` body, naming the first wrong field.
+pub fn parse_new_incident(body: &[u8]) -> Result<NewIncidentRequest, AppError> {
+    let map = json_object(body)?;
+    const KNOWN: [&str; 4] = ["emergency_type", "message", "audio_url", "dedup_key"];
+    if let Some(unknown) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(unprocessable(
+            unknown,
+            format!("unknown field; expected {}", KNOWN.join(", ")),
+        ));
+    }
+    let emergency_type = required_str(&map, "emergency_type", MAX_TYPE_CHARS)?;
+    let message = required_str(&map, "message", MAX_MESSAGE_CHARS)?;
+    let audio_url = optional_str(&map, "audio_url", MAX_URL_CHARS)?
+        .map(|raw| {
+            http_url(&raw).ok_or_else(|| unprocessable("audio_url", "must be an http(s) URL"))
+        })
+        .transpose()?;
+    let dedup_key = optional_str(&map, "dedup_key", MAX_DEDUP_KEY_CHARS)?;
+    Ok(NewIncidentRequest {
+        emergency_type,
+        message,
+        audio_url,
+        dedup_key,
+    })
+}
+
+/// Creates an incident and alerts its contacts.
+#[utoipa::path(
+    post,
+    path = "/api/v1/incidents",
+    tag = "incidents",
+    request_body = NewIncidentRequest,
+    params(("X-Sos-Source" = Option<String>, Header, description = "`cli` marks incidents from the trigger command")),
+    responses(
+        (status = 201, description = "Stored; contacts are being alerted", body = IncidentDetail),
+        (status = 200, description = "An open incident with the same dedup_key exists; nothing new is sent", body = IncidentDetail),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 422, description = "Invalid body; `field` names the culprit", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(incident_id))]
+pub async fn create_incident(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    require_admin(&state, &headers)?;
+    let req = parse_new_incident(&body)?;
+    let source = match headers.get(SOURCE_HEADER).and_then(|v| v.to_str().ok()) {
+        Some(s) if s.eq_ignore_ascii_case("cli") => Source::Cli,
+        _ => Source::Api,
+    };
+    let raw_params = serde_json::to_string(&req).unwrap_or_default();
+    let (id, is_new) = store_trigger(
+        &state,
+        Trigger {
+            source,
+            emergency_type: Some(req.emergency_type),
+            message: req.message,
+            recording_url: req.audio_url,
+            dedup_key: req.dedup_key,
+            raw_params,
+            occurred_at: None,
+        },
+    )
+    .await?;
+    let detail = incident_detail(&state, &id).await?;
+    let status = if is_new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(detail)).into_response())
+}
+
+fn parse_list_query(raw: Option<&str>) -> Result<IncidentFilter, AppError> {
+    let pairs: HashMap<String, String> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| unprocessable("query", format!("is not a valid query string: {e}")))?;
+    let known = ["limit", "before", "page", "status", "emergency_type"];
+    if let Some(unknown) = pairs.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(unprocessable(unknown, "unknown query parameter"));
+    }
+    let int = |name: &str| -> Result<Option<i64>, AppError> {
+        pairs
+            .get(name)
+            .map(|v| {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| unprocessable(name, "must be a whole number"))
+            })
+            .transpose()
+    };
+    let limit = int("limit")?.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(unprocessable("limit", format!("must be 1..={MAX_PAGE}")));
+    }
+    let page = int("page")?;
+    if page.is_some_and(|p| !(1..=1_000_000).contains(&p)) {
+        return Err(unprocessable("page", "must be at least 1"));
+    }
+    let before = pairs.get("before").filter(|s| !s.is_empty()).cloned();
+    if page.is_some() && before.is_some() {
+        return Err(unprocessable("page", "use either page or before, not both"));
+    }
+    let status = pairs.get("status").filter(|s| !s.is_empty()).cloned();
+    if let Some(s) = &status {
+        if !matches!(s.as_str(), "open" | "resolved") {
+            return Err(unprocessable("status", "must be open or resolved"));
+        }
+    }
+    Ok(IncidentFilter {
+        status,
+        emergency_type: pairs
+            .get("emergency_type")
+            .filter(|s| !s.is_empty())
+            .cloned(),
+        before,
+        offset: page.map(|p| (p - 1) * limit).unwrap_or(0),
+        limit,
+    })
+}
+
+/// Lists incidents, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/incidents",
+    tag = "incidents",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of incidents", body = IncidentList),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 422, description = "Invalid query parameter", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_incidents(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Json<IncidentList>, AppError> {
+    require_admin(&state, &headers)?;
+    let filter = parse_list_query(query.as_deref())?;
+    let rows = state
+        .store
+        .list_incidents(&filter)
+        .await?
+        .ok_or_else(|| unprocessable("before", "names no incident"))?;
+    let next_before = (rows.len() as i64 == filter.limit)
+        .then(|| rows.last().map(|r| r.id.clone()))
+        .flatten();
+    Ok(Json(IncidentList {
+        incidents: rows.into_iter().map(IncidentView::from).collect(),
+        next_before,
+    }))
+}
+
+/// One incident with every delivery and its history.
+#[utoipa::path(
+    get,
+    path = "/api/v1/incidents/{id}",
+    tag = "incidents",
+    params(("id" = String, Path, description = "Incident id")),
+    responses(
+        (status = 200, description = "The incident", body = IncidentDetail),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such incident", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(incident_id = %id))]
+pub async fn get_incident(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<IncidentDetail>, AppError> {
+    require_admin(&state, &headers)?;
+    Ok(Json(incident_detail(&state, &id).await?))
+}
+
+/// Resolves an incident: deliveries that have not gone out are cancelled.
+#[utoipa::path(
+    post,
+    path = "/api/v1/incidents/{id}/resolve",
+    tag = "incidents",
+    params(("id" = String, Path, description = "Incident id")),
+    responses(
+        (status = 200, description = "Resolved (or already resolved)", body = ResolveOutcome),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such incident", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(incident_id = %id))]
+pub async fn resolve_incident(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<ResolveOutcome>, AppError> {
+    require_admin(&state, &headers)?;
+    let resolved = crate::lifecycle::resolve(&state, &id, "resolved through the API")
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no incident {id}")))?;
+    Ok(Json(ResolveOutcome {
+        already_resolved: !resolved.changed,
+        cancelled: resolved.cancelled.len(),
+        incident: incident_detail(&state, &id).await?,
+    }))
+}
+
+/// Parses Alertmanager's RFC 3339 times; its zero time (`0001-01-01T00:00:00Z`) means unknown.
+fn rfc3339_ms(raw: Option<&str>) -> Option<i64> {
+    let t = chrono::DateTime::parse_from_rfc3339(raw?).ok()?;
+    let ms = t.timestamp_millis();
+    (ms > 0).then_some(ms)
+}
+
+/// Receives Alertmanager notifications (webhook payload version 4): firing alerts become incidents,
+/// resolved alerts close them.
+#[utoipa::path(
+    post,
+    path = "/api/v1/alertmanager",
+    tag = "incidents",
+    request_body = AlertmanagerPayload,
+    responses(
+        (status = 200, description = "Every alert handled", body = AlertmanagerOutcome),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 422, description = "Not an Alertmanager version 4 payload", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(group_key))]
+pub async fn alertmanager(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<AlertmanagerOutcome>, AppError> {
+    require_admin(&state, &headers)?;
+    let payload: AlertmanagerPayload = serde_json::from_slice(&body)
+        .map_err(|e| unprocessable("body", format!("is not an Alertmanager payload: {e}")))?;
+    if payload.version != "4" {
+        return Err(unprocessable(
+            "version",
+            format!(
+                "version {:?} is not supported; expected \"4\"",
+                payload.version
+            ),
+        ));
+    }
+    tracing::Span::current().record("group_key", payload.group_key.as_str());
+    if payload.truncated_alerts > 0 {
+        // Alertmanager's max_alerts cut the list: the missing alerts arrive with no notification here.
+        tracing::warn!(
+            truncated = payload.truncated_alerts,
+            "Alertmanager truncated this notification; raise max_alerts on the webhook receiver"
+        );
+    }
+    let type_label = &state.settings.alertmanager.type_label;
+    let mut outcome = AlertmanagerOutcome::default();
+    for alert in &payload.alerts {
+        // groupKey + fingerprint names one alert of one route: a repeat notification (repeat_interval)
+        // finds the open incident instead of alerting again.
+        let identity = if alert.fingerprint.is_empty() {
+            serde_json::to_string(&alert.labels).unwrap_or_default()
+        } else {
+            alert.fingerprint.clone()
+        };
+        let dedup_key = crate::domain::truncate(
+            &format!("alertmanager:{}:{identity}", payload.group_key),
+            MAX_DEDUP_KEY_CHARS,
+        );
+        if alert.status == "resolved" {
+            match state.store.open_incident_by_dedup_key(&dedup_key).await? {
+                Some(incident) => {
+                    crate::lifecycle::resolve(&state, &incident.id, "resolved by Alertmanager")
+                        .await?;
+                    outcome.resolved.push(incident.id);
+                }
+                None => outcome.unmatched += 1,
+            }
+            continue;
+        }
+        let alertname = alert.labels.get("alertname").map(String::as_str);
+        let message = alert
+            .annotations
+            .get("summary")
+            .map(String::as_str)
+            .or(alertname)
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or("Alert from Alertmanager");
+        let raw_params = serde_json::json!({
+            "groupKey": payload.group_key,
+            "receiver": payload.receiver,
+            "externalURL": payload.external_url,
+            "alert": alert,
+        })
+        .to_string();
+        let (id, is_new) = store_trigger(
+            &state,
+            Trigger {
+                source: Source::Alertmanager,
+                emergency_type: alert
+                    .labels
+                    .get(type_label)
+                    .map(|t| crate::domain::truncate(t.trim(), MAX_TYPE_CHARS)),
+                message: crate::domain::truncate(message.trim(), MAX_MESSAGE_CHARS),
+                recording_url: None,
+                dedup_key: Some(dedup_key),
+                raw_params,
+                occurred_at: rfc3339_ms(alert.starts_at.as_deref()),
+            },
+        )
+        .await?;
+        if is_new {
+            outcome.created.push(id);
+        } else {
+            outcome.existing.push(id);
+        }
+    }
+    tracing::info!(
+        created = outcome.created.len(),
+        existing = outcome.existing.len(),
+        resolved = outcome.resolved.len(),
+        unmatched = outcome.unmatched,
+        "alertmanager notification handled"
+    );
+    Ok(Json(outcome))
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    tag = "incidents",
+    responses((status = 200, description = "The OpenAPI 3 document of /api/v1", content_type = "application/json"))
+)]
+pub async fn openapi_json() -> Response {
+    Json(ApiDoc::openapi()).into_response()
+}

@@ -1,0 +1,66 @@
+//! The incident lifecycle after creation: resolving (by API, Alertmanager or age) and the auto-resolve task.
+
+use std::time::Duration;
+
+use crate::domain::now_ms;
+use crate::http::AppState;
+use crate::store::Resolved;
+
+/// Resolves one incident, cancelling its queued deliveries, and counts and logs what happened.
+/// `None` when no incident has this id.
+#[tracing::instrument(skip_all, fields(incident_id = %id))]
+pub async fn resolve(state: &AppState, id: &str, reason: &str) -> anyhow::Result<Option<Resolved>> {
+    let resolved = state.store.resolve_incident(id, reason).await?;
+    if let Some(r) = &resolved {
+        if r.changed {
+            tracing::info!(reason, cancelled = r.cancelled.len(), "incident resolved");
+            for channel in &r.cancelled {
+                state.metrics.delivery_finished(channel, "cancelled");
+            }
+        } else {
+            tracing::info!(reason, "incident was already resolved; nothing changed");
+        }
+    }
+    Ok(resolved)
+}
+
+/// Resolves open incidents older than `incidents.auto_resolve_after_secs`, every
+/// `housekeeping.auto_resolve_every_ms`, until `shutdown` turns true. Errors are logged and retried on
+/// the next round: a database blip must not end the task.
+pub async fn auto_resolve(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let every = Duration::from_millis(state.settings.housekeeping.auto_resolve_every_ms);
+    let after_ms = i64::try_from(state.settings.incidents.auto_resolve_after_secs)
+        .unwrap_or(i64::MAX / 2_000)
+        .saturating_mul(1000);
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let cutoff = now_ms().saturating_sub(after_ms);
+        let ids = match state.store.open_incidents_received_before(cutoff).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "auto-resolve: cannot list incidents"
+                );
+                continue;
+            }
+        };
+        let reason = format!(
+            "auto-resolved: open longer than {} s",
+            state.settings.incidents.auto_resolve_after_secs
+        );
+        for id in ids {
+            if let Err(e) = resolve(&state, &id, &reason).await {
+                tracing::warn!(incident_id = %id, error = format!("{e:#}"), "auto-resolve failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Prometheus metrics: counters bumped where things happen, queue gauges computed from the store at scrape.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+
+use crate::domain::Source;
+use crate::stakeholders::DEFAULT_ROUTE;
+use crate::store::QueueStats;
+
+/// The content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus prefers).
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`Metrics::encode_classic`]'s output (the classic Prometheus text format, for
+/// scrapers and tools such as `promtool` that do not ask for OpenMetrics).
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IncidentLabels {
+    source: String,
+    emergency_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    endpoint: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    channel: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    channel: String,
+    state: String,
+}
+
+fn provider_histogram() -> Histogram {
+    // 50 ms .. ~25 s: provider APIs answer in tens of milliseconds, a stuck one hits the client timeout.
+    Histogram::new(exponential_buckets(0.05, 2.0, 10))
+}
+
+/// Every metric the service exports; one per process, shared through `AppState`.
+pub struct Metrics {
+    registry: Registry,
+    incidents: Family<IncidentLabels, Counter>,
+    webhook_requests: Family<WebhookLabels, Counter>,
+    provider_requests: Family<ProviderLabels, Histogram, fn() -> Histogram>,
+    deliveries: Family<DeliveryLabels, Counter>,
+    queue_depth: Gauge,
+    queue_oldest_age: Gauge<f64, AtomicU64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let incidents = Family::<IncidentLabels, Counter>::default();
+        registry.register(
+            "sos_incidents",
+            "Incidents created, by source and emergency type (routed types only; others count as default)",
+            incidents.clone(),
+        );
+        let webhook_requests = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "sos_webhook_requests",
+            "HTTP requests answered, by matched route and status code",
+            webhook_requests.clone(),
+        );
+        let provider_requests =
+            Family::<ProviderLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                provider_histogram,
+            );
+        registry.register_with_unit(
+            "sos_provider_request_duration",
+            "Time taken by provider API requests, by channel and outcome",
+            Unit::Seconds,
+            provider_requests.clone(),
+        );
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "sos_deliveries",
+            "Deliveries that reached a final state, by channel and state",
+            deliveries.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "sos_queue_depth",
+            "Deliveries waiting to go out (status queued)",
+            queue_depth.clone(),
+        );
+        let queue_oldest_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "sos_queue_oldest_due_age_seconds",
+            "How long the oldest queued delivery has been due (0 when none is overdue)",
+            queue_oldest_age.clone(),
+        );
+        Metrics {
+            registry,
+            incidents,
+            webhook_requests,
+            provider_requests,
+            deliveries,
+            queue_depth,
+            queue_oldest_age,
+        }
+    }
+
+    /// A new incident was stored. Unrouted types count under `default`, so a caller cannot grow the
+    /// label set without bound by sending made-up types.
+    pub fn incident_created(&self, source: Source, emergency_type: &str, route: &str) {
+        let emergency_type = if route == DEFAULT_ROUTE {
+            DEFAULT_ROUTE
+        } else {
+            emergency_type
+        };
+        self.incidents
+            .get_or_create(&IncidentLabels {
+                source: source.as_str().to_owned(),
+                emergency_type: emergency_type.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An HTTP request was answered; `endpoint` is the matched route pattern, never the raw URI.
+    pub fn webhook_request(&self, endpoint: &str, status: u16) {
+        self.webhook_requests
+            .get_or_create(&WebhookLabels {
+                endpoint: endpoint.to_owned(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// One provider API request took `seconds` and ended in `outcome` (e.g. `accepted`, `transient`,
+    /// `permanent`, `timeout`).
+    pub fn provider_request(&self, channel: &str, outcome: &str, seconds: f64) {
+        self.provider_requests
+            .get_or_create(&ProviderLabels {
+                channel: channel.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// A delivery reached a final state (`delivered`, `failed`, `simulated`, `cancelled`, ...).
+    pub fn delivery_finished(&self, channel: &str, state: &str) {
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                channel: channel.to_owned(),
+                state: state.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets the queue gauges from the store's figures at `now_ms`.
+    pub fn set_queue(&self, stats: QueueStats, now_ms: i64) {
+        self.queue_depth.set(stats.depth);
+        let age = stats
+            .oldest_due_at
+            .map(|due| (now_ms - due).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        self.queue_oldest_age.set(age);
+    }
+
+    /// The OpenMetrics exposition ([`OPENMETRICS_CONTENT_TYPE`]).
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// The classic Prometheus text exposition ([`CLASSIC_CONTENT_TYPE`]).
+    pub fn encode_classic(&self) -> Result<String, std::fmt::Error> {
+        Ok(openmetrics_to_classic(&self.encode()?))
+    }
+}
+
+/// Rewrites OpenMetrics text as the classic format: counter families take their samples' `_total` name
+/// (OpenMetrics names the family without it), and the `# UNIT` and `# EOF` lines, unknown there, go.
+fn openmetrics_to_classic(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = rest.split_once(' ');
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let family = if kind == "counter" && !name.ends_with("_total") {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            if let Some((help_name, doc)) = help.take() {
+                if help_name == name {
+                    out.push_str(&format!("# HELP {family} {doc}\n"));
+                }
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counters_with_total_and_drops_openmetrics_lines() {
+        let m = Metrics::new();
+        m.delivery_finished("sms", "delivered");
+        m.provider_request("call", "accepted", 0.1);
+        let classic = m.encode_classic().unwrap();
+        assert!(
+            classic.contains("# HELP sos_deliveries_total "),
+            "{classic}"
+        );
+        assert!(classic.contains("# TYPE sos_deliveries_total counter"));
+        assert!(classic.contains("sos_deliveries_total{channel=\"sms\",state=\"delivered\"} 1"));
+        assert!(classic.contains("# TYPE sos_provider_request_duration_seconds histogram"));
+        assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"));
+    }
+}

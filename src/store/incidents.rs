@@ -1,0 +1,227 @@
+//! Operator queries on incidents: listing, resolving (with cancellation of what has not gone out), the
+//! queue figures `/metrics` shows, and a read-only look at stored secrets for the `trigger` command.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use sqlx::Row;
+
+use super::{insert_event, EventRow, IncidentRow, Store};
+use crate::domain::now_ms;
+
+/// Which incidents to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct IncidentFilter {
+    pub status: Option<String>,
+    pub emergency_type: Option<String>,
+    /// Only incidents older than this one (keyset pagination: stable while new incidents arrive).
+    pub before: Option<String>,
+    pub offset: i64,
+    pub limit: i64,
+}
+
+/// The outcome of [`Store::resolve_incident`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// False when the incident was already resolved: nothing changed.
+    pub changed: bool,
+    /// The channel of each delivery moved from `queued` to `cancelled`.
+    pub cancelled: Vec<String>,
+}
+
+/// Deliveries waiting to go out, for the queue gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    pub depth: i64,
+    pub oldest_due_at: Option<i64>,
+}
+
+impl Store {
+    /// Incidents matching `filter`, newest first. `None` when `before` names no incident.
+    pub async fn list_incidents(
+        &self,
+        filter: &IncidentFilter,
+    ) -> anyhow::Result<Option<Vec<IncidentRow>>> {
+        let cursor = match &filter.before {
+            Some(id) => match self.incident(id).await? {
+                Some(row) => Some((row.received_at, row.id)),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        // Placeholders are numbered as they are added; both engines accept `$N`.
+        let mut sql = format!("SELECT {} FROM incidents WHERE 1 = 1", IncidentRow::COLUMNS);
+        let mut binds: Vec<String> = Vec::new();
+        if let Some(status) = &filter.status {
+            binds.push(status.clone());
+            sql.push_str(&format!(" AND status = ${}", binds.len()));
+        }
+        if let Some(kind) = &filter.emergency_type {
+            binds.push(kind.to_lowercase());
+            sql.push_str(&format!(" AND LOWER(emergency_type) = ${}", binds.len()));
+        }
+        let mut received_bind = None;
+        if let Some((received_at, id)) = &cursor {
+            received_bind = Some(*received_at);
+            binds.push(id.clone());
+            let id_n = binds.len();
+            let at_n = binds.len() + 1;
+            sql.push_str(&format!(
+                " AND (received_at < ${at_n} OR (received_at = ${at_n} AND id < ${id_n}))"
+            ));
+        }
+        let n = binds.len() + usize::from(received_bind.is_some());
+        sql.push_str(&format!(
+            " ORDER BY received_at DESC, id DESC LIMIT ${} OFFSET ${}",
+            n + 1,
+            n + 2
+        ));
+        let mut query = sqlx::query(&sql);
+        for b in &binds {
+            query = query.bind(b);
+        }
+        if let Some(at) = received_bind {
+            query = query.bind(at);
+        }
+        let rows = query
+            .bind(filter.limit)
+            .bind(filter.offset)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(IncidentRow::from_row)
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// Every event of every delivery of the incident, grouped by delivery, oldest first.
+    pub async fn incident_events(
+        &self,
+        incident_id: &str,
+    ) -> anyhow::Result<HashMap<String, Vec<EventRow>>> {
+        let rows = sqlx::query(
+            "SELECT e.id, e.delivery_id, e.at, e.kind, e.provider_id, e.detail \
+             FROM delivery_events e JOIN deliveries d ON d.id = e.delivery_id \
+             WHERE d.incident_id = $1 ORDER BY e.id",
+        )
+        .bind(incident_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: HashMap<String, Vec<EventRow>> = HashMap::new();
+        for r in &rows {
+            let e = EventRow::from_row(r)?;
+            out.entry(e.delivery_id.clone()).or_default().push(e);
+        }
+        Ok(out)
+    }
+
+    /// The open incident holding `dedup_key`, if any.
+    pub async fn open_incident_by_dedup_key(
+        &self,
+        dedup_key: &str,
+    ) -> anyhow::Result<Option<IncidentRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM incidents WHERE dedup_key = $1 AND status = 'open'",
+            IncidentRow::COLUMNS
+        ))
+        .bind(dedup_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| IncidentRow::from_row(&r)).transpose()
+    }
+
+    /// Closes the incident and cancels its deliveries that have not gone out (`queued`), with a
+    /// `cancelled` event each, in one transaction. Deliveries already claimed by the dispatcher
+    /// (`sending`) or finished are left alone: what is in flight is reported, not hidden.
+    /// `None` when no incident has this id.
+    pub async fn resolve_incident(
+        &self,
+        id: &str,
+        reason: &str,
+    ) -> anyhow::Result<Option<Resolved>> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        // The UPDATE comes first so that SQLite takes its write lock at once, and a concurrent resolve
+        // of the same incident waits here instead of cancelling twice.
+        let changed = sqlx::query(
+            "UPDATE incidents SET status = 'resolved', resolved_at = $1 WHERE id = $2 AND status = 'open'",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .context("resolving the incident")?
+        .rows_affected()
+            > 0;
+        if !changed {
+            let exists: Option<String> =
+                sqlx::query_scalar("SELECT id FROM incidents WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            tx.commit().await?;
+            return Ok(exists.map(|_| Resolved {
+                changed: false,
+                cancelled: Vec::new(),
+            }));
+        }
+        let rows = sqlx::query(
+            "UPDATE deliveries SET status = 'cancelled', finished_at = $1, updated_at = $1, \
+             lease_owner = NULL, lease_until = NULL \
+             WHERE incident_id = $2 AND status = 'queued' RETURNING id, channel",
+        )
+        .bind(now)
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .context("cancelling queued deliveries")?;
+        let mut cancelled = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let delivery_id: String = row.try_get("id")?;
+            insert_event(&mut *tx, &delivery_id, "cancelled", None, reason, now).await?;
+            cancelled.push(row.try_get("channel")?);
+        }
+        tx.commit().await.context("committing the resolution")?;
+        Ok(Some(Resolved {
+            changed: true,
+            cancelled,
+        }))
+    }
+
+    /// Ids of open incidents received before `cutoff_ms`, oldest first.
+    pub async fn open_incidents_received_before(
+        &self,
+        cutoff_ms: i64,
+    ) -> anyhow::Result<Vec<String>> {
+        let ids = sqlx::query_scalar(
+            "SELECT id FROM incidents WHERE status = 'open' AND received_at < $1 ORDER BY received_at",
+        )
+        .bind(cutoff_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
+    }
+
+    /// How many deliveries wait to go out, and the oldest due time among them.
+    pub async fn queue_stats(&self) -> anyhow::Result<QueueStats> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS depth, MIN(due_at) AS oldest FROM deliveries WHERE status = 'queued'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(QueueStats {
+            depth: row.try_get("depth")?,
+            oldest_due_at: row.try_get("oldest")?,
+        })
+    }
+
+    /// The stored secret `name` without creating one (unlike [`Store::secret`]): for clients such as
+    /// `trigger`, which must not invent a token the server does not know.
+    pub async fn existing_secret(&self, name: &str) -> anyhow::Result<Option<String>> {
+        let value = sqlx::query_scalar("SELECT value FROM app_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(value)
+    }
+}
