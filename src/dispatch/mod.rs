@@ -218,10 +218,12 @@ impl Dispatcher {
             while tasks.try_join_next().is_some() {}
             if saturated {
                 tokio::task::yield_now().await;
-                // Wait for a permit to free up rather than spinning.
+                // Wait for a permit to free up rather than spinning; the poll bound keeps the heartbeat
+                // fresh while every permit is held by a slow provider.
                 if !tasks.is_empty() {
                     tokio::select! {
                         _ = tasks.join_next() => {}
+                        _ = tokio::time::sleep(poll) => {}
                         _ = shutdown.changed() => {}
                     }
                 }
