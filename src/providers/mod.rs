@@ -133,37 +133,18 @@ pub trait Client: Send + Sync {
 
 /// Sends a prepared look-up as a GET (no body).
 pub async fn fetch(http: &reqwest::Client, prepared: &Prepared) -> Result<Answer, Outcome> {
-    let mut req = http
-        .get(&prepared.url)
-        .timeout(prepared.timeout)
-        .header(reqwest::header::ACCEPT, "application/json");
-    if let Some((user, pass)) = &prepared.basic_auth {
-        req = req.basic_auth(user, Some(pass.expose_secret()));
-    }
-    let started = Instant::now();
-    let res = req
-        .send()
-        .await
-        .map_err(|e| transport_failure(&e, started))?;
-    let status = res.status().as_u16();
-    let body = res
-        .text()
-        .await
-        .map_err(|e| transport_failure(&e, started))?;
-    Ok(Answer {
-        status,
-        retry_after: None,
-        body,
-    })
+    send(http.get(&prepared.url), prepared).await
 }
 
-/// Sends a prepared request. Transport failures come back as transient outcomes.
+/// Sends a prepared request as a form POST. Transport failures come back as transient outcomes.
 pub async fn execute(http: &reqwest::Client, prepared: &Prepared) -> Result<Answer, Outcome> {
-    let mut req = http
-        .post(&prepared.url)
+    send(http.post(&prepared.url).form(&prepared.form), prepared).await
+}
+
+async fn send(req: reqwest::RequestBuilder, prepared: &Prepared) -> Result<Answer, Outcome> {
+    let mut req = req
         .timeout(prepared.timeout)
-        .header(reqwest::header::ACCEPT, "application/json")
-        .form(&prepared.form);
+        .header(reqwest::header::ACCEPT, "application/json");
     if let Some((user, pass)) = &prepared.basic_auth {
         req = req.basic_auth(user, Some(pass.expose_secret()));
     }

@@ -94,23 +94,7 @@ async fn readyz_is_503_when_the_database_is_down(db: Db) {
     let (status, _) = readyz(&app).await;
     assert_eq!(status, 200);
     let admin = match db {
-        Db::Postgres => {
-            let name = app.db.url.rsplit('/').next().unwrap().to_owned();
-            let admin = exotel_sos::store::Store::connect(&pg_admin_url(), 1)
-                .await
-                .unwrap();
-            sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
-                .execute(admin.pool())
-                .await
-                .unwrap();
-            sqlx::query(&format!(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
-            ))
-            .execute(admin.pool())
-            .await
-            .unwrap();
-            Some((admin, name))
-        }
+        Db::Postgres => Some(app.db.take_down().await),
         // Closing the pool is what a failed disk looks like to the handler: no connection can be had.
         Db::Sqlite => {
             app.store.close().await;
@@ -127,12 +111,8 @@ async fn readyz_is_503_when_the_database_is_down(db: Db) {
         "only the database is down"
     );
 
-    if let Some((admin, name)) = admin {
-        sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
-            .execute(admin.pool())
-            .await
-            .unwrap();
-        admin.close().await;
+    if let Some(outage) = admin {
+        outage.end().await;
         // Back up: ready again without a restart.
         let (status, body) = readyz(&app).await;
         assert_eq!(status, 200, "{body}");

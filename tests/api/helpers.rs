@@ -132,6 +132,25 @@ impl TestDb {
         TestDb::shared("")
     }
 
+    /// Takes this PostgreSQL database away from its clients: new connections refused, open ones ended.
+    pub async fn take_down(&self) -> PgOutage {
+        let name = self.url.rsplit('/').next().unwrap_or_default().to_owned();
+        let admin = Store::connect(&pg_admin_url(), 1)
+            .await
+            .expect("admin connection");
+        sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+            .execute(admin.pool())
+            .await
+            .expect("refuse connections");
+        sqlx::query(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        ))
+        .execute(admin.pool())
+        .await
+        .expect("end connections");
+        PgOutage { admin, name }
+    }
+
     pub fn dir(&self) -> PathBuf {
         self._dir.path().to_path_buf()
     }
@@ -158,6 +177,26 @@ impl Drop for TestDb {
             })
             .join();
         }
+    }
+}
+
+/// A database taken down by [`TestDb::take_down`].
+pub struct PgOutage {
+    admin: Store,
+    name: String,
+}
+
+impl PgOutage {
+    /// Lets clients connect again.
+    pub async fn end(self) {
+        sqlx::query(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            self.name
+        ))
+        .execute(self.admin.pool())
+        .await
+        .expect("allow connections");
+        self.admin.close().await;
     }
 }
 

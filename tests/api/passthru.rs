@@ -414,29 +414,12 @@ async fn repeat_with_a_recording_fills_a_missing_one(db: Db) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_down_answers_302_on_postgres() {
     let app = spawn_app(Db::Postgres).await;
-    let name = app.db.url.rsplit('/').next().unwrap().to_owned();
-    let admin = exotel_sos::store::Store::connect(&pg_admin_url(), 1)
-        .await
-        .unwrap();
-    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
-        .execute(admin.pool())
-        .await
-        .unwrap();
-    sqlx::query(&format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
-    ))
-    .execute(admin.pool())
-    .await
-    .unwrap();
+    let outage = app.db.take_down().await;
     let res = app
         .passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
         .await;
     assert_eq!(res.status(), 302);
-    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
-        .execute(admin.pool())
-        .await
-        .unwrap();
-    admin.close().await;
+    outage.end().await;
     // Once the database is back, Exotel's next Passthru is stored.
     let res = app
         .passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
