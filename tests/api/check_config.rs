@@ -86,3 +86,62 @@ fn unparseable_file_and_bad_settings_fail_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.listen"));
 }
+
+/// `serve` with no tokens in settings prints ready-to-paste URLs with a generated token, and the same
+/// token after a restart (it is stored in the database).
+#[test]
+fn serve_prints_the_webhook_urls_with_a_stored_token() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stakeholders.toml");
+    std::fs::write(&file, STAKEHOLDERS).unwrap();
+    let run = || {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_exotel-sos"))
+            .env("SOS_STAKEHOLDERS__FILE", &file)
+            .env(
+                "SOS_DATABASE__URL",
+                format!("sqlite://{}/sos.db?mode=rwc", dir.path().display()),
+            )
+            .env("SOS_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("SOS_SERVER__PUBLIC_URL", "https://sos.example.org")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut out = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            out.push_str(&line);
+            out.push('\n');
+            if line.contains("Admin API bearer token") {
+                break;
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        out
+    };
+    let first = run();
+    let token_line = first
+        .lines()
+        .find(|l| l.contains("https://sos.example.org/exotel/passthru?token="))
+        .unwrap_or_else(|| panic!("no passthru URL in:\n{first}"))
+        .trim()
+        .to_owned();
+    assert!(
+        first.contains("https://sos.example.org/exotel/greeting?token="),
+        "{first}"
+    );
+    assert!(first.contains("DRY-RUN"), "dry-run is announced: {first}");
+    let second = run();
+    assert!(
+        second.contains(&token_line),
+        "the token survived the restart:\n{second}"
+    );
+}
