@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -122,7 +122,13 @@ pub struct Dispatcher {
     retry: RetryPolicy,
     lease: Duration,
     metrics: Arc<Metrics>,
+    /// Outcomes on their way to the recorder, which commits them in batches.
+    outcomes: mpsc::UnboundedSender<PendingOutcome>,
+    outcomes_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<PendingOutcome>>>,
 }
+
+/// One finished attempt waiting to be recorded, and where to say whether it was.
+type PendingOutcome = (String, Finish, oneshot::Sender<anyhow::Result<bool>>);
 
 impl Dispatcher {
     pub fn new(
@@ -144,7 +150,10 @@ impl Dispatcher {
             .connect_timeout(Duration::from_secs(5))
             .user_agent(concat!("exotel-sos/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
         Ok(Dispatcher {
+            outcomes,
+            outcomes_rx: std::sync::Mutex::new(Some(outcomes_rx)),
             owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
             lease: Duration::from_secs_f64(d.lease_secs),
             store,
@@ -175,6 +184,12 @@ impl Dispatcher {
             }
         }
         tracing::info!(owner = %self.owner, "dispatcher started");
+        let recorder = self
+            .outcomes_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map(|rx| tokio::spawn(record_outcomes(self.store.clone(), self.owner.clone(), rx)));
         if self.lanes.iter().any(|l| l.live) {
             tokio::spawn(Arc::clone(&self).reconcile(shutdown.clone()));
         }
@@ -247,6 +262,10 @@ impl Dispatcher {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
+        if let Some(r) = recorder {
+            // Every task has ended, so every outcome it handed over has been answered.
+            r.abort();
+        }
         match self.store.release(&self.owner).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
@@ -259,6 +278,24 @@ impl Dispatcher {
             ),
         }
         tracing::info!("dispatcher stopped");
+    }
+
+    /// Hands the outcome to the recorder and waits until it is committed (so a permit is only freed
+    /// once its work is on record); records it directly when no recorder runs.
+    async fn record(&self, delivery_id: &str, finish: Finish) -> anyhow::Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .outcomes
+            .send((delivery_id.to_owned(), finish.clone(), tx))
+            .is_ok()
+        {
+            if let Ok(result) = rx.await {
+                return result;
+            }
+        }
+        self.store
+            .finish_attempt(delivery_id, &self.owner, &finish)
+            .await
     }
 
     /// Exotel does not guarantee status callbacks: looks up calls and SMS whose report is overdue and
@@ -368,7 +405,7 @@ impl Dispatcher {
                 }
                 Finish::Failed { reason } => tracing::error!(reason = %reason, "DELIVERY FAILED"),
             }
-            match self.store.finish_attempt(&d.id, &self.owner, &finish).await {
+            match self.record(&d.id, finish.clone()).await {
                 Ok(true) => {
                     // Final here: dry-run, failure, and WhatsApp's acceptance (no report follows).
                     let final_state = match &finish {
@@ -492,6 +529,38 @@ impl Dispatcher {
             incident: &incident.id,
         };
         messages::render(template, &vars, m.utc_offset_minutes)
+    }
+}
+
+/// Commits outcomes in batches: whatever arrived while the previous commit ran goes into the next one,
+/// so one durable commit serves many deliveries under load and a lone outcome waits for nothing.
+async fn record_outcomes(store: Store, owner: String, mut rx: mpsc::UnboundedReceiver<PendingOutcome>) {
+    const MAX_BATCH: usize = 256;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<(String, Finish)> = batch
+            .iter()
+            .map(|(id, finish, _)| (id.clone(), finish.clone()))
+            .collect();
+        match store.finish_attempts(&owner, &items).await {
+            Ok(results) => {
+                for ((_, _, reply), recorded) in batch.into_iter().zip(results) {
+                    let _ = reply.send(Ok(recorded));
+                }
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                for (_, _, reply) in batch {
+                    let _ = reply.send(Err(anyhow::anyhow!(reason.clone())));
+                }
+            }
+        }
     }
 }
 

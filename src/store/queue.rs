@@ -123,95 +123,26 @@ impl Store {
         owner: &str,
         finish: &Finish,
     ) -> anyhow::Result<bool> {
-        let now = now_ms();
-        let (status, provider_id, last_error, last_request, due_at, finished_at, kind, detail) =
-            match finish {
-                Finish::Accepted {
-                    provider_id,
-                    detail,
-                } => {
-                    // WhatsApp has no callback here: accepted by GupShup is as far as we can see.
-                    (
-                        "accepted",
-                        provider_id.clone(),
-                        None,
-                        None,
-                        None,
-                        None,
-                        "accepted",
-                        detail.clone(),
-                    )
-                }
-                Finish::Simulated { request } => (
-                    "simulated",
-                    None,
-                    None,
-                    Some(request.clone()),
-                    None,
-                    Some(now),
-                    "simulated",
-                    "dry-run: request stored, nothing sent".to_owned(),
-                ),
-                Finish::Retry { due_at, reason } => (
-                    "queued",
-                    None,
-                    Some(reason.clone()),
-                    None,
-                    Some(*due_at),
-                    None,
-                    "transient_failure",
-                    format!("{reason}; next try in {} ms", (due_at - now).max(0)),
-                ),
-                Finish::Failed { reason } => (
-                    "failed",
-                    None,
-                    Some(reason.clone()),
-                    None,
-                    None,
-                    Some(now),
-                    "failed",
-                    reason.clone(),
-                ),
-            };
+        let done = self
+            .finish_attempts(owner, &[(delivery_id.to_owned(), finish.clone())])
+            .await?;
+        Ok(done.first().copied().unwrap_or(false))
+    }
+
+    /// [`Store::finish_attempt`] for a batch, in ONE transaction: one durable commit for many outcomes
+    /// (group commit). All or none are recorded; on failure the leases expire and the work is sent again.
+    pub async fn finish_attempts(
+        &self,
+        owner: &str,
+        batch: &[(String, Finish)],
+    ) -> anyhow::Result<Vec<bool>> {
         let mut tx = self.pool.begin().await?;
-        let sql = format!(
-            "UPDATE deliveries SET \
-               status = CASE WHEN $3 = 'queued' THEN {RETRY_STATUS} ELSE $3 END, \
-               provider_id = COALESCE($4, provider_id), last_error = $5, \
-               last_request = COALESCE($6, last_request), due_at = COALESCE($7, due_at), \
-               finished_at = $8, lease_owner = NULL, lease_until = NULL, updated_at = $9 \
-             WHERE id = $1 AND lease_owner = $2 AND status = 'sending'"
-        );
-        let updated = sqlx::query(&sql)
-            .bind(delivery_id)
-            .bind(owner)
-            .bind(status)
-            .bind(provider_id.as_deref())
-            .bind(last_error.as_deref())
-            .bind(last_request.as_deref())
-            .bind(due_at)
-            .bind(finished_at)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
-        let detail = if updated {
-            detail
-        } else {
-            format!("{detail} (lease lost: another dispatcher owns this delivery now)")
-        };
-        insert_event(
-            &mut *tx,
-            delivery_id,
-            kind,
-            provider_id.as_deref(),
-            &detail,
-            now,
-        )
-        .await?;
+        let mut results = Vec::with_capacity(batch.len());
+        for (delivery_id, finish) in batch {
+            results.push(finish_in(&mut tx, delivery_id, owner, finish).await?);
+        }
         tx.commit().await?;
-        Ok(updated)
+        Ok(results)
     }
 
     /// Accepted calls or SMS whose final report is overdue (last change before `before_ms`), oldest
@@ -547,6 +478,102 @@ impl Store {
         .await?;
         Ok(rows)
     }
+}
+
+/// Records one attempt's end inside `tx`, if `owner` still holds the lease.
+async fn finish_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    delivery_id: &str,
+    owner: &str,
+    finish: &Finish,
+) -> anyhow::Result<bool> {
+    let now = now_ms();
+    let (status, provider_id, last_error, last_request, due_at, finished_at, kind, detail) =
+        match finish {
+            Finish::Accepted {
+                provider_id,
+                detail,
+            } => {
+                // WhatsApp has no callback here: accepted by GupShup is as far as we can see.
+                (
+                    "accepted",
+                    provider_id.clone(),
+                    None,
+                    None,
+                    None,
+                    None,
+                    "accepted",
+                    detail.clone(),
+                )
+            }
+            Finish::Simulated { request } => (
+                "simulated",
+                None,
+                None,
+                Some(request.clone()),
+                None,
+                Some(now),
+                "simulated",
+                "dry-run: request stored, nothing sent".to_owned(),
+            ),
+            Finish::Retry { due_at, reason } => (
+                "queued",
+                None,
+                Some(reason.clone()),
+                None,
+                Some(*due_at),
+                None,
+                "transient_failure",
+                format!("{reason}; next try in {} ms", (due_at - now).max(0)),
+            ),
+            Finish::Failed { reason } => (
+                "failed",
+                None,
+                Some(reason.clone()),
+                None,
+                None,
+                Some(now),
+                "failed",
+                reason.clone(),
+            ),
+        };
+    let sql = format!(
+        "UPDATE deliveries SET \
+               status = CASE WHEN $3 = 'queued' THEN {RETRY_STATUS} ELSE $3 END, \
+               provider_id = COALESCE($4, provider_id), last_error = $5, \
+               last_request = COALESCE($6, last_request), due_at = COALESCE($7, due_at), \
+               finished_at = $8, lease_owner = NULL, lease_until = NULL, updated_at = $9 \
+             WHERE id = $1 AND lease_owner = $2 AND status = 'sending'"
+    );
+    let updated = sqlx::query(&sql)
+        .bind(delivery_id)
+        .bind(owner)
+        .bind(status)
+        .bind(provider_id.as_deref())
+        .bind(last_error.as_deref())
+        .bind(last_request.as_deref())
+        .bind(due_at)
+        .bind(finished_at)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+        == 1;
+    let detail = if updated {
+        detail
+    } else {
+        format!("{detail} (lease lost: another dispatcher owns this delivery now)")
+    };
+    insert_event(
+        &mut **tx,
+        delivery_id,
+        kind,
+        provider_id.as_deref(),
+        &detail,
+        now,
+    )
+    .await?;
+    Ok(updated)
 }
 
 /// One callback's guarded update and what to record about it.
