@@ -110,6 +110,12 @@ pub fn lanes(settings: &Settings, webhook_token: &str) -> Vec<Lane> {
         .collect()
 }
 
+/// An incident read once per claim, shared by the deliveries claimed with it.
+type IncidentLookup = Result<Option<Arc<IncidentRow>>, String>;
+
+/// Under load, how long freed permits are gathered before the next claim.
+const CLAIM_GATHER: Duration = Duration::from_millis(2);
+
 pub struct Dispatcher {
     store: Store,
     settings: Arc<Settings>,
@@ -195,11 +201,26 @@ impl Dispatcher {
         }
         let poll = Duration::from_millis(self.settings.dispatch.poll_interval_ms.max(10));
         let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut last_reap: Option<tokio::time::Instant> = None;
         loop {
             if *shutdown.borrow() {
                 break;
             }
             self.heartbeat.store(now_ms(), Ordering::Relaxed);
+            if last_reap.is_none_or(|t| t.elapsed() >= poll) {
+                last_reap = Some(tokio::time::Instant::now());
+                match self.store.requeue_expired_leases().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(
+                        requeued = n,
+                        "deliveries whose dispatcher died are queued again"
+                    ),
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "requeueing expired leases failed"
+                    ),
+                }
+            }
             let mut saturated = false;
             // Calls first: when limits force an order, a ringing phone matters most.
             for lane in &self.lanes {
@@ -217,12 +238,27 @@ impl Dispatcher {
                 {
                     Ok(rows) => {
                         saturated |= rows.len() == free;
+                        // A fan-out claims many deliveries of one incident: read it once.
+                        let mut incidents: HashMap<String, IncidentLookup> = HashMap::new();
                         for row in rows {
+                            if !incidents.contains_key(&row.incident_id) {
+                                let found = match self.store.incident(&row.incident_id).await {
+                                    Ok(i) => Ok(i.map(Arc::new)),
+                                    Err(e) => Err(format!("reading the incident: {e:#}")),
+                                };
+                                incidents.insert(row.incident_id.clone(), found);
+                            }
+                            let incident = incidents[&row.incident_id].clone();
                             let Ok(permit) = lane.limits.concurrency.clone().acquire_owned().await
                             else {
                                 continue;
                             };
-                            tasks.spawn(Arc::clone(&self).process(Arc::clone(lane), row, permit));
+                            tasks.spawn(Arc::clone(&self).process(
+                                Arc::clone(lane),
+                                row,
+                                incident,
+                                permit,
+                            ));
                         }
                     }
                     Err(e) => {
@@ -237,7 +273,18 @@ impl Dispatcher {
                 // fresh while every permit is held by a slow provider.
                 if !tasks.is_empty() {
                     tokio::select! {
-                        _ = tasks.join_next() => {}
+                        _ = tasks.join_next() => {
+                            // Outcomes are committed in batches, so permits come back in batches: gather
+                            // them for a moment and claim once for all, not once per permit.
+                            let gather = tokio::time::sleep(CLAIM_GATHER);
+                            tokio::pin!(gather);
+                            loop {
+                                tokio::select! {
+                                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                                    _ = &mut gather => break,
+                                }
+                            }
+                        }
                         _ = tokio::time::sleep(poll) => {}
                         _ = shutdown.changed() => {}
                     }
@@ -377,6 +424,7 @@ impl Dispatcher {
         self: Arc<Self>,
         lane: Arc<Lane>,
         d: DeliveryRow,
+        incident: IncidentLookup,
         _permit: OwnedSemaphorePermit,
     ) {
         let span = tracing::info_span!(
@@ -388,12 +436,12 @@ impl Dispatcher {
             attempt = d.attempts,
         );
         async move {
-            let finish = match self.store.incident(&d.incident_id).await {
+            let finish = match incident {
                 Ok(Some(incident)) => self.send(&lane, &d, &incident).await,
                 Ok(None) => Finish::Failed {
                     reason: "incident not found".to_owned(),
                 },
-                Err(e) => self.after_transient(&d, format!("reading the incident: {e:#}"), None),
+                Err(reason) => self.after_transient(&d, reason, None),
             };
             match &finish {
                 Finish::Accepted { provider_id, .. } => {
@@ -534,7 +582,11 @@ impl Dispatcher {
 
 /// Commits outcomes in batches: whatever arrived while the previous commit ran goes into the next one,
 /// so one durable commit serves many deliveries under load and a lone outcome waits for nothing.
-async fn record_outcomes(store: Store, owner: String, mut rx: mpsc::UnboundedReceiver<PendingOutcome>) {
+async fn record_outcomes(
+    store: Store,
+    owner: String,
+    mut rx: mpsc::UnboundedReceiver<PendingOutcome>,
+) {
     const MAX_BATCH: usize = 256;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];

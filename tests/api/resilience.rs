@@ -193,6 +193,11 @@ async fn killed_mid_send_is_resumed_after_restart(db: Db) {
         .filter(|e| e.kind == "attempt")
         .count();
     assert_eq!(attempts, 2, "both attempts are on record");
+    let events = store.events(&d.id).await.unwrap();
+    assert!(
+        events.iter().any(|e| e.kind == "lease_expired"),
+        "the lost lease is on record"
+    );
     store.close().await;
 }
 
