@@ -115,15 +115,15 @@ impl Store {
     }
 
     /// Puts deliveries whose lease expired (their process died mid-send) back in the queue, due now:
-    /// at-least-once. Each gets an event naming the owner that lost it.
+    /// at-least-once (cancelled instead if their incident was resolved meanwhile). Each gets an event.
     pub async fn requeue_expired_leases(&self) -> anyhow::Result<usize> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let ids: Vec<String> = sqlx::query_scalar(
-            "UPDATE deliveries SET status = 'queued', due_at = $1, updated_at = $1, \
-             lease_owner = NULL, lease_until = NULL \
-             WHERE status = 'sending' AND lease_until < $1 RETURNING id",
-        )
+        let ids: Vec<String> = sqlx::query_scalar(&format!(
+            "UPDATE deliveries SET status = {RETRY_STATUS}, due_at = $1, updated_at = $1, \
+                 lease_owner = NULL, lease_until = NULL \
+                 WHERE status = 'sending' AND lease_until < $1 RETURNING id"
+        ))
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
@@ -133,7 +133,7 @@ impl Store {
                 id,
                 "lease_expired",
                 None,
-                "the dispatcher sending it stopped answering; queued again (outcome unknown)",
+                "the dispatcher sending it stopped answering (outcome unknown); queued again, or cancelled if its incident was resolved",
                 now,
             )
             .await?;
