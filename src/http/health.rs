@@ -38,6 +38,8 @@ struct Readiness {
 
 #[derive(Debug, Serialize)]
 struct DispatcherState {
+    /// False on a webhook-only replica (`dispatch.enabled = false`): its readiness does not wait for it.
+    enabled: bool,
     alive: bool,
     /// Seconds since the dispatcher loop last went round; absent when it never has.
     last_heartbeat_age_secs: Option<f64>,
@@ -81,12 +83,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
             (c.as_str(), mode)
         })
         .collect();
-    let ready = database == "ok" && migrations == "ok" && alive;
+    let enabled = state.settings.dispatch.enabled;
+    let ready = database == "ok" && migrations == "ok" && (alive || !enabled);
     let body = Readiness {
         ready,
         database,
         migrations,
         dispatcher: DispatcherState {
+            enabled,
             alive,
             last_heartbeat_age_secs: age_ms.map(|a| a as f64 / 1000.0),
             stale_after_secs,

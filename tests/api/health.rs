@@ -35,7 +35,8 @@ async fn readyz_follows_the_dispatcher_heartbeat(db: Db) {
     let app = spawn_app_with(
         db,
         &[
-            without_dispatcher(),
+            // The loop goes round once at start, then not for a minute: the test sets the heartbeat.
+            ("SOS_DISPATCH__POLL_INTERVAL_MS", "60000".into()),
             ("SOS_EXOTEL__ACCOUNT_SID", "acme".into()),
             ("SOS_EXOTEL__API_KEY", "key".into()),
             ("SOS_EXOTEL__API_TOKEN", "secret".into()),
@@ -56,7 +57,14 @@ async fn readyz_follows_the_dispatcher_heartbeat(db: Db) {
         .unwrap();
     assert_eq!(res.status(), 200);
 
-    // The dispatcher has not started: not ready, and the body says why.
+    let started = eventually(std::time::Duration::from_secs(10), || async {
+        app.state.dispatcher_heartbeat.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    assert!(started, "the dispatcher went round once");
+
+    // As if the dispatcher had not started: not ready, and the body says why.
+    app.state.dispatcher_heartbeat.store(0, Ordering::Relaxed);
     let (status, body) = readyz(&app).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["ready"], false);
@@ -132,5 +140,15 @@ async fn readyz_is_ready_with_the_dispatcher_running() {
     let (_, body) = readyz(&app).await;
     assert_eq!(body["dispatcher"]["alive"], true);
     assert_eq!(body["channels"]["call"], "dry-run");
+    app.stop().await;
+}
+
+/// A webhook-only replica (no dispatcher in it) is ready without a heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_only_replica_is_ready_without_a_dispatcher() {
+    let app = spawn_app_with(Db::Sqlite, &[without_dispatcher()]).await;
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["dispatcher"]["enabled"], false);
     app.stop().await;
 }
