@@ -24,12 +24,18 @@ pub async fn resolve(state: &AppState, id: &str, reason: &str) -> anyhow::Result
     Ok(resolved)
 }
 
-/// Resolves open incidents older than `incidents.auto_resolve_after_secs`, every
+/// Resolves open incidents older than `incidents.auto_resolve_after`, every
 /// `housekeeping.auto_resolve_every_ms`, until `shutdown` turns true. Errors are logged and retried on
 /// the next round: a database blip must not end the task.
 pub async fn auto_resolve(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let every = Duration::from_millis(state.settings.housekeeping.auto_resolve_every_ms);
-    let after_ms = i64::try_from(state.settings.incidents.auto_resolve_after_secs)
+    // Validated at start-up; the default (a day) only stands in for a value that cannot occur.
+    let after_secs = state
+        .settings
+        .incidents
+        .auto_resolve_after_secs()
+        .unwrap_or(86_400);
+    let after_ms = i64::try_from(after_secs)
         .unwrap_or(i64::MAX / 2_000)
         .saturating_mul(1000);
     let mut ticker = tokio::time::interval(every);
@@ -54,8 +60,8 @@ pub async fn auto_resolve(state: AppState, mut shutdown: tokio::sync::watch::Rec
             }
         };
         let reason = format!(
-            "auto-resolved: open longer than {} s",
-            state.settings.incidents.auto_resolve_after_secs
+            "auto-resolved: open longer than {}",
+            state.settings.incidents.auto_resolve_after
         );
         for id in ids {
             if let Err(e) = resolve(&state, &id, &reason).await {

@@ -87,7 +87,8 @@ pub struct MessageSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct IncidentSettings {
-    pub auto_resolve_after_secs: u64,
+    /// DESIGN's `incidents.auto_resolve_after`: `24h`, `90m`, `45s`, `2d` or plain seconds.
+    pub auto_resolve_after: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -168,7 +169,7 @@ pub struct ReadyzSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct HousekeepingSettings {
-    /// How often open incidents past `incidents.auto_resolve_after_secs` are looked for.
+    /// How often open incidents past `incidents.auto_resolve_after` are looked for.
     pub auto_resolve_every_ms: u64,
 }
 
@@ -177,6 +178,36 @@ pub struct HousekeepingSettings {
 pub enum LogFormat {
     Pretty,
     Json,
+}
+
+impl IncidentSettings {
+    /// `auto_resolve_after` in seconds.
+    pub fn auto_resolve_after_secs(&self) -> Result<u64, String> {
+        parse_duration_secs(&self.auto_resolve_after).ok_or_else(|| {
+            format!(
+                "incidents.auto_resolve_after {:?} is not a duration like 24h, 90m, 45s or 2d",
+                self.auto_resolve_after
+            )
+        })
+    }
+}
+
+/// `24h`, `90m`, `45s`, `2d` or plain seconds.
+fn parse_duration_secs(raw: &str) -> Option<u64> {
+    let raw = raw.trim();
+    let (number, unit) = match raw.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => raw.split_at(i),
+        None => (raw, "s"),
+    };
+    let n: u64 = number.parse().ok()?;
+    let scale = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(scale).filter(|&secs| secs > 0)
 }
 
 /// `Some(secret)` when the value is set, `None` for an empty string.
@@ -265,8 +296,10 @@ impl Settings {
         if self.database.max_connections == 0 {
             problems.push("database.max_connections must be at least 1".to_owned());
         }
-        if self.server.request_timeout_secs == 0 {
-            problems.push("server.request_timeout_secs must be at least 1".to_owned());
+        // The Passthru waits up to 5 s for the database before answering 302 (the flow's fallback
+        // branch); a shorter request limit would answer 408 first.
+        if self.server.request_timeout_secs <= 5 {
+            problems.push("server.request_timeout_secs must be more than 5".to_owned());
         }
         if crate::domain::phone::region(&self.stakeholders.default_country).is_none() {
             problems.push(format!(
@@ -286,6 +319,9 @@ impl Settings {
         if self.messages.greeting_repeat == 0 {
             problems.push("messages.greeting_repeat must be at least 1".to_owned());
         }
+        if let Err(e) = self.incidents.auto_resolve_after_secs() {
+            problems.push(e);
+        }
         let d = &self.dispatch;
         if let Err(e) = d.retry_schedule() {
             problems.push(e);
@@ -296,6 +332,18 @@ impl Settings {
                 problems.push(format!(
                     "dispatch.{c}_concurrency and dispatch.{c}_per_minute must be at least 1"
                 ));
+            }
+        }
+        for (key, value) in [
+            ("dispatch.lease_secs", d.lease_secs),
+            ("dispatch.retry_after_max_secs", d.retry_after_max_secs),
+            ("dispatch.redial_delay_secs", d.redial_delay_secs),
+            ("dispatch.shutdown_grace_secs", d.shutdown_grace_secs),
+            ("dispatch.report_wait_secs", d.report_wait_secs),
+        ] {
+            // Durations are built from these on request and dispatch paths: a bad one must stop start-up.
+            if !(0.0..1e9).contains(&value) {
+                problems.push(format!("{key} must be a number of seconds, not {value}"));
             }
         }
         if d.max_attempts == 0 {

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use self::limits::{Limits, Pause};
 use self::retry::RetryPolicy;
-use crate::domain::{mask, now_ms, Channel};
+use crate::domain::{mask, mask_numbers, now_ms, Channel};
 use crate::messages::{self, Vars};
 use crate::metrics::Metrics;
 use crate::providers::exotel::Account;
@@ -372,17 +372,25 @@ impl Dispatcher {
                         break;
                     };
                     let span = tracing::info_span!("report_lookup", delivery_id = %d.id, incident_id = %d.incident_id, channel = %d.channel);
-                    let found = providers::fetch(&self.http, &lookup)
+                    let answer = providers::fetch(&self.http, &lookup)
                         .instrument(span.clone())
-                        .await
-                        .ok()
-                        .and_then(|answer| lane.client.read_status(&answer));
-                    let Some((status, detail)) = found else {
-                        span.in_scope(|| {
-                            tracing::warn!(
-                                "no status callback and no answer from the details API yet"
+                        .await;
+                    let found = match &answer {
+                        Ok(a) => lane.client.read_status(a).ok_or_else(|| {
+                            format!(
+                                "HTTP {}: {}",
+                                a.status,
+                                mask_numbers(&a.body.chars().take(200).collect::<String>())
                             )
-                        });
+                        }),
+                        Err(Outcome::Transient { reason, .. } | Outcome::Permanent { reason }) => {
+                            Err(reason.clone())
+                        }
+                        Err(Outcome::Accepted { .. }) => Err("unexpected answer".to_owned()),
+                    };
+                    let Ok((status, detail)) = found.map_err(|why| {
+                        span.in_scope(|| tracing::warn!(why = %why, "overdue report: the details API gave no status"));
+                    }) else {
                         continue;
                     };
                     let applied = match lane.channel() {
@@ -449,9 +457,10 @@ impl Dispatcher {
                 }
                 Finish::Simulated { .. } => tracing::info!("dry-run: simulated"),
                 Finish::Retry { reason, due_at } => {
-                    tracing::warn!(reason = %reason, retry_in_ms = due_at - now_ms(), "transient failure; will retry")
+                    tracing::warn!(reason = %mask_numbers(reason), retry_in_ms = due_at - now_ms(), "transient failure; will retry")
                 }
-                Finish::Failed { reason } => tracing::error!(reason = %reason, "DELIVERY FAILED"),
+                Finish::Failed { reason } => tracing::error!(reason = %mask_numbers(reason), "DELIVERY FAILED"),
+                Finish::Cancelled { reason } => tracing::info!(reason = %mask_numbers(reason), "cancelled"),
             }
             match self.record(&d.id, finish.clone()).await {
                 Ok(true) => {
@@ -459,6 +468,7 @@ impl Dispatcher {
                     let final_state = match &finish {
                         Finish::Simulated { .. } => Some("simulated"),
                         Finish::Failed { .. } => Some("failed"),
+                        Finish::Cancelled { .. } => Some("cancelled"),
                         Finish::Accepted { .. } if lane.channel() == Channel::Whatsapp => Some("accepted"),
                         _ => None,
                     };
@@ -486,12 +496,28 @@ impl Dispatcher {
             text: self.text_for(lane.channel(), d, incident),
         };
         let prepared = lane.client.prepare(&job);
+        // Resolved between queueing and now (another replica, the API, Alertmanager): nobody is paged.
+        if incident.status != "open" {
+            return Finish::Cancelled {
+                reason: format!("incident {} before this was sent", incident.status),
+            };
+        }
         if !lane.live {
             return Finish::Simulated {
                 request: prepared.redacted_json(),
             };
         }
         lane.limits.ready().await;
+        // A long provider pause may have outlasted the lease (or left too little of it for this request):
+        // another dispatcher may own the delivery by now, so sending would call the same person twice.
+        let last_safe_start =
+            d.lease_until.unwrap_or(i64::MAX) - prepared.timeout.as_millis() as i64;
+        if now_ms() > last_safe_start {
+            return Finish::Retry {
+                due_at: now_ms(),
+                reason: "held past its lease by the provider's pause; not sent".to_owned(),
+            };
+        }
         let started = std::time::Instant::now();
         let outcome = match providers::execute(&self.http, &prepared).await {
             Ok(answer) => lane.client.classify(&answer),

@@ -4,7 +4,7 @@ pub mod call_sid;
 pub mod phone;
 
 pub use call_sid::CallSid;
-pub use phone::{mask, Phone};
+pub use phone::{mask, mask_numbers, Phone};
 
 use std::fmt;
 
@@ -92,4 +92,13 @@ pub fn random_token(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rngs::OsRng.fill_bytes(&mut buf);
     buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A stable SHA-256 hex digest: fixed-length keys from arbitrarily long identities.
+pub fn digest(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -80,6 +80,32 @@ pub fn mask(number: &str) -> String {
     out
 }
 
+/// Masks every phone-number-like run (7 or more digits, an optional leading `+`) inside free text, such
+/// as a provider's error message (`Call to [09800000001] cannot be made…`), before it is logged.
+pub fn mask_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        let digits = run.chars().filter(char::is_ascii_digit).count();
+        if digits >= 7 {
+            out.push_str(&mask(run));
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() || (c == '+' && run.is_empty()) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +141,21 @@ mod tests {
         assert!(Phone::parse("12", india()).is_err());
         let err = Phone::parse("+91 12345 67890 12345", india()).unwrap_err();
         assert!(!err.contains("1234567890"), "{err}");
+    }
+
+    #[test]
+    fn masks_numbers_inside_provider_messages() {
+        assert_eq!(
+            mask_numbers(
+                "Call to [09800000001] cannot be made because of TRAI NDNC regulations (code 403)"
+            ),
+            "Call to [098****0001] cannot be made because of TRAI NDNC regulations (code 403)"
+        );
+        assert_eq!(
+            mask_numbers("success | 919800000001 | 123"),
+            "success | 919*****0001 | 123"
+        );
+        assert_eq!(mask_numbers("HTTP 502 after 45s"), "HTTP 502 after 45s");
     }
 
     #[test]

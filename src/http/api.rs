@@ -755,9 +755,11 @@ pub async fn alertmanager(
         } else {
             alert.fingerprint.clone()
         };
-        let dedup_key = crate::domain::truncate(
-            &format!("alertmanager:{}:{identity}", payload.group_key),
-            MAX_DEDUP_KEY_CHARS,
+        // Hashed, not cut: group keys carry every grouped label and can be long, and a cut key would
+        // merge different alerts into one incident (and page nobody for the second).
+        let dedup_key = format!(
+            "alertmanager:{}",
+            crate::domain::digest(&format!("{}\n{identity}", payload.group_key))
         );
         if alert.status == "resolved" {
             match state.store.open_incident_by_dedup_key(&dedup_key).await? {

@@ -53,7 +53,31 @@ fn answer(
         }
         CallbackEffect::Ignored(why) => Ok((StatusCode::OK, format!("ok: {why}")).into_response()),
         CallbackEffect::Unknown => Err(AppError::NotFound(format!("no delivery has this {what}"))),
+        // Still not on record after waiting: ask Exotel to come back; the details look-up covers it too.
+        CallbackEffect::Pending => Ok((
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            "the request this reports on is still being recorded; try again",
+        )
+            .into_response()),
     }
+}
+
+/// A report can arrive before our own record of the request it reports on is committed (outcomes are
+/// committed in batches): give that record a moment instead of dropping the report.
+async fn until_recorded<F, Fut>(mut apply: F) -> anyhow::Result<CallbackEffect>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<CallbackEffect>>,
+{
+    for _ in 0..30 {
+        let effect = apply().await?;
+        if effect != CallbackEffect::Pending {
+            return Ok(effect);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(CallbackEffect::Pending)
 }
 
 /// `POST /exotel/call-status` (JSON, form or multipart).
@@ -85,18 +109,14 @@ pub async fn call_status(
             "Legs[0][OnCallDuration]",
         ],
     );
-    let effect = state
-        .store
-        .apply_call_report(
-            &CallReport {
-                call_sid,
-                custom_field: p.get("CustomField"),
-                status: status.clone(),
-                detail,
-            },
-            crate::dispatch::redial_policy(&state.settings),
-        )
-        .await?;
+    let report = CallReport {
+        call_sid,
+        custom_field: p.get("CustomField"),
+        status: status.clone(),
+        detail,
+    };
+    let policy = crate::dispatch::redial_policy(&state.settings);
+    let effect = until_recorded(|| state.store.apply_call_report(&report, policy)).await?;
     tracing::info!(status = %status, effect = ?effect, "call status");
     answer(&state, "call", effect, "CallSid")
 }
@@ -130,16 +150,13 @@ pub async fn sms_status(
             "SmsUnits",
         ],
     );
-    let effect = state
-        .store
-        .apply_sms_report(
-            &sms_sid,
-            p.get("CustomField").as_deref(),
-            &status,
-            &reason,
-            &detail,
-        )
-        .await?;
+    let custom_field = p.get("CustomField");
+    let effect = until_recorded(|| {
+        state
+            .store
+            .apply_sms_report(&sms_sid, custom_field.as_deref(), &status, &reason, &detail)
+    })
+    .await?;
     tracing::info!(status = %status, effect = ?effect, "sms status");
     answer(&state, "sms", effect, "SmsSid")
 }

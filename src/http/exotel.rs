@@ -6,6 +6,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
 
 use super::params::{exotel_time, http_url, Params};
 use super::AppState;
@@ -158,14 +159,21 @@ pub async fn greeting(State(state): State<AppState>, method: Method, uri: Uri) -
                     Ok(Ok(Some(view))) => {
                         tracing::Span::current().record("delivery_id", view.delivery_id.as_str());
                         if method == Method::GET {
-                            if let Err(e) =
-                                state.store.record_greeting_play(&view.delivery_id).await
-                            {
-                                tracing::error!(
-                                    error = format!("{e:#}"),
-                                    "could not record the greeting play"
-                                );
-                            }
+                            // Recorded beside the answer, not before it: a doctor is listening to
+                            // silence until this request returns, and a busy writer must not add to it.
+                            let store = state.store.clone();
+                            let delivery_id = view.delivery_id.clone();
+                            tokio::spawn(
+                                async move {
+                                    if let Err(e) = store.record_greeting_play(&delivery_id).await {
+                                        tracing::error!(
+                                            error = format!("{e:#}"),
+                                            "could not record the greeting play"
+                                        );
+                                    }
+                                }
+                                .in_current_span(),
+                            );
                         }
                         let vars = Vars {
                             emergency_type: &view.emergency_type,

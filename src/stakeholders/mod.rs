@@ -88,8 +88,18 @@ impl Routing {
         where_: &str,
         default_region: phonenumber::country::Id,
     ) -> Result<Self, Vec<String>> {
-        let file: File =
-            toml::from_str(text).map_err(|e| vec![format!("{where_}: not valid TOML: {e}")])?;
+        let file: File = toml::from_str(text).map_err(|e| {
+            // The error's own Display quotes the offending line, which may hold a phone number: say
+            // where, and the reason with numbers masked.
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+            vec![format!(
+                "{where_}: not valid TOML{at}: {}",
+                crate::domain::mask_numbers(e.message())
+            )]
+        })?;
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
         let mut contacts = Vec::new();
@@ -335,6 +345,19 @@ default = ["emergency-desk"]
         assert_eq!(unknown.emergency_type, "Volcano");
         assert_eq!(r.plan(None).emergency_type, "Unspecified");
         assert_eq!(r.type_for_digits("1"), Some("Heart"));
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line_without_the_number() {
+        let errs = Routing::parse(
+            "[[contact]]\nname = \"A\"\nphone = 919800000001\nteams = [\"x\"]\n",
+            "s.toml",
+            india(),
+        )
+        .unwrap_err();
+        let all = errs.join("\n");
+        assert!(all.contains("s.toml: not valid TOML (line 3)"), "{all}");
+        assert!(!all.contains("9800000001"), "{all}");
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub enum Finish {
     Retry { due_at: i64, reason: String },
     /// Permanent failure, or out of attempts.
     Failed { reason: String },
+    /// Not sent: the incident was resolved first.
+    Cancelled { reason: String },
 }
 
 /// What a status callback did.
@@ -36,6 +38,9 @@ pub enum CallbackEffect {
     Ignored(String),
     /// No delivery has this provider id.
     Unknown,
+    /// The report beat our own record of the request that it reports on (the delivery is still
+    /// `sending`): nothing applied yet; ask again in a moment.
+    Pending,
 }
 
 /// A call's terminal report, read from Exotel's callback.
@@ -208,19 +213,32 @@ impl Store {
         Ok(overdue)
     }
 
-    /// Hands back every lease `owner` holds (graceful shutdown): those deliveries are due again at once.
+    /// Hands back every lease `owner` holds (graceful shutdown): those deliveries are due again at once,
+    /// or cancelled if their incident was resolved meanwhile. Each gets an event.
     pub async fn release(&self, owner: &str) -> anyhow::Result<u64> {
         let now = now_ms();
-        let n = sqlx::query(
-            "UPDATE deliveries SET status = 'queued', lease_owner = NULL, lease_until = NULL, \
-             due_at = $2, updated_at = $2 WHERE lease_owner = $1 AND status = 'sending'",
-        )
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(&format!(
+            "UPDATE deliveries SET status = {RETRY_STATUS}, lease_owner = NULL, lease_until = NULL, \
+             due_at = $2, updated_at = $2 WHERE lease_owner = $1 AND status = 'sending' RETURNING id"
+        ))
         .bind(owner)
         .bind(now)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n)
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in &ids {
+            insert_event(
+                &mut *tx,
+                id,
+                "released",
+                None,
+                "the dispatcher stopped before this attempt finished (outcome unknown); queued again",
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(ids.len() as u64)
     }
 
     /// The delivery a callback names: by provider id, else (for an answer that carried no id) by the
@@ -291,6 +309,9 @@ impl Store {
                 .unmatched_callback(&report.call_sid, &report.detail)
                 .await;
         };
+        if d.status == "sending" {
+            return Ok(CallbackEffect::Pending);
+        }
         let now = now_ms();
         let reason = format!(
             "not reached: {status} (call {} of {})",
@@ -374,6 +395,9 @@ impl Store {
         else {
             return self.unmatched_callback(sms_sid, detail).await;
         };
+        if d.status == "sending" {
+            return Ok(CallbackEffect::Pending);
+        }
         let now = now_ms();
         let base = vec![
             Arg::S(d.id.clone()),
@@ -561,6 +585,16 @@ async fn finish_in(
                 None,
                 Some(now),
                 "failed",
+                reason.clone(),
+            ),
+            Finish::Cancelled { reason } => (
+                "cancelled",
+                None,
+                Some(reason.clone()),
+                None,
+                None,
+                Some(now),
+                "cancelled",
                 reason.clone(),
             ),
         };

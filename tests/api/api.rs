@@ -495,7 +495,7 @@ async fn old_incidents_are_auto_resolved(db: Db) {
         db,
         &[
             without_dispatcher(),
-            ("SOS_INCIDENTS__AUTO_RESOLVE_AFTER_SECS", "1".into()),
+            ("SOS_INCIDENTS__AUTO_RESOLVE_AFTER", "1s".into()),
             ("SOS_HOUSEKEEPING__AUTO_RESOLVE_EVERY_MS", "100".into()),
         ],
     )

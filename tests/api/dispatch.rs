@@ -166,6 +166,25 @@ async fn passthru_to_final_states_through_status_callbacks(db: Db) {
     // Exotel plays the greeting to Asha, then reports the call completed (JSON, as we asked).
     let res = app.greeting(reqwest::Method::GET, &asha.greeting_ref).await;
     assert_eq!(res.status(), 200);
+    let store = app.store.clone();
+    let asha_id = asha.id.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let store = store.clone();
+            let id = asha_id.clone();
+            async move {
+                store
+                    .delivery(&id)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .played_at
+                    .is_some()
+            }
+        })
+        .await,
+        "the play is recorded"
+    );
     let res = app
         .post_json(
             "/exotel/call-status",
@@ -767,5 +786,58 @@ async fn overdue_reports_are_looked_up_when_callbacks_never_come() {
     assert!(events
         .iter()
         .any(|e| e.detail.starts_with("Call Details API: Status=no-answer")));
+    app.stop().await;
+}
+
+/// A status report can arrive before our own record of the request it reports on is committed: it
+/// waits for that record instead of being dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_that_beats_our_own_record_waits_for_it() {
+    let app = spawn_app_with(Db::Sqlite, &[without_dispatcher()]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let inc = app.store.incident_by_call_sid(SID).await.unwrap().unwrap();
+    let call = app
+        .store
+        .deliveries(&inc.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.channel == "call")
+        .unwrap();
+    // As if a dispatcher had sent the call and its outcome were still on its way to the database.
+    sqlx::query("UPDATE deliveries SET status = 'sending' WHERE id = $1")
+        .bind(&call.id)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let pool = app.store.pool().clone();
+    let id = call.id.clone();
+    let recorder = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        sqlx::query(
+            "UPDATE deliveries SET status = 'accepted', provider_id = 'sid-early' WHERE id = $1",
+        )
+        .bind(&id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    });
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[
+                ("CallSid", "sid-early"),
+                ("CustomField", call.greeting_ref.as_str()),
+                ("Status", "completed"),
+            ],
+        )
+        .await;
+    recorder.await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        app.store.delivery(&call.id).await.unwrap().unwrap().status,
+        "delivered"
+    );
     app.stop().await;
 }

@@ -138,6 +138,15 @@ async fn head_has_no_side_effects_and_get_records_the_play(db: Db) {
     };
     assert_eq!(plays(app.store.events(&delivery_id).await.unwrap()), 0);
     app.greeting(Method::GET, &reference).await;
-    assert_eq!(plays(app.store.events(&delivery_id).await.unwrap()), 1);
+    // Recorded beside the answer, so a moment later.
+    let store = app.store.clone();
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || {
+            let store = store.clone();
+            let id = delivery_id.clone();
+            async move { plays(store.events(&id).await.unwrap()) == 1 }
+        })
+        .await
+    );
     app.stop().await;
 }
