@@ -266,21 +266,26 @@ impl Dispatcher {
                     }
                 }
             }
-            while tasks.try_join_next().is_some() {}
+            while let Some(done) = tasks.try_join_next() {
+                log_panic(done);
+            }
             if saturated {
                 tokio::task::yield_now().await;
                 // Wait for a permit to free up rather than spinning; the poll bound keeps the heartbeat
                 // fresh while every permit is held by a slow provider.
                 if !tasks.is_empty() {
                     tokio::select! {
-                        _ = tasks.join_next() => {
+                        done = tasks.join_next() => {
+                            if let Some(done) = done {
+                                log_panic(done);
+                            }
                             // Outcomes are committed in batches, so permits come back in batches: gather
                             // them for a moment and claim once for all, not once per permit.
                             let gather = tokio::time::sleep(CLAIM_GATHER);
                             tokio::pin!(gather);
                             loop {
                                 tokio::select! {
-                                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                                    Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
                                     _ = &mut gather => break,
                                 }
                             }
@@ -294,17 +299,20 @@ impl Dispatcher {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
                 _ = shutdown.changed() => {}
             }
         }
 
         let grace = Duration::from_secs_f64(self.settings.dispatch.shutdown_grace_secs);
         tracing::info!(in_flight = tasks.len(), "dispatcher stopping");
-        let drained =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
-                .await
-                .is_ok();
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(done) = tasks.join_next().await {
+                log_panic(done);
+            }
+        })
+        .await
+        .is_ok();
         if !drained {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
@@ -603,6 +611,15 @@ impl Dispatcher {
             incident: &incident.id,
         };
         messages::render(template, &vars, m.utc_offset_minutes)
+    }
+}
+
+/// A delivery task that panicked leaves its lease to expire (and the delivery to be sent again); say so.
+fn log_panic(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            tracing::error!(error = %e, "a delivery task panicked; its lease will expire and it will be sent again");
+        }
     }
 }
 
