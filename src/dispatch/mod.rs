@@ -173,10 +173,6 @@ impl Dispatcher {
         })
     }
 
-    pub fn owner(&self) -> &str {
-        &self.owner
-    }
-
     /// Runs until `shutdown` turns true: then stops claiming, lets in-flight requests finish within the
     /// grace period, and releases the leases of whatever did not.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -709,9 +705,4 @@ fn hostname() -> String {
                 .map(|h| h.trim().to_owned())
         })
         .unwrap_or_else(|| "sos".to_owned())
-}
-
-/// Counts of live and dry-run channels, for the start banner.
-pub fn channel_modes(lanes: &[Lane]) -> HashMap<Channel, bool> {
-    lanes.iter().map(|l| (l.channel(), l.live)).collect()
 }

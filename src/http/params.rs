@@ -93,10 +93,6 @@ impl Params {
             .collect();
         serde_json::to_string(&kept).unwrap_or_else(|_| "[]".to_owned())
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.pairs.is_empty()
-    }
 }
 
 /// Trims, strips one layer of matching quotes, treats empty as absent, cuts overlong values.

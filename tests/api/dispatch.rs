@@ -772,15 +772,7 @@ async fn overdue_reports_are_looked_up_when_callbacks_never_come() {
         done,
         "calls redialled then failed, SMS delivered, without a single callback"
     );
-    let inc = app.store.incident_by_call_sid(SID).await.unwrap().unwrap();
-    let call = app
-        .store
-        .deliveries(&inc.id)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|d| d.channel == "call")
-        .unwrap();
+    let call = app.delivery_of(SID, "call").await;
     assert_eq!(call.redials, 1);
     let events = app.store.events(&call.id).await.unwrap();
     assert!(events
@@ -796,15 +788,7 @@ async fn a_report_that_beats_our_own_record_waits_for_it() {
     let app = spawn_app_with(Db::Sqlite, &[without_dispatcher()]).await;
     app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
         .await;
-    let inc = app.store.incident_by_call_sid(SID).await.unwrap().unwrap();
-    let call = app
-        .store
-        .deliveries(&inc.id)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|d| d.channel == "call")
-        .unwrap();
+    let call = app.delivery_of(SID, "call").await;
     // As if a dispatcher had sent the call and its outcome were still on its way to the database.
     sqlx::query("UPDATE deliveries SET status = 'sending' WHERE id = $1")
         .bind(&call.id)

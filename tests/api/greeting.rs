@@ -15,15 +15,7 @@ both_engines!(
 const REC: &str = "https%3A%2F%2Frecordings.exotel.com%2Fexotelrecordings%2Facme%2Fabc.mp3";
 
 async fn first_call_ref(app: &TestApp, sid: &str) -> (String, String) {
-    let inc = app.store.incident_by_call_sid(sid).await.unwrap().unwrap();
-    let d = app
-        .store
-        .deliveries(&inc.id)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|d| d.channel == "call")
-        .unwrap();
+    let d = app.delivery_of(sid, "call").await;
     (d.greeting_ref, d.id)
 }
 

@@ -492,6 +492,30 @@ impl TestApp {
         self.store.deliveries(&inc.id).await.unwrap()
     }
 
+    /// The deliveries of the incident stored for `call_sid`.
+    pub async fn deliveries_of(&self, call_sid: &str) -> Vec<exotel_sos::store::DeliveryRow> {
+        let inc = self
+            .store
+            .incident_by_call_sid(call_sid)
+            .await
+            .unwrap()
+            .expect("incident stored");
+        self.store.deliveries(&inc.id).await.unwrap()
+    }
+
+    /// The first delivery on `channel` of the incident stored for `call_sid`.
+    pub async fn delivery_of(
+        &self,
+        call_sid: &str,
+        channel: &str,
+    ) -> exotel_sos::store::DeliveryRow {
+        self.deliveries_of(call_sid)
+            .await
+            .into_iter()
+            .find(|d| d.channel == channel)
+            .expect("a delivery on that channel")
+    }
+
     pub async fn post_json(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
         self.client
             .post(format!("{}{path}?token={WEBHOOK_TOKEN}", self.base))

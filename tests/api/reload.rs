@@ -15,11 +15,6 @@ teams = ["emergency-desk"]
 default = ["emergency-desk"]
 "#;
 
-async fn deliveries_for(app: &TestApp, sid: &str) -> Vec<exotel_sos::store::DeliveryRow> {
-    let inc = app.store.incident_by_call_sid(sid).await.unwrap().unwrap();
-    app.store.deliveries(&inc.id).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_change_applies_and_broken_edit_keeps_previous_routing() {
     let app = spawn_app(Db::Sqlite).await;
@@ -36,7 +31,7 @@ async fn file_change_applies_and_broken_edit_keeps_previous_routing() {
     app.passthru("CallSid=dddd0000000000000000000000000002&EmergencyType=Heart")
         .await;
     assert_eq!(
-        deliveries_for(&app, "dddd0000000000000000000000000002")
+        app.deliveries_of("dddd0000000000000000000000000002")
             .await
             .len(),
         HEART_DELIVERIES
@@ -55,13 +50,13 @@ async fn file_change_applies_and_broken_edit_keeps_previous_routing() {
     );
     app.passthru("CallSid=dddd0000000000000000000000000003&EmergencyType=Heart")
         .await;
-    let d = deliveries_for(&app, "dddd0000000000000000000000000003").await;
+    let d = app.deliveries_of("dddd0000000000000000000000000003").await;
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].phone, "+919800000077");
 
     // Incidents already recorded keep the contacts they were created with.
     assert_eq!(
-        deliveries_for(&app, "dddd0000000000000000000000000001")
+        app.deliveries_of("dddd0000000000000000000000000001")
             .await
             .len(),
         HEART_DELIVERIES
