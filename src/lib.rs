@@ -82,6 +82,7 @@ impl App {
                 admin_token: Arc::new(admin_token),
                 wake: Arc::new(tokio::sync::Notify::new()),
                 dispatcher_heartbeat: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+                dispatcher_dead: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 metrics: Arc::new(metrics::Metrics::new()),
             },
             generated_webhook_token,
@@ -96,7 +97,12 @@ impl App {
         dispatch::Dispatcher::new(
             s.store.clone(),
             s.settings.clone(),
-            dispatch::lanes(&s.settings, s.webhook_token.expose_secret()),
+            dispatch::lanes(
+                &s.settings,
+                s.webhook_token.expose_secret(),
+                // Account-wide rate limits live where all replicas meet: a PostgreSQL database.
+                (s.store.engine() == store::Engine::Postgres).then_some(&s.store),
+            ),
             s.wake.clone(),
             s.dispatcher_heartbeat.clone(),
             s.metrics.clone(),
@@ -139,6 +145,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_tx = Arc::new(stop_tx);
         self.state.routing.spawn_watchers(stop_rx.clone());
         let dispatcher = if self.state.settings.dispatch.enabled {
             let d = Arc::new(self.dispatcher()?);
@@ -149,7 +156,13 @@ impl App {
                     stop_rx.clone(),
                 ));
             }
-            Some(tokio::spawn(d.run(stop_rx.clone())))
+            let handle = tokio::spawn(d.run(stop_rx.clone()));
+            Some(tokio::spawn(supervise_dispatcher(
+                handle,
+                stop_rx.clone(),
+                self.state.dispatcher_dead.clone(),
+                stop_tx.clone(),
+            )))
         } else {
             None
         };
@@ -164,14 +177,42 @@ impl App {
             let _ = stop_tx.send(true);
         });
         let served = server.await.context("serving HTTP");
-        if let Some(d) = dispatcher {
-            // The dispatcher finishes or releases its in-flight work before the database closes.
-            let _ = d.await;
-        }
+        // The dispatcher finishes or releases its in-flight work before the database closes.
+        let died = match dispatcher {
+            Some(d) => d.await.unwrap_or(true),
+            None => false,
+        };
         self.state.store.close().await;
         served?;
+        if died {
+            anyhow::bail!("the dispatcher stopped unexpectedly; exiting so a supervisor restarts this process");
+        }
         Ok(())
     }
+}
+
+/// Waits for the dispatcher task. If it ends while no shutdown was asked for (a panic, or an early
+/// return), nothing would be sent any more: marks the app dead (so `/healthz` fails) and shuts the
+/// server down. Returns whether it died.
+pub async fn supervise_dispatcher(
+    handle: tokio::task::JoinHandle<()>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    dead: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+) -> bool {
+    let ended = handle.await;
+    if *shutdown.borrow() {
+        return false;
+    }
+    let why = match ended {
+        Err(e) if e.is_panic() => format!("it panicked: {e}"),
+        Err(e) => format!("it was cancelled: {e}"),
+        Ok(()) => "it returned".to_owned(),
+    };
+    tracing::error!(why = %why, "DISPATCHER STOPPED: nothing is being sent; shutting down so a supervisor restarts this process");
+    dead.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = stop.send(true);
+    true
 }
 
 /// The token from settings, or the stored (generated once) one; `true` when it was generated.
@@ -183,5 +224,34 @@ async fn token(
     match non_empty(configured) {
         Some(t) => Ok((SecretString::from(t.to_owned()), false)),
         None => Ok((SecretString::from(store.secret(name).await?), true)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[tokio::test]
+    async fn a_dispatcher_that_dies_marks_the_app_dead_and_stops_the_server() {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_tx = Arc::new(stop_tx);
+        let dead = Arc::new(AtomicBool::new(false));
+        let handle = tokio::spawn(async { panic!("a bug in the dispatcher loop") });
+        let died = supervise_dispatcher(handle, stop_rx.clone(), dead.clone(), stop_tx).await;
+        assert!(died);
+        assert!(dead.load(Ordering::Relaxed));
+        assert!(*stop_rx.borrow(), "the server is asked to stop");
+    }
+
+    #[tokio::test]
+    async fn a_dispatcher_that_stops_on_shutdown_is_not_dead() {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_tx = Arc::new(stop_tx);
+        let dead = Arc::new(AtomicBool::new(false));
+        stop_tx.send(true).unwrap();
+        let handle = tokio::spawn(async {});
+        assert!(!supervise_dispatcher(handle, stop_rx, dead.clone(), stop_tx).await);
+        assert!(!dead.load(Ordering::Relaxed));
     }
 }

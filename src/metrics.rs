@@ -56,6 +56,7 @@ pub struct Metrics {
     provider_requests: Family<ProviderLabels, Histogram, fn() -> Histogram>,
     deliveries: Family<DeliveryLabels, Counter>,
     queue_depth: Gauge,
+    unconfirmed: Gauge,
     queue_oldest_age: Gauge<f64, AtomicU64>,
 }
 
@@ -114,7 +115,14 @@ impl Metrics {
             "How long the oldest queued delivery has been due (0 when none is overdue)",
             queue_oldest_age.clone(),
         );
+        let unconfirmed = Gauge::default();
+        registry.register(
+            "sos_deliveries_unconfirmed",
+            "Calls and SMS accepted by the provider whose status report is overdue (past dispatch.report_wait_secs)",
+            unconfirmed.clone(),
+        );
         Metrics {
+            unconfirmed,
             registry,
             incidents,
             webhook_requests,
@@ -175,6 +183,7 @@ impl Metrics {
     /// Sets the queue gauges from the store's figures at `now_ms`.
     pub fn set_queue(&self, stats: QueueStats, now_ms: i64) {
         self.queue_depth.set(stats.depth);
+        self.unconfirmed.set(stats.unconfirmed);
         let age = stats
             .oldest_due_at
             .map(|due| (now_ms - due).max(0) as f64 / 1000.0)

@@ -110,6 +110,9 @@ pub struct DispatchSettings {
     pub max_redials: u32,
     pub shutdown_grace_secs: f64,
     pub report_wait_secs: f64,
+    /// Transient failures are retried for at least this long (`30m`), whatever `max_attempts` says:
+    /// a provider outage must not use up an emergency's attempts.
+    pub retry_for: String,
     pub call_concurrency: u32,
     pub call_per_minute: u32,
     pub sms_concurrency: u32,
@@ -135,6 +138,34 @@ impl DispatchSettings {
                 "dispatch.retry_schedule_secs {:?} is not a list of seconds like \"2, 5, 15\"",
                 self.retry_schedule_secs
             )),
+        }
+    }
+
+    /// `retry_for` in seconds.
+    pub fn retry_for_secs(&self) -> Result<u64, String> {
+        // Zero is allowed here: then `max_attempts` alone bounds the retries.
+        let zero = self.retry_for.trim().trim_end_matches(['s', 'm', 'h', 'd']) == "0";
+        let secs = if zero {
+            Some(0)
+        } else {
+            parse_duration_secs(&self.retry_for)
+        };
+        secs.ok_or_else(|| {
+            format!(
+                "dispatch.retry_for {:?} is not a duration like 30m, 1h or 90s",
+                self.retry_for
+            )
+        })
+    }
+
+    /// Time kept back after a provider request for recording its outcome: a request is started only
+    /// while its time limit plus this margin still fits in the lease.
+    pub fn lease_margin(&self) -> std::time::Duration {
+        let quarter = self.lease_secs / 4.0;
+        if quarter.is_finite() {
+            std::time::Duration::from_secs_f64(quarter.clamp(0.0, 10.0))
+        } else {
+            std::time::Duration::ZERO
         }
     }
 
@@ -326,6 +357,9 @@ impl Settings {
         if let Err(e) = d.retry_schedule() {
             problems.push(e);
         }
+        if let Err(e) = d.retry_for_secs() {
+            problems.push(e);
+        }
         for c in crate::domain::Channel::ALL {
             let (concurrency, per_minute) = d.limits(c);
             if concurrency == 0 || per_minute == 0 {
@@ -354,10 +388,11 @@ impl Settings {
             .call_timeout_secs
             .max(self.exotel.sms_timeout_secs)
             .max(self.gupshup.timeout_secs);
-        if d.lease_secs.is_nan() || d.lease_secs <= longest as f64 {
+        if d.lease_secs.is_nan() || d.lease_secs <= longest as f64 + d.lease_margin().as_secs_f64()
+        {
             problems.push(format!(
-                "dispatch.lease_secs ({}) must exceed the longest provider time limit ({longest} s), or a slow \
-                 request would be sent twice",
+                "dispatch.lease_secs ({}) must exceed the longest provider time limit ({longest} s) plus a \
+                 quarter of the lease (at most 10 s) to record the outcome, or a slow request would be sent twice",
                 d.lease_secs
             ));
         }

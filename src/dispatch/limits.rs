@@ -1,5 +1,7 @@
 //! Per-channel concurrency and rate limits, and a per-provider pause after 429/503 or Retry-After, so
-//! one throttled provider slows itself and not the others.
+//! one throttled provider slows itself and not the others. On PostgreSQL the rate is an account-wide
+//! token bucket in the database, shared by every replica: three replicas must not send three times
+//! the account's limit.
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -8,6 +10,15 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+
+use crate::store::Store;
+
+/// The account-wide bucket a lane draws from (PostgreSQL only).
+pub struct SharedRate {
+    pub store: Store,
+    /// One bucket per provider lane, e.g. `exotel:call`.
+    pub name: String,
+}
 
 /// Shared by the channels of one provider (Exotel's calls and SMS use one account).
 #[derive(Default)]
@@ -34,32 +45,70 @@ impl Pause {
 pub struct Limits {
     pub concurrency: Arc<Semaphore>,
     rate: DefaultDirectRateLimiter,
+    shared: Option<SharedRate>,
+    per_minute: u32,
+    burst: u32,
     pub pause: Arc<Pause>,
 }
 
 impl Limits {
     /// `per_minute` requests a minute with a burst of up to `concurrency`: a handful of doctors' phones
     /// ring at once, a large fan-out is spread over the minute.
-    pub fn new(concurrency: u32, per_minute: u32, pause: Arc<Pause>) -> Self {
+    pub fn new(
+        concurrency: u32,
+        per_minute: u32,
+        pause: Arc<Pause>,
+        shared: Option<SharedRate>,
+    ) -> Self {
         let per_minute = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(concurrency.min(per_minute.get())).unwrap_or(NonZeroU32::MIN);
         Limits {
             concurrency: Arc::new(Semaphore::new(concurrency.max(1) as usize)),
             rate: RateLimiter::direct(Quota::per_minute(per_minute).allow_burst(burst)),
+            shared,
+            per_minute: per_minute.get(),
+            burst: burst.get(),
             pause,
         }
     }
 
-    /// Waits until the provider is not paused and the rate allows one more request.
-    pub async fn ready(&self) {
+    /// Waits until the provider is not paused and the rate allows one more request. Returns whether
+    /// it had to wait (the world may have changed meanwhile: the caller checks again).
+    pub async fn ready(&self) -> bool {
+        let started = Instant::now();
         loop {
             if let Some(wait) = self.pause.remaining() {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            self.rate.until_ready().await;
+            self.take_rate().await;
             if self.pause.remaining().is_none() {
-                return;
+                return started.elapsed() >= Duration::from_millis(5);
+            }
+        }
+    }
+
+    /// One request's worth of the rate: from the shared bucket when there is one, else this process's.
+    async fn take_rate(&self) {
+        let Some(shared) = &self.shared else {
+            self.rate.until_ready().await;
+            return;
+        };
+        loop {
+            match shared
+                .store
+                .take_rate_token(&shared.name, self.per_minute, self.burst)
+                .await
+            {
+                Ok(None) => return,
+                Ok(Some(wait)) => tokio::time::sleep(wait).await,
+                Err(e) => {
+                    // The database is the only place replicas meet; without it, this replica falls
+                    // back to its own limit rather than stop alerting.
+                    tracing::warn!(error = format!("{e:#}"), bucket = %shared.name, "shared rate limit unavailable; limiting this replica alone");
+                    self.rate.until_ready().await;
+                    return;
+                }
             }
         }
     }

@@ -2,6 +2,8 @@
 //! that channel's limits, and records a truthful outcome. Never holds a transaction across a request.
 
 pub mod limits;
+mod reconcile;
+mod recorder;
 pub mod retry;
 
 use std::collections::HashMap;
@@ -14,7 +16,8 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use self::limits::{Limits, Pause};
+use self::limits::{Limits, Pause, SharedRate};
+use self::recorder::PendingOutcome;
 use self::retry::RetryPolicy;
 use crate::domain::{mask, mask_numbers, now_ms, Channel};
 use crate::messages::{self, Vars};
@@ -25,9 +28,7 @@ use crate::providers::exotel_sms::ExotelSms;
 use crate::providers::gupshup::Gupshup;
 use crate::providers::{self, Client, Job, Outcome};
 use crate::settings::{RecordingLink, Settings};
-use crate::store::{
-    CallReport, CallbackEffect, DeliveryRow, Finish, IncidentRow, RedialPolicy, Store,
-};
+use crate::store::{DeliveryRow, Finish, IncidentRow, Moved, RedialPolicy, Store};
 
 /// What to do with a call that was not reached, from settings; shared by callbacks and look-ups.
 pub fn redial_policy(settings: &Settings) -> RedialPolicy {
@@ -50,8 +51,9 @@ impl Lane {
     }
 }
 
-/// Builds the three lanes from settings. Exotel's calls and SMS share one pause (one account).
-pub fn lanes(settings: &Settings, webhook_token: &str) -> Vec<Lane> {
+/// Builds the three lanes from settings. Exotel's calls and SMS share one pause (one account). With
+/// `shared` (PostgreSQL), each lane's rate is an account-wide bucket in that database.
+pub fn lanes(settings: &Settings, webhook_token: &str, shared: Option<&Store>) -> Vec<Lane> {
     let ex = &settings.exotel;
     let account = Account {
         base_url: ex.base_url.clone(),
@@ -62,7 +64,7 @@ pub fn lanes(settings: &Settings, webhook_token: &str) -> Vec<Lane> {
     let base = settings.public_base();
     let d = &settings.dispatch;
     let exotel_pause = Arc::new(Pause::default());
-    let clients: Vec<(Box<dyn Client>, Arc<Pause>)> = vec![
+    let clients: Vec<(Box<dyn Client>, Arc<Pause>, &str)> = vec![
         (
             Box::new(ExotelCall {
                 account: account.clone(),
@@ -73,6 +75,7 @@ pub fn lanes(settings: &Settings, webhook_token: &str) -> Vec<Lane> {
                 request_timeout: Duration::from_secs(ex.call_timeout_secs),
             }),
             exotel_pause.clone(),
+            "exotel:call",
         ),
         (
             Box::new(ExotelSms {
@@ -84,6 +87,7 @@ pub fn lanes(settings: &Settings, webhook_token: &str) -> Vec<Lane> {
                 request_timeout: Duration::from_secs(ex.sms_timeout_secs),
             }),
             exotel_pause,
+            "exotel:sms",
         ),
         (
             Box::new(Gupshup {
@@ -95,15 +99,20 @@ pub fn lanes(settings: &Settings, webhook_token: &str) -> Vec<Lane> {
                 request_timeout: Duration::from_secs(settings.gupshup.timeout_secs),
             }),
             Arc::new(Pause::default()),
+            "gupshup:whatsapp",
         ),
     ];
     clients
         .into_iter()
-        .map(|(client, pause)| {
+        .map(|(client, pause, bucket)| {
             let (concurrency, per_minute) = d.limits(client.channel());
+            let shared = shared.map(|store| SharedRate {
+                store: store.clone(),
+                name: bucket.to_owned(),
+            });
             Lane {
                 live: client.is_live(),
-                limits: Limits::new(concurrency, per_minute, pause),
+                limits: Limits::new(concurrency, per_minute, pause, shared),
                 client,
             }
         })
@@ -133,9 +142,6 @@ pub struct Dispatcher {
     outcomes_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<PendingOutcome>>>,
 }
 
-/// One finished attempt waiting to be recorded, and where to say whether it was.
-type PendingOutcome = (String, Finish, oneshot::Sender<anyhow::Result<bool>>);
-
 impl Dispatcher {
     pub fn new(
         store: Store,
@@ -149,6 +155,7 @@ impl Dispatcher {
         let retry = RetryPolicy {
             schedule: d.retry_schedule().map_err(anyhow::Error::msg)?,
             max_attempts: d.max_attempts,
+            retry_for: Duration::from_secs(d.retry_for_secs().map_err(anyhow::Error::msg)?),
             retry_after_max: Duration::from_secs_f64(d.retry_after_max_secs),
             jitter: 0.2,
         };
@@ -191,7 +198,7 @@ impl Dispatcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-            .map(|rx| tokio::spawn(record_outcomes(self.store.clone(), self.owner.clone(), rx)));
+            .map(|rx| tokio::spawn(recorder::record_outcomes(self.store.clone(), rx)));
         if self.lanes.iter().any(|l| l.live) {
             tokio::spawn(Arc::clone(&self).reconcile(shutdown.clone()));
         }
@@ -205,12 +212,19 @@ impl Dispatcher {
             self.heartbeat.store(now_ms(), Ordering::Relaxed);
             if last_reap.is_none_or(|t| t.elapsed() >= poll) {
                 last_reap = Some(tokio::time::Instant::now());
-                match self.store.requeue_expired_leases().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::warn!(
-                        requeued = n,
-                        "deliveries whose dispatcher died are queued again"
-                    ),
+                match self
+                    .store
+                    .requeue_expired_leases(self.settings.dispatch.max_attempts)
+                    .await
+                {
+                    Ok(moved) if moved.is_empty() => {}
+                    Ok(moved) => {
+                        tracing::warn!(
+                            requeued = moved.len(),
+                            "deliveries whose lease ran out (dispatcher died, or outcome not recordable) are queued again"
+                        );
+                        self.count_moved(&moved);
+                    }
                     Err(e) => tracing::error!(
                         error = format!("{e:#}"),
                         "requeueing expired leases failed"
@@ -227,6 +241,9 @@ impl Dispatcher {
                 if free == 0 {
                     continue;
                 }
+                // The lease runs by the database's clock from a moment after this one: judging it from
+                // here on this process's monotonic clock errs on the safe side.
+                let lease_deadline = tokio::time::Instant::now() + self.lease;
                 match self
                     .store
                     .claim(lane.channel(), &self.owner, self.lease, free as i64)
@@ -253,6 +270,7 @@ impl Dispatcher {
                                 Arc::clone(lane),
                                 row,
                                 incident,
+                                lease_deadline,
                                 permit,
                             ));
                         }
@@ -318,11 +336,14 @@ impl Dispatcher {
             r.abort();
         }
         match self.store.release(&self.owner).await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                released = n,
-                "released unfinished deliveries; they will be sent again"
-            ),
+            Ok(moved) if moved.is_empty() => {}
+            Ok(moved) => {
+                tracing::warn!(
+                    released = moved.len(),
+                    "released unfinished deliveries; they will be sent again"
+                );
+                self.count_moved(&moved);
+            }
             Err(e) => tracing::error!(
                 error = format!("{e:#}"),
                 "could not release leases; they expire by themselves and the work resumes"
@@ -332,104 +353,44 @@ impl Dispatcher {
     }
 
     /// Hands the outcome to the recorder and waits until it is committed (so a permit is only freed
-    /// once its work is on record); records it directly when no recorder runs.
-    async fn record(&self, delivery_id: &str, finish: Finish) -> anyhow::Result<bool> {
+    /// once its work is on record); records it directly when no recorder runs. The status recorded, or
+    /// `None` when the claim no longer held the lease.
+    async fn record(
+        &self,
+        delivery_id: &str,
+        token: &str,
+        finish: Finish,
+    ) -> anyhow::Result<Option<String>> {
         let (tx, rx) = oneshot::channel();
         if self
             .outcomes
-            .send((delivery_id.to_owned(), finish.clone(), tx))
+            .send((delivery_id.to_owned(), token.to_owned(), finish.clone(), tx))
             .is_ok()
         {
             if let Ok(result) = rx.await {
                 return result;
             }
         }
-        self.store
-            .finish_attempt(delivery_id, &self.owner, &finish)
+        let items = [(delivery_id.to_owned(), token.to_owned(), finish)];
+        recorder::record_batch(&self.store, &items)
             .await
+            .pop()
+            .unwrap_or_else(|| Err(anyhow::anyhow!("nothing recorded")))
     }
 
-    /// Exotel does not guarantee status callbacks: looks up calls and SMS whose report is overdue and
-    /// applies what the details API says, exactly as a callback would be applied.
-    async fn reconcile(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let wait = Duration::from_secs_f64(self.settings.dispatch.report_wait_secs);
-        let every = (wait / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => return,
-            }
-            for lane in self.lanes.iter().filter(|l| l.live) {
-                let before = now_ms() - wait.as_millis() as i64;
-                let overdue = match self.store.overdue_reports(lane.channel(), before, 50).await {
-                    Ok(rows) => rows,
-                    Err(e) => {
-                        tracing::error!(error = format!("{e:#}"), "listing overdue reports failed");
-                        continue;
-                    }
-                };
-                for d in overdue {
-                    let Some(provider_id) = d.provider_id.clone() else {
-                        continue;
-                    };
-                    let Some(lookup) = lane.client.status_lookup(&provider_id) else {
-                        break;
-                    };
-                    let span = tracing::info_span!("report_lookup", delivery_id = %d.id, incident_id = %d.incident_id, channel = %d.channel);
-                    let answer = providers::fetch(&self.http, &lookup)
-                        .instrument(span.clone())
-                        .await;
-                    let found = match &answer {
-                        Ok(a) => lane.client.read_status(a).ok_or_else(|| {
-                            format!(
-                                "HTTP {}: {}",
-                                a.status,
-                                mask_numbers(&a.body.chars().take(200).collect::<String>())
-                            )
-                        }),
-                        Err(Outcome::Transient { reason, .. } | Outcome::Permanent { reason }) => {
-                            Err(reason.clone())
-                        }
-                        Err(Outcome::Accepted { .. }) => Err("unexpected answer".to_owned()),
-                    };
-                    let Ok((status, detail)) = found.map_err(|why| {
-                        span.in_scope(|| tracing::warn!(why = %why, "overdue report: the details API gave no status"));
-                    }) else {
-                        continue;
-                    };
-                    let applied = match lane.channel() {
-                        Channel::Call => {
-                            self.store
-                                .apply_call_report(
-                                    &CallReport {
-                                        call_sid: provider_id,
-                                        custom_field: None,
-                                        status: status.clone(),
-                                        detail,
-                                    },
-                                    redial_policy(&self.settings),
-                                )
-                                .await
-                        }
-                        _ => {
-                            self.store
-                                .apply_sms_report(&provider_id, None, &status, &detail, &detail)
-                                .await
-                        }
-                    };
-                    if let Ok(CallbackEffect::Applied(state)) = &applied {
-                        if state == "delivered" || state == "failed" {
-                            self.metrics
-                                .delivery_finished(lane.channel().as_str(), state);
-                        }
-                    }
-                    span.in_scope(|| match applied {
-                        Ok(effect) => tracing::info!(status = %status, effect = ?effect, "overdue report looked up"),
-                        Err(e) => tracing::error!(error = format!("{e:#}"), "applying a looked-up report failed"),
-                    });
-                }
+    /// Counts deliveries that reached a final state away from a provider request.
+    fn count_moved(&self, moved: &[Moved]) {
+        for m in moved {
+            if m.status == "failed" || m.status == "cancelled" {
+                self.metrics.delivery_finished(&m.channel, &m.status);
             }
         }
+    }
+
+    /// Whether `status` is final for a delivery of `lane` (a WhatsApp acceptance is: no report follows).
+    fn is_final(lane: &Lane, status: &str) -> bool {
+        matches!(status, "delivered" | "failed" | "simulated" | "cancelled")
+            || (status == "accepted" && !lane.client.reports_outcome())
     }
 
     async fn process(
@@ -437,6 +398,7 @@ impl Dispatcher {
         lane: Arc<Lane>,
         d: DeliveryRow,
         incident: IncidentLookup,
+        lease_deadline: tokio::time::Instant,
         _permit: OwnedSemaphorePermit,
     ) {
         let span = tracing::info_span!(
@@ -449,38 +411,35 @@ impl Dispatcher {
         );
         async move {
             let finish = match incident {
-                Ok(Some(incident)) => self.send(&lane, &d, &incident).await,
+                Ok(Some(incident)) => self.send(&lane, &d, &incident, lease_deadline).await,
                 Ok(None) => Finish::Failed {
                     reason: "incident not found".to_owned(),
                 },
-                Err(reason) => self.after_transient(&d, reason, None),
+                // Nothing was sent: try again soon without spending an attempt.
+                Err(reason) => Finish::Requeue {
+                    due_at: now_ms() + 1000,
+                    reason,
+                },
             };
             match &finish {
                 Finish::Accepted { provider_id, .. } => {
                     tracing::info!(provider_id = provider_id.as_deref().unwrap_or("-"), "accepted by provider")
                 }
                 Finish::Simulated { .. } => tracing::info!("dry-run: simulated"),
-                Finish::Retry { reason, due_at } => {
-                    tracing::warn!(reason = %mask_numbers(reason), retry_in_ms = due_at - now_ms(), "transient failure; will retry")
+                Finish::Retry { reason, due_at } | Finish::Requeue { reason, due_at } => {
+                    tracing::warn!(reason = %mask_numbers(reason), retry_in_ms = due_at - now_ms(), "not delivered yet; will try again")
                 }
                 Finish::Failed { reason } => tracing::error!(reason = %mask_numbers(reason), "DELIVERY FAILED"),
                 Finish::Cancelled { reason } => tracing::info!(reason = %mask_numbers(reason), "cancelled"),
             }
-            match self.record(&d.id, finish.clone()).await {
-                Ok(true) => {
-                    // Final here: dry-run, failure, and WhatsApp's acceptance (no report follows).
-                    let final_state = match &finish {
-                        Finish::Simulated { .. } => Some("simulated"),
-                        Finish::Failed { .. } => Some("failed"),
-                        Finish::Cancelled { .. } => Some("cancelled"),
-                        Finish::Accepted { .. } if lane.channel() == Channel::Whatsapp => Some("accepted"),
-                        _ => None,
-                    };
-                    if let Some(state) = final_state {
-                        self.metrics.delivery_finished(&d.channel, state);
+            let token = d.lease_token.clone().unwrap_or_default();
+            match self.record(&d.id, &token, finish).await {
+                Ok(Some(status)) => {
+                    if Self::is_final(&lane, &status) {
+                        self.metrics.delivery_finished(&d.channel, &status);
                     }
                 }
-                Ok(false) => tracing::warn!("lease lost before the outcome was recorded; another dispatcher owns it"),
+                Ok(None) => tracing::warn!("lease lost before the outcome was recorded; another claim owns it"),
                 Err(e) => tracing::error!(
                     error = format!("{e:#}"),
                     "could not record the outcome; the lease will expire and the delivery will be sent again"
@@ -491,7 +450,13 @@ impl Dispatcher {
         .await
     }
 
-    async fn send(&self, lane: &Lane, d: &DeliveryRow, incident: &IncidentRow) -> Finish {
+    async fn send(
+        &self,
+        lane: &Lane,
+        d: &DeliveryRow,
+        incident: &IncidentRow,
+        lease_deadline: tokio::time::Instant,
+    ) -> Finish {
         let job = Job {
             delivery_id: d.id.clone(),
             channel: lane.channel(),
@@ -511,15 +476,27 @@ impl Dispatcher {
                 request: prepared.redacted_json(),
             };
         }
-        lane.limits.ready().await;
-        // A long provider pause may have outlasted the lease (or left too little of it for this request):
-        // another dispatcher may own the delivery by now, so sending would call the same person twice.
-        let last_safe_start =
-            d.lease_until.unwrap_or(i64::MAX) - prepared.timeout.as_millis() as i64;
-        if now_ms() > last_safe_start {
-            return Finish::Retry {
+        if lane.limits.ready().await {
+            // It waited for the provider's limits: the incident may have been resolved meanwhile.
+            if let Ok(Some(now)) = self.store.incident(&incident.id).await {
+                if now.status != "open" {
+                    return Finish::Cancelled {
+                        reason: format!(
+                            "incident {} while this waited for the provider's limits; not sent",
+                            now.status
+                        ),
+                    };
+                }
+            }
+        }
+        // A long wait may have outlasted the lease, or left too little of it for this request and the
+        // recording of its outcome: another claim may own the delivery by then, so sending would call
+        // the same person twice.
+        let needed = prepared.timeout + self.settings.dispatch.lease_margin();
+        if tokio::time::Instant::now() + needed > lease_deadline {
+            return Finish::Requeue {
                 due_at: now_ms(),
-                reason: "held past its lease by the provider's pause; not sent".to_owned(),
+                reason: "held past its lease by the provider's limits".to_owned(),
             };
         }
         let started = std::time::Instant::now();
@@ -544,6 +521,10 @@ impl Dispatcher {
             } => Finish::Accepted {
                 provider_id,
                 detail,
+                report_due_at: lane
+                    .client
+                    .reports_outcome()
+                    .then(|| now_ms() + (self.settings.dispatch.report_wait_secs * 1000.0) as i64),
             },
             Outcome::Permanent { reason } => Finish::Failed { reason },
             Outcome::Transient {
@@ -569,7 +550,8 @@ impl Dispatcher {
         reason: String,
         retry_after: Option<Duration>,
     ) -> Finish {
-        match self.retry.next_wait(d.attempts as u32, retry_after) {
+        let age = Duration::from_millis((now_ms() - d.created_at).max(0) as u64);
+        match self.retry.next_wait(d.attempts as u32, age, retry_after) {
             Some(wait) => Finish::Retry {
                 due_at: now_ms() + wait.as_millis() as i64,
                 reason,
@@ -615,42 +597,6 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
     if let Err(e) = done {
         if e.is_panic() {
             tracing::error!(error = %e, "a delivery task panicked; its lease will expire and it will be sent again");
-        }
-    }
-}
-
-/// Commits outcomes in batches: whatever arrived while the previous commit ran goes into the next one,
-/// so one durable commit serves many deliveries under load and a lone outcome waits for nothing.
-async fn record_outcomes(
-    store: Store,
-    owner: String,
-    mut rx: mpsc::UnboundedReceiver<PendingOutcome>,
-) {
-    const MAX_BATCH: usize = 256;
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
-            }
-        }
-        let items: Vec<(String, Finish)> = batch
-            .iter()
-            .map(|(id, finish, _)| (id.clone(), finish.clone()))
-            .collect();
-        match store.finish_attempts(&owner, &items).await {
-            Ok(results) => {
-                for ((_, _, reply), recorded) in batch.into_iter().zip(results) {
-                    let _ = reply.send(Ok(recorded));
-                }
-            }
-            Err(e) => {
-                let reason = format!("{e:#}");
-                for (_, _, reply) in batch {
-                    let _ = reply.send(Err(anyhow::anyhow!(reason.clone())));
-                }
-            }
         }
     }
 }

@@ -102,3 +102,26 @@ pub fn digest(s: &str) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// Text as it may be stored: NUL and other control characters removed (PostgreSQL refuses `\0` in
+/// text, and a provider's error page can carry anything). Newlines and tabs stay.
+pub fn storable(s: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if s.chars().any(bad) {
+        std::borrow::Cow::Owned(s.chars().filter(|c| !bad(*c)).collect())
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storable_text_has_no_nul_or_control_characters() {
+        assert_eq!(storable("bad\0num\u{1b}ber\r"), "badnumber");
+        assert_eq!(storable("line one\nline\ttwo"), "line one\nline\ttwo");
+        assert!(matches!(storable("clean"), std::borrow::Cow::Borrowed(_)));
+    }
+}

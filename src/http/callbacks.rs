@@ -43,7 +43,7 @@ fn answer(
     what: &str,
 ) -> Result<Response, AppError> {
     if let CallbackEffect::Applied(s) = &effect {
-        if s == "delivered" || s == "failed" {
+        if s == "delivered" || s == "failed" || s == "cancelled" {
             state.metrics.delivery_finished(channel, s);
         }
     }

@@ -46,6 +46,20 @@ struct DispatcherState {
     stale_after_secs: u64,
 }
 
+/// `GET /healthz`: liveness. 503 once an enabled dispatcher has stopped on its own: nothing would be
+/// sent any more, and only a restart helps (the process also exits non-zero by itself). A database
+/// outage does not fail it: a restart cannot fix that, and the webhooks keep answering 302 meanwhile.
+pub async fn healthz(State(state): State<AppState>) -> Response {
+    if state.dispatcher_dead.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "dispatcher stopped: nothing is being sent; restart this process",
+        )
+            .into_response();
+    }
+    (StatusCode::OK, "ok").into_response()
+}
+
 /// `GET /readyz`: 200 when the database answers and is migrated and the dispatcher loop is alive; 503
 /// otherwise. The body says which part failed, and which channels are live or dry-run.
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -36,6 +36,9 @@ pub struct AppState {
     pub wake: Arc<tokio::sync::Notify>,
     /// When the dispatcher loop last went round (ms since the epoch; 0 = not started): `/readyz` reads it.
     pub dispatcher_heartbeat: Arc<std::sync::atomic::AtomicI64>,
+    /// Set when an enabled dispatcher stopped on its own (a panic or an early return): `/healthz` then
+    /// fails and the process exits non-zero, so a supervisor restarts it.
+    pub dispatcher_dead: Arc<std::sync::atomic::AtomicBool>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -83,7 +86,7 @@ pub fn router(state: AppState) -> Router {
         .route("/exotel/call-status", post(callbacks::call_status))
         .route("/exotel/sms-status", post(callbacks::sms_status))
         .route("/r/{reference}", get(callbacks::recording_link))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(health::healthz))
         .merge(api::routes())
         .merge(health::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint") })

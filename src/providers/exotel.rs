@@ -35,6 +35,37 @@ pub fn error_reason(status: u16, body: &str) -> String {
     }
 }
 
+/// The text of the first `<tag>` inside the first `<parent>` element of an XML body: Exotel's XML
+/// success shape (`<TwilioResponse><Call><Sid>…</Sid>…`), which a request without the `.json` suffix,
+/// or a proxy that rewrites it, gets instead of JSON. A plain scan: the bodies are small and flat.
+pub fn xml_field(body: &str, parent: &str, tag: &str) -> Option<String> {
+    let open = format!("<{parent}>");
+    let start = body.find(&open)? + open.len();
+    let end = body[start..]
+        .find(&format!("</{parent}>"))
+        .map_or(body.len(), |i| start + i);
+    let inner = &body[start..end];
+    let open_tag = format!("<{tag}>");
+    let from = inner.find(&open_tag)? + open_tag.len();
+    let to = inner[from..].find(&format!("</{tag}>"))? + from;
+    let value = inner[from..to].trim();
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+/// A 2xx that names no request: it may be Exotel, or a captive portal, a proxy page or a wrong
+/// `exotel.base_url` answering. Nobody knows whether anything was sent, and no report or look-up can
+/// ever name it: send again (at-least-once) rather than wait for nothing.
+pub fn unnamed_success(status: u16, body: &str, what: &str) -> super::Outcome {
+    let snippet: String = body.chars().take(120).collect();
+    super::Outcome::Transient {
+        reason: format!(
+            "HTTP {status} without {what} (outcome unknown; check exotel.base_url): {}",
+            snippet.trim()
+        ),
+        retry_after: None,
+    }
+}
+
 /// Account and credentials, shared by the call and SMS clients.
 #[derive(Clone)]
 pub struct Account {
@@ -81,6 +112,17 @@ mod tests {
             Some("Call to [01234] cannot be made because of TRAI NDNC regulations")
         );
         assert_eq!(rest_exception("<html>oops</html>"), None);
+        assert_eq!(
+            xml_field(
+                "<TwilioResponse><Call><Sid>abc123</Sid><Status>in-progress</Status></Call></TwilioResponse>",
+                "Call",
+                "Sid"
+            )
+            .as_deref(),
+            Some("abc123")
+        );
+        assert_eq!(xml_field("<Call><Sid> </Sid></Call>", "Call", "Sid"), None);
+        assert_eq!(xml_field("<html>Sid</html>", "Call", "Sid"), None);
         assert_eq!(
             error_reason(502, "<html>Bad gateway</html>"),
             "HTTP 502: <html>Bad gateway</html>"

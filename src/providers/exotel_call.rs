@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::exotel::{error_reason, Account};
+use super::exotel::{error_reason, unnamed_success, xml_field, Account};
 use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
 use crate::domain::Channel;
 
@@ -23,6 +23,10 @@ pub struct ExotelCall {
 impl Client for ExotelCall {
     fn channel(&self) -> Channel {
         Channel::Call
+    }
+
+    fn reports_outcome(&self) -> bool {
+        true
     }
 
     fn is_live(&self) -> bool {
@@ -57,23 +61,23 @@ impl Client for ExotelCall {
 
     fn classify(&self, answer: &Answer) -> Outcome {
         if (200..300).contains(&answer.status) {
-            let sid = serde_json::from_str::<serde_json::Value>(&answer.body)
-                .ok()
-                .and_then(|v| v["Call"]["Sid"].as_str().map(str::to_owned));
-            let status = serde_json::from_str::<serde_json::Value>(&answer.body)
-                .ok()
-                .and_then(|v| v["Call"]["Status"].as_str().map(str::to_owned))
-                .unwrap_or_default();
-            return match sid {
+            let json = serde_json::from_str::<serde_json::Value>(&answer.body).ok();
+            let field = |name: &str| {
+                json.as_ref()
+                    .and_then(|v| v["Call"][name].as_str().map(str::to_owned))
+                    .or_else(|| xml_field(&answer.body, "Call", name))
+                    .filter(|s| !s.trim().is_empty())
+            };
+            return match field("Sid") {
                 Some(sid) => Outcome::Accepted {
                     provider_id: Some(sid),
-                    detail: format!("HTTP {}: call originated ({status})", answer.status),
+                    detail: format!(
+                        "HTTP {}: call originated ({})",
+                        answer.status,
+                        field("Status").unwrap_or_default()
+                    ),
                 },
-                // Placed, by Exotel's word, but unnamed: the terminal callback still finds it by CustomField.
-                None => Outcome::Accepted {
-                    provider_id: None,
-                    detail: format!("HTTP {} without Call.Sid", answer.status),
-                },
+                None => unnamed_success(answer.status, &answer.body, "a Call Sid"),
             };
         }
         // A 5xx from Calls/connect may or may not have dialled (API-FACTS §3); at-least-once says again.
@@ -152,13 +156,30 @@ mod tests {
                 detail: "HTTP 200: call originated (in-progress)".into()
             }
         );
-        assert!(matches!(
-            client().classify(&answer(200, "<TwilioResponse/>")),
+        // Exotel's XML success shape names the call too.
+        let xml = "<?xml version=\"1.0\"?>\n<TwilioResponse><Call><Sid>40ccc7656e1a3eb66c6cb2be57d1142k</Sid><Status>in-progress</Status></Call></TwilioResponse>";
+        assert_eq!(
+            client().classify(&answer(200, xml)),
             Outcome::Accepted {
-                provider_id: None,
-                ..
+                provider_id: Some("40ccc7656e1a3eb66c6cb2be57d1142k".into()),
+                detail: "HTTP 200: call originated (in-progress)".into()
             }
-        ));
+        );
+        // A 2xx that names no call is not a call: outcome unknown, sent again.
+        for body in [
+            "<TwilioResponse/>",
+            "<html>Hotel Wi-Fi login</html>",
+            "",
+            "{\"Call\":{\"Sid\":\"\"}}",
+        ] {
+            assert!(
+                matches!(
+                    client().classify(&answer(200, body)),
+                    Outcome::Transient { .. }
+                ),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::exotel::{error_reason, Account};
+use super::exotel::{error_reason, unnamed_success, xml_field, Account};
 use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
 use crate::domain::Channel;
 
@@ -24,6 +24,10 @@ pub struct ExotelSms {
 impl Client for ExotelSms {
     fn channel(&self) -> Channel {
         Channel::Sms
+    }
+
+    fn reports_outcome(&self) -> bool {
+        true
     }
 
     fn is_live(&self) -> bool {
@@ -64,15 +68,26 @@ impl Client for ExotelSms {
                 serde_json::Value::Array(items) => items.first().cloned().unwrap_or_default(),
                 other => other.clone(),
             };
-            let sid = msg["Sid"].as_str().map(str::to_owned);
+            let sid = msg["Sid"]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| xml_field(&answer.body, "SMSMessage", "Sid"))
+                .filter(|s| !s.trim().is_empty());
+            let Some(sid) = sid else {
+                return unnamed_success(answer.status, &answer.body, "an SMSMessage Sid");
+            };
+            let status = msg["Status"]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| xml_field(&answer.body, "SMSMessage", "Status"))
+                .unwrap_or_else(|| "accepted".to_owned());
             let detail = format!(
-                "HTTP {}: {} {}",
+                "HTTP {}: {status} {}",
                 answer.status,
-                msg["Status"].as_str().unwrap_or("accepted"),
                 msg["DetailedStatus"].as_str().unwrap_or("")
             );
             return Outcome::Accepted {
-                provider_id: sid,
+                provider_id: Some(sid),
                 detail: detail.trim().to_owned(),
             };
         }
@@ -159,6 +174,22 @@ mod tests {
         assert!(
             matches!(c.classify(&answer(200, list)), Outcome::Accepted { provider_id: Some(ref s), .. } if s == "abc")
         );
+        let xml = "<TwilioResponse><SMSMessage><Sid>x1y2</Sid><Status>queued</Status></SMSMessage></TwilioResponse>";
+        assert!(
+            matches!(c.classify(&answer(200, xml)), Outcome::Accepted { provider_id: Some(ref s), ref detail } if s == "x1y2" && detail.contains("queued"))
+        );
+        // A 2xx that names no message leaves it unknown whether one went out: sent again.
+        for body in [
+            "",
+            "<html>proxy</html>",
+            r#"{"SMSMessage":[]}"#,
+            r#"{"SMSMessage":{"Sid":""}}"#,
+        ] {
+            assert!(
+                matches!(c.classify(&answer(200, body)), Outcome::Transient { .. }),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -118,6 +118,11 @@ pub trait Client: Send + Sync {
     fn channel(&self) -> Channel;
     /// Whether credentials are set; without them the channel runs dry-run.
     fn is_live(&self) -> bool;
+    /// Whether an accepted request gets a final report (callback or look-up) to wait for. Without one
+    /// (WhatsApp today) acceptance is as far as we can see.
+    fn reports_outcome(&self) -> bool {
+        false
+    }
     fn prepare(&self, job: &Job) -> Prepared;
     fn classify(&self, answer: &Answer) -> Outcome;
     /// Where to look up a request's outcome when its status callback never came, if the API has such

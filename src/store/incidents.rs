@@ -34,6 +34,8 @@ pub struct Resolved {
 pub struct QueueStats {
     pub depth: i64,
     pub oldest_due_at: Option<i64>,
+    /// Calls and SMS accepted by the provider whose report deadline has passed without a report.
+    pub unconfirmed: i64,
 }
 
 impl Store {
@@ -209,9 +211,17 @@ impl Store {
         )
         .fetch_one(&self.pool)
         .await?;
+        let unconfirmed: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deliveries WHERE status = 'accepted' \
+             AND (report_checks > 0 OR report_due_at < $1)",
+        )
+        .bind(crate::domain::now_ms())
+        .fetch_one(&self.pool)
+        .await?;
         Ok(QueueStats {
             depth: row.try_get("depth")?,
             oldest_due_at: row.try_get("oldest")?,
+            unconfirmed,
         })
     }
 

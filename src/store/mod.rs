@@ -7,7 +7,7 @@ mod incidents;
 mod queue;
 mod rows;
 
-pub use queue::{CallReport, CallbackEffect, Finish, RedialPolicy};
+pub use queue::{CallReport, CallbackEffect, Finish, Moved, RedialPolicy};
 
 pub use incidents::{IncidentFilter, QueueStats, Resolved};
 pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow};
@@ -384,8 +384,8 @@ where
     .bind(delivery_id)
     .bind(at)
     .bind(kind)
-    .bind(provider_id)
-    .bind(detail)
+    .bind(provider_id.map(|p| crate::domain::storable(p).into_owned()))
+    .bind(crate::domain::storable(detail).into_owned())
     .execute(executor)
     .await?;
     Ok(())

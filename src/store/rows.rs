@@ -70,13 +70,22 @@ pub struct DeliveryRow {
     pub updated_at: i64,
     pub finished_at: Option<i64>,
     pub played_at: Option<i64>,
+    /// The token of the claim that holds the lease: only that claim may record the outcome.
+    pub lease_token: Option<String>,
+    /// When an accepted call or SMS must have its final report (looked up, then given up on).
+    pub report_due_at: Option<i64>,
+    /// Look-ups made since the report deadline first passed.
+    pub report_checks: i64,
+    /// How often the lease ran out before an outcome was recorded.
+    pub lease_losses: i64,
 }
 
 impl DeliveryRow {
     pub const COLUMNS: &'static str =
         "id, incident_id, contact_name, phone, channel, greeting_ref, \
         status, attempts, redials, due_at, lease_owner, lease_until, provider_id, provider_status, \
-        last_error, last_request, created_at, updated_at, finished_at, played_at";
+        last_error, last_request, created_at, updated_at, finished_at, played_at, lease_token, \
+        report_due_at, report_checks, lease_losses";
 
     pub fn from_row(r: &AnyRow) -> anyhow::Result<Self> {
         Ok(DeliveryRow {
@@ -100,6 +109,10 @@ impl DeliveryRow {
             updated_at: r.try_get("updated_at")?,
             finished_at: r.try_get("finished_at")?,
             played_at: r.try_get("played_at")?,
+            lease_token: r.try_get("lease_token")?,
+            report_due_at: r.try_get("report_due_at")?,
+            report_checks: r.try_get("report_checks")?,
+            lease_losses: r.try_get("lease_losses")?,
         })
     }
 }

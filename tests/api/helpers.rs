@@ -376,6 +376,8 @@ impl Providers {
             ("SOS_GUPSHUP__USERID", "2000123456".into()),
             ("SOS_GUPSHUP__PASSWORD", "gs-secret".into()),
             ("SOS_DISPATCH__RETRY_SCHEDULE_SECS", "0.05, 0.1".into()),
+            // Attempts alone bound retries here; the outage tests set a time budget themselves.
+            ("SOS_DISPATCH__RETRY_FOR", "0s".into()),
             ("SOS_DISPATCH__POLL_INTERVAL_MS", "50".into()),
         ]
     }

@@ -1,0 +1,539 @@
+//! Fault-proof delivery: a bad outcome cannot poison a batch, an answer without an id is not a send,
+//! reports follow the attempt they name, pauses and resolves never cause a stray call, and every
+//! delivery that is not confirmed in time ends visibly.
+
+use std::time::Duration;
+
+use wiremock::matchers::{body_string_contains, method, path, path_regex};
+use wiremock::{Mock, ResponseTemplate};
+
+use crate::both_engines;
+use crate::helpers::*;
+
+both_engines!(
+    a_provider_error_with_a_nul_byte_poisons_nothing,
+    a_success_answer_without_an_id_is_sent_again,
+    a_redial_answered_in_xml_is_matched_by_its_own_call_sid,
+    a_delivery_never_confirmed_ends_at_its_deadline,
+    a_resolve_during_a_rate_wait_sends_nothing_more,
+    a_report_that_cancels_says_so_and_finishes_the_delivery,
+    finished_whatsapp_rows_are_left_alone_by_the_report_sweep,
+);
+
+const SID: &str = "f00d0e6fcd920019d7174b60099187v";
+
+async fn live_app(db: Db, p: &Providers, extra: &[(&'static str, String)]) -> TestApp {
+    let mut env = p.env();
+    env.extend(extra.iter().cloned());
+    spawn_app_with(db, &env).await
+}
+
+/// Sends per phone number on one stand-in path.
+async fn sends_to(p: &Providers, path: &str, key: &str, phone: &str) -> usize {
+    p.requests(path)
+        .await
+        .into_iter()
+        .filter(|(f, _)| field(f, key) == Some(phone))
+        .count()
+}
+
+/// One SMS answer carrying a NUL byte (PostgreSQL refuses `\0` in text) must not make the other
+/// outcomes recorded with it fail, must not be sent again, and must itself end.
+async fn a_provider_error_with_a_nul_byte_poisons_nothing(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    Mock::given(method("POST"))
+        .and(path(SMS_PATH))
+        .and(body_string_contains("To=%2B919800000004"))
+        .respond_with(ResponseTemplate::new(400).set_body_raw(
+            "{\"RestException\":{\"Status\":400,\"Message\":\"bad\\u0000number\"}}",
+            "application/json",
+        ))
+        .with_priority(1)
+        .mount(&p.exotel)
+        .await;
+    let app = live_app(
+        db,
+        &p,
+        &[
+            ("SOS_EXOTEL__CALL_TIMEOUT_SECS", "1".into()),
+            ("SOS_EXOTEL__SMS_TIMEOUT_SECS", "1".into()),
+            ("SOS_GUPSHUP__TIMEOUT_SECS", "1".into()),
+            ("SOS_DISPATCH__LEASE_SECS", "2".into()),
+        ],
+    )
+    .await;
+    for n in 0..3 {
+        let res = app
+            .passthru(&format!("CallSid={SID}{n}&EmergencyType=Heart"))
+            .await;
+        assert_eq!(res.status(), 200);
+    }
+    for n in 0..3 {
+        let ds = app.settled(&format!("{SID}{n}")).await;
+        let poisoned = ds
+            .iter()
+            .find(|d| d.channel == "sms" && d.phone == "+919800000004")
+            .expect("the desk's SMS");
+        assert_eq!(poisoned.status, "failed", "{poisoned:?}");
+        let reason = poisoned.last_error.clone().unwrap_or_default();
+        assert!(
+            reason.contains("bad") && !reason.contains('\0'),
+            "{reason:?}"
+        );
+        assert!(poisoned.attempts <= 1, "{poisoned:?}");
+    }
+    // Let any lease that was lost run out, then count: one request per delivery, none twice.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for phone in ["+919800000001", "+919800000005"] {
+        assert_eq!(sends_to(&p, SMS_PATH, "To", phone).await, 3, "{phone}");
+    }
+    assert_eq!(sends_to(&p, SMS_PATH, "To", "+919800000004").await, 3);
+    assert_eq!(p.requests(CALLS_PATH).await.len(), 6);
+    app.stop().await;
+}
+
+/// A 200 that names no call (a wrong base_url, a captive portal, a proxy page) leaves it unknown
+/// whether anybody is being called: send again rather than wait for a report that cannot come.
+async fn a_success_answer_without_an_id_is_sent_again(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    Mock::given(method("POST"))
+        .and(path(CALLS_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw("<html>Welcome to the hotel Wi-Fi</html>", "text/html"),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&p.exotel)
+        .await;
+    let app = live_app(db, &p, &[]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=brain"))
+        .await;
+    let store = app.store.clone();
+    let sent = eventually(Duration::from_secs(20), || {
+        let store = store.clone();
+        async move {
+            let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
+            store
+                .deliveries(&inc.id)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|d| d.channel == "call")
+                .all(|d| d.status == "accepted" && d.provider_id.is_some())
+        }
+    })
+    .await;
+    assert!(sent, "every call ends accepted with Exotel's CallSid");
+    // Brain has three calls; one of them met the captive page first and was dialled again.
+    assert_eq!(p.requests(CALLS_PATH).await.len(), 4);
+    app.stop().await;
+}
+
+/// A redial whose answer comes in Exotel's XML shape still names its call: the report for that call
+/// finishes the delivery, and a late report for the first call changes nothing.
+async fn a_redial_answered_in_xml_is_matched_by_its_own_call_sid(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(
+        db,
+        &p,
+        &[
+            ("SOS_DISPATCH__REDIAL_DELAY_SECS", "0.1".into()),
+            ("SOS_DISPATCH__MAX_REDIALS", "2".into()),
+        ],
+    )
+    .await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let ds = app.settled(SID).await;
+    let desk = ds
+        .iter()
+        .find(|d| d.channel == "call" && d.phone == "+919800000004")
+        .unwrap()
+        .clone();
+    let first = desk.provider_id.clone().expect("first CallSid");
+    // From now on Exotel answers in XML.
+    let xml_sid = "b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6";
+    Mock::given(method("POST"))
+        .and(path(CALLS_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<TwilioResponse><Call><Sid>{xml_sid}</Sid>\
+                 <Status>in-progress</Status><From>+919800000004</From></Call></TwilioResponse>"
+            ),
+            "application/xml",
+        ))
+        .with_priority(1)
+        .mount(&p.exotel)
+        .await;
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[("CallSid", first.as_str()), ("Status", "no-answer")],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let store = app.store.clone();
+    let id = desk.id.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let store = store.clone();
+            let id = id.clone();
+            async move {
+                let d = store.delivery(&id).await.unwrap().unwrap();
+                d.status == "accepted" && d.redials == 1
+            }
+        })
+        .await,
+        "redialled"
+    );
+    let d = app.store.delivery(&desk.id).await.unwrap().unwrap();
+    assert_eq!(d.provider_id.as_deref(), Some(xml_sid));
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[
+                ("CallSid", xml_sid),
+                ("CustomField", desk.greeting_ref.as_str()),
+                ("Status", "completed"),
+            ],
+        )
+        .await;
+    assert_eq!(res.status(), 200, "{:?}", res.text().await);
+    // The first call's report, repeated late, is recorded and ignored.
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[("CallSid", first.as_str()), ("Status", "no-answer")],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let d = app.store.delivery(&desk.id).await.unwrap().unwrap();
+    assert_eq!(d.status, "delivered");
+    assert_eq!(d.redials, 1);
+    assert_eq!(sends_to(&p, CALLS_PATH, "From", "+919800000004").await, 2);
+    app.stop().await;
+}
+
+/// Accepted calls and SMS whose report never comes and cannot be looked up are counted on /metrics
+/// while they wait, and end at their deadline: a call counts as not reached, an SMS as unconfirmed.
+async fn a_delivery_never_confirmed_ends_at_its_deadline(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    // The details API is down for good.
+    Mock::given(method("GET"))
+        .and(path_regex(r"^/v1/Accounts/acme/(Calls|SMS/Messages)/.*$"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&p.exotel)
+        .await;
+    let app = live_app(
+        db,
+        &p,
+        &[
+            ("SOS_DISPATCH__REPORT_WAIT_SECS", "0.4".into()),
+            ("SOS_DISPATCH__MAX_REDIALS", "0".into()),
+        ],
+    )
+    .await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=default"))
+        .await;
+    app.settled(SID).await;
+    let client = app.client.clone();
+    let base = app.base.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let client = client.clone();
+            let base = base.clone();
+            async move {
+                let text = client
+                    .get(format!("{base}/metrics"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                text.lines().any(|l| {
+                    l.starts_with("sos_deliveries_unconfirmed ")
+                        && l.split_whitespace().nth(1).is_some_and(|v| v != "0")
+                })
+            }
+        })
+        .await,
+        "the gauge shows deliveries waiting past their report deadline"
+    );
+    let store = app.store.clone();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let store = store.clone();
+            async move {
+                let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
+                store
+                    .deliveries(&inc.id)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .filter(|d| d.channel != "whatsapp")
+                    .all(|d| d.status == "failed")
+            }
+        })
+        .await,
+        "calls and SMS without any report end"
+    );
+    let call = app.delivery_of(SID, "call").await;
+    assert!(
+        call.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no status report")),
+        "{call:?}"
+    );
+    app.stop().await;
+}
+
+/// A call held back by the rate limit when its incident is resolved is not placed, and the wait
+/// spends no attempt.
+async fn a_resolve_during_a_rate_wait_sends_nothing_more(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(
+        db,
+        &p,
+        &[
+            // One call every 4 s with no burst beyond one: the second call waits in the limiter.
+            ("SOS_DISPATCH__CALL_PER_MINUTE", "15".into()),
+            ("SOS_DISPATCH__CALL_CONCURRENCY", "1".into()),
+        ],
+    )
+    .await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let store = app.store.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let store = store.clone();
+            async move {
+                let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
+                let ds = store.deliveries(&inc.id).await.unwrap();
+                ds.iter()
+                    .filter(|d| d.channel == "call")
+                    .any(|d| d.status == "accepted")
+                    && ds
+                        .iter()
+                        .filter(|d| d.channel == "call")
+                        .any(|d| d.status == "sending")
+            }
+        })
+        .await,
+        "one call placed, the other waiting for the rate limit"
+    );
+    let inc = app.store.incident_by_call_sid(SID).await.unwrap().unwrap();
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{}/resolve", app.base, inc.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(p.requests(CALLS_PATH).await.len(), 1);
+    let waiting = app
+        .deliveries_of(SID)
+        .await
+        .into_iter()
+        .find(|d| d.channel == "call" && d.provider_id.is_none())
+        .expect("the call that waited");
+    assert_eq!(waiting.status, "cancelled");
+    assert_eq!(
+        waiting.attempts, 0,
+        "a wait without a send spends no attempt"
+    );
+    assert!(waiting.finished_at.is_some());
+    app.stop().await;
+}
+
+/// A no-answer report for a call whose incident was resolved meanwhile cancels the redial: the trail
+/// says so, the delivery is finished, and the metric counts it.
+async fn a_report_that_cancels_says_so_and_finishes_the_delivery(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(db, &p, &[("SOS_DISPATCH__MAX_REDIALS", "2".into())]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=default"))
+        .await;
+    app.settled(SID).await;
+    let call = app.delivery_of(SID, "call").await;
+    let inc = app.store.incident_by_call_sid(SID).await.unwrap().unwrap();
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{}/resolve", app.base, inc.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let sid = call.provider_id.clone().unwrap();
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[("CallSid", sid.as_str()), ("Status", "no-answer")],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let d = app.store.delivery(&call.id).await.unwrap().unwrap();
+    assert_eq!(d.status, "cancelled");
+    assert!(d.finished_at.is_some(), "{d:?}");
+    let events = app.store.events(&call.id).await.unwrap();
+    let last = events.last().unwrap();
+    assert!(
+        last.detail.contains("now cancelled") && !last.detail.contains("now queued"),
+        "{last:?}"
+    );
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sos_deliveries_total{") && l.contains("state=\"cancelled\"")),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+/// WhatsApp has no report to look up: the sweep for overdue reports must not touch its rows.
+async fn finished_whatsapp_rows_are_left_alone_by_the_report_sweep(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(db, &p, &[("SOS_DISPATCH__REPORT_WAIT_SECS", "0.2".into())]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=brain"))
+        .await;
+    app.settled(SID).await;
+    let before = app.delivery_of(SID, "whatsapp").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = app.store.delivery(&before.id).await.unwrap().unwrap();
+    assert_eq!(before.updated_at, after.updated_at);
+    app.stop().await;
+}
+
+both_engines!(
+    a_stale_claim_cannot_overwrite_a_newer_one,
+    healthz_fails_once_the_dispatcher_is_dead,
+);
+
+/// A claim whose lease ran out, and whose delivery was claimed again (even by the same process), can
+/// no longer record an outcome: the newer claim's is the one that counts.
+async fn a_stale_claim_cannot_overwrite_a_newer_one(db: Db) {
+    use exotel_sos::domain::Channel;
+    use exotel_sos::store::Finish;
+    let app = spawn_app_with(db, &[without_dispatcher()]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=default"))
+        .await;
+    let store = &app.store;
+    let first = store
+        .claim(Channel::Call, "me", Duration::from_millis(200), 1)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    let old_token = first[0].lease_token.clone().unwrap();
+    // The lease runs out by the database's clock; the same process claims the delivery again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let moved = store.requeue_expired_leases(8).await.unwrap();
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].status, "queued");
+    let second = store
+        .claim(Channel::Call, "me", Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    let again = second
+        .iter()
+        .find(|d| d.id == first[0].id)
+        .expect("claimed again");
+    let new_token = again.lease_token.clone().unwrap();
+    assert_ne!(old_token, new_token);
+    let stale = store
+        .finish_attempt(
+            &first[0].id,
+            &old_token,
+            &Finish::Failed {
+                reason: "stale".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(stale, None, "the stale claim records nothing");
+    let fresh = store
+        .finish_attempt(
+            &first[0].id,
+            &new_token,
+            &Finish::Accepted {
+                provider_id: Some("sid-2".into()),
+                detail: "ok".into(),
+                report_due_at: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(fresh.as_deref(), Some("accepted"));
+    let d = store.delivery(&first[0].id).await.unwrap().unwrap();
+    assert_eq!(d.status, "accepted");
+    assert_eq!(d.provider_id.as_deref(), Some("sid-2"));
+    assert_eq!(d.lease_losses, 1);
+    app.stop().await;
+}
+
+async fn healthz_fails_once_the_dispatcher_is_dead(db: Db) {
+    let app = spawn_app(db).await;
+    let url = format!("{}/healthz", app.base);
+    assert_eq!(app.client.get(&url).send().await.unwrap().status(), 200);
+    app.state
+        .dispatcher_dead
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(app.client.get(&url).send().await.unwrap().status(), 503);
+    app.stop().await;
+}
+
+/// Two replicas drawing from one account-wide bucket are granted no more than the bucket allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_rate_limit_on_postgres() {
+    let db = TestDb::new(Db::Postgres).await;
+    let a = exotel_sos::store::Store::connect(&db.url, 2).await.unwrap();
+    a.migrate().await.unwrap();
+    let b = exotel_sos::store::Store::connect(&db.url, 2).await.unwrap();
+    // 60 a minute with a burst of 3: in the first second at most 3 + 1 are granted, whoever asks.
+    let started = std::time::Instant::now();
+    let mut granted = 0;
+    for i in 0..20 {
+        let store = if i % 2 == 0 { &a } else { &b };
+        if store
+            .take_rate_token("exotel:call", 60, 3)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            granted += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        granted as f64 <= 3.0 + elapsed + 1.0,
+        "{granted} granted in {elapsed:.2}s"
+    );
+    assert!(granted >= 3, "the burst is granted at once");
+    // A refused request is told how long to wait: about a second at 60 a minute.
+    let wait = a.take_rate_token("exotel:call", 60, 3).await.unwrap();
+    assert!(
+        wait.is_some_and(|w| w <= Duration::from_millis(1000)),
+        "{wait:?}"
+    );
+    a.close().await;
+    b.close().await;
+}
