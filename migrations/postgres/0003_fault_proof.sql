@@ -9,7 +9,9 @@ ALTER TABLE deliveries ADD COLUMN report_checks BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE deliveries ADD COLUMN lease_losses BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX deliveries_report_due ON deliveries (status, report_due_at);
 
-CREATE TABLE rate_buckets (
+-- Unlogged: a bucket is taken from on every send, and losing it in a crash only means one fresh burst,
+-- so it needs no WAL and no fsync.
+CREATE UNLOGGED TABLE rate_buckets (
     name        TEXT PRIMARY KEY,
     tokens      DOUBLE PRECISION NOT NULL,
     updated_at  BIGINT NOT NULL
