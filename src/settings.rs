@@ -158,12 +158,12 @@ impl DispatchSettings {
         })
     }
 
-    /// Time kept back after a provider request for recording its outcome: a request is started only
-    /// while its time limit plus this margin still fits in the lease.
+    /// Time kept back after a provider request for recording its outcome (a quarter of the lease,
+    /// 1 to 10 s): a request is started only while its time limit plus this margin fits in the lease.
     pub fn lease_margin(&self) -> std::time::Duration {
         let quarter = self.lease_secs / 4.0;
         if quarter.is_finite() {
-            std::time::Duration::from_secs_f64(quarter.clamp(0.0, 10.0))
+            std::time::Duration::from_secs_f64(quarter.clamp(1.0, 10.0))
         } else {
             std::time::Duration::ZERO
         }
@@ -391,8 +391,8 @@ impl Settings {
         if d.lease_secs.is_nan() || d.lease_secs <= longest as f64 + d.lease_margin().as_secs_f64()
         {
             problems.push(format!(
-                "dispatch.lease_secs ({}) must exceed the longest provider time limit ({longest} s) plus a \
-                 quarter of the lease (at most 10 s) to record the outcome, or a slow request would be sent twice",
+                "dispatch.lease_secs ({}) must exceed the longest provider time limit ({longest} s) plus a margin (a \
+                 quarter of the lease, 1 to 10 s) to record the outcome, or a slow request would be sent twice",
                 d.lease_secs
             ));
         }

@@ -8,6 +8,10 @@ ALTER TABLE deliveries ADD COLUMN report_due_at BIGINT;
 ALTER TABLE deliveries ADD COLUMN report_checks BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE deliveries ADD COLUMN lease_losses BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX deliveries_report_due ON deliveries (status, report_due_at);
+-- Calls and SMS already waiting for their report get a deadline too (the default report wait after their
+-- last change), so none waits forever for a callback that was lost.
+UPDATE deliveries SET report_due_at = updated_at + 600000
+    WHERE status = 'accepted' AND channel IN ('call', 'sms') AND report_due_at IS NULL;
 
 -- Unlogged: a bucket is taken from on every send, and losing it in a crash only means one fresh burst,
 -- so it needs no WAL and no fsync.

@@ -8,6 +8,10 @@ ALTER TABLE deliveries ADD COLUMN report_due_at INTEGER;
 ALTER TABLE deliveries ADD COLUMN report_checks INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE deliveries ADD COLUMN lease_losses INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX deliveries_report_due ON deliveries (status, report_due_at);
+-- Calls and SMS already waiting for their report get a deadline too (the default report wait after their
+-- last change), so none waits forever for a callback that was lost.
+UPDATE deliveries SET report_due_at = updated_at + 600000
+    WHERE status = 'accepted' AND channel IN ('call', 'sms') AND report_due_at IS NULL;
 
 CREATE TABLE rate_buckets (
     name        TEXT PRIMARY KEY,

@@ -42,6 +42,15 @@ impl Pause {
     }
 }
 
+/// What [`Limits::ready`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// Send now; `waited` when it had to wait (the world may have changed meanwhile).
+    Go { waited: bool },
+    /// The wait would outlast the lease: hand the delivery back, due in `retry_in`.
+    TooLate { retry_in: Duration },
+}
+
 pub struct Limits {
     pub concurrency: Arc<Semaphore>,
     rate: DefaultDirectRateLimiter,
@@ -72,18 +81,30 @@ impl Limits {
         }
     }
 
-    /// Waits until the provider is not paused and the rate allows one more request. Returns whether
-    /// it had to wait (the world may have changed meanwhile: the caller checks again).
-    pub async fn ready(&self) -> bool {
+    /// Waits until the provider is not paused and the rate allows one more request, as long as the
+    /// request can still start by `latest_start`. A wait that would run past it gives up at once,
+    /// before taking any of the rate: the delivery is handed back unsent rather than held past its
+    /// lease (another claim could then send it too).
+    pub async fn ready(&self, latest_start: Instant) -> Ready {
         let started = Instant::now();
         loop {
             if let Some(wait) = self.pause.remaining() {
+                if Instant::now() + wait > latest_start {
+                    return Ready::TooLate { retry_in: wait };
+                }
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            self.take_rate().await;
+            let left = latest_start.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, self.take_rate()).await.is_err() {
+                return Ready::TooLate {
+                    retry_in: Duration::ZERO,
+                };
+            }
             if self.pause.remaining().is_none() {
-                return started.elapsed() >= Duration::from_millis(5);
+                return Ready::Go {
+                    waited: started.elapsed() >= Duration::from_millis(5),
+                };
             }
         }
     }

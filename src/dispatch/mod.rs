@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use self::limits::{Limits, Pause, SharedRate};
+use self::limits::{Limits, Pause, Ready, SharedRate};
 use self::recorder::PendingOutcome;
 use self::retry::RetryPolicy;
 use crate::domain::{mask, mask_numbers, now_ms, Channel};
@@ -199,9 +199,9 @@ impl Dispatcher {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .map(|rx| tokio::spawn(recorder::record_outcomes(self.store.clone(), rx)));
-        if self.lanes.iter().any(|l| l.live) {
-            tokio::spawn(Arc::clone(&self).reconcile(shutdown.clone()));
-        }
+        let needs_reconciler = self.lanes.iter().any(|l| l.live);
+        let mut reconciler =
+            needs_reconciler.then(|| tokio::spawn(Arc::clone(&self).reconcile(shutdown.clone())));
         let poll = Duration::from_millis(self.settings.dispatch.poll_interval_ms.max(10));
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut last_reap: Option<tokio::time::Instant> = None;
@@ -210,6 +210,11 @@ impl Dispatcher {
                 break;
             }
             self.heartbeat.store(now_ms(), Ordering::Relaxed);
+            // Report deadlines stop silently if the reconciler dies: start it again, loudly.
+            if reconciler.as_ref().is_some_and(|r| r.is_finished()) && !*shutdown.borrow() {
+                tracing::error!("the report reconciler stopped; starting it again");
+                reconciler = Some(tokio::spawn(Arc::clone(&self).reconcile(shutdown.clone())));
+            }
             if last_reap.is_none_or(|t| t.elapsed() >= poll) {
                 last_reap = Some(tokio::time::Instant::now());
                 match self
@@ -415,11 +420,9 @@ impl Dispatcher {
                 Ok(None) => Finish::Failed {
                     reason: "incident not found".to_owned(),
                 },
-                // Nothing was sent: try again soon without spending an attempt.
-                Err(reason) => Finish::Requeue {
-                    due_at: now_ms() + 1000,
-                    reason,
-                },
+                // Nothing was sent, but an incident that cannot be read may never be: spend an
+                // attempt, so the retry policy bounds it.
+                Err(reason) => self.after_transient(&d, reason, None),
             };
             match &finish {
                 Finish::Accepted { provider_id, .. } => {
@@ -476,28 +479,48 @@ impl Dispatcher {
                 request: prepared.redacted_json(),
             };
         }
-        if lane.limits.ready().await {
-            // It waited for the provider's limits: the incident may have been resolved meanwhile.
-            if let Ok(Some(now)) = self.store.incident(&incident.id).await {
-                if now.status != "open" {
-                    return Finish::Cancelled {
-                        reason: format!(
-                            "incident {} while this waited for the provider's limits; not sent",
-                            now.status
-                        ),
-                    };
+        // The request, and the recording of its outcome, must fit in the lease.
+        let needed = prepared.timeout + self.settings.dispatch.lease_margin();
+        let latest_start = lease_deadline.checked_sub(needed).unwrap_or(lease_deadline);
+        match lane.limits.ready(latest_start).await {
+            Ready::TooLate { retry_in } => {
+                return Finish::Requeue {
+                    due_at: now_ms() + retry_in.as_millis() as i64,
+                    reason: "the provider's limits would have held it past its lease".to_owned(),
+                };
+            }
+            Ready::Go { waited: false } => {}
+            Ready::Go { waited: true } => {
+                // It waited: the incident may have been resolved meanwhile, and the lease shortened.
+                if let Ok(Some(now)) = self.store.incident(&incident.id).await {
+                    if now.status != "open" {
+                        return Finish::Cancelled {
+                            reason: format!(
+                                "incident {} while this waited for the provider's limits; not sent",
+                                now.status
+                            ),
+                        };
+                    }
+                }
+                match self
+                    .store
+                    .renew_lease(
+                        &d.id,
+                        d.lease_token.as_deref().unwrap_or_default(),
+                        self.lease,
+                    )
+                    .await
+                {
+                    Ok(true) => {}
+                    // Another claim owns it now (or the database cannot say): sending could call twice.
+                    Ok(false) | Err(_) => {
+                        return Finish::Requeue {
+                            due_at: now_ms(),
+                            reason: "its lease could not be renewed after waiting for the provider's limits".to_owned(),
+                        };
+                    }
                 }
             }
-        }
-        // A long wait may have outlasted the lease, or left too little of it for this request and the
-        // recording of its outcome: another claim may own the delivery by then, so sending would call
-        // the same person twice.
-        let needed = prepared.timeout + self.settings.dispatch.lease_margin();
-        if tokio::time::Instant::now() + needed > lease_deadline {
-            return Finish::Requeue {
-                due_at: now_ms(),
-                reason: "held past its lease by the provider's limits".to_owned(),
-            };
         }
         let started = std::time::Instant::now();
         let outcome = match providers::execute(&self.http, &prepared).await {

@@ -97,7 +97,8 @@ async fn record_plain(
         .map(|mut r| r.pop().flatten())
 }
 
-/// `finish` with every text cut to printable ASCII and a note that it was simplified.
+/// `finish` with every text cut to printable ASCII and a note that it was simplified; the provider id
+/// is kept.
 fn plain(finish: &Finish) -> Finish {
     fn ascii(s: &str) -> String {
         let kept: String = s
@@ -113,7 +114,8 @@ fn plain(finish: &Finish) -> Finish {
             detail,
             report_due_at,
         } => Finish::Accepted {
-            provider_id: provider_id.map(|p| p.chars().filter(char::is_ascii_graphic).collect()),
+            // The id stays as it is (the store makes it storable): callbacks must still match it.
+            provider_id,
             detail: ascii(&detail),
             report_due_at,
         },
@@ -144,7 +146,7 @@ mod tests {
     #[test]
     fn plain_outcomes_keep_their_kind_and_id_and_lose_odd_bytes() {
         let f = plain(&Finish::Accepted {
-            provider_id: Some("abc\u{0}1".into()),
+            provider_id: Some("abc1".into()),
             detail: "caf\u{e9} \u{0} ok".into(),
             report_due_at: Some(5),
         });

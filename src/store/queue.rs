@@ -113,6 +113,13 @@ macro_rules! finished_if_cancelled {
     };
 }
 
+/// Which rows a success report (`$2` = its provider id) may finish: the accepted attempt it names, and
+/// also one that was waiting for this very report when its deadline passed (a redial still queued, or a
+/// delivery failed as unconfirmed): a late "answered" is the truth and beats our guess.
+const ANSWERED_LATE_OR_NOW: &str = "((status = 'accepted' AND (provider_id = $2 OR provider_id IS NULL)) \
+     OR (status = 'queued' AND provider_id = $2) \
+     OR (status = 'failed' AND provider_id = $2 AND last_error LIKE '%no status report%')) RETURNING status";
+
 impl Engine {
     /// The database's clock in milliseconds since the epoch, as an SQL expression.
     fn now_sql(self) -> &'static str {
@@ -255,6 +262,28 @@ impl Store {
         Ok(results)
     }
 
+    /// Extends a lease the claim `token` still holds to `lease` from now by the database's clock (after a
+    /// long wait for a provider's limits). False when another claim owns the delivery now.
+    pub async fn renew_lease(
+        &self,
+        delivery_id: &str,
+        token: &str,
+        lease: Duration,
+    ) -> anyhow::Result<bool> {
+        let renewed = sqlx::query(&format!(
+            "UPDATE deliveries SET lease_until = {} + $3 \
+             WHERE id = $1 AND lease_token = $2 AND status = 'sending'",
+            self.engine.now_sql()
+        ))
+        .bind(delivery_id)
+        .bind(token)
+        .bind(lease.as_millis() as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(renewed == 1)
+    }
+
     /// Accepted calls or SMS whose report deadline has passed, oldest first. Each is given its next
     /// deadline (`now + wait`) and one more check in the same statement, so replicas never look up the
     /// same row at once and the next sweep waits a full period.
@@ -305,6 +334,7 @@ impl Store {
         } else {
             format!("unconfirmed: {why}")
         };
+        // The reasons say "no status report", which a late success report looks for.
         let mut tx = self.pool.begin().await?;
         let moved: Option<String> = if redial {
             sqlx::query_scalar(&format!(
@@ -529,8 +559,8 @@ impl Store {
             "completed" => (
                 format!(
                     "UPDATE deliveries SET status = 'delivered', provider_id = $2, provider_status = $3, \
-                     finished_at = $4, updated_at = $4, last_error = NULL, report_due_at = NULL {guard} \
-                     RETURNING status"
+                     finished_at = $4, updated_at = $4, last_error = NULL, report_due_at = NULL \
+                     WHERE id = $1 AND {ANSWERED_LATE_OR_NOW}"
                 ),
                 vec![id, sid, st, Arg::I(now)],
             ),
@@ -559,10 +589,12 @@ impl Store {
                 ),
                 vec![id, sid, st, Arg::I(now), Arg::S(reason), Arg::I(d.redials)],
             ),
-            // queued, ringing, in-progress: progress only.
+            // queued, ringing, in-progress: progress only, and proof that the call is alive, so the
+            // report deadline's look-ups start counting again.
             _ => (
                 format!(
-                    "UPDATE deliveries SET provider_status = $3, updated_at = $4 {guard} RETURNING status"
+                    "UPDATE deliveries SET provider_status = $3, updated_at = $4, report_checks = 0 {guard} \
+                     RETURNING status"
                 ),
                 vec![id, sid, st, Arg::I(now)],
             ),
@@ -612,8 +644,8 @@ impl Store {
             "sent" | "delivered" => (
                 format!(
                     "UPDATE deliveries SET status = 'delivered', provider_id = $2, provider_status = $3, \
-                     finished_at = $4, updated_at = $4, last_error = NULL, report_due_at = NULL {guard} \
-                     RETURNING status"
+                     finished_at = $4, updated_at = $4, last_error = NULL, report_due_at = NULL \
+                     WHERE id = $1 AND {ANSWERED_LATE_OR_NOW}"
                 ),
                 base,
             ),
@@ -627,7 +659,8 @@ impl Store {
             ),
             _ => (
                 format!(
-                    "UPDATE deliveries SET provider_status = $3, updated_at = $4 {guard} RETURNING status"
+                    "UPDATE deliveries SET provider_status = $3, updated_at = $4, report_checks = 0 {guard} \
+                     RETURNING status"
                 ),
                 base,
             ),

@@ -59,7 +59,7 @@ async fn a_provider_error_with_a_nul_byte_poisons_nothing(db: Db) {
             ("SOS_EXOTEL__CALL_TIMEOUT_SECS", "1".into()),
             ("SOS_EXOTEL__SMS_TIMEOUT_SECS", "1".into()),
             ("SOS_GUPSHUP__TIMEOUT_SECS", "1".into()),
-            ("SOS_DISPATCH__LEASE_SECS", "2".into()),
+            ("SOS_DISPATCH__LEASE_SECS", "4".into()),
         ],
     )
     .await;
@@ -84,7 +84,7 @@ async fn a_provider_error_with_a_nul_byte_poisons_nothing(db: Db) {
         assert!(poisoned.attempts <= 1, "{poisoned:?}");
     }
     // Let any lease that was lost run out, then count: one request per delivery, none twice.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     for phone in ["+919800000001", "+919800000005"] {
         assert_eq!(sends_to(&p, SMS_PATH, "To", phone).await, 3, "{phone}");
     }
@@ -427,7 +427,159 @@ async fn finished_whatsapp_rows_are_left_alone_by_the_report_sweep(db: Db) {
 both_engines!(
     a_stale_claim_cannot_overwrite_a_newer_one,
     healthz_fails_once_the_dispatcher_is_dead,
+    a_delivery_whose_lease_keeps_running_out_ends_failed,
+    a_late_answer_stops_a_redial_that_is_still_queued,
 );
+
+/// A lease that keeps running out (the process dies, or the outcome can never be recorded) ends the
+/// delivery after `max_attempts` losses instead of sending it forever.
+async fn a_delivery_whose_lease_keeps_running_out_ends_failed(db: Db) {
+    use exotel_sos::domain::Channel;
+    let app = spawn_app_with(db, &[without_dispatcher()]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=default"))
+        .await;
+    let store = &app.store;
+    let mut last = Vec::new();
+    for _ in 0..3 {
+        let claimed = store
+            .claim(Channel::Sms, "me", Duration::from_millis(50), 10)
+            .await
+            .unwrap();
+        assert!(!claimed.is_empty());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        last = store.requeue_expired_leases(3).await.unwrap();
+    }
+    assert!(!last.is_empty());
+    assert!(last.iter().all(|m| m.status == "failed"), "{last:?}");
+    let sms = app.delivery_of(SID, "sms").await;
+    assert_eq!(sms.status, "failed");
+    assert_eq!(sms.lease_losses, 3);
+    assert!(sms.finished_at.is_some());
+    assert!(
+        sms.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("may have been sent")),
+        "{sms:?}"
+    );
+    app.stop().await;
+}
+
+/// A redial waits after a no-answer; if Exotel's "completed" for that same call comes meanwhile, the
+/// doctor did answer: the delivery is delivered and the redial never dialled.
+async fn a_late_answer_stops_a_redial_that_is_still_queued(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(
+        db,
+        &p,
+        &[
+            ("SOS_DISPATCH__REDIAL_DELAY_SECS", "3".into()),
+            ("SOS_DISPATCH__MAX_REDIALS", "2".into()),
+        ],
+    )
+    .await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=default"))
+        .await;
+    app.settled(SID).await;
+    let call = app.delivery_of(SID, "call").await;
+    let sid = call.provider_id.clone().unwrap();
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[("CallSid", sid.as_str()), ("Status", "no-answer")],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        app.store.delivery(&call.id).await.unwrap().unwrap().status,
+        "queued"
+    );
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[("CallSid", sid.as_str()), ("Status", "completed")],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let d = app.store.delivery(&call.id).await.unwrap().unwrap();
+    assert_eq!(d.status, "delivered");
+    assert_eq!(sends_to(&p, CALLS_PATH, "From", &call.phone).await, 1);
+    app.stop().await;
+}
+
+/// On PostgreSQL, an outcome the database refuses (here a trigger stands in for any such fault) holds
+/// back no other outcome, and its own delivery ends within `max_attempts`, each try sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_the_database_refuses_poisons_nothing_and_ends() {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    Mock::given(method("POST"))
+        .and(path(SMS_PATH))
+        .and(body_string_contains("To=%2B919800000004"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(
+            serde_json::json!({"RestException": {"Status": 400, "Message": "poison"}}),
+        ))
+        .with_priority(1)
+        .mount(&p.exotel)
+        .await;
+    let app = live_app(
+        Db::Postgres,
+        &p,
+        &[
+            ("SOS_EXOTEL__CALL_TIMEOUT_SECS", "1".into()),
+            ("SOS_EXOTEL__SMS_TIMEOUT_SECS", "1".into()),
+            ("SOS_GUPSHUP__TIMEOUT_SECS", "1".into()),
+            ("SOS_DISPATCH__LEASE_SECS", "3".into()),
+            ("SOS_DISPATCH__MAX_ATTEMPTS", "2".into()),
+            ("SOS_DISPATCH__POLL_INTERVAL_MS", "100".into()),
+        ],
+    )
+    .await;
+    for sql in [
+        "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN            IF NEW.last_error LIKE '%poison%' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW;          END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse_poison BEFORE UPDATE ON deliveries FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    ] {
+        sqlx::query(sql).execute(app.store.pool()).await.unwrap();
+    }
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let store = app.store.clone();
+    assert!(
+        eventually(Duration::from_secs(40), || {
+            let store = store.clone();
+            async move {
+                let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
+                store
+                    .deliveries(&inc.id)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .all(|d| d.status != "queued" && d.status != "sending")
+            }
+        })
+        .await,
+        "every delivery ends, the refused one too"
+    );
+    let ds = app.deliveries_of(SID).await;
+    let poisoned = ds
+        .iter()
+        .find(|d| d.channel == "sms" && d.phone == "+919800000004")
+        .unwrap();
+    assert_eq!(poisoned.status, "failed", "{poisoned:?}");
+    assert_eq!(poisoned.lease_losses, 2, "{poisoned:?}");
+    // Each loss was one send; nothing else was sent twice.
+    assert_eq!(sends_to(&p, SMS_PATH, "To", "+919800000004").await, 2);
+    for phone in ["+919800000001", "+919800000005"] {
+        assert_eq!(sends_to(&p, SMS_PATH, "To", phone).await, 1, "{phone}");
+    }
+    assert_eq!(p.requests(CALLS_PATH).await.len(), 2);
+    assert!(ds
+        .iter()
+        .filter(|d| d.id != poisoned.id)
+        .all(|d| d.status == "accepted"));
+    app.stop().await;
+}
 
 /// A claim whose lease ran out, and whose delivery was claimed again (even by the same process), can
 /// no longer record an outcome: the newer claim's is the one that counts.

@@ -77,7 +77,7 @@ fn spawn_server(db_url: &str, stakeholders: &std::path::Path, p: &Providers, por
         .env("SOS_EXOTEL__CALL_TIMEOUT_SECS", "2")
         .env("SOS_EXOTEL__SMS_TIMEOUT_SECS", "2")
         .env("SOS_GUPSHUP__TIMEOUT_SECS", "2")
-        .env("SOS_DISPATCH__LEASE_SECS", "3")
+        .env("SOS_DISPATCH__LEASE_SECS", "4")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     for (k, v) in p.env() {
