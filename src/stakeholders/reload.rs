@@ -1,6 +1,7 @@
 //! Live reload of the stakeholder file on SIGHUP and on change; a broken edit keeps the previous routing.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ pub struct RoutingHandle {
     current: RwLock<Arc<Routing>>,
     path: PathBuf,
     region: phonenumber::country::Id,
+    /// Edits rejected since start: proof, for operators and tests, that a broken edit was seen.
+    rejected: AtomicU64,
 }
 
 impl RoutingHandle {
@@ -22,7 +25,13 @@ impl RoutingHandle {
             current: RwLock::new(Arc::new(routing)),
             path,
             region,
+            rejected: AtomicU64::new(0),
         }
+    }
+
+    /// How many edits of the file were rejected since start.
+    pub fn rejected_edits(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
     }
 
     pub fn current(&self) -> Arc<Routing> {
@@ -49,6 +58,7 @@ impl RoutingHandle {
                 Ok(())
             }
             Err(errors) => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
                 for e in &errors {
                     tracing::error!(error = %e, "stakeholder file rejected; previous routing kept");
                 }

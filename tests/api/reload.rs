@@ -27,7 +27,16 @@ async fn file_change_applies_and_broken_edit_keeps_previous_routing() {
         "[[contact]]\nname = \"x\"\nphone = \"1\"\n",
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The watcher saw the edit and rejected it (a dead watcher would pass the checks below unseen).
+    let routing = app.state.routing.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let r = routing.clone();
+            async move { r.rejected_edits() >= 1 }
+        })
+        .await,
+        "the broken edit was seen and rejected"
+    );
     app.passthru("CallSid=dddd0000000000000000000000000002&EmergencyType=Heart")
         .await;
     assert_eq!(
@@ -39,7 +48,6 @@ async fn file_change_applies_and_broken_edit_keeps_previous_routing() {
 
     // A good edit: applied without a restart.
     std::fs::write(&app.stakeholders, ONLY_DESK).unwrap();
-    let routing = app.state.routing.clone();
     assert!(
         eventually(Duration::from_secs(10), || {
             let r = routing.clone();
