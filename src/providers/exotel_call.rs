@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::exotel::{error_reason, Account};
+use super::exotel::{error_reason, path_segment, Account};
 use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
 use crate::domain::Channel;
 
@@ -87,7 +87,9 @@ impl Client for ExotelCall {
     /// <https://developer.exotel.com/api/call-details>: `GET …/Calls/{CallSid}.json`.
     fn status_lookup(&self, provider_id: &str) -> Option<Prepared> {
         Some(Prepared {
-            url: self.account.url(&format!("Calls/{provider_id}.json")),
+            url: self
+                .account
+                .url(&format!("Calls/{}.json", path_segment(provider_id))),
             form: Vec::new(),
             basic_auth: Some((self.account.api_key.clone(), self.account.api_token.clone())),
             secret_fields: &[],
@@ -181,5 +183,34 @@ mod tests {
                 "{s}"
             );
         }
+    }
+
+    #[test]
+    fn a_reported_call_sid_cannot_leave_the_call_details_path() {
+        for id in [
+            "../../Accounts/other/Calls/x",
+            "abc?x=1#frag",
+            "a/b",
+            "..",
+            "a b%2F",
+        ] {
+            let lookup = client().status_lookup(id).unwrap();
+            let url = reqwest::Url::parse(&lookup.url).unwrap();
+            let segments: Vec<&str> = url.path_segments().unwrap().collect();
+            assert_eq!(
+                segments[..4],
+                ["v1", "Accounts", "acme", "Calls"],
+                "{id}: {url}"
+            );
+            assert_eq!(segments.len(), 5, "{id}: {url}");
+            assert!(
+                url.query().is_none() && url.fragment().is_none(),
+                "{id}: {url}"
+            );
+        }
+        assert_eq!(
+            client().status_lookup("40ccc7656e1a3eb66c6cb2be57d1142k").unwrap().url,
+            "https://api.in.exotel.com/v1/Accounts/acme/Calls/40ccc7656e1a3eb66c6cb2be57d1142k.json"
+        );
     }
 }
