@@ -23,6 +23,7 @@ pub struct Settings {
     pub alertmanager: AlertmanagerSettings,
     pub readyz: ReadyzSettings,
     pub housekeeping: HousekeepingSettings,
+    pub retention: RetentionSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +184,24 @@ pub struct HousekeepingSettings {
     pub auto_resolve_every_ms: u64,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetentionSettings {
+    /// Resolved incidents older than this many days (by `resolved_at`) are deleted with their deliveries
+    /// and events. `0` keeps everything: the records are the proof of who was reached.
+    pub keep_days: u32,
+    /// How often to look for incidents past `keep_days`, milliseconds.
+    pub every_ms: u64,
+    /// Incidents deleted per transaction.
+    pub batch: u32,
+}
+
+impl RetentionSettings {
+    /// How long a resolved incident is kept, in milliseconds; `None` for "forever".
+    pub fn keep_ms(&self) -> Option<i64> {
+        (self.keep_days > 0).then(|| i64::from(self.keep_days).saturating_mul(86_400_000))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -335,6 +354,12 @@ impl Settings {
                  (UTC-14h to UTC+14h), not {}",
                 self.messages.utc_offset_minutes
             ));
+        }
+        if self.retention.every_ms < 10 {
+            problems.push("retention.every_ms must be at least 10".to_owned());
+        }
+        if !(1..=10_000).contains(&self.retention.batch) {
+            problems.push("retention.batch must be 1 to 10000".to_owned());
         }
         if self.messages.greeting_repeat == 0 {
             problems.push("messages.greeting_repeat must be at least 1".to_owned());

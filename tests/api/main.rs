@@ -9,6 +9,7 @@ mod check_config;
 mod cli;
 mod dispatch;
 mod greeting;
+mod hardening;
 mod health;
 mod metrics;
 mod passthru;
