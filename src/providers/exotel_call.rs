@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::exotel::{error_reason, path_segment, Account};
-use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
+use super::{classify_http, non_blank, Answer, Client, Job, Outcome, Prepared};
 use crate::domain::Channel;
 
 pub struct ExotelCall {
@@ -59,7 +59,7 @@ impl Client for ExotelCall {
         if (200..300).contains(&answer.status) {
             let sid = serde_json::from_str::<serde_json::Value>(&answer.body)
                 .ok()
-                .and_then(|v| v["Call"]["Sid"].as_str().map(str::to_owned));
+                .and_then(|v| non_blank(v["Call"]["Sid"].as_str()));
             let status = serde_json::from_str::<serde_json::Value>(&answer.body)
                 .ok()
                 .and_then(|v| v["Call"]["Status"].as_str().map(str::to_owned))
@@ -212,5 +212,21 @@ mod tests {
             client().status_lookup("40ccc7656e1a3eb66c6cb2be57d1142k").unwrap().url,
             "https://api.in.exotel.com/v1/Accounts/acme/Calls/40ccc7656e1a3eb66c6cb2be57d1142k.json"
         );
+    }
+
+    #[test]
+    fn a_blank_sid_is_no_provider_id() {
+        for body in [r#"{"Call":{"Sid":""}}"#, r#"{"Call":{"Sid":"  "}}"#] {
+            assert!(
+                !matches!(
+                    client().classify(&answer(200, body)),
+                    Outcome::Accepted {
+                        provider_id: Some(_),
+                        ..
+                    }
+                ),
+                "{body}"
+            );
+        }
     }
 }

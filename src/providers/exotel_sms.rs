@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::exotel::{error_reason, path_segment, Account};
-use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
+use super::{classify_http, non_blank, Answer, Client, Job, Outcome, Prepared};
 use crate::domain::Channel;
 
 /// Exotel's limit on one SMS body.
@@ -64,7 +64,7 @@ impl Client for ExotelSms {
                 serde_json::Value::Array(items) => items.first().cloned().unwrap_or_default(),
                 other => other.clone(),
             };
-            let sid = msg["Sid"].as_str().map(str::to_owned);
+            let sid = non_blank(msg["Sid"].as_str());
             let detail = format!(
                 "HTTP {}: {} {}",
                 answer.status,
@@ -209,6 +209,25 @@ mod tests {
             assert!(
                 url.query().is_none() && url.fragment().is_none(),
                 "{id}: {url}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_blank_sid_is_no_provider_id() {
+        for body in [
+            r#"{"SMSMessage":{"Sid":""}}"#,
+            r#"{"SMSMessage":[{"Sid":" "}]}"#,
+        ] {
+            assert!(
+                !matches!(
+                    client().classify(&answer(200, body)),
+                    Outcome::Accepted {
+                        provider_id: Some(_),
+                        ..
+                    }
+                ),
+                "{body}"
             );
         }
     }

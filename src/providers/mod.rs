@@ -97,6 +97,14 @@ fn redact_url_token(s: &str) -> String {
     format!("{}[REDACTED]{}", &s[..value_start], &s[value_end..])
 }
 
+/// A provider id as answered, trimmed; blank is none. Callbacks name a request by this id (cleaned the
+/// same way at the edge), so a blank one could never be matched and must not be stored as if it could.
+pub fn non_blank(id: Option<&str>) -> Option<String> {
+    id.map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
 /// What became of one provider request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
