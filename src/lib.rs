@@ -167,6 +167,10 @@ impl App {
             None
         };
         tokio::spawn(lifecycle::auto_resolve(self.state.clone(), stop_rx.clone()));
+        tokio::spawn(lifecycle::prune_old_incidents(
+            self.state.clone(),
+            stop_rx.clone(),
+        ));
         let router = http::router(self.state.clone());
         let mut stop_for_server = stop_rx.clone();
         let server = axum::serve(listener, router).with_graceful_shutdown(async move {

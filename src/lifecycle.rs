@@ -70,3 +70,43 @@ pub async fn auto_resolve(state: AppState, mut shutdown: tokio::sync::watch::Rec
         }
     }
 }
+
+/// Deletes resolved incidents older than `retention.keep_days`, every `retention.every_ms`, until
+/// `shutdown` turns true. Does nothing while `keep_days` is 0 (keep forever). Errors are logged and
+/// retried on the next round.
+pub async fn prune_old_incidents(
+    state: AppState,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let retention = &state.settings.retention;
+    let Some(keep_ms) = retention.keep_ms() else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(Duration::from_millis(retention.every_ms));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let cutoff = now_ms().saturating_sub(keep_ms);
+        match state
+            .store
+            .prune_resolved_before(cutoff, retention.batch)
+            .await
+        {
+            Ok(p) if p.incidents > 0 => tracing::info!(
+                incidents = p.incidents,
+                deliveries = p.deliveries,
+                events = p.events,
+                keep_days = retention.keep_days,
+                "retention: deleted resolved incidents past keep_days"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "retention: pruning failed"),
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! The `exotel-sos` command: `serve` (the default), `migrate`, `check-config`, `trigger`.
+//! The `exotel-sos` command: `serve` (the default), `migrate`, `check-config`, `trigger`, `backup`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -34,6 +34,13 @@ enum Command {
     /// Raise an incident through the running server's API (exit codes: 0 stored, 2 no token or bad
     /// settings, 3 server unreachable, 4 token refused, 5 input refused, 1 other).
     Trigger(TriggerCmd),
+    /// Write a consistent copy of the SQLite database to FILE (never overwrites; for PostgreSQL use
+    /// pg_dump or pg_basebackup).
+    Backup {
+        /// Where to write the copy; must not exist yet.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -73,6 +80,7 @@ async fn main() -> ExitCode {
         Command::Migrate => migrate(settings).await,
         Command::CheckConfig => return check_config(&settings),
         Command::Trigger(t) => return trigger(&settings, t).await,
+        Command::Backup { file } => backup(settings, &file).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -99,6 +107,30 @@ async fn migrate(settings: Settings) -> anyhow::Result<()> {
     let store = Store::connect(&settings.database.url, 1).await?;
     store.migrate().await?;
     println!("migrations applied ({})", store.engine().as_str());
+    Ok(())
+}
+
+async fn backup(settings: Settings, file: &std::path::Path) -> anyhow::Result<()> {
+    // Refused before connecting: a PostgreSQL URL is not an error of the database, and the operator
+    // needs to hear which tool to use instead.
+    if exotel_sos::store::Engine::of_url(&settings.database.url)?
+        != exotel_sos::store::Engine::Sqlite
+    {
+        anyhow::bail!(
+            "backup copies SQLite databases only; back up PostgreSQL with pg_dump (a logical copy) \
+             or pg_basebackup with WAL archiving (point-in-time recovery)"
+        );
+    }
+    let store = Store::connect(&settings.database.url, 1).await?;
+    // A mistyped path with mode=rwc opens a new empty database: refuse to back that up as if it were ours.
+    anyhow::ensure!(
+        store.is_migrated().await.unwrap_or(false),
+        "{} holds no exotel-sos database (run migrate, or check database.url)",
+        settings.database.url
+    );
+    store.backup_sqlite(file).await?;
+    store.close().await;
+    println!("backup written to {}", file.display());
     Ok(())
 }
 

@@ -23,6 +23,7 @@ pub struct Settings {
     pub alertmanager: AlertmanagerSettings,
     pub readyz: ReadyzSettings,
     pub housekeeping: HousekeepingSettings,
+    pub retention: RetentionSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,6 +122,12 @@ pub struct DispatchSettings {
     pub whatsapp_per_minute: u32,
 }
 
+/// The longest retry wait accepted in `dispatch.retry_schedule_secs`: a day.
+pub const MAX_RETRY_WAIT_SECS: f64 = 86_400.0;
+
+/// Exotel's and the world's time zones lie within UTC-14h..UTC+14h.
+pub const MAX_UTC_OFFSET_MINUTES: i32 = 14 * 60;
+
 impl DispatchSettings {
     /// The retry waits, parsed from `"2, 5, 15"`.
     pub fn retry_schedule(&self) -> Result<Vec<std::time::Duration>, String> {
@@ -129,13 +136,17 @@ impl DispatchSettings {
             .split(',')
             .map(|s| s.trim().parse::<f64>())
             .collect();
+        // Checked before converting: `Duration::from_secs_f64` panics on values too large for a
+        // Duration (1e300), and a wait of more than a day is a typo, not a retry policy.
         match waits {
-            Ok(w) if !w.is_empty() && w.iter().all(|s| s.is_finite() && *s >= 0.0) => Ok(w
-                .into_iter()
-                .map(std::time::Duration::from_secs_f64)
-                .collect()),
+            Ok(w) if !w.is_empty() && w.iter().all(|s| (0.0..=MAX_RETRY_WAIT_SECS).contains(s)) => {
+                Ok(w.into_iter()
+                    .map(std::time::Duration::from_secs_f64)
+                    .collect())
+            }
             _ => Err(format!(
-                "dispatch.retry_schedule_secs {:?} is not a list of seconds like \"2, 5, 15\"",
+                "dispatch.retry_schedule_secs {:?} is not a list of seconds like \"2, 5, 15\", each at \
+                 most {MAX_RETRY_WAIT_SECS} (a day)",
                 self.retry_schedule_secs
             )),
         }
@@ -202,6 +213,24 @@ pub struct ReadyzSettings {
 pub struct HousekeepingSettings {
     /// How often open incidents past `incidents.auto_resolve_after` are looked for.
     pub auto_resolve_every_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetentionSettings {
+    /// Resolved incidents older than this many days (by `resolved_at`) are deleted with their deliveries
+    /// and events. `0` keeps everything: the records are the proof of who was reached.
+    pub keep_days: u32,
+    /// How often to look for incidents past `keep_days`, milliseconds.
+    pub every_ms: u64,
+    /// Incidents deleted per transaction.
+    pub batch: u32,
+}
+
+impl RetentionSettings {
+    /// How long a resolved incident is kept, in milliseconds; `None` for "forever".
+    pub fn keep_ms(&self) -> Option<i64> {
+        (self.keep_days > 0).then(|| i64::from(self.keep_days).saturating_mul(86_400_000))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -347,6 +376,22 @@ impl Settings {
         if self.housekeeping.auto_resolve_every_ms < 10 {
             problems.push("housekeeping.auto_resolve_every_ms must be at least 10".to_owned());
         }
+        // Multiplied by 60 into a chrono offset: out of range it would overflow or be silently ignored.
+        if !(-MAX_UTC_OFFSET_MINUTES..=MAX_UTC_OFFSET_MINUTES)
+            .contains(&self.messages.utc_offset_minutes)
+        {
+            problems.push(format!(
+                "messages.utc_offset_minutes must be within -{MAX_UTC_OFFSET_MINUTES}..={MAX_UTC_OFFSET_MINUTES} \
+                 (UTC-14h to UTC+14h), not {}",
+                self.messages.utc_offset_minutes
+            ));
+        }
+        if self.retention.every_ms < 10 {
+            problems.push("retention.every_ms must be at least 10".to_owned());
+        }
+        if !(1..=10_000).contains(&self.retention.batch) {
+            problems.push("retention.batch must be 1 to 10000".to_owned());
+        }
         if self.messages.greeting_repeat == 0 {
             problems.push("messages.greeting_repeat must be at least 1".to_owned());
         }
@@ -368,16 +413,21 @@ impl Settings {
                 ));
             }
         }
-        for (key, value) in [
-            ("dispatch.lease_secs", d.lease_secs),
-            ("dispatch.retry_after_max_secs", d.retry_after_max_secs),
-            ("dispatch.redial_delay_secs", d.redial_delay_secs),
-            ("dispatch.shutdown_grace_secs", d.shutdown_grace_secs),
-            ("dispatch.report_wait_secs", d.report_wait_secs),
+        const DAY: f64 = 86_400.0;
+        for (key, value, max) in [
+            ("dispatch.lease_secs", d.lease_secs, DAY),
+            ("dispatch.retry_after_max_secs", d.retry_after_max_secs, DAY),
+            ("dispatch.redial_delay_secs", d.redial_delay_secs, DAY),
+            ("dispatch.shutdown_grace_secs", d.shutdown_grace_secs, DAY),
+            // Exotel keeps call details for far longer, but a report a week late helps nobody.
+            ("dispatch.report_wait_secs", d.report_wait_secs, 7.0 * DAY),
         ] {
-            // Durations are built from these on request and dispatch paths: a bad one must stop start-up.
-            if !(0.0..1e9).contains(&value) {
-                problems.push(format!("{key} must be a number of seconds, not {value}"));
+            // Durations are built from these on request and dispatch paths (`from_secs_f64` panics on
+            // huge values, and deadlines are added to clocks): a bad one must stop start-up instead.
+            if !(0.0..=max).contains(&value) {
+                problems.push(format!(
+                    "{key} must be a number of seconds from 0 to {max}, not {value}"
+                ));
             }
         }
         if d.max_attempts == 0 {
@@ -474,5 +524,61 @@ mod tests {
         let text = format!("{err:#}");
         assert!(text.contains("server.listen"), "{text}");
         assert!(text.contains("default_country"), "{text}");
+    }
+
+    fn with(entries: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        Settings::load_with_env(
+            None,
+            entries.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn a_huge_retry_wait_is_refused_not_a_panic() {
+        for schedule in ["1e300", "2, 5, 1e20", "86401"] {
+            let err = with(&[("SOS_DISPATCH__RETRY_SCHEDULE_SECS", schedule)]).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("dispatch.retry_schedule_secs"),
+                "{schedule}: {err:#}"
+            );
+        }
+        assert!(with(&[("SOS_DISPATCH__RETRY_SCHEDULE_SECS", "0, 0.5, 86400")]).is_ok());
+    }
+
+    #[test]
+    fn durations_in_seconds_are_bounded() {
+        for (key, value) in [
+            ("SOS_DISPATCH__LEASE_SECS", "1e8"),
+            ("SOS_DISPATCH__RETRY_AFTER_MAX_SECS", "1e300"),
+            ("SOS_DISPATCH__REDIAL_DELAY_SECS", "86401"),
+            ("SOS_DISPATCH__SHUTDOWN_GRACE_SECS", "86401"),
+            ("SOS_DISPATCH__REPORT_WAIT_SECS", "604801"),
+            ("SOS_DISPATCH__REPORT_WAIT_SECS", "NaN"),
+            ("SOS_DISPATCH__REDIAL_DELAY_SECS", "-1"),
+        ] {
+            let err = with(&[(key, value)]).unwrap_err();
+            let name = key
+                .trim_start_matches("SOS_DISPATCH__")
+                .to_ascii_lowercase();
+            assert!(format!("{err:#}").contains(&name), "{key}={value}: {err:#}");
+        }
+        assert!(with(&[("SOS_DISPATCH__REPORT_WAIT_SECS", "604800")]).is_ok());
+    }
+
+    #[test]
+    fn the_utc_offset_is_a_real_zone_offset() {
+        for offset in ["841", "-841", "2147483647"] {
+            let err = with(&[("SOS_MESSAGES__UTC_OFFSET_MINUTES", offset)]).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("messages.utc_offset_minutes"),
+                "{offset}: {err:#}"
+            );
+        }
+        for offset in ["840", "-840", "0", "-210"] {
+            assert!(
+                with(&[("SOS_MESSAGES__UTC_OFFSET_MINUTES", offset)]).is_ok(),
+                "{offset}"
+            );
+        }
     }
 }

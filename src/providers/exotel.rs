@@ -66,6 +66,20 @@ pub fn unnamed_success(status: u16, body: &str, what: &str) -> super::Outcome {
     }
 }
 
+/// One URL path segment, percent-encoded: a provider id comes from a callback (anyone holding the
+/// webhook token can send one), so `../` or `?` in it must not steer the look-up to another path.
+pub fn path_segment(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for b in raw.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Account and credentials, shared by the call and SMS clients.
 #[derive(Clone)]
 pub struct Account {

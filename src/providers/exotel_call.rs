@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::exotel::{error_reason, unnamed_success, xml_field, Account};
+use super::exotel::{error_reason, path_segment, unnamed_success, xml_field, Account};
 use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
 use crate::domain::Channel;
 
@@ -91,7 +91,9 @@ impl Client for ExotelCall {
     /// <https://developer.exotel.com/api/call-details>: `GET …/Calls/{CallSid}.json`.
     fn status_lookup(&self, provider_id: &str) -> Option<Prepared> {
         Some(Prepared {
-            url: self.account.url(&format!("Calls/{provider_id}.json")),
+            url: self
+                .account
+                .url(&format!("Calls/{}.json", path_segment(provider_id))),
             form: Vec::new(),
             basic_auth: Some((self.account.api_key.clone(), self.account.api_token.clone())),
             secret_fields: &[],
@@ -200,6 +202,51 @@ mod tests {
             assert!(
                 matches!(c.classify(&answer(s, "")), Outcome::Transient { .. }),
                 "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reported_call_sid_cannot_leave_the_call_details_path() {
+        for id in [
+            "../../Accounts/other/Calls/x",
+            "abc?x=1#frag",
+            "a/b",
+            "..",
+            "a b%2F",
+        ] {
+            let lookup = client().status_lookup(id).unwrap();
+            let url = reqwest::Url::parse(&lookup.url).unwrap();
+            let segments: Vec<&str> = url.path_segments().unwrap().collect();
+            assert_eq!(
+                segments[..4],
+                ["v1", "Accounts", "acme", "Calls"],
+                "{id}: {url}"
+            );
+            assert_eq!(segments.len(), 5, "{id}: {url}");
+            assert!(
+                url.query().is_none() && url.fragment().is_none(),
+                "{id}: {url}"
+            );
+        }
+        assert_eq!(
+            client().status_lookup("40ccc7656e1a3eb66c6cb2be57d1142k").unwrap().url,
+            "https://api.in.exotel.com/v1/Accounts/acme/Calls/40ccc7656e1a3eb66c6cb2be57d1142k.json"
+        );
+    }
+
+    #[test]
+    fn a_blank_sid_is_no_provider_id() {
+        for body in [r#"{"Call":{"Sid":""}}"#, r#"{"Call":{"Sid":"  "}}"#] {
+            assert!(
+                !matches!(
+                    client().classify(&answer(200, body)),
+                    Outcome::Accepted {
+                        provider_id: Some(_),
+                        ..
+                    }
+                ),
+                "{body}"
             );
         }
     }

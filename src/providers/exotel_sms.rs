@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::exotel::{error_reason, unnamed_success, xml_field, Account};
+use super::exotel::{error_reason, path_segment, unnamed_success, xml_field, Account};
 use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
 use crate::domain::Channel;
 
@@ -104,7 +104,7 @@ impl Client for ExotelSms {
         Some(Prepared {
             url: self
                 .account
-                .url(&format!("SMS/Messages/{provider_id}.json")),
+                .url(&format!("SMS/Messages/{}.json", path_segment(provider_id))),
             form: Vec::new(),
             basic_auth: Some((self.account.api_key.clone(), self.account.api_token.clone())),
             secret_fields: &[],
@@ -223,5 +223,43 @@ mod tests {
             empty_dlt.url,
             "https://api.exotel.com/v1/Accounts/acme/Sms/send.json"
         );
+    }
+
+    #[test]
+    fn a_reported_sms_sid_cannot_leave_the_sms_details_path() {
+        for id in ["../../../Calls/x", "abc?x=1#frag", "a/b", ".."] {
+            let lookup = client().status_lookup(id).unwrap();
+            let url = reqwest::Url::parse(&lookup.url).unwrap();
+            let segments: Vec<&str> = url.path_segments().unwrap().collect();
+            assert_eq!(
+                segments[..5],
+                ["v1", "Accounts", "acme", "SMS", "Messages"],
+                "{id}: {url}"
+            );
+            assert_eq!(segments.len(), 6, "{id}: {url}");
+            assert!(
+                url.query().is_none() && url.fragment().is_none(),
+                "{id}: {url}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_blank_sid_is_no_provider_id() {
+        for body in [
+            r#"{"SMSMessage":{"Sid":""}}"#,
+            r#"{"SMSMessage":[{"Sid":" "}]}"#,
+        ] {
+            assert!(
+                !matches!(
+                    client().classify(&answer(200, body)),
+                    Outcome::Accepted {
+                        provider_id: Some(_),
+                        ..
+                    }
+                ),
+                "{body}"
+            );
+        }
     }
 }

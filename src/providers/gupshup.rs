@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
+use super::{classify_http, non_blank, Answer, Client, Job, Outcome, Prepared};
 use crate::domain::Channel;
 
 pub struct Gupshup {
@@ -78,9 +78,8 @@ impl Client for Gupshup {
         };
         let status = field("status");
         if (200..300).contains(&answer.status) && status.eq_ignore_ascii_case("success") {
-            let id = field("id");
             return Outcome::Accepted {
-                provider_id: (!id.is_empty()).then_some(id),
+                provider_id: non_blank(Some(&field("id"))),
                 detail: format!("HTTP {}: success", answer.status),
             };
         }
@@ -196,5 +195,17 @@ mod tests {
         assert!(p.form.contains(&("send_to".into(), "919800000001".into())));
         let stored = p.redacted_json();
         assert!(!stored.contains("\"pw\""), "{stored}");
+    }
+
+    #[test]
+    fn a_blank_id_is_no_provider_id() {
+        let body = r#"{"response":{"id":"  ","status":"success"}}"#;
+        assert!(!matches!(
+            client().classify(&answer(200, body)),
+            Outcome::Accepted {
+                provider_id: Some(_),
+                ..
+            }
+        ));
     }
 }

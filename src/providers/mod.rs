@@ -53,7 +53,9 @@ impl Prepared {
         RedactedRequest {
             method: "POST",
             url: redact_url_token(&self.url),
-            basic_auth_user: self.basic_auth.as_ref().map(|(user, _)| user.clone()),
+            // Exotel's basic-auth user is the API key: half a credential, so only a hint of it is kept
+            // (enough to tell which key was configured).
+            basic_auth_user: self.basic_auth.as_ref().map(|(user, _)| mask_key(user)),
             form: self
                 .form
                 .iter()
@@ -73,6 +75,15 @@ impl Prepared {
     }
 }
 
+/// `a1b2c3d4e5f6…` → `a1b2****`; keys too short to spare four characters show nothing.
+fn mask_key(key: &str) -> String {
+    if key.chars().count() < 12 {
+        return "****".to_owned();
+    }
+    let head: String = key.chars().take(4).collect();
+    format!("{head}****")
+}
+
 /// `…?token=abc&x=1` → `…?token=[REDACTED]&x=1`.
 fn redact_url_token(s: &str) -> String {
     let Some(start) = s.find("token=") else {
@@ -84,6 +95,14 @@ fn redact_url_token(s: &str) -> String {
         .map(|i| value_start + i)
         .unwrap_or(s.len());
     format!("{}[REDACTED]{}", &s[..value_start], &s[value_end..])
+}
+
+/// A provider id as answered, trimmed; blank is none. Callbacks name a request by this id (cleaned the
+/// same way at the edge), so a blank one could never be matched and must not be stored as if it could.
+pub fn non_blank(id: Option<&str>) -> Option<String> {
+    id.map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
 }
 
 /// What became of one provider request.
@@ -263,5 +282,31 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn the_api_key_is_masked_in_the_stored_request() {
+        // A partial Exotel configuration (key set, token missing) runs dry-run and stores its request.
+        let p = Prepared {
+            url: "https://api.exotel.com/v1/Accounts/acme/Calls/connect.json".into(),
+            form: vec![("From".into(), "+919800000001".into())],
+            basic_auth: Some((
+                "a1b2c3d4e5f6a7b8c9d0".into(),
+                SecretString::from(String::new()),
+            )),
+            secret_fields: &[],
+            timeout: Duration::from_secs(1),
+        };
+        let json = p.redacted_json();
+        assert!(!json.contains("a1b2c3d4e5f6a7b8c9d0"), "{json}");
+        assert!(!json.contains("e5f6a7b8"), "{json}");
+        let user = p.redacted().basic_auth_user.unwrap();
+        assert!(user.starts_with("a1b2") && user.contains('*'), "{user}");
+        // Short keys show nothing of themselves.
+        let short = Prepared {
+            basic_auth: Some(("k".into(), SecretString::from(String::new()))),
+            ..p
+        };
+        assert_eq!(short.redacted().basic_auth_user.as_deref(), Some("****"));
     }
 }

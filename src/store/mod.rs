@@ -5,6 +5,7 @@
 
 mod incidents;
 mod queue;
+pub mod retention;
 mod rows;
 
 pub use queue::{CallReport, CallbackEffect, Finish, Moved, RedialPolicy};

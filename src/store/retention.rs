@@ -1,0 +1,129 @@
+//! Retention and backup: pruning resolved incidents past `retention.keep_days` with everything recorded
+//! under them, and a consistent copy of an SQLite database.
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use super::{Engine, Store};
+use crate::domain::now_ms;
+
+/// What one pruning pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub incidents: u64,
+    pub deliveries: u64,
+    pub events: u64,
+}
+
+impl Pruned {
+    fn add(&mut self, other: Pruned) {
+        self.incidents += other.incidents;
+        self.deliveries += other.deliveries;
+        self.events += other.events;
+    }
+}
+
+impl Store {
+    /// Deletes resolved incidents whose `resolved_at` is before `cutoff_ms`, their deliveries and their
+    /// delivery events, `batch` incidents per transaction, until none is left. Open incidents are never
+    /// touched, nor a resolved one with a delivery still leased (a send in flight records its outcome).
+    ///
+    /// Short transactions, child rows first: the Passthru shares this database, and on SQLite one long
+    /// delete would hold the only write lock while an emergency waits.
+    pub async fn prune_resolved_before(
+        &self,
+        cutoff_ms: i64,
+        batch: u32,
+    ) -> anyhow::Result<Pruned> {
+        let mut total = Pruned::default();
+        loop {
+            let pruned = self.prune_batch(cutoff_ms, batch.max(1)).await?;
+            total.add(pruned);
+            if pruned.incidents < u64::from(batch.max(1)) {
+                return Ok(total);
+            }
+            // Let waiting writers in between batches.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn prune_batch(&self, cutoff_ms: i64, batch: u32) -> anyhow::Result<Pruned> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM incidents i WHERE i.status = 'resolved' AND i.resolved_at < $1 \
+             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.incident_id = i.id \
+                             AND d.lease_until IS NOT NULL AND d.lease_until > $2) \
+             ORDER BY i.resolved_at, i.id LIMIT $3",
+        )
+        .bind(cutoff_ms)
+        .bind(now_ms())
+        .bind(i64::from(batch))
+        .fetch_all(&self.pool)
+        .await
+        .context("listing incidents to prune")?;
+        if ids.is_empty() {
+            return Ok(Pruned::default());
+        }
+        // One placeholder per id: both engines accept `$N`, and a batch stays far below SQLite's limit
+        // on bound parameters.
+        let list = (1..=ids.len())
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Every table that references deliveries or incidents must be emptied here, children first.
+        let statements = [
+            format!(
+                "DELETE FROM delivery_events WHERE delivery_id IN \
+                 (SELECT id FROM deliveries WHERE incident_id IN ({list}))"
+            ),
+            format!("DELETE FROM deliveries WHERE incident_id IN ({list})"),
+            format!("DELETE FROM incidents WHERE status = 'resolved' AND id IN ({list})"),
+        ];
+        let mut tx = self.pool.begin().await?;
+        let mut counts = [0u64; 3];
+        for (sql, count) in statements.iter().zip(counts.iter_mut()) {
+            let mut query = sqlx::query(sql);
+            for id in &ids {
+                query = query.bind(id);
+            }
+            *count = query
+                .execute(&mut *tx)
+                .await
+                .context("pruning old incidents")?
+                .rows_affected();
+        }
+        tx.commit().await.context("committing a pruning batch")?;
+        Ok(Pruned {
+            events: counts[0],
+            deliveries: counts[1],
+            incidents: counts[2],
+        })
+    }
+
+    /// Writes a consistent copy of this SQLite database to `file` with `VACUUM INTO`, which reads one
+    /// snapshot while the server keeps writing. Refuses an existing file (a backup never overwrites)
+    /// and PostgreSQL (whose own tools do this better: pg_dump, pg_basebackup).
+    pub async fn backup_sqlite(&self, file: &Path) -> anyhow::Result<()> {
+        if self.engine != Engine::Sqlite {
+            anyhow::bail!(
+                "backup copies SQLite databases only; back up PostgreSQL with pg_dump (a logical copy) \
+                 or pg_basebackup with WAL archiving (point-in-time recovery)"
+            );
+        }
+        if file.exists() {
+            anyhow::bail!(
+                "{} already exists; a backup never overwrites a file",
+                file.display()
+            );
+        }
+        let target = file
+            .to_str()
+            .context("the backup file name is not valid UTF-8")?;
+        sqlx::query("VACUUM INTO $1")
+            .bind(target)
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("writing the backup to {}", file.display()))?;
+        Ok(())
+    }
+}
