@@ -32,18 +32,19 @@ impl Params {
         if body.is_empty() {
             return Ok(());
         }
-        let content_type = headers
+        let original = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
+            .unwrap_or("");
+        // Media types match case-insensitively; the boundary does not, so it is read from `original`.
+        let content_type = original.trim_start().to_ascii_lowercase();
         if content_type.starts_with("application/json") {
             let value: serde_json::Value = serde_json::from_slice(&body)
                 .map_err(|e| format!("the body is not valid JSON: {e}"))?;
             flatten_json("", &value, &mut self.pairs);
             Ok(())
         } else if content_type.starts_with("multipart/form-data") {
-            let boundary = multer::parse_boundary(&content_type)
+            let boundary = multer::parse_boundary(original.trim())
                 .map_err(|e| format!("bad multipart body: {e}"))?;
             let stream =
                 futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
@@ -178,6 +179,19 @@ mod tests {
         assert_eq!(p.get("Legs[1][Insights][Status]").as_deref(), Some("x"));
         assert_eq!(p.get("EmergencyType").as_deref(), Some("Heart"));
         assert_eq!(p.get("missing"), None);
+    }
+
+    #[tokio::test]
+    async fn multipart_boundary_keeps_its_case() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            "Multipart/Form-Data; boundary=XyZ".parse().unwrap(),
+        );
+        let body = "--XyZ\r\nContent-Disposition: form-data; name=\"CallSid\"\r\n\r\nabc\r\n--XyZ--\r\n";
+        let mut p = Params::default();
+        p.extend_body(&headers, Bytes::from(body)).await.unwrap();
+        assert_eq!(p.get("CallSid").as_deref(), Some("abc"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod dispatch;
 mod greeting;
 mod health;
 mod metrics;
+mod multipart;
 mod passthru;
 mod reload;
 mod resilience;
