@@ -138,6 +138,17 @@ pub async fn passthru(
     }
 }
 
+/// `HEAD /exotel/passthru`: a probe, answered 200 with nothing read or written. 200 rather than 405:
+/// Exotel checks applet URLs with HEAD before it GETs them (documented for the SMS applet), and uptime
+/// checks do the same; a 405 would look like a broken URL, while only a GET or POST is an emergency.
+pub async fn passthru_probe(State(state): State<AppState>, uri: Uri) -> Response {
+    let params = Params::from_query(uri.query());
+    if !state.webhook_token_ok(params.get("token").as_deref()) {
+        return AppError::Unauthorized.into_response();
+    }
+    StatusCode::OK.into_response()
+}
+
 /// `GET`/`HEAD` `/exotel/greeting?CustomField=<reference>`: what the outbound call plays. Always 200 with
 /// `Content-Type: text/plain` and something speakable, whatever the request holds.
 #[tracing::instrument(skip_all, fields(delivery_id))]

@@ -74,7 +74,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/exotel/passthru",
-            get(exotel::passthru).post(exotel::passthru),
+            // An explicit HEAD, or axum would run the GET handler for it and store an emergency.
+            get(exotel::passthru)
+                .post(exotel::passthru)
+                .head(exotel::passthru_probe),
         )
         .route(
             "/exotel/greeting",

@@ -13,5 +13,6 @@ mod health;
 mod metrics;
 mod multipart;
 mod passthru;
+mod passthru_head;
 mod reload;
 mod resilience;
