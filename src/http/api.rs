@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use super::params::http_url;
+use super::params::{http_url, strip_json_controls, strip_raw_controls};
 use super::AppState;
 use crate::domain::{mask, Source};
 use crate::error::AppError;
@@ -477,8 +477,16 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// Parses a JSON body with every control character but tab, newline and carriage return removed, raw or
+/// escaped: PostgreSQL refuses NUL in text, and a stray byte must never refuse an emergency.
+fn clean_json(body: &[u8]) -> Result<Value, serde_json::Error> {
+    let mut value = serde_json::from_slice::<Value>(&strip_raw_controls(body))?;
+    strip_json_controls(&mut value);
+    Ok(value)
+}
+
 fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, AppError> {
-    match serde_json::from_slice::<Value>(body) {
+    match clean_json(body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(unprocessable(
             "body",
@@ -726,7 +734,8 @@ pub async fn alertmanager(
     body: Bytes,
 ) -> Result<Json<AlertmanagerOutcome>, AppError> {
     require_admin(&state, &headers)?;
-    let payload: AlertmanagerPayload = serde_json::from_slice(&body)
+    let payload: AlertmanagerPayload = clean_json(&body)
+        .and_then(serde_json::from_value)
         .map_err(|e| unprocessable("body", format!("is not an Alertmanager payload: {e}")))?;
     if payload.version != "4" {
         return Err(unprocessable(

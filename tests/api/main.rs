@@ -7,6 +7,7 @@ mod alertmanager;
 mod api;
 mod check_config;
 mod cli;
+mod control_chars;
 mod dispatch;
 mod greeting;
 mod health;
