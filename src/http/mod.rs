@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod callbacks;
+pub mod edge;
 pub mod exotel;
 pub mod health;
 pub mod params;
@@ -92,13 +93,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(max_uri, limit_uri))
+        .layer(middleware::from_fn_with_state(timeout, edge::deadline))
+        // Outside the time limit, so its 408s are counted too.
         .layer(middleware::from_fn_with_state(
             state.clone(),
             health::count_requests,
-        ))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
         ))
         // The span holds the path only: query strings carry the webhook token and phone numbers.
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {

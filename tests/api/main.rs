@@ -2,12 +2,14 @@
 
 mod helpers;
 mod op;
+mod raw;
 
 mod alertmanager;
 mod api;
 mod check_config;
 mod cli;
 mod control_chars;
+mod deadline;
 mod dispatch;
 mod greeting;
 mod health;
