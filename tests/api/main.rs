@@ -8,6 +8,7 @@ mod alertmanager;
 mod api;
 mod check_config;
 mod cli;
+mod cli_dedup;
 mod control_chars;
 mod deadline;
 mod dispatch;
