@@ -5,6 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
+use super::edge::PublicDb;
 use super::params::Params;
 use super::AppState;
 use crate::error::AppError;
@@ -165,11 +166,20 @@ pub async fn sms_status(
 /// for Exotel's URLs. Redirects to the stored recording only.
 pub async fn recording_link(
     State(state): State<AppState>,
+    limits: PublicDb,
     Path(reference): Path<String>,
 ) -> Response {
     if reference.len() > 128 {
         return (StatusCode::NOT_FOUND, "no such recording").into_response();
     }
+    // Anyone can ask: a share of the database, so a flood of guesses cannot take the Passthru's.
+    let _permit = match &limits {
+        Some(l) => match l.public_db(std::time::Duration::from_secs(2)).await {
+            Some(p) => Some(p),
+            None => return (StatusCode::SERVICE_UNAVAILABLE, "busy; try again").into_response(),
+        },
+        None => None,
+    };
     match state.store.greeting(&reference).await {
         Ok(Some(view)) => match view.recording_url {
             Some(url) => (StatusCode::FOUND, [(header::LOCATION, url)]).into_response(),

@@ -1,13 +1,16 @@
-//! Limits at the door: the request time limit that never turns a stored incident into a failure.
+//! Limits at the door: the request time limit that never turns a stored incident into a failure, the
+//! share of capacity kept back for `/exotel/*`, and the cap on database use by unauthenticated reads.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::body::HttpBody as _;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Time kept back from a handler's budget to write its answer before the request time limit.
@@ -86,6 +89,73 @@ pub async fn deadline(State(limit): State<Duration>, mut req: Request, next: Nex
             }
         },
     }
+}
+
+/// Shared limits, built once per router.
+pub struct Limits {
+    /// In-flight requests outside `/exotel/*`: `server.max_connections - server.reserved_for_exotel`.
+    other_routes: Arc<Semaphore>,
+    /// Concurrent database work of unauthenticated reads (`/r/…`, `/readyz`, `/metrics`).
+    public_db: Arc<Semaphore>,
+}
+
+impl Limits {
+    pub fn new(other_routes: usize, public_db: usize) -> Arc<Self> {
+        Arc::new(Limits {
+            other_routes: Arc::new(Semaphore::new(other_routes.max(1))),
+            public_db: Arc::new(Semaphore::new(public_db.max(1))),
+        })
+    }
+
+    /// A share of the database for an unauthenticated read, if one frees up within `wait`. They are
+    /// few, so that such reads (anyone can send them) never take the connections the Passthru needs.
+    pub async fn public_db(&self, wait: Duration) -> Option<OwnedSemaphorePermit> {
+        tokio::time::timeout(wait, self.public_db.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+}
+
+/// The public-read share, from the request (absent only in router-only tests: then no cap).
+pub type PublicDb = Option<axum::Extension<Arc<Limits>>>;
+
+/// Keeps capacity back for `/exotel/*`: every other request holds a permit while it runs (and while
+/// its body streams, for answers of unknown length such as event streams or downloads), and is refused
+/// at once with 503 when none is left, so it can neither queue up nor hold a connection meanwhile.
+pub async fn route_budget(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
+    if req.uri().path().starts_with("/exotel/") {
+        return next.run(req).await;
+    }
+    let Ok(permit) = limits.other_routes.clone().try_acquire_owned() else {
+        tracing::warn!(
+            path = %req.uri().path(),
+            "no capacity left outside /exotel/*; answering 503"
+        );
+        let mut res = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy: capacity is kept for emergency webhooks; try again",
+        )
+            .into_response();
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return res;
+    };
+    let res = next.run(req).await;
+    if res.body().size_hint().exact().is_some() {
+        // Fully formed already: the permit goes back now.
+        return res;
+    }
+    // A stream: the permit goes back when the stream ends or the client leaves.
+    res.map(|body| {
+        use futures_util::StreamExt;
+        axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
+            let _held = &permit;
+            chunk
+        }))
+    })
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
+use super::edge::PublicDb;
 use super::AppState;
 use crate::domain::{now_ms, Channel};
 use crate::metrics::{CLASSIC_CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE};
@@ -48,7 +49,15 @@ struct DispatcherState {
 
 /// `GET /readyz`: 200 when the database answers and is migrated and the dispatcher loop is alive; 503
 /// otherwise. The body says which part failed, and which channels are live or dry-run.
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(State(state): State<AppState>, limits: PublicDb) -> Response {
+    // Anyone can ask: a share of the database, so a flood of probes cannot take the Passthru's.
+    let permit = match &limits {
+        Some(l) => match l.public_db(DB_CHECK_BUDGET).await {
+            Some(p) => Some(p),
+            None => return not_ready_busy(),
+        },
+        None => None,
+    };
     let (database, migrations) = match tokio::time::timeout(DB_CHECK_BUDGET, state.store.ping())
         .await
     {
@@ -67,6 +76,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         }
         Err(_) => ("timeout", "unknown"),
     };
+    drop(permit);
     let stale_after_secs = state.settings.readyz.heartbeat_stale_secs;
     let beat = state.dispatcher_heartbeat.load(Ordering::Relaxed);
     // 0 means the loop has not started yet: not ready, so traffic waits for a replica that can send.
@@ -105,17 +115,37 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Too many probes at once: not ready now (the orchestrator asks again).
+fn not_ready_busy() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({"ready": false, "database": "busy"})),
+    )
+        .into_response()
+}
+
 /// `GET /metrics`: the Prometheus exposition, OpenMetrics when the scraper asks for it (Prometheus does),
 /// else the classic text format. The queue gauges are read from the store now; when it cannot be read
 /// they keep their last values and the rest is still served.
-async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    match tokio::time::timeout(DB_CHECK_BUDGET, state.store.queue_stats()).await {
-        Ok(Ok(stats)) => state.metrics.set_queue(stats, now_ms()),
-        Ok(Err(e)) => tracing::warn!(
-            error = format!("{e:#}"),
-            "metrics: queue figures unavailable"
-        ),
-        Err(_) => tracing::warn!("metrics: queue figures timed out"),
+async fn metrics(State(state): State<AppState>, limits: PublicDb, headers: HeaderMap) -> Response {
+    // Unauthenticated: the queue figures take a share of the database only when one is free; otherwise
+    // the last figures are served.
+    let permit = match &limits {
+        Some(l) => l.public_db(DB_CHECK_BUDGET).await.map(Some),
+        None => Some(None),
+    };
+    match permit {
+        Some(_permit) => {
+            match tokio::time::timeout(DB_CHECK_BUDGET, state.store.queue_stats()).await {
+                Ok(Ok(stats)) => state.metrics.set_queue(stats, now_ms()),
+                Ok(Err(e)) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "metrics: queue figures unavailable"
+                ),
+                Err(_) => tracing::warn!("metrics: queue figures timed out"),
+            }
+        }
+        None => tracing::warn!("metrics: database share busy; serving the last queue figures"),
     }
     let openmetrics = headers
         .get(header::ACCEPT)

@@ -6,6 +6,7 @@ pub mod edge;
 pub mod exotel;
 pub mod health;
 pub mod params;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +72,12 @@ pub fn router(state: AppState) -> Router {
     let timeout = Duration::from_secs(settings.request_timeout_secs);
     let max_body = settings.max_body_bytes;
     let max_uri = settings.max_uri_bytes;
+    let limits = edge::Limits::new(
+        settings
+            .max_connections
+            .saturating_sub(settings.reserved_for_exotel),
+        settings.public_db_concurrency,
+    );
 
     Router::new()
         .route(
@@ -93,8 +100,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(max_uri, limit_uri))
+        .layer(axum::Extension(limits.clone()))
         .layer(middleware::from_fn_with_state(timeout, edge::deadline))
-        // Outside the time limit, so its 408s are counted too.
+        .layer(middleware::from_fn_with_state(limits, edge::route_budget))
+        // Outside the time limit and the budget, so their 408s and 503s are counted too.
         .layer(middleware::from_fn_with_state(
             state.clone(),
             health::count_requests,

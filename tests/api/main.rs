@@ -20,3 +20,4 @@ mod passthru;
 mod passthru_head;
 mod reload;
 mod resilience;
+mod slow_clients;
