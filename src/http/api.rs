@@ -18,7 +18,7 @@ use tracing::Instrument;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::edge::Deadline;
-use super::params::{http_url, strip_json_controls, strip_raw_controls};
+use super::params::{http_url, strip_all_controls, strip_json_controls, strip_raw_controls};
 use super::AppState;
 use crate::domain::{mask, Source};
 use crate::error::AppError;
@@ -285,6 +285,16 @@ fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> 
     } else {
         tracing::warn!("operator API request with a missing or wrong bearer token");
         Err(AppError::Unauthorized)
+    }
+}
+
+/// Incident ids are UUIDs: one with control characters names no incident, and PostgreSQL would refuse
+/// it as text (a 500), so it is a 404 before any query.
+fn known_id(id: &str) -> Result<(), AppError> {
+    if id.chars().any(char::is_control) {
+        Err(AppError::NotFound("no such incident".to_owned()))
+    } else {
+        Ok(())
     }
 }
 
@@ -687,6 +697,11 @@ pub async fn create_incident(
 fn parse_list_query(raw: Option<&str>) -> Result<IncidentFilter, AppError> {
     let pairs: HashMap<String, String> = serde_urlencoded::from_str(raw.unwrap_or(""))
         .map_err(|e| unprocessable("query", format!("is not a valid query string: {e}")))?;
+    // Filters reach the database as text: no control characters (PostgreSQL refuses NUL).
+    let pairs: HashMap<String, String> = pairs
+        .into_iter()
+        .map(|(k, v)| (strip_all_controls(k), strip_all_controls(v)))
+        .collect();
     let known = ["limit", "before", "page", "status", "emergency_type"];
     if let Some(unknown) = pairs.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(unprocessable(unknown, "unknown query parameter"));
@@ -785,6 +800,7 @@ pub async fn get_incident(
     Path(id): Path<String>,
 ) -> Result<Json<IncidentDetail>, AppError> {
     require_admin(&state, &headers)?;
+    known_id(&id)?;
     Ok(Json(incident_detail(&state, &id).await?))
 }
 
@@ -808,6 +824,7 @@ pub async fn resolve_incident(
     Path(id): Path<String>,
 ) -> Result<Json<ResolveOutcome>, AppError> {
     require_admin(&state, &headers)?;
+    known_id(&id)?;
     let resolved = crate::lifecycle::resolve(&state, &id, "resolved through the API")
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no incident {id}")))?;

@@ -169,7 +169,9 @@ pub async fn recording_link(
     limits: PublicDb,
     Path(reference): Path<String>,
 ) -> Response {
-    if reference.len() > 128 {
+    // References are generated ids: a long one or one with control characters (which PostgreSQL would
+    // refuse as text) names nothing.
+    if reference.len() > 128 || reference.chars().any(char::is_control) {
         return (StatusCode::NOT_FOUND, "no such recording").into_response();
     }
     // Anyone can ask: a share of the database, so a flood of guesses cannot take the Passthru's.

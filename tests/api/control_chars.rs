@@ -75,6 +75,29 @@ async fn api_trigger_with_nul_in_the_message_is_stored(db: Db) {
     let inc = app.store.incident(&id_of(&body)).await.unwrap().unwrap();
     assert!(!inc.raw_params.contains('\0'));
     assert!(!inc.raw_params.contains("\\u0000"), "{}", inc.raw_params);
+    // Ids and filters with NUL name nothing: 404 or an empty page, never a 500.
+    assert_eq!(get(&app, "/api/v1/incidents/a%00b").await.0, 404);
+    assert_eq!(
+        post_raw(&app, "/api/v1/incidents/%00/resolve", String::new())
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        get(&app, "/api/v1/incidents?emergency_type=He%00art&before=%00")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        app.client
+            .get(format!("{}/r/ab%00c", app.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
     // A raw control byte between JSON tokens is not a reason to refuse an emergency either.
     let (status, body) = post_raw(
         &app,
