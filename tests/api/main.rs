@@ -21,3 +21,4 @@ mod passthru_head;
 mod reload;
 mod resilience;
 mod slow_clients;
+mod storm;
