@@ -143,7 +143,7 @@ async fn a_passthru_is_served_while_the_other_routes_are_saturated() {
     let mut created = 0;
     for mut s in holders {
         use tokio::io::AsyncWriteExt;
-        let _ = s.write_all(body[5..].as_bytes()).await;
+        let _ = s.write_all(&body.as_bytes()[5..]).await;
         if let Some((201, _)) = raw::read_response(&mut s, PATIENCE).await {
             created += 1;
         }

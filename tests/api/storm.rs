@@ -461,7 +461,7 @@ async fn malformed_storm_never_fails_and_passthrus_keep_working(db: Db) {
                 send(&app, &client, s, &failures, &tally).await;
                 n += 1;
                 // A valid Passthru every 25 requests of each worker, in the thick of it.
-                if n % 25 == 0 {
+                if n.is_multiple_of(25) {
                     let sid = format!("{:032}", w * 1_000_000 + n);
                     let res = client
                         .get(format!(
