@@ -123,8 +123,12 @@ pub type PublicDb = Option<axum::Extension<Arc<Limits>>>;
 /// Keeps capacity back for `/exotel/*`: every other request holds a permit while it runs (and while
 /// its body streams, for answers of unknown length such as event streams or downloads), and is refused
 /// at once with 503 when none is left, so it can neither queue up nor hold a connection meanwhile.
+///
+/// `/healthz` is exempt: it answers at once without the database, and a liveness probe refused while
+/// the other routes are busy would have an orchestrator restart a server that is working.
 pub async fn route_budget(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
-    if req.uri().path().starts_with("/exotel/") {
+    let path = req.uri().path();
+    if path.starts_with("/exotel/") || path == "/healthz" {
         return next.run(req).await;
     }
     let Ok(permit) = limits.other_routes.clone().try_acquire_owned() else {

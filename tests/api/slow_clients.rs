@@ -138,6 +138,14 @@ async fn a_passthru_is_served_while_the_other_routes_are_saturated() {
         1,
         "the held uploads are still waiting"
     );
+    // Liveness is never refused for capacity: a busy server is not a dead one.
+    let res = app
+        .client
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
 
     // The held ones finish normally once their bodies arrive.
     let mut created = 0;
