@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
-use super::edge::PublicDb;
+use super::edge::{public_read, PublicDb};
 use super::params::Params;
 use super::AppState;
 use crate::error::AppError;
@@ -174,21 +174,21 @@ pub async fn recording_link(
     if reference.len() > 128 || reference.chars().any(char::is_control) {
         return (StatusCode::NOT_FOUND, "no such recording").into_response();
     }
-    // Anyone can ask: a share of the database, so a flood of guesses cannot take the Passthru's.
-    let _permit = match &limits {
-        Some(l) => match l.public_db(std::time::Duration::from_secs(2)).await {
-            Some(p) => Some(p),
-            None => return (StatusCode::SERVICE_UNAVAILABLE, "busy; try again").into_response(),
-        },
-        None => None,
-    };
-    match state.store.greeting(&reference).await {
-        Ok(Some(view)) => match view.recording_url {
+    // Anyone can ask: the look-up runs within the unauthenticated share of the database, so a flood of
+    // guesses cannot take the Passthru's connections.
+    let store = state.store.clone();
+    let found = public_read(&limits, std::time::Duration::from_secs(2), async move {
+        store.greeting(&reference).await
+    })
+    .await;
+    match found {
+        None => (StatusCode::SERVICE_UNAVAILABLE, "busy; try again").into_response(),
+        Some(Ok(Some(view))) => match view.recording_url {
             Some(url) => (StatusCode::FOUND, [(header::LOCATION, url)]).into_response(),
             None => (StatusCode::NOT_FOUND, "this alert has no recording").into_response(),
         },
-        Ok(None) => (StatusCode::NOT_FOUND, "no such recording").into_response(),
-        Err(e) => {
+        Some(Ok(None)) => (StatusCode::NOT_FOUND, "no such recording").into_response(),
+        Some(Err(e)) => {
             tracing::error!(error = format!("{e:#}"), "recording link lookup failed");
             (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
         }

@@ -10,7 +10,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 /// Time kept back from a handler's budget to write its answer before the request time limit.
@@ -106,19 +106,38 @@ impl Limits {
             public_db: Arc::new(Semaphore::new(public_db.max(1))),
         })
     }
-
-    /// A share of the database for an unauthenticated read, if one frees up within `wait`. They are
-    /// few, so that such reads (anyone can send them) never take the connections the Passthru needs.
-    pub async fn public_db(&self, wait: Duration) -> Option<OwnedSemaphorePermit> {
-        tokio::time::timeout(wait, self.public_db.clone().acquire_owned())
-            .await
-            .ok()
-            .and_then(Result::ok)
-    }
 }
 
 /// The public-read share, from the request (absent only in router-only tests: then no cap).
 pub type PublicDb = Option<axum::Extension<Arc<Limits>>>;
+
+/// Runs the database reads of an unauthenticated route (anyone can send them) within a small share
+/// of the pool, so that a flood of them never takes the connections the Passthru needs. `None` when
+/// no share frees up or the work does not finish within `wait`.
+///
+/// The share is held for as long as the work really runs, in a task of its own, not only while the
+/// caller waits: a query given up on still holds its connection until the database answers it.
+pub async fn public_read<T, F>(limits: &PublicDb, wait: Duration, work: F) -> Option<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
+    let deadline = Instant::now() + wait;
+    let permit = match limits {
+        Some(axum::Extension(l)) => Some(
+            tokio::time::timeout_at(deadline, l.public_db.clone().acquire_owned())
+                .await
+                .ok()?
+                .ok()?,
+        ),
+        None => None,
+    };
+    let task = tokio::spawn(async move {
+        let _share = permit;
+        work.await
+    });
+    tokio::time::timeout_at(deadline, task).await.ok()?.ok()
+}
 
 /// Keeps capacity back for `/exotel/*`: every other request holds a permit while it runs (and while
 /// its body streams, for answers of unknown length such as event streams or downloads), and is refused

@@ -159,3 +159,58 @@ async fn a_passthru_is_served_while_the_other_routes_are_saturated() {
     assert_eq!(created, 4);
     app.stop().await;
 }
+
+/// A flood of unauthenticated readiness probes whose database reads hang (a lock here; a slow disk or
+/// a stuck query in life) holds at most `server.public_db_concurrency` connections: the Passthru still
+/// finds one and stores the emergency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_reads_cannot_take_the_passthrus_database_connections() {
+    let app = spawn_app_with(
+        Db::Postgres,
+        &[
+            without_dispatcher(),
+            ("SOS_DATABASE__MAX_CONNECTIONS", "3".into()),
+            ("SOS_SERVER__PUBLIC_DB_CONCURRENCY", "2".into()),
+        ],
+    )
+    .await;
+    // /readyz reads the migrations table, which the Passthru never touches.
+    let url = app.db.url.clone();
+    let (locked_tx, locked_rx) = tokio::sync::oneshot::channel::<()>();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = tokio::spawn(async move {
+        let store = exotel_sos::store::Store::connect(&url, 1).await.unwrap();
+        let mut tx = store.pool().begin().await.unwrap();
+        sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let _ = locked_tx.send(());
+        let _ = release_rx.await;
+        let _ = tx.rollback().await;
+        store.close().await;
+    });
+    locked_rx.await.unwrap();
+    let mut probes = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        for _ in 0..10 {
+            let client = app.client.clone();
+            let url = format!("{}/readyz", app.base);
+            probes.spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
+        }
+        // Waves of probes, each outliving the readiness budget of the one before.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let res = app
+        .passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    assert_eq!(res.status(), 200);
+    let _ = release_tx.send(());
+    holder.await.unwrap();
+    while let Some(probe) = probes.join_next().await {
+        let status = probe.unwrap().unwrap();
+        assert!(status == 200 || status == 503, "{status}");
+    }
+    assert!(app.store.incident_by_call_sid(SID).await.unwrap().is_some());
+    app.stop().await;
+}
