@@ -185,6 +185,56 @@ pub async fn route_budget(State(limits): State<Arc<Limits>>, req: Request, next:
 mod tests {
     use super::*;
 
+    use axum::body::Body;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    /// A router with one streaming route (standing in for a later event stream or download) and a
+    /// Passthru, behind a budget of one request outside `/exotel/*`.
+    fn budgeted() -> axum::Router {
+        let limits = Limits::new(1, 1);
+        axum::Router::new()
+            .route(
+                "/stream",
+                get(|| async {
+                    let chunks = futures_util::stream::pending::<
+                        Result<axum::body::Bytes, std::io::Error>,
+                    >();
+                    Body::from_stream(chunks)
+                }),
+            )
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/exotel/passthru", get(|| async { "stored" }))
+            .layer(axum::middleware::from_fn_with_state(limits, route_budget))
+    }
+
+    async fn status(router: &axum::Router, path: &str) -> (StatusCode, Body) {
+        let res = router
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        (res.status(), res.into_body())
+    }
+
+    #[tokio::test]
+    async fn a_stream_holds_its_share_until_it_ends_and_never_blocks_the_passthru() {
+        let router = budgeted();
+        let (first, stream) = status(&router, "/stream").await;
+        assert_eq!(first, StatusCode::OK);
+        // The stream is still open: the other routes' budget is spent, the Passthru's is not.
+        assert_eq!(
+            status(&router, "/stream").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(status(&router, "/exotel/passthru").await.0, StatusCode::OK);
+        assert_eq!(status(&router, "/healthz").await.0, StatusCode::OK);
+        // The client leaves: the share comes back.
+        drop(stream);
+        let (again, _held) = status(&router, "/stream").await;
+        assert_eq!(again, StatusCode::OK);
+    }
+
     #[tokio::test]
     async fn budget_keeps_a_margin_before_the_limit() {
         let d = Deadline::after(Duration::from_secs(10));
