@@ -20,5 +20,6 @@ mod passthru;
 mod passthru_head;
 mod reload;
 mod resilience;
+mod server_settings;
 mod slow_clients;
 mod storm;
