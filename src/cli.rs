@@ -139,7 +139,8 @@ pub async fn trigger(settings: &Settings, args: TriggerArgs) -> u8 {
         }
         200 if attempt > 0 => {
             println!(
-                "incident {} stored (an earlier attempt's answer was lost; nothing was sent twice)",
+                "incident {} is open with this dedup key (stored by an attempt whose answer was lost, \
+                 or earlier); nothing was sent twice",
                 text("id")
             );
             EXIT_OK
