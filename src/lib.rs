@@ -161,7 +161,9 @@ impl App {
             header_read_timeout: std::time::Duration::from_secs(server.header_read_timeout_secs),
             // Answers in flight finish within the request time limit; slow headers within theirs.
             drain: std::time::Duration::from_secs(
-                server.request_timeout_secs + server.header_read_timeout_secs,
+                server
+                    .request_timeout_secs
+                    .saturating_add(server.header_read_timeout_secs),
             ),
         };
         tokio::spawn(async move {

@@ -32,8 +32,12 @@ pub struct Deadline {
 
 impl Deadline {
     pub fn after(limit: Duration) -> Self {
+        let now = Instant::now();
         Deadline {
-            at: Instant::now() + limit,
+            // A limit too large to add (a setting of years) means none; adding would panic.
+            at: now
+                .checked_add(limit)
+                .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365)),
             committed: Arc::new(Mutex::new(None)),
         }
     }
@@ -233,6 +237,12 @@ mod tests {
         drop(stream);
         let (again, _held) = status(&router, "/stream").await;
         assert_eq!(again, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_huge_limit_is_no_limit_and_no_panic() {
+        let d = Deadline::after(Duration::from_secs(u64::MAX));
+        assert_eq!(d.budget(Duration::from_secs(5)), Duration::from_secs(5));
     }
 
     #[tokio::test]
