@@ -25,12 +25,16 @@ pub const EXIT_INVALID: u8 = 5;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long to try the database for a stored token before giving up on it.
 const DB_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pauses before the second and third attempt, when an answer is lost or the server is busy or away.
+/// Safe because every attempt carries the same dedup key: a repeat finds the stored incident.
+const RETRY_PAUSES: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(3)];
 
 #[derive(Debug, Clone)]
 pub struct TriggerArgs {
     pub emergency_type: String,
     pub message: String,
     pub audio_url: Option<String>,
+    /// Generated (a UUID) when absent, so that a retry of this run never alerts twice.
     pub dedup_key: Option<String>,
     /// Base URL of the server; `server.public_url` when absent.
     pub server: Option<String>,
@@ -62,36 +66,55 @@ pub async fn trigger(settings: &Settings, args: TriggerArgs) -> u8 {
             return EXIT_OTHER;
         }
     };
+    // A lost answer (a cut connection, a time limit) leaves it unknown whether the incident was
+    // stored; with a key of its own, this run can ask again without alerting everyone twice.
+    let dedup_key = args
+        .dedup_key
+        .clone()
+        .filter(|k| !k.trim().is_empty())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let body = serde_json::json!({
         "emergency_type": args.emergency_type,
         "message": args.message,
         "audio_url": args.audio_url,
-        "dedup_key": args.dedup_key,
+        "dedup_key": dedup_key,
     });
     let url = format!("{base}/api/v1/incidents");
-    let res = client
-        .post(&url)
-        .bearer_auth(&token)
-        .header(SOURCE_HEADER, "cli")
-        .json(&body)
-        .send()
-        .await;
+    let mut attempt = 0;
+    let res = loop {
+        let sent = client
+            .post(&url)
+            .bearer_auth(&token)
+            .header(SOURCE_HEADER, "cli")
+            .json(&body)
+            .send()
+            .await;
+        let retry = match &sent {
+            Err(_) => true,
+            // Busy, timed out or behind a proxy whose upstream is away: the incident may or may not be
+            // stored; the same key makes asking again safe.
+            Ok(r) => matches!(r.status().as_u16(), 408 | 429 | 502 | 503 | 504),
+        };
+        match RETRY_PAUSES.get(attempt) {
+            Some(pause) if retry => {
+                let why = match &sent {
+                    Ok(r) => format!("the server answered {}", r.status().as_u16()),
+                    Err(e) => describe(e),
+                };
+                eprintln!("warning: {why}; trying again (same dedup key, nothing is sent twice)");
+                attempt += 1;
+                tokio::time::sleep(*pause).await;
+            }
+            _ => break sent,
+        }
+    };
     let res = match res {
         Ok(r) => r,
         Err(e) => {
-            let why = if e.is_timeout() {
-                "no answer in time".to_owned()
-            } else {
-                // reqwest's Display omits the cause ("connection refused"), which is the useful part.
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    text = format!("{text}: {s}");
-                    source = s.source();
-                }
-                text
-            };
-            eprintln!("error: cannot reach the exotel-sos server at {base}: {why}");
+            eprintln!(
+                "error: cannot reach the exotel-sos server at {base}: {}",
+                describe(&e)
+            );
             eprintln!("       is it running? (set the URL with --server or server.public_url)");
             return EXIT_UNREACHABLE;
         }
@@ -111,6 +134,14 @@ pub async fn trigger(settings: &Settings, args: TriggerArgs) -> u8 {
                 deliveries,
                 text("emergency_type"),
                 text("route"),
+            );
+            EXIT_OK
+        }
+        200 if attempt > 0 => {
+            println!(
+                "incident {} is open with this dedup key (stored by an attempt whose answer was lost, \
+                 or earlier); nothing was sent twice",
+                text("id")
             );
             EXIT_OK
         }
@@ -139,6 +170,21 @@ pub async fn trigger(settings: &Settings, args: TriggerArgs) -> u8 {
             EXIT_OTHER
         }
     }
+}
+
+/// Why a request got no answer, with the causes (reqwest's Display omits "connection refused", which
+/// is the useful part).
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "no answer in time".to_owned();
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
 }
 
 /// The flag, else the setting, else the token the server generated and stored in its database.

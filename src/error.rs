@@ -14,6 +14,9 @@ pub enum AppError {
     NotFound(String),
     #[error("{field}: {message}")]
     Unprocessable { field: String, message: String },
+    /// The database did not answer in time or failed: worth trying again (503 with `Retry-After`).
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -25,6 +28,7 @@ impl IntoResponse for AppError {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
             AppError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "internal error");
                 return (
@@ -40,6 +44,13 @@ impl IntoResponse for AppError {
             }
             other => serde_json::json!({"error": other.to_string()}),
         };
-        (status, Json(body)).into_response()
+        let mut res = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            res.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("2"),
+            );
+        }
+        res
     }
 }

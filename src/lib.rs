@@ -172,22 +172,28 @@ impl App {
             stop_rx.clone(),
         ));
         let router = http::router(self.state.clone());
-        let mut stop_for_server = stop_rx.clone();
-        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-            let _ = stop_for_server.changed().await;
-        });
+        let server = &self.state.settings.server;
+        let limits = http::serve::ServeLimits {
+            max_connections: server.max_connections,
+            header_read_timeout: std::time::Duration::from_secs(server.header_read_timeout_secs),
+            // Answers in flight finish within the request time limit; slow headers within theirs.
+            drain: std::time::Duration::from_secs(
+                server
+                    .request_timeout_secs
+                    .saturating_add(server.header_read_timeout_secs),
+            ),
+        };
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        let served = server.await.context("serving HTTP");
+        http::serve::serve(listener, router, limits, stop_rx.clone()).await;
         // The dispatcher finishes or releases its in-flight work before the database closes.
         let died = match dispatcher {
             Some(d) => d.await.unwrap_or(true),
             None => false,
         };
         self.state.store.close().await;
-        served?;
         if died {
             anyhow::bail!("the dispatcher stopped unexpectedly; exiting so a supervisor restarts this process");
         }

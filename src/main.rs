@@ -54,7 +54,8 @@ struct TriggerCmd {
     /// An http(s) audio file that calls play instead of the spoken message.
     #[arg(long, value_name = "URL")]
     audio_url: Option<String>,
-    /// While an incident with this key is open, triggering again sends nothing new.
+    /// While an incident with this key is open, triggering again sends nothing new. Default: a new
+    /// key per run, so that the command's own retries never alert twice.
     #[arg(long, value_name = "KEY")]
     dedup_key: Option<String>,
     /// Server base URL (default: server.public_url).

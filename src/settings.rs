@@ -35,6 +35,14 @@ pub struct ServerSettings {
     pub request_timeout_secs: u64,
     pub max_body_bytes: usize,
     pub max_uri_bytes: usize,
+    /// Time a client has to send a request's headers (also the idle limit between kept-alive requests).
+    pub header_read_timeout_secs: u64,
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Of `max_connections`, the share that only `/exotel/*` requests may use.
+    pub reserved_for_exotel: usize,
+    /// Concurrent database reads by unauthenticated routes (`/r/…`, `/readyz`, `/metrics`).
+    pub public_db_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -360,6 +368,30 @@ impl Settings {
         // branch); a shorter request limit would answer 408 first.
         if self.server.request_timeout_secs <= 5 {
             problems.push("server.request_timeout_secs must be more than 5".to_owned());
+        }
+        let server = &self.server;
+        // Slow clients: at most 10 s to send headers, so idle connections free their slots quickly.
+        if !(1..=10).contains(&server.header_read_timeout_secs) {
+            problems.push("server.header_read_timeout_secs must be 1..=10".to_owned());
+        }
+        if server.max_connections < 2 {
+            problems.push("server.max_connections must be at least 2".to_owned());
+        }
+        if server.reserved_for_exotel == 0 || server.reserved_for_exotel >= server.max_connections {
+            problems.push(
+                "server.reserved_for_exotel must be at least 1 and less than server.max_connections"
+                    .to_owned(),
+            );
+        }
+        // Unauthenticated reads must leave the Passthru a database connection.
+        if server.public_db_concurrency == 0
+            || (self.database.max_connections > 1
+                && server.public_db_concurrency >= self.database.max_connections as usize)
+        {
+            problems.push(
+                "server.public_db_concurrency must be at least 1 and less than database.max_connections"
+                    .to_owned(),
+            );
         }
         if crate::domain::phone::region(&self.stakeholders.default_country).is_none() {
             problems.push(format!(

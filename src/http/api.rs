@@ -14,16 +14,22 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tracing::Instrument;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use super::params::http_url;
+use super::edge::Deadline;
+use super::params::{http_url, strip_all_controls, strip_json_controls, strip_raw_controls};
 use super::AppState;
 use crate::domain::{mask, Source};
 use crate::error::AppError;
 use crate::store::{DeliveryRow, EventRow, IncidentFilter, IncidentRow, NewIncident};
 
-/// How long a trigger waits for the database before answering 500 (so the caller retries).
+/// How long a trigger waits for the database before answering 503 (so the caller retries).
 const STORE_BUDGET: Duration = Duration::from_secs(5);
+/// How long a stored trigger's answer waits to read the incident back; after that the answer carries
+/// what was stored, without the deliveries' detail. The incident is stored: it is never answered as a
+/// failure.
+const DETAIL_BUDGET: Duration = Duration::from_secs(2);
 /// Longest emergency type accepted (the Passthru cuts at the same length).
 pub const MAX_TYPE_CHARS: usize = 64;
 /// Longest message accepted: it is spoken, texted and sent on WhatsApp, so it must stay short.
@@ -282,6 +288,16 @@ fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> 
     }
 }
 
+/// Incident ids are UUIDs: one with control characters names no incident, and PostgreSQL would refuse
+/// it as text (a 500), so it is a 404 before any query.
+fn known_id(id: &str) -> Result<(), AppError> {
+    if id.chars().any(char::is_control) {
+        Err(AppError::NotFound("no such incident".to_owned()))
+    } else {
+        Ok(())
+    }
+}
+
 fn iso(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
@@ -380,9 +396,57 @@ struct Trigger {
     occurred_at: Option<i64>,
 }
 
+/// What a stored trigger answers when its incident cannot be read back in time: what was stored,
+/// without the deliveries (they are queued; `GET /api/v1/incidents/{id}` shows them).
+fn stored_detail(incident: &NewIncident, id: &str) -> IncidentDetail {
+    IncidentDetail {
+        incident: IncidentView {
+            id: id.to_owned(),
+            source: incident.source.as_str().to_owned(),
+            emergency_type: incident.emergency_type.clone(),
+            route: incident.route.clone(),
+            call_sid: incident.call_sid.clone(),
+            dedup_key: incident.dedup_key.clone(),
+            caller: incident.caller.as_deref().map(mask),
+            recording_url: incident.recording_url.clone(),
+            message: incident.message.clone(),
+            status: "open".to_owned(),
+            occurred_at: incident.occurred_at.map(iso),
+            received_at: iso(crate::domain::now_ms()),
+            resolved_at: None,
+        },
+        deliveries: Vec::new(),
+    }
+}
+
+/// A stored trigger's answer: 201 for a new incident, 200 for the open one with the same dedup key.
+fn stored_answer(is_new: bool, detail: IncidentDetail) -> Response {
+    let status = if is_new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(detail)).into_response()
+}
+
+/// A stored trigger.
+struct Stored {
+    id: String,
+    is_new: bool,
+    incident: NewIncident,
+}
+
 /// Stores the incident and its deliveries (or finds the open one with the same dedup key), wakes the
-/// dispatcher for a new one. Returns the incident id and whether it is new.
-async fn store_trigger(state: &AppState, t: Trigger) -> Result<(String, bool), AppError> {
+/// dispatcher for a new one. The write runs in a task of its own, so neither the request time limit nor
+/// a client hanging up cuts it off half-way; with `answer_on_commit`, its success answer is left with
+/// the deadline as soon as it commits. An unreachable or slow database is 503: try again, with the same
+/// dedup key to be safe.
+async fn store_trigger(
+    state: &AppState,
+    deadline: &Deadline,
+    t: Trigger,
+    answer_on_commit: bool,
+) -> Result<Stored, AppError> {
     let plan = state.routing.current().plan(t.emergency_type.as_deref());
     let incident = NewIncident {
         source: t.source,
@@ -396,33 +460,78 @@ async fn store_trigger(state: &AppState, t: Trigger) -> Result<(String, bool), A
         raw_params: t.raw_params,
         occurred_at: t.occurred_at,
     };
-    let created = tokio::time::timeout(
-        STORE_BUDGET,
-        state.store.create_incident(&incident, &plan.targets),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("no answer from the database within {STORE_BUDGET:?}"))??;
+    let budget = deadline.budget(STORE_BUDGET);
+    let write = {
+        let state = state.clone();
+        let deadline = deadline.clone();
+        let incident = incident.clone();
+        tokio::spawn(
+            async move {
+                let created = state
+                    .store
+                    .create_incident(&incident, &plan.targets)
+                    .await?;
+                if answer_on_commit {
+                    deadline.commit(stored_answer(
+                        created.is_new,
+                        stored_detail(&incident, &created.incident_id),
+                    ));
+                }
+                if created.is_new {
+                    tracing::info!(
+                        incident_id = %created.incident_id,
+                        source = incident.source.as_str(),
+                        emergency_type = %incident.emergency_type,
+                        route = %incident.route,
+                        deliveries = created.deliveries,
+                        "incident stored"
+                    );
+                    state.wake.notify_one();
+                    state.metrics.incident_created(
+                        incident.source,
+                        &incident.emergency_type,
+                        &incident.route,
+                    );
+                } else {
+                    tracing::info!(
+                        incident_id = %created.incident_id,
+                        "an incident with this dedup key is open; nothing new"
+                    );
+                }
+                anyhow::Ok(created)
+            }
+            .in_current_span(),
+        )
+    };
+    let created = match tokio::time::timeout(budget, write).await {
+        Ok(Ok(Ok(created))) => created,
+        Ok(Ok(Err(e))) => {
+            tracing::error!(error = format!("{e:#}"), "could not store the incident");
+            return Err(AppError::Unavailable(
+                "the incident could not be stored; try again".to_owned(),
+            ));
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the incident write failed");
+            return Err(AppError::Unavailable(
+                "the incident could not be stored; try again".to_owned(),
+            ));
+        }
+        Err(_) => {
+            tracing::error!(
+                "no answer from the database within {budget:?}; the write goes on and alerts go out if it commits"
+            );
+            return Err(AppError::Unavailable(format!(
+                "no answer from the database within {budget:?}; try again with the same dedup_key"
+            )));
+        }
+    };
     tracing::Span::current().record("incident_id", created.incident_id.as_str());
-    if created.is_new {
-        tracing::info!(
-            incident_id = %created.incident_id,
-            source = t.source.as_str(),
-            emergency_type = %plan.emergency_type,
-            route = %plan.route,
-            deliveries = created.deliveries,
-            "incident stored"
-        );
-        state.wake.notify_one();
-        state
-            .metrics
-            .incident_created(t.source, &plan.emergency_type, &plan.route);
-    } else {
-        tracing::info!(
-            incident_id = %created.incident_id,
-            "an incident with this dedup key is open; nothing new"
-        );
-    }
-    Ok((created.incident_id, created.is_new))
+    Ok(Stored {
+        id: created.incident_id,
+        is_new: created.is_new,
+        incident,
+    })
 }
 
 fn required_str(
@@ -477,8 +586,16 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// Parses a JSON body with every control character but tab, newline and carriage return removed, raw or
+/// escaped: PostgreSQL refuses NUL in text, and a stray byte must never refuse an emergency.
+fn clean_json(body: &[u8]) -> Result<Value, serde_json::Error> {
+    let mut value = serde_json::from_slice::<Value>(&strip_raw_controls(body))?;
+    strip_json_controls(&mut value);
+    Ok(value)
+}
+
 fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, AppError> {
-    match serde_json::from_slice::<Value>(body) {
+    match clean_json(body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(unprocessable(
             "body",
@@ -526,12 +643,14 @@ pub fn parse_new_incident(body: &[u8]) -> Result<NewIncidentRequest, AppError> {
         (status = 200, description = "An open incident with the same dedup_key exists; nothing new is sent", body = IncidentDetail),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 422, description = "Invalid body; `field` names the culprit", body = ErrorBody),
+        (status = 503, description = "The database did not answer in time; try again with the same dedup_key", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 #[tracing::instrument(skip_all, fields(incident_id))]
 pub async fn create_incident(
     State(state): State<AppState>,
+    deadline: Deadline,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AppError> {
@@ -542,8 +661,9 @@ pub async fn create_incident(
         _ => Source::Api,
     };
     let raw_params = serde_json::to_string(&req).unwrap_or_default();
-    let (id, is_new) = store_trigger(
+    let stored = store_trigger(
         &state,
+        &deadline,
         Trigger {
             source,
             emergency_type: Some(req.emergency_type),
@@ -553,20 +673,35 @@ pub async fn create_incident(
             raw_params,
             occurred_at: None,
         },
+        true,
     )
     .await?;
-    let detail = incident_detail(&state, &id).await?;
-    let status = if is_new {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
+    // Stored: from here on the answer is a success, whatever the read-back does.
+    let budget = deadline.budget(DETAIL_BUDGET);
+    let detail = match tokio::time::timeout(budget, incident_detail(&state, &stored.id)).await {
+        Ok(Ok(detail)) => detail,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "stored, but could not read the incident back; answering what was stored");
+            stored_detail(&stored.incident, &stored.id)
+        }
+        Err(_) => {
+            tracing::warn!(
+                "stored, but reading the incident back is slow; answering what was stored"
+            );
+            stored_detail(&stored.incident, &stored.id)
+        }
     };
-    Ok((status, Json(detail)).into_response())
+    Ok(stored_answer(stored.is_new, detail))
 }
 
 fn parse_list_query(raw: Option<&str>) -> Result<IncidentFilter, AppError> {
     let pairs: HashMap<String, String> = serde_urlencoded::from_str(raw.unwrap_or(""))
         .map_err(|e| unprocessable("query", format!("is not a valid query string: {e}")))?;
+    // Filters reach the database as text: no control characters (PostgreSQL refuses NUL).
+    let pairs: HashMap<String, String> = pairs
+        .into_iter()
+        .map(|(k, v)| (strip_all_controls(k), strip_all_controls(v)))
+        .collect();
     let known = ["limit", "before", "page", "status", "emergency_type"];
     if let Some(unknown) = pairs.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(unprocessable(unknown, "unknown query parameter"));
@@ -665,6 +800,7 @@ pub async fn get_incident(
     Path(id): Path<String>,
 ) -> Result<Json<IncidentDetail>, AppError> {
     require_admin(&state, &headers)?;
+    known_id(&id)?;
     Ok(Json(incident_detail(&state, &id).await?))
 }
 
@@ -688,6 +824,7 @@ pub async fn resolve_incident(
     Path(id): Path<String>,
 ) -> Result<Json<ResolveOutcome>, AppError> {
     require_admin(&state, &headers)?;
+    known_id(&id)?;
     let resolved = crate::lifecycle::resolve(&state, &id, "resolved through the API")
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no incident {id}")))?;
@@ -716,17 +853,20 @@ fn rfc3339_ms(raw: Option<&str>) -> Option<i64> {
         (status = 200, description = "Every alert handled", body = AlertmanagerOutcome),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 422, description = "Not an Alertmanager version 4 payload", body = ErrorBody),
+        (status = 503, description = "The database did not answer in time; Alertmanager sends again, and alerts already stored are found by their key", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 #[tracing::instrument(skip_all, fields(group_key))]
 pub async fn alertmanager(
     State(state): State<AppState>,
+    deadline: Deadline,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<AlertmanagerOutcome>, AppError> {
     require_admin(&state, &headers)?;
-    let payload: AlertmanagerPayload = serde_json::from_slice(&body)
+    let payload: AlertmanagerPayload = clean_json(&body)
+        .and_then(serde_json::from_value)
         .map_err(|e| unprocessable("body", format!("is not an Alertmanager payload: {e}")))?;
     if payload.version != "4" {
         return Err(unprocessable(
@@ -787,8 +927,11 @@ pub async fn alertmanager(
             "alert": alert,
         })
         .to_string();
-        let (id, is_new) = store_trigger(
+        // Each alert carries its own dedup key: when this notification is cut short, Alertmanager's
+        // resend finds the alerts already stored instead of alerting again.
+        let stored = store_trigger(
             &state,
+            &deadline,
             Trigger {
                 source: Source::Alertmanager,
                 emergency_type: alert
@@ -801,12 +944,13 @@ pub async fn alertmanager(
                 raw_params,
                 occurred_at: rfc3339_ms(alert.starts_at.as_deref()),
             },
+            false,
         )
         .await?;
-        if is_new {
-            outcome.created.push(id);
+        if stored.is_new {
+            outcome.created.push(stored.id);
         } else {
-            outcome.existing.push(id);
+            outcome.existing.push(stored.id);
         }
     }
     tracing::info!(

@@ -5,6 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
+use super::edge::{public_read, PublicDb};
 use super::params::Params;
 use super::AppState;
 use crate::error::AppError;
@@ -165,18 +166,29 @@ pub async fn sms_status(
 /// for Exotel's URLs. Redirects to the stored recording only.
 pub async fn recording_link(
     State(state): State<AppState>,
+    limits: PublicDb,
     Path(reference): Path<String>,
 ) -> Response {
-    if reference.len() > 128 {
+    // References are generated ids: a long one or one with control characters (which PostgreSQL would
+    // refuse as text) names nothing.
+    if reference.len() > 128 || reference.chars().any(char::is_control) {
         return (StatusCode::NOT_FOUND, "no such recording").into_response();
     }
-    match state.store.greeting(&reference).await {
-        Ok(Some(view)) => match view.recording_url {
+    // Anyone can ask: the look-up runs within the unauthenticated share of the database, so a flood of
+    // guesses cannot take the Passthru's connections.
+    let store = state.store.clone();
+    let found = public_read(&limits, std::time::Duration::from_secs(2), async move {
+        store.greeting(&reference).await
+    })
+    .await;
+    match found {
+        None => (StatusCode::SERVICE_UNAVAILABLE, "busy; try again").into_response(),
+        Some(Ok(Some(view))) => match view.recording_url {
             Some(url) => (StatusCode::FOUND, [(header::LOCATION, url)]).into_response(),
             None => (StatusCode::NOT_FOUND, "this alert has no recording").into_response(),
         },
-        Ok(None) => (StatusCode::NOT_FOUND, "no such recording").into_response(),
-        Err(e) => {
+        Some(Ok(None)) => (StatusCode::NOT_FOUND, "no such recording").into_response(),
+        Some(Err(e)) => {
             tracing::error!(error = format!("{e:#}"), "recording link lookup failed");
             (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
         }

@@ -8,6 +8,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
+use super::edge::Deadline;
 use super::params::{exotel_time, http_url, Params};
 use super::AppState;
 use crate::domain::{mask, truncate, CallSid, Phone, Source};
@@ -28,6 +29,7 @@ const MAX_TYPE_CHARS: usize = 64;
 #[tracing::instrument(skip_all, fields(call_sid, incident_id))]
 pub async fn passthru(
     State(state): State<AppState>,
+    deadline: Deadline,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -92,50 +94,84 @@ pub async fn passthru(
         occurred_at,
     };
 
-    let stored = tokio::time::timeout(
-        STORE_BUDGET,
-        state.store.create_incident(&incident, &plan.targets),
-    )
-    .await;
-    match stored {
-        Ok(Ok(created)) => {
+    // The write runs in a task of its own: once started it is never cut off half-way (a request time
+    // limit or a client hanging up drops this handler, not the write), and its success answer is left
+    // with the deadline the moment it commits, so a stored emergency is never answered as a failure.
+    let budget = deadline.budget(STORE_BUDGET);
+    let emergency_type = plan.emergency_type.clone();
+    let write = tokio::spawn(
+        store_passthru(state.clone(), incident, plan.targets, deadline).in_current_span(),
+    );
+    let reason = match tokio::time::timeout(budget, write).await {
+        Ok(Ok(Ok(created))) => {
             tracing::Span::current().record("incident_id", created.incident_id.as_str());
-            if created.is_new {
-                tracing::info!(
-                    emergency_type = %plan.emergency_type,
-                    route = %plan.route,
-                    caller = %incident.caller.as_deref().map(mask).unwrap_or_default(),
-                    has_recording = incident.recording_url.is_some(),
-                    deliveries = created.deliveries,
-                    "incident stored"
-                );
-                state.wake.notify_one();
-                state
-                    .metrics
-                    .incident_created(Source::Exotel, &plan.emergency_type, &plan.route);
-            } else {
-                tracing::info!("repeated passthru for a stored CallSid; nothing new");
-            }
-            Ok((StatusCode::OK, format!("stored {}", created.incident_id)).into_response())
+            return Ok(stored_answer(&created.incident_id));
         }
-        failed => {
-            let reason = match failed {
-                Ok(Err(e)) => format!("{e:#}"),
-                _ => format!("no answer from the database within {STORE_BUDGET:?}"),
-            };
-            // 302 sends the caller down the flow's fallback branch (e.g. straight to a human).
-            tracing::error!(
-                error = %reason,
-                emergency_type = %plan.emergency_type,
-                "EMERGENCY NOT STORED: answering 302 so the Exotel flow takes its fallback branch"
-            );
-            Ok((
-                StatusCode::FOUND,
-                "could not store the emergency; take the fallback branch",
-            )
-                .into_response())
-        }
+        Ok(Ok(Err(e))) => format!("{e:#}"),
+        Ok(Err(e)) => format!("the write failed: {e}"),
+        Err(_) => format!(
+            "no answer from the database within {budget:?}; the write goes on and alerts go out if it commits"
+        ),
+    };
+    // 302 sends the caller down the flow's fallback branch (e.g. straight to a human).
+    tracing::error!(
+        error = %reason,
+        emergency_type = %emergency_type,
+        "EMERGENCY NOT STORED: answering 302 so the Exotel flow takes its fallback branch"
+    );
+    Ok((
+        StatusCode::FOUND,
+        "could not store the emergency; take the fallback branch",
+    )
+        .into_response())
+}
+
+fn stored_answer(incident_id: &str) -> Response {
+    (StatusCode::OK, format!("stored {incident_id}")).into_response()
+}
+
+/// Stores a Passthru's incident and, once committed, wakes the dispatcher and leaves the 200 with the
+/// request's deadline.
+async fn store_passthru(
+    state: AppState,
+    incident: NewIncident,
+    targets: Vec<crate::stakeholders::Target>,
+    deadline: Deadline,
+) -> anyhow::Result<crate::store::Created> {
+    let created = state.store.create_incident(&incident, &targets).await?;
+    deadline.commit(stored_answer(&created.incident_id));
+    if created.is_new {
+        tracing::info!(
+            incident_id = %created.incident_id,
+            emergency_type = %incident.emergency_type,
+            route = %incident.route,
+            caller = %incident.caller.as_deref().map(mask).unwrap_or_default(),
+            has_recording = incident.recording_url.is_some(),
+            deliveries = created.deliveries,
+            "incident stored"
+        );
+        state.wake.notify_one();
+        state
+            .metrics
+            .incident_created(Source::Exotel, &incident.emergency_type, &incident.route);
+    } else {
+        tracing::info!(
+            incident_id = %created.incident_id,
+            "repeated passthru for a stored CallSid; nothing new"
+        );
     }
+    Ok(created)
+}
+
+/// `HEAD /exotel/passthru`: a probe, answered 200 with nothing read or written. 200 rather than 405:
+/// Exotel checks applet URLs with HEAD before it GETs them (documented for the SMS applet), and uptime
+/// checks do the same; a 405 would look like a broken URL, while only a GET or POST is an emergency.
+pub async fn passthru_probe(State(state): State<AppState>, uri: Uri) -> Response {
+    let params = Params::from_query(uri.query());
+    if !state.webhook_token_ok(params.get("token").as_deref()) {
+        return AppError::Unauthorized.into_response();
+    }
+    StatusCode::OK.into_response()
 }
 
 /// `GET`/`HEAD` `/exotel/greeting?CustomField=<reference>`: what the outbound call plays. Always 200 with

@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
+use super::edge::{public_read, PublicDb};
 use super::AppState;
 use crate::domain::{now_ms, Channel};
 use crate::metrics::{CLASSIC_CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE};
@@ -62,25 +63,30 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
 
 /// `GET /readyz`: 200 when the database answers and is migrated and the dispatcher loop is alive; 503
 /// otherwise. The body says which part failed, and which channels are live or dry-run.
-async fn readyz(State(state): State<AppState>) -> Response {
-    let (database, migrations) = match tokio::time::timeout(DB_CHECK_BUDGET, state.store.ping())
-        .await
-    {
-        Ok(Ok(())) => {
-            let migrated = tokio::time::timeout(DB_CHECK_BUDGET, state.store.is_migrated()).await;
-            let m = match migrated {
-                Ok(Ok(true)) => "ok",
-                Ok(Ok(false)) => "pending",
-                _ => "unknown",
-            };
-            ("ok", m)
+async fn readyz(State(state): State<AppState>, limits: PublicDb) -> Response {
+    // Anyone can ask: the reads run within the unauthenticated share of the database, so a flood of
+    // probes cannot take the Passthru's connections. No time limit inside: a query given up on would
+    // still hold its connection; the share is held until the database answers.
+    let store = state.store.clone();
+    let checked = public_read(&limits, DB_CHECK_BUDGET * 2, async move {
+        match store.ping().await {
+            Ok(()) => {
+                let migrations = match store.is_migrated().await {
+                    Ok(true) => "ok",
+                    Ok(false) => "pending",
+                    Err(_) => "unknown",
+                };
+                ("ok", migrations)
+            }
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "readyz: database unreachable");
+                ("unreachable", "unknown")
+            }
         }
-        Ok(Err(e)) => {
-            tracing::warn!(error = format!("{e:#}"), "readyz: database unreachable");
-            ("unreachable", "unknown")
-        }
-        Err(_) => ("timeout", "unknown"),
-    };
+    })
+    .await;
+    // No share free in time, or no answer in time.
+    let (database, migrations) = checked.unwrap_or(("timeout", "unknown"));
     let stale_after_secs = state.settings.readyz.heartbeat_stale_secs;
     let beat = state.dispatcher_heartbeat.load(Ordering::Relaxed);
     // 0 means the loop has not started yet: not ready, so traffic waits for a replica that can send.
@@ -122,14 +128,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// `GET /metrics`: the Prometheus exposition, OpenMetrics when the scraper asks for it (Prometheus does),
 /// else the classic text format. The queue gauges are read from the store now; when it cannot be read
 /// they keep their last values and the rest is still served.
-async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    match tokio::time::timeout(DB_CHECK_BUDGET, state.store.queue_stats()).await {
-        Ok(Ok(stats)) => state.metrics.set_queue(stats, now_ms()),
-        Ok(Err(e)) => tracing::warn!(
+async fn metrics(State(state): State<AppState>, limits: PublicDb, headers: HeaderMap) -> Response {
+    // Unauthenticated: the queue figures are read within the unauthenticated share of the database;
+    // when none is free or the read is slow, the last figures are served.
+    let store = state.store.clone();
+    match public_read(&limits, DB_CHECK_BUDGET, async move {
+        store.queue_stats().await
+    })
+    .await
+    {
+        Some(Ok(stats)) => state.metrics.set_queue(stats, now_ms()),
+        Some(Err(e)) => tracing::warn!(
             error = format!("{e:#}"),
             "metrics: queue figures unavailable"
         ),
-        Err(_) => tracing::warn!("metrics: queue figures timed out"),
+        None => tracing::warn!("metrics: queue figures busy or timed out; serving the last ones"),
     }
     let openmetrics = headers
         .get(header::ACCEPT)

@@ -2,9 +2,11 @@
 
 pub mod api;
 pub mod callbacks;
+pub mod edge;
 pub mod exotel;
 pub mod health;
 pub mod params;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,11 +75,20 @@ pub fn router(state: AppState) -> Router {
     let timeout = Duration::from_secs(settings.request_timeout_secs);
     let max_body = settings.max_body_bytes;
     let max_uri = settings.max_uri_bytes;
+    let limits = edge::Limits::new(
+        settings
+            .max_connections
+            .saturating_sub(settings.reserved_for_exotel),
+        settings.public_db_concurrency,
+    );
 
     Router::new()
         .route(
             "/exotel/passthru",
-            get(exotel::passthru).post(exotel::passthru),
+            // An explicit HEAD, or axum would run the GET handler for it and store an emergency.
+            get(exotel::passthru)
+                .post(exotel::passthru)
+                .head(exotel::passthru_probe),
         )
         .route(
             "/exotel/greeting",
@@ -92,13 +103,13 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(max_uri, limit_uri))
+        .layer(axum::Extension(limits.clone()))
+        .layer(middleware::from_fn_with_state(timeout, edge::deadline))
+        .layer(middleware::from_fn_with_state(limits, edge::route_budget))
+        // Outside the time limit and the budget, so their 408s and 503s are counted too.
         .layer(middleware::from_fn_with_state(
             state.clone(),
             health::count_requests,
-        ))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
         ))
         // The span holds the path only: query strings carry the webhook token and phone numbers.
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {

@@ -1,6 +1,8 @@
 //! Tolerant reading of webhook fields, as Exotel really sends them: unknown keys ignored, empty values
 //! absent, values wrapped in literal quotes, repeated and bracketed keys, query string or form or JSON.
 
+use std::borrow::Cow;
+
 use axum::body::Bytes;
 use axum::http::{header, HeaderMap};
 
@@ -23,7 +25,17 @@ impl Params {
 
     fn extend_form(&mut self, bytes: &[u8]) {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(bytes).unwrap_or_default();
-        self.pairs.extend(pairs);
+        for (k, v) in pairs {
+            self.push(k, v);
+        }
+    }
+
+    /// Every field enters here, without control characters: PostgreSQL refuses NUL in text, and no
+    /// Exotel field holds a control character on purpose (all are single-line), so a stray `%00` is
+    /// dropped instead of turning the store into a 302 for a real emergency.
+    fn push(&mut self, key: String, value: String) {
+        self.pairs
+            .push((strip_all_controls(key), strip_all_controls(value)));
     }
 
     /// Adds the fields of a POST body: a form, a JSON object (nested objects flattened to
@@ -32,18 +44,23 @@ impl Params {
         if body.is_empty() {
             return Ok(());
         }
-        let content_type = headers
+        let original = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
+            .unwrap_or("");
+        // Media types match case-insensitively; the boundary does not, so it is read from `original`.
+        let content_type = original.trim_start().to_ascii_lowercase();
         if content_type.starts_with("application/json") {
-            let value: serde_json::Value = serde_json::from_slice(&body)
+            let value: serde_json::Value = serde_json::from_slice(&strip_raw_controls(&body))
                 .map_err(|e| format!("the body is not valid JSON: {e}"))?;
-            flatten_json("", &value, &mut self.pairs);
+            let mut flat = Vec::new();
+            flatten_json("", &value, &mut flat);
+            for (k, v) in flat {
+                self.push(k, v);
+            }
             Ok(())
         } else if content_type.starts_with("multipart/form-data") {
-            let boundary = multer::parse_boundary(&content_type)
+            let boundary = multer::parse_boundary(original.trim())
                 .map_err(|e| format!("bad multipart body: {e}"))?;
             let stream =
                 futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
@@ -58,7 +75,7 @@ impl Params {
                     .text()
                     .await
                     .map_err(|e| format!("bad multipart body: {e}"))?;
-                self.pairs.push((name, text));
+                self.push(name, text);
             }
             Ok(())
         } else {
@@ -92,6 +109,65 @@ impl Params {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         serde_json::to_string(&kept).unwrap_or_else(|_| "[]".to_owned())
+    }
+}
+
+/// `raw` without control characters (NUL, escape, DEL, C1), keeping tab, newline and carriage return,
+/// which are harmless in stored text and meaningful in a message.
+pub fn strip_controls(raw: &str) -> Cow<'_, str> {
+    if raw
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        Cow::Owned(
+            raw.chars()
+                .filter(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r'))
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(raw)
+    }
+}
+
+/// `raw` without any control character: for single-line fields such as Exotel's.
+pub fn strip_all_controls(raw: String) -> String {
+    if raw.chars().any(char::is_control) {
+        raw.chars().filter(|c| !c.is_control()).collect()
+    } else {
+        raw
+    }
+}
+
+/// A JSON body without raw control bytes other than tab, newline and carriage return. JSON allows
+/// none of them, neither between tokens nor unescaped inside strings, so removing them changes no valid
+/// document and lets an otherwise valid one through. Escaped ones (`\u0000`) are removed after parsing.
+pub fn strip_raw_controls(body: &[u8]) -> Cow<'_, [u8]> {
+    let bad = |b: &u8| (*b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r')) || *b == 0x7f;
+    if body.iter().any(bad) {
+        Cow::Owned(body.iter().copied().filter(|b| !bad(b)).collect())
+    } else {
+        Cow::Borrowed(body)
+    }
+}
+
+/// Removes control characters from every string (and key) of a JSON document, in place.
+pub fn strip_json_controls(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => {
+            if let Cow::Owned(clean) = strip_controls(s) {
+                *s = clean;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_json_controls),
+        Value::Object(map) => {
+            let entries = std::mem::take(map);
+            for (k, mut v) in entries {
+                strip_json_controls(&mut v);
+                map.insert(strip_controls(&k).into_owned(), v);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -178,6 +254,32 @@ mod tests {
         assert_eq!(p.get("Legs[1][Insights][Status]").as_deref(), Some("x"));
         assert_eq!(p.get("EmergencyType").as_deref(), Some("Heart"));
         assert_eq!(p.get("missing"), None);
+    }
+
+    #[test]
+    fn control_characters_never_reach_a_field() {
+        let p = Params::from_query(Some("Call%00Sid=ab%00c%0A&x=%1B%7F%C2%85y"));
+        assert_eq!(p.get("CallSid").as_deref(), Some("abc"));
+        assert_eq!(p.get("x").as_deref(), Some("y"));
+        assert_eq!(strip_controls("a\0b\n\tc\u{7}"), "ab\n\tc");
+        assert_eq!(&*strip_raw_controls(b"{\0\"a\":\n1}"), b"{\"a\":\n1}");
+        let mut v = serde_json::json!({"k\u{0}": ["x\u{0}y", {"z": "\u{1b}w"}]});
+        strip_json_controls(&mut v);
+        assert_eq!(v, serde_json::json!({"k": ["xy", {"z": "w"}]}));
+    }
+
+    #[tokio::test]
+    async fn multipart_boundary_keeps_its_case() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            "Multipart/Form-Data; boundary=XyZ".parse().unwrap(),
+        );
+        let body =
+            "--XyZ\r\nContent-Disposition: form-data; name=\"CallSid\"\r\n\r\nabc\r\n--XyZ--\r\n";
+        let mut p = Params::default();
+        p.extend_body(&headers, Bytes::from(body)).await.unwrap();
+        assert_eq!(p.get("CallSid").as_deref(), Some("abc"));
     }
 
     #[test]

@@ -2,19 +2,28 @@
 
 mod helpers;
 mod op;
+mod raw;
 
 mod alertmanager;
 mod api;
 mod check_config;
 mod cli;
+mod cli_dedup;
+mod control_chars;
 mod corpus;
+mod deadline;
 mod dispatch;
 mod faultproof;
 mod greeting;
 mod hardening;
 mod health;
 mod metrics;
+mod multipart;
 mod passthru;
+mod passthru_head;
 mod properties;
 mod reload;
 mod resilience;
+mod server_settings;
+mod slow_clients;
+mod storm;
