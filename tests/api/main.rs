@@ -8,6 +8,7 @@ mod api;
 mod check_config;
 mod cli;
 mod dispatch;
+mod faults;
 mod greeting;
 mod health;
 mod metrics;
