@@ -45,26 +45,23 @@ const CONCURRENCY: usize = 10;
 
 /// Limits so high that throughput, not the limiter, sets the pace.
 fn unlimited() -> Vec<(&'static str, String)> {
-    let mut env = Vec::new();
-    for channel in ["CALL", "SMS", "WHATSAPP"] {
-        let (conc, rate): (&'static str, &'static str) = match channel {
-            "CALL" => (
-                "SOS_DISPATCH__CALL_CONCURRENCY",
-                "SOS_DISPATCH__CALL_PER_MINUTE",
-            ),
-            "SMS" => (
-                "SOS_DISPATCH__SMS_CONCURRENCY",
-                "SOS_DISPATCH__SMS_PER_MINUTE",
-            ),
-            _ => (
-                "SOS_DISPATCH__WHATSAPP_CONCURRENCY",
-                "SOS_DISPATCH__WHATSAPP_PER_MINUTE",
-            ),
-        };
-        env.push((conc, CONCURRENCY.to_string()));
-        env.push((rate, "600000".to_owned()));
-    }
-    env
+    [
+        "SOS_DISPATCH__CALL_CONCURRENCY",
+        "SOS_DISPATCH__SMS_CONCURRENCY",
+        "SOS_DISPATCH__WHATSAPP_CONCURRENCY",
+    ]
+    .into_iter()
+    .map(|key| (key, CONCURRENCY.to_string()))
+    .chain(
+        [
+            "SOS_DISPATCH__CALL_PER_MINUTE",
+            "SOS_DISPATCH__SMS_PER_MINUTE",
+            "SOS_DISPATCH__WHATSAPP_PER_MINUTE",
+        ]
+        .into_iter()
+        .map(|key| (key, "600000".to_owned())),
+    )
+    .collect()
 }
 
 /// One-second provider time limits and a two-second lease: a killed process's work is requeued quickly.
