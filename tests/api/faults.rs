@@ -91,7 +91,8 @@ struct Sent {
     took: Duration,
 }
 
-/// A stream of Passthrus with unique CallSids, sent one after another to the servers in turn.
+/// A stream of Passthrus with unique CallSids to the servers in turn, one every period whether or not
+/// the earlier ones were answered yet (calls reach Exotel on their own schedule).
 struct Load {
     stop: Arc<AtomicBool>,
     sent: Arc<Mutex<Vec<Sent>>>,
@@ -112,6 +113,7 @@ impl Load {
             let stop = stop.clone();
             let sent = sent.clone();
             async move {
+                let mut in_flight = tokio::task::JoinSet::new();
                 let mut i = 0usize;
                 while !stop.load(Ordering::SeqCst) && i < limit {
                     let (emergency_type, deliveries) = TYPES[i % TYPES.len()];
@@ -120,23 +122,29 @@ impl Load {
                         "{}/exotel/passthru?token={WEBHOOK_TOKEN}&CallSid={call_sid}&EmergencyType={emergency_type}&CallFrom=09812345678",
                         bases[i % bases.len()]
                     );
-                    let started = Instant::now();
-                    let status = client
-                        .get(&url)
-                        .send()
-                        .await
-                        .ok()
-                        .map(|r| r.status().as_u16());
-                    sent.lock().unwrap().push(Sent {
-                        call_sid,
-                        deliveries,
-                        status,
-                        started,
-                        took: started.elapsed(),
+                    let client = client.clone();
+                    let sent = sent.clone();
+                    in_flight.spawn(async move {
+                        let started = Instant::now();
+                        let status = client
+                            .get(&url)
+                            .send()
+                            .await
+                            .ok()
+                            .map(|r| r.status().as_u16());
+                        sent.lock().unwrap().push(Sent {
+                            call_sid,
+                            deliveries,
+                            status,
+                            started,
+                            took: started.elapsed(),
+                        });
                     });
+                    while in_flight.try_join_next().is_some() {}
                     i += 1;
                     tokio::time::sleep(every).await;
                 }
+                while in_flight.join_next().await.is_some() {}
             }
         });
         Load { stop, sent, task }
@@ -146,7 +154,7 @@ impl Load {
         self.sent.lock().unwrap().clone()
     }
 
-    /// Waits until the stream has sent all it was asked to.
+    /// Waits until the stream has sent all it was asked to and every answer is in.
     async fn done(self) -> Vec<Sent> {
         let sent = self.sent.clone();
         let _ = self.task.await;
@@ -154,6 +162,7 @@ impl Load {
         all
     }
 
+    /// Stops the stream and waits for the answers still to come.
     async fn finish(self) -> Vec<Sent> {
         self.stop.store(true, Ordering::SeqCst);
         let sent = self.sent.clone();
@@ -493,21 +502,31 @@ async fn kill_storm_postgres() {
 // ---------------------------------------------------------------------------------------------------
 // Database loss
 
+/// With these, the database tests' stream of Passthrus arrives faster than it is sent: a backlog is
+/// queued and requests are in flight when the database goes.
+const SLOW_ANSWER: Duration = Duration::from_millis(200);
+const SLOW_CONCURRENCY: &str = "3";
+
 /// The test's own PostgreSQL database refuses connections for 10 s (30 s heavy) under a steady stream
-/// of Passthrus to the in-process server. Slow stand-ins and two requests at a time per channel keep a
-/// backlog queued and requests in flight when the database goes, so the dispatcher must pick both up
-/// again by itself.
+/// of Passthrus to the in-process server; the dispatcher must pick up its backlog and the requests it
+/// had in flight again by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_loss_answers_302_loses_nothing_and_resumes_by_itself() {
     let started = Instant::now();
     let outage = Duration::from_secs(if heavy() { 30 } else { 10 });
     let p = Providers::start().await;
-    mount_slow(&p, Duration::from_millis(300)).await;
+    mount_slow(&p, SLOW_ANSWER).await;
     let mut env: Vec<(&str, String)> = [p.env(), unlimited(), quick_recovery()].concat();
     env.extend([
-        ("SOS_DISPATCH__CALL_CONCURRENCY", "2".to_owned()),
-        ("SOS_DISPATCH__SMS_CONCURRENCY", "2".to_owned()),
-        ("SOS_DISPATCH__WHATSAPP_CONCURRENCY", "2".to_owned()),
+        (
+            "SOS_DISPATCH__CALL_CONCURRENCY",
+            SLOW_CONCURRENCY.to_owned(),
+        ),
+        ("SOS_DISPATCH__SMS_CONCURRENCY", SLOW_CONCURRENCY.to_owned()),
+        (
+            "SOS_DISPATCH__WHATSAPP_CONCURRENCY",
+            SLOW_CONCURRENCY.to_owned(),
+        ),
     ]);
     let app = spawn_app_with(Db::Postgres, &env).await;
     let load = Load::start(
@@ -583,6 +602,217 @@ async fn database_loss_answers_302_loses_nothing_and_resumes_by_itself() {
     assert!(resumed, "Passthrus are stored again without a restart");
     assert!(settled, "the dispatcher resumed and drained the queue");
     assert_nothing_lost("database loss", &t);
+}
+
+/// A TCP relay between the server and its PostgreSQL database that can stand for a network
+/// partition: while frozen it passes no byte either way and connects nobody new (every connection just
+/// hangs, as across a dead link); when the partition heals, every connection open across it is cut.
+struct Partition {
+    port: u16,
+    frozen: Arc<AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Partition {
+    async fn start(upstream: String) -> Partition {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let task = tokio::spawn({
+            let frozen = frozen.clone();
+            let cut = cut.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let frozen = frozen.clone();
+                    let cut_rx = cut.subscribe();
+                    let upstream = upstream.clone();
+                    tokio::spawn(async move {
+                        // Connected across a partition: wait for it to heal, then get cut with the rest.
+                        while frozen.load(Ordering::SeqCst) {
+                            if cut_rx.has_changed().unwrap_or(true) {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                            return;
+                        };
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        let up = relay(cr, sw, frozen.clone(), cut_rx.clone());
+                        let down = relay(sr, cw, frozen, cut_rx);
+                        tokio::join!(up, down);
+                    });
+                }
+            }
+        });
+        Partition {
+            port,
+            frozen,
+            cut,
+            task,
+        }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Cuts every connection open now, then passes traffic again.
+    fn heal(&self) {
+        self.cut.send_modify(|g| *g += 1);
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut.send_modify(|g| *g += 1);
+    }
+}
+
+/// Copies one direction until either side closes or the connection is cut; holds bytes while frozen.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+    mut cut: tokio::sync::watch::Receiver<u64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            n = from.read(&mut buf) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = cut.changed() => return,
+        };
+        while frozen.load(Ordering::SeqCst) {
+            if cut.has_changed().unwrap_or(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The server reaches its PostgreSQL database through a link that goes silent for 10 s (30 s heavy)
+/// under a stream of Passthrus: nothing answers and nothing fails fast, every open query hangs. Each
+/// Passthru still answers (302) within Exotel's wait, nothing answered 200 is lost, and once the link
+/// is back (its old connections cut) the same process stores and sends again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_partition_answers_302_in_time_and_resumes_by_itself() {
+    let started = Instant::now();
+    let outage = Duration::from_secs(if heavy() { 30 } else { 10 });
+    let p = Providers::start().await;
+    mount_slow(&p, SLOW_ANSWER).await;
+    let db = TestDb::new(Db::Postgres).await;
+    let mut url = reqwest::Url::parse(&db.url).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let link = Partition::start(upstream).await;
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_port(Some(link.port)).unwrap();
+    let stakeholders = db.dir().join("stakeholders.toml");
+    std::fs::write(&stakeholders, STAKEHOLDERS).unwrap();
+    let mut env: Vec<(&str, String)> = [p.env(), unlimited(), quick_recovery()].concat();
+    env.extend([
+        ("SOS_DATABASE__URL", url.to_string()),
+        (
+            "SOS_DISPATCH__CALL_CONCURRENCY",
+            SLOW_CONCURRENCY.to_owned(),
+        ),
+        ("SOS_DISPATCH__SMS_CONCURRENCY", SLOW_CONCURRENCY.to_owned()),
+        (
+            "SOS_DISPATCH__WHATSAPP_CONCURRENCY",
+            SLOW_CONCURRENCY.to_owned(),
+        ),
+    ]);
+    let settings = test_settings(&db, &stakeholders, &env);
+    let direct = Store::connect(&db.url, 2).await.unwrap();
+    let app = start(TestDb::shared(url.as_ref()), stakeholders, settings).await;
+    let load = Load::start(
+        vec![app.base.clone()],
+        Duration::from_millis(100),
+        "dp",
+        usize::MAX,
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let backlog_at_outage = queued(&direct).await;
+    link.freeze();
+    let down_from = Instant::now();
+    tokio::time::sleep(outage).await;
+    let up_at = Instant::now();
+    link.heal();
+    let resumed = eventually(Duration::from_secs(60), || async {
+        load.snapshot()
+            .iter()
+            .any(|s| s.started >= up_at && s.status == Some(200))
+    })
+    .await;
+    let resumed_after = up_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = load.finish().await;
+    let settled = settle(&direct, Duration::from_secs(120)).await;
+    let t = tally(&direct, &p, &sent).await;
+    let during: Vec<Sent> = sent
+        .iter()
+        .filter(|s| s.started >= down_from && s.started + s.took <= up_at)
+        .cloned()
+        .collect();
+    let slowest = sent.iter().map(|s| s.took).max().unwrap_or_default();
+    eprintln!(
+        "database partition: outage {} s, backlog when it went {backlog_at_outage:?}, Passthrus sent {}, \
+         answered {:?}, during the outage {} ({:?}), slowest answer {:.2} s, 200 {}, deliveries {}, \
+         requests lost {}, duplicates {}, in flight {}, first 200 {:.1} s after the link came back, \
+         statuses {:?}, {:.1} s",
+        outage.as_secs(),
+        sent.len(),
+        answers(&sent),
+        during.len(),
+        answers(&during),
+        slowest.as_secs_f64(),
+        t.ok,
+        t.deliveries,
+        t.lost_requests(),
+        t.duplicates,
+        t.in_flight,
+        resumed_after.as_secs_f64(),
+        t.statuses,
+        started.elapsed().as_secs_f64()
+    );
+    app.stop().await;
+    direct.close().await;
+    drop(link);
+    let wrong: Vec<&Sent> = sent
+        .iter()
+        .filter(|s| !matches!(s.status, Some(200 | 302)))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "Passthrus answered neither 200 nor 302: {wrong:?}"
+    );
+    assert!(
+        slowest <= PASSTHRU_BUDGET,
+        "a Passthru took {slowest:?}, past Exotel's {PASSTHRU_BUDGET:?}"
+    );
+    assert!(
+        !during.is_empty(),
+        "Passthrus were answered during the outage"
+    );
+    assert!(
+        during.iter().all(|s| s.status == Some(302)),
+        "only 302 while the database is away"
+    );
+    assert!(resumed, "Passthrus are stored again without a restart");
+    assert!(settled, "the dispatcher resumed and drained the queue");
+    assert_nothing_lost("database partition", &t);
 }
 
 // ---------------------------------------------------------------------------------------------------
