@@ -1,16 +1,19 @@
-//! Fault suite: the release binary (or the in-process server) on real databases under SIGKILLs, database
-//! loss, a provider outage and three replicas, against stand-ins for Exotel and GupShup. Every test
-//! prints its figures; see them with `cargo test --test api faults:: -- --nocapture`.
+//! Fault suite: the release binary (or the in-process server) on real databases under SIGKILLs, a
+//! database that refuses connections or goes silent, a provider outage and three replicas, against
+//! stand-ins for Exotel and GupShup. Every test prints its figures; see them with
+//! `cargo test --test api faults:: -- --nocapture`. The database tests use only a database they create
+//! (taken down by refusing its connections, or reached through a relay that the test silences), never
+//! the shared cluster's settings.
 //!
 //! The contract checked everywhere: every Passthru answered 200 has its incident and every one of its
 //! deliveries reached the provider's stand-in (requests lost: 0); a delivery is sent more than once only
 //! when its trail shows it was in flight in a process that stopped (`lease_expired` or `released`).
 //!
 //! CI runs the light variants. `SOS_HEAVY_TESTS=1` runs heavier ones: the kill storm kills 60 times
-//! instead of 20 with Passthrus arriving three times as fast, the database stays away for 30 s instead
-//! of 10 s, the provider outage lasts three times as long (against a retry budget three times as long),
+//! instead of 20 with Passthrus arriving three times as fast, the database stays away (refused or
+//! silent) for 30 s instead of 10 s, the provider outage lasts three times as long (against a retry budget three times as long),
 //! and the three replicas take three times the load. `SOS_FAULT_SEED=N` replays the kill moments of a
-//! run (each test prints its seed); `SOS_TEST_SERVER_LOGS=DIR` keeps the servers' logs.
+//! run (the kill tests print their seed); `SOS_TEST_SERVER_LOGS=DIR` keeps the servers' logs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -976,7 +979,8 @@ async fn three_replicas_one_killed_no_double_sends_and_the_account_limit_holds()
     let allowed = per_second * WINDOW.as_secs() as usize + burst;
     let started = Instant::now();
     let passthrus = if heavy() { 90 } else { 30 };
-    let mut rng = StdRng::seed_from_u64(seed());
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
     let p = Providers::start().await;
     let stamps = Arc::new(Mutex::new(Vec::new()));
     Mock::given(method("POST"))
@@ -1028,7 +1032,7 @@ async fn three_replicas_one_killed_no_double_sends_and_the_account_limit_holds()
     };
     let max_window = max_in_window(stamps, WINDOW);
     eprintln!(
-        "three replicas: Passthrus {}, answered {:?}, 200 {}, replica killed at {:.1} s, deliveries {}, \
+        "three replicas (seed {seed}): Passthrus {}, answered {:?}, 200 {}, replica killed at {:.1} s, deliveries {}, \
          requests lost {}, duplicates {}, in flight at the kill {}, calls {calls} over {span:.1} s, \
          most calls in any {} s: {max_window} (limit {PER_MINUTE}/min allows {allowed}), statuses {:?}, \
          {:.1} s",
