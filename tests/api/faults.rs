@@ -420,7 +420,8 @@ async fn mount_slow(p: &Providers, delay: Duration) {
 /// Starts the server on `port` (the port a killed process held), trying again if it is not free yet.
 async fn restart(db_url: &str, stakeholders: &std::path::Path, p: &Providers, port: u16) -> Server {
     let env: Vec<(&str, String)> = [unlimited(), quick_recovery()].concat();
-    for _ in 0..20 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
         let mut server = spawn_server(db_url, stakeholders, p, port, &env);
         if server.healthy_within(Duration::from_secs(60)).await {
             return server;
@@ -428,7 +429,7 @@ async fn restart(db_url: &str, stakeholders: &std::path::Path, p: &Providers, po
         server.kill();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    panic!("the server did not come back on port {port}");
+    panic!("the server did not come back on port {port} within 2 minutes");
 }
 
 /// The server is SIGKILLed at random moments while Passthrus keep arriving, and restarted each time on
@@ -445,7 +446,7 @@ async fn kill_storm(db: Db) {
     let test_db = TestDb::new(db).await;
     let stakeholders = test_db.dir().join("stakeholders.toml");
     std::fs::write(&stakeholders, STAKEHOLDERS).unwrap();
-    let port = free_port();
+    let port = stable_port();
     let mut server = restart(&test_db.url, &stakeholders, &p, port).await;
     let load = Load::start(vec![server.base()], every, "ks", usize::MAX);
     for _ in 0..kills {

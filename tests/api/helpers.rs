@@ -544,6 +544,26 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port below the kernel's ephemeral range, for a server restarted on the same port: while it is
+/// down, no outgoing connection can be given that port, nor connect to itself on it (a TCP self-connect
+/// to a port with no listener would hold the port and keep the restart from binding it).
+pub fn stable_port() -> u16 {
+    use rand::Rng;
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let below = first_ephemeral.saturating_sub(10_000).max(1024)..first_ephemeral.max(1025);
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(below.clone());
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_port()
+}
+
 /// The release binary of this build, serving on `port`; killed (SIGKILL) and reaped when dropped, so a
 /// failing test leaves no process behind.
 pub struct Server {
