@@ -574,7 +574,7 @@ pub struct Server {
 /// Starts `exotel-sos serve` against `db_url` with live channels pointing at the stand-ins. Short
 /// provider time limits and a short lease, so a killed process's work is picked up within seconds;
 /// `extra` entries override them. With `SOS_TEST_SERVER_LOGS=DIR` its output is appended to
-/// `DIR/server-PORT.log`.
+/// `DIR/server-PORT.log`; `SOS_TEST_SERVER_BIN=FILE` runs that binary instead of this build's.
 pub fn spawn_server(
     db_url: &str,
     stakeholders: &std::path::Path,
@@ -583,7 +583,12 @@ pub fn spawn_server(
     extra: &[(&str, String)],
 ) -> Server {
     use std::process::{Command, Stdio};
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_exotel-sos"));
+    // A copy can be named when the target directory is shared with builds of other source trees, which
+    // may replace this build's binary while the tests run.
+    let bin = std::env::var_os("SOS_TEST_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_exotel-sos")));
+    let mut cmd = Command::new(bin);
     cmd.arg("serve")
         .env("SOS_DATABASE__URL", db_url)
         .env("SOS_SERVER__LISTEN", format!("127.0.0.1:{port}"))
