@@ -536,3 +536,140 @@ impl TestApp {
             .unwrap()
     }
 }
+
+/// A port nobody listens on right now (the server binds it itself, so a restart can reuse it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A free port below the kernel's ephemeral range, for a server restarted on the same port: while it is
+/// down, no outgoing connection can be given that port, nor connect to itself on it (a TCP self-connect
+/// to a port with no listener would hold the port and keep the restart from binding it).
+pub fn stable_port() -> u16 {
+    use rand::Rng;
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let below = first_ephemeral.saturating_sub(10_000).max(1024)..first_ephemeral.max(1025);
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(below.clone());
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_port()
+}
+
+/// The release binary of this build, serving on `port`; killed (SIGKILL) and reaped when dropped, so a
+/// failing test leaves no process behind.
+pub struct Server {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+/// Starts `exotel-sos serve` against `db_url` with live channels pointing at the stand-ins. Short
+/// provider time limits and a short lease, so a killed process's work is picked up within seconds;
+/// `extra` entries override them. With `SOS_TEST_SERVER_LOGS=DIR` its output is appended to
+/// `DIR/server-PORT.log`; `SOS_TEST_SERVER_BIN=FILE` runs that binary instead of this build's.
+pub fn spawn_server(
+    db_url: &str,
+    stakeholders: &std::path::Path,
+    p: &Providers,
+    port: u16,
+    extra: &[(&str, String)],
+) -> Server {
+    use std::process::{Command, Stdio};
+    // A copy can be named when the target directory is shared with builds of other source trees, which
+    // may replace this build's binary while the tests run.
+    let bin = std::env::var_os("SOS_TEST_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_exotel-sos")));
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .env("SOS_DATABASE__URL", db_url)
+        .env("SOS_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("SOS_SERVER__WEBHOOK_TOKEN", WEBHOOK_TOKEN)
+        .env("SOS_SERVER__ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SOS_STAKEHOLDERS__FILE", stakeholders)
+        .env("SOS_EXOTEL__CALL_TIMEOUT_SECS", "2")
+        .env("SOS_EXOTEL__SMS_TIMEOUT_SECS", "2")
+        .env("SOS_GUPSHUP__TIMEOUT_SECS", "2")
+        .env("SOS_DISPATCH__LEASE_SECS", "4");
+    for (k, v) in p.env() {
+        cmd.env(k, v);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    match std::env::var_os("SOS_TEST_SERVER_LOGS") {
+        Some(dir) => {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(PathBuf::from(dir).join(format!("server-{port}.log")))
+                .expect("server log file");
+            cmd.stdout(log.try_clone().expect("log handle")).stderr(log);
+        }
+        None => {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+    }
+    Server {
+        child: cmd.spawn().expect("start the server"),
+        port,
+    }
+}
+
+impl Server {
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no shutdown, no lease released. Waits until the process is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process has ended by itself (for example a port not free yet).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Waits until `/healthz` answers 200; false if the process ended or `timeout` passed first.
+    pub async fn healthy_within(&mut self, timeout: Duration) -> bool {
+        let url = format!("{}/healthz", self.base());
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self.exited() {
+                return false;
+            }
+            if reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    /// Waits until `/healthz` answers 200, or fails the test.
+    pub async fn wait_healthy(&mut self) {
+        assert!(
+            self.healthy_within(Duration::from_secs(30)).await,
+            "server on port {} came up",
+            self.port
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -14,6 +14,7 @@ mod corpus;
 mod deadline;
 mod dispatch;
 mod faultproof;
+mod faults;
 mod greeting;
 mod hardening;
 mod health;

@@ -2,7 +2,6 @@
 //! and a graceful shutdown with work in flight.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use wiremock::matchers::{method, path};
@@ -65,47 +64,6 @@ async fn two_dispatchers_on_one_postgres_never_send_the_same_delivery_twice() {
     a.stop().await;
 }
 
-fn spawn_server(db_url: &str, stakeholders: &std::path::Path, p: &Providers, port: u16) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_exotel-sos"));
-    cmd.arg("serve")
-        .env("SOS_DATABASE__URL", db_url)
-        .env("SOS_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("SOS_SERVER__WEBHOOK_TOKEN", WEBHOOK_TOKEN)
-        .env("SOS_SERVER__ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("SOS_STAKEHOLDERS__FILE", stakeholders)
-        // A short lease, so the killed process's work is picked up within seconds.
-        .env("SOS_EXOTEL__CALL_TIMEOUT_SECS", "2")
-        .env("SOS_EXOTEL__SMS_TIMEOUT_SECS", "2")
-        .env("SOS_GUPSHUP__TIMEOUT_SECS", "2")
-        .env("SOS_DISPATCH__LEASE_SECS", "4")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in p.env() {
-        cmd.env(k, v);
-    }
-    cmd.spawn().expect("start the server")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_healthy(port: u16) {
-    let url = format!("http://127.0.0.1:{port}/healthz");
-    assert!(
-        eventually(Duration::from_secs(20), || {
-            let url = url.clone();
-            async move { reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) }
-        })
-        .await,
-        "server came up"
-    );
-}
-
 const ONE_CALL: &str = r#"
 [[contact]]
 name = "Desk"
@@ -133,8 +91,8 @@ async fn killed_mid_send_is_resumed_after_restart(db: Db) {
     std::fs::write(&stakeholders, ONE_CALL).unwrap();
 
     let port = free_port();
-    let mut first = spawn_server(&db.url, &stakeholders, &p, port);
-    wait_healthy(port).await;
+    let mut first = spawn_server(&db.url, &stakeholders, &p, port, &[]);
+    first.wait_healthy().await;
     let client = reqwest::Client::new();
     let res = client
         .get(format!(
@@ -151,12 +109,11 @@ async fn killed_mid_send_is_resumed_after_restart(db: Db) {
         .await,
         "the first process sent the call"
     );
-    first.kill().unwrap(); // SIGKILL: no shutdown, no release
-    first.wait().unwrap();
+    first.kill(); // SIGKILL: no shutdown, no release
 
     let port = free_port();
-    let mut second = spawn_server(&db.url, &stakeholders, &p, port);
-    wait_healthy(port).await;
+    let mut second = spawn_server(&db.url, &stakeholders, &p, port, &[]);
+    second.wait_healthy().await;
     let store = exotel_sos::store::Store::connect(&db.url, 2).await.unwrap();
     let inc = store
         .incident_by_call_sid("ffff0000000000000000000000000001")
@@ -172,8 +129,7 @@ async fn killed_mid_send_is_resumed_after_restart(db: Db) {
         }
     })
     .await;
-    second.kill().unwrap();
-    second.wait().unwrap();
+    second.kill();
     assert!(
         ok,
         "the delivery was resumed and sent after the lease expired"
