@@ -10,10 +10,11 @@
 //! when its trail shows it was in flight in a process that stopped (`lease_expired` or `released`).
 //!
 //! CI runs the light variants. `SOS_HEAVY_TESTS=1` runs heavier ones: the kill storm kills 60 times
-//! instead of 20 with Passthrus arriving twice as fast, the database stays away (refused or
-//! silent) for 30 s instead of 10 s, the provider outage lasts three times as long (against a retry budget three times as long),
-//! and the three replicas take three times the load. `SOS_FAULT_SEED=N` replays the kill moments of a
-//! run (the kill tests print their seed); `SOS_TEST_SERVER_LOGS=DIR` keeps the servers' logs.
+//! instead of 20 with Passthrus arriving twice as fast, the database stays away (refused or silent)
+//! for 30 s instead of 10 s, the provider outage lasts three times as long (against a retry budget
+//! three times as long), and the three replicas take three times the load. `SOS_FAULT_SEED=N` replays
+//! the kill moments of a run (the kill tests print their seed); `SOS_TEST_SERVER_LOGS=DIR` keeps the
+//! servers' logs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
