@@ -10,10 +10,11 @@
 //! when its trail shows it was in flight in a process that stopped (`lease_expired` or `released`).
 //!
 //! CI runs the light variants. `SOS_HEAVY_TESTS=1` runs heavier ones: the kill storm kills 60 times
-//! instead of 20 with Passthrus arriving three times as fast, the database stays away (refused or
-//! silent) for 30 s instead of 10 s, the provider outage lasts three times as long (against a retry budget three times as long),
-//! and the three replicas take three times the load. `SOS_FAULT_SEED=N` replays the kill moments of a
-//! run (the kill tests print their seed); `SOS_TEST_SERVER_LOGS=DIR` keeps the servers' logs.
+//! instead of 20 with Passthrus arriving twice as fast, the database stays away (refused or silent)
+//! for 30 s instead of 10 s, the provider outage lasts three times as long (against a retry budget
+//! three times as long), and the three replicas take three times the load. `SOS_FAULT_SEED=N` replays
+//! the kill moments of a run (the kill tests print their seed); `SOS_TEST_SERVER_LOGS=DIR` keeps the
+//! servers' logs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -41,6 +42,9 @@ fn seed() -> u64 {
 
 /// How long Exotel waits for a Passthru answer (the server's own request limit).
 const PASSTHRU_BUDGET: Duration = Duration::from_secs(10);
+
+/// How long the queue may stay as long as it is before a test calls it stalled.
+const STALL: Duration = Duration::from_secs(60);
 
 /// Per-channel concurrency given to every server here: at most this many requests per channel are in
 /// flight in one process when it is killed.
@@ -206,17 +210,30 @@ async fn all_deliveries(store: &Store) -> Vec<DeliveryRow> {
         .collect()
 }
 
-/// Waits until no delivery is queued or being sent; false after `timeout`.
-async fn settle(store: &Store, timeout: Duration) -> bool {
-    eventually(timeout, || async {
+/// Waits until no delivery is queued or being sent. A slow machine only makes this take longer: it gives
+/// up (false) only when the number still open has not gone down for `stall`.
+async fn settle(store: &Store, stall: Duration) -> bool {
+    let mut best = i64::MAX;
+    let mut last_progress = Instant::now();
+    loop {
         let open: Result<i64, _> = sqlx::query_scalar(
             "SELECT COUNT(*) FROM deliveries WHERE status IN ('queued', 'sending')",
         )
         .fetch_one(store.pool())
         .await;
-        matches!(open, Ok(0))
-    })
-    .await
+        match open {
+            Ok(0) => return true,
+            Ok(n) if n < best => {
+                best = n;
+                last_progress = Instant::now();
+            }
+            _ => {}
+        }
+        if last_progress.elapsed() >= stall {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Deliveries (queued, sending) right now.
@@ -437,7 +454,7 @@ async fn restart(db_url: &str, stakeholders: &std::path::Path, p: &Providers, po
 async fn kill_storm(db: Db) {
     let started = Instant::now();
     let kills = if heavy() { 60 } else { 20 };
-    let every = Duration::from_millis(if heavy() { 15 } else { 50 });
+    let every = Duration::from_millis(if heavy() { 25 } else { 50 });
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let p = Providers::start().await;
@@ -459,10 +476,11 @@ async fn kill_storm(db: Db) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let sent = load.finish().await;
     let store = Store::connect(&test_db.url, 2).await.unwrap();
-    let settled = settle(&store, Duration::from_secs(120)).await;
+    let settled = settle(&store, STALL).await;
     let t = tally(&store, &p, &sent).await;
+    let last_alive = !server.exited();
     eprintln!(
-        "kill storm ({db:?}, seed {seed}): kills {kills}, Passthrus sent {}, answered {:?}, 200 {}, \
+        "kill storm ({db:?}, seed {seed}): kills {kills}, last process alive {last_alive}, Passthrus sent {}, answered {:?}, 200 {}, \
          deliveries {}, requests lost {}, deliveries never sent {}, duplicates {}, in flight at a kill {} deliveries \
          {} times (bound {}), statuses {:?}, {:.1} s",
         sent.len(),
@@ -556,7 +574,7 @@ async fn database_loss_answers_302_loses_nothing_and_resumes_by_itself() {
     let resumed_after = up_at.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let sent = load.finish().await;
-    let settled = settle(&app.store, Duration::from_secs(120)).await;
+    let settled = settle(&app.store, STALL).await;
     let t = tally(&app.store, &p, &sent).await;
     let during: Vec<&Sent> = sent
         .iter()
@@ -763,7 +781,7 @@ async fn database_partition_answers_302_in_time_and_resumes_by_itself() {
     let resumed_after = up_at.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let sent = load.finish().await;
-    let settled = settle(&direct, Duration::from_secs(120)).await;
+    let settled = settle(&direct, STALL).await;
     let t = tally(&direct, &p, &sent).await;
     let during: Vec<Sent> = sent
         .iter()
@@ -894,7 +912,7 @@ async fn provider_outage(db: Db) {
     tokio::time::sleep(each_phase).await;
     phase.store(2, Ordering::SeqCst);
     let recovered = Instant::now();
-    let settled = settle(&app.store, Duration::from_secs(60 * scale)).await;
+    let settled = settle(&app.store, STALL).await;
     let deliveries = all_deliveries(&app.store).await;
     let accepted = accepted.lock().unwrap().clone();
     let exotel_requests = p.exotel.received_requests().await.unwrap_or_default().len();
@@ -1023,7 +1041,7 @@ async fn three_replicas_one_killed_no_double_sends_and_the_account_limit_holds()
     let killed_at = started.elapsed();
     let sent = load.done().await;
     let store = Store::connect(&db.url, 2).await.unwrap();
-    let settled = settle(&store, Duration::from_secs(240)).await;
+    let settled = settle(&store, STALL).await;
     let t = tally(&store, &p, &sent).await;
     let stamps = stamps.lock().unwrap().clone();
     let calls = stamps.len();
