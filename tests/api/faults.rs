@@ -1,4 +1,4 @@
-//! Fault suite: the release binary (or the in-process server) on real databases under SIGKILLs, a
+//! Fault suite: the server binary of this build (or the in-process server) on real databases under SIGKILLs, a
 //! database that refuses connections or goes silent, a provider outage and three replicas, against
 //! stand-ins for Exotel and GupShup. Every test prints its figures; see them with
 //! `cargo test --test api faults:: -- --nocapture`. The database tests use only a database they create
