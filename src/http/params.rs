@@ -105,7 +105,9 @@ impl Params {
         let kept: Vec<(&str, &str)> = self
             .pairs
             .iter()
-            .filter(|(k, _)| !without.iter().any(|w| k.eq_ignore_ascii_case(w)))
+            // Matched as `get` matches keys (trimmed), so `token%20=…`, which `get` accepts as the
+            // token, is never kept for audit either.
+            .filter(|(k, _)| !without.iter().any(|w| k.trim().eq_ignore_ascii_case(w)))
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         serde_json::to_string(&kept).unwrap_or_else(|_| "[]".to_owned())
@@ -292,6 +294,10 @@ mod tests {
     fn audit_keeps_repeats_and_drops_the_token() {
         let p = Params::from_query(Some("a=1&a=2&token=secret"));
         assert_eq!(p.audit_json(&["token"]), r#"[["a","1"],["a","2"]]"#);
+        // A padded key is still the token.
+        let p = Params::from_query(Some("a=1&token%20=secret&%20TOKEN=s2"));
+        assert_eq!(p.get("token").as_deref(), Some("secret"));
+        assert_eq!(p.audit_json(&["token"]), r#"[["a","1"]]"#);
     }
 
     #[test]

@@ -24,10 +24,16 @@ pub fn rest_exception(body: &str) -> Option<String> {
     Some(body[start..end].trim().to_owned())
 }
 
+/// Longest provider message kept in a reason: enough for Exotel's own words, never a whole page.
+const MAX_MESSAGE_CHARS: usize = 500;
+
 /// The reason to store for a non-2xx answer.
 pub fn error_reason(status: u16, body: &str) -> String {
     match rest_exception(body) {
-        Some(msg) => format!("HTTP {status}: {msg}"),
+        Some(msg) => format!(
+            "HTTP {status}: {}",
+            msg.chars().take(MAX_MESSAGE_CHARS).collect::<String>()
+        ),
         None => {
             let snippet: String = body.chars().take(200).collect();
             format!("HTTP {status}: {}", snippet.trim())
@@ -126,6 +132,11 @@ mod tests {
             Some("Call to [01234] cannot be made because of TRAI NDNC regulations")
         );
         assert_eq!(rest_exception("<html>oops</html>"), None);
+        let huge = format!(
+            r#"{{"RestException":{{"Status":400,"Message":"{}"}}}}"#,
+            "x".repeat(100_000)
+        );
+        assert!(error_reason(400, &huge).len() < 600);
         assert_eq!(
             xml_field(
                 "<TwilioResponse><Call><Sid>abc123</Sid><Status>in-progress</Status></Call></TwilioResponse>",

@@ -203,8 +203,10 @@ impl Store {
         .bind(incident.source.as_str())
         .bind(incident.call_sid.as_deref())
         .bind(incident.dedup_key.as_deref())
-        .bind(&incident.emergency_type)
-        .bind(&incident.route)
+        // Names come from the operators' file and the request: stored without control characters, so
+        // a stray NUL in either can never make an emergency unstorable.
+        .bind(crate::domain::storable(&incident.emergency_type).into_owned())
+        .bind(crate::domain::storable(&incident.route).into_owned())
         .bind(incident.caller.as_deref())
         .bind(incident.recording_url.as_deref())
         .bind(incident.message.as_deref())
@@ -253,7 +255,7 @@ impl Store {
             )
             .bind(uuid::Uuid::new_v4().to_string())
             .bind(&id)
-            .bind(&target.contact_name)
+            .bind(crate::domain::storable(&target.contact_name).into_owned())
             .bind(target.phone.e164())
             .bind(target.channel.as_str())
             .bind(target.channel.priority())

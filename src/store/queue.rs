@@ -492,7 +492,10 @@ impl Store {
         }
         if let Some(reference) = custom_field {
             let sql = format!(
-                "SELECT {} FROM deliveries WHERE channel = $1 AND greeting_ref = $2 AND provider_id IS NULL",
+                // No id yet, or a redial still `sending` (its row holds the previous call's id until the
+                // new one is recorded): the report then waits for that record instead of getting 404.
+                "SELECT {} FROM deliveries WHERE channel = $1 AND greeting_ref = $2 \
+                 AND (provider_id IS NULL OR status = 'sending')",
                 DeliveryRow::COLUMNS
             );
             if let Some(row) = sqlx::query(&sql)

@@ -302,8 +302,8 @@ async fn a_resolve_during_a_rate_wait_sends_nothing_more(db: Db) {
         db,
         &p,
         &[
-            // One call every 4 s with no burst beyond one: the second call waits in the limiter.
-            ("SOS_DISPATCH__CALL_PER_MINUTE", "15".into()),
+            // One call every 20 s with no burst beyond one: the second call waits in the limiter.
+            ("SOS_DISPATCH__CALL_PER_MINUTE", "3".into()),
             ("SOS_DISPATCH__CALL_CONCURRENCY", "1".into()),
         ],
     )
@@ -338,7 +338,24 @@ async fn a_resolve_during_a_rate_wait_sends_nothing_more(db: Db) {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The waiting call leaves the limiter by itself (its lease would end first) and is cancelled.
+    let store = app.store.clone();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let store = store.clone();
+            async move {
+                let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
+                store
+                    .deliveries(&inc.id)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|d| d.channel == "call" && d.status == "cancelled")
+            }
+        })
+        .await,
+        "the waiting call is cancelled"
+    );
     assert_eq!(p.requests(CALLS_PATH).await.len(), 1);
     let waiting = app
         .deliveries_of(SID)
@@ -429,7 +446,143 @@ both_engines!(
     healthz_fails_once_the_dispatcher_is_dead,
     a_delivery_whose_lease_keeps_running_out_ends_failed,
     a_late_answer_stops_a_redial_that_is_still_queued,
+    a_report_for_a_redial_still_being_recorded_waits_for_it,
+    a_wait_that_would_outlast_the_lease_hands_the_call_back_unsent,
+    a_stray_nul_in_the_stakeholder_file_stores_the_emergency,
 );
+
+/// While a redial's outcome is still on its way to the database, its row holds the previous call's id;
+/// the new call's report, found by its CustomField, waits for that record instead of getting 404.
+async fn a_report_for_a_redial_still_being_recorded_waits_for_it(db: Db) {
+    let app = spawn_app_with(db, &[without_dispatcher()]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=default"))
+        .await;
+    let call = app.delivery_of(SID, "call").await;
+    sqlx::query(
+        "UPDATE deliveries SET status = 'sending', provider_id = 'first-call', redials = 1 WHERE id = $1",
+    )
+    .bind(&call.id)
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    let pool = app.store.pool().clone();
+    let id = call.id.clone();
+    let recorder = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        sqlx::query(
+            "UPDATE deliveries SET status = 'accepted', provider_id = 'second-call' WHERE id = $1",
+        )
+        .bind(&id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    });
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[
+                ("CallSid", "second-call"),
+                ("CustomField", call.greeting_ref.as_str()),
+                ("Status", "completed"),
+            ],
+        )
+        .await;
+    recorder.await.unwrap();
+    assert_eq!(res.status(), 200);
+    let d = app.store.delivery(&call.id).await.unwrap().unwrap();
+    assert_eq!(d.status, "delivered");
+    assert_eq!(d.provider_id.as_deref(), Some("second-call"));
+    app.stop().await;
+}
+
+/// A call whose wait for the rate limit would outlast its lease is handed back unsent, without spending
+/// an attempt, and goes out once the limit allows: one request, one attempt.
+async fn a_wait_that_would_outlast_the_lease_hands_the_call_back_unsent(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(
+        db,
+        &p,
+        &[
+            // A second call may go 12 s after the first; a lease of 4 s lets a claim wait 2 s at most.
+            ("SOS_DISPATCH__CALL_PER_MINUTE", "5".into()),
+            ("SOS_DISPATCH__CALL_CONCURRENCY", "1".into()),
+            ("SOS_EXOTEL__CALL_TIMEOUT_SECS", "1".into()),
+            ("SOS_EXOTEL__SMS_TIMEOUT_SECS", "1".into()),
+            ("SOS_GUPSHUP__TIMEOUT_SECS", "1".into()),
+            ("SOS_DISPATCH__LEASE_SECS", "4".into()),
+        ],
+    )
+    .await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let store = app.store.clone();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let store = store.clone();
+            async move {
+                let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
+                store
+                    .deliveries(&inc.id)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .filter(|d| d.channel == "call")
+                    .all(|d| d.status == "accepted")
+            }
+        })
+        .await,
+        "both calls placed in the end"
+    );
+    assert_eq!(p.requests(CALLS_PATH).await.len(), 2);
+    let calls: Vec<_> = app
+        .deliveries_of(SID)
+        .await
+        .into_iter()
+        .filter(|d| d.channel == "call")
+        .collect();
+    for d in &calls {
+        assert_eq!(d.attempts, 1, "{d:?}");
+    }
+    let mut handed_back = 0;
+    for d in &calls {
+        handed_back += app
+            .store
+            .events(&d.id)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == "requeued")
+            .count();
+    }
+    assert!(
+        handed_back >= 1,
+        "the second call was handed back while it waited"
+    );
+    app.stop().await;
+}
+
+/// Names come from the operators' file: a stray NUL in one (PostgreSQL refuses `\0` in text) must not
+/// make an emergency unstorable.
+async fn a_stray_nul_in_the_stakeholder_file_stores_the_emergency(db: Db) {
+    let app = spawn_app_with(db, &[without_dispatcher()]).await;
+    std::fs::write(
+        &app.stakeholders,
+        STAKEHOLDERS.replace("Emergency desk", "Emergency\\u0000desk"),
+    )
+    .unwrap();
+    app.state.routing.reload().expect("the edited file loads");
+    let res = app
+        .passthru(&format!("CallSid={SID}&EmergencyType=default"))
+        .await;
+    assert_eq!(res.status(), 200);
+    let ds = app.deliveries_of(SID).await;
+    assert!(
+        ds.iter().any(|d| d.contact_name == "Emergencydesk"),
+        "{ds:?}"
+    );
+    app.stop().await;
+}
 
 /// A lease that keeps running out (the process dies, or the outcome can never be recorded) ends the
 /// delivery after `max_attempts` losses instead of sending it forever.
@@ -473,7 +626,8 @@ async fn a_late_answer_stops_a_redial_that_is_still_queued(db: Db) {
         db,
         &p,
         &[
-            ("SOS_DISPATCH__REDIAL_DELAY_SECS", "3".into()),
+            // Long enough that both reports surely come before the redial would be dialled.
+            ("SOS_DISPATCH__REDIAL_DELAY_SECS", "300".into()),
             ("SOS_DISPATCH__MAX_REDIALS", "2".into()),
         ],
     )
@@ -501,7 +655,7 @@ async fn a_late_answer_stops_a_redial_that_is_still_queued(db: Db) {
         )
         .await;
     assert_eq!(res.status(), 200);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Delivered is final: no claim can take it for a redial any more.
     let d = app.store.delivery(&call.id).await.unwrap().unwrap();
     assert_eq!(d.status, "delivered");
     assert_eq!(sends_to(&p, CALLS_PATH, "From", &call.phone).await, 1);
