@@ -40,14 +40,7 @@ pub async fn auto_resolve(state: AppState, mut shutdown: tokio::sync::watch::Rec
         .saturating_mul(1000);
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        if *shutdown.borrow() {
-            return;
-        }
+    while next_round(&mut ticker, &mut shutdown).await {
         let cutoff = now_ms().saturating_sub(after_ms);
         let ids = match state.store.open_incidents_received_before(cutoff).await {
             Ok(ids) => ids,
@@ -84,14 +77,7 @@ pub async fn prune_old_incidents(
     };
     let mut ticker = tokio::time::interval(Duration::from_millis(retention.every_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        if *shutdown.borrow() {
-            return;
-        }
+    while next_round(&mut ticker, &mut shutdown).await {
         let cutoff = now_ms().saturating_sub(keep_ms);
         match state
             .store
@@ -109,4 +95,16 @@ pub async fn prune_old_incidents(
             Err(e) => tracing::warn!(error = format!("{e:#}"), "retention: pruning failed"),
         }
     }
+}
+
+/// Waits for the next tick of a housekeeping task; false once `shutdown` turns true.
+async fn next_round(
+    ticker: &mut tokio::time::Interval,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = ticker.tick() => {}
+        _ = shutdown.changed() => return false,
+    }
+    !*shutdown.borrow()
 }

@@ -492,8 +492,8 @@ impl Dispatcher {
             Ready::Go { waited: false } => {}
             Ready::Go { waited: true } => {
                 // It waited: the incident may have been resolved meanwhile, and the lease shortened.
-                if let Ok(Some(now)) = self.store.incident(&incident.id).await {
-                    if now.status != "open" {
+                match self.store.incident(&incident.id).await {
+                    Ok(Some(now)) if now.status != "open" => {
                         return Finish::Cancelled {
                             reason: format!(
                                 "incident {} while this waited for the provider's limits; not sent",
@@ -501,6 +501,12 @@ impl Dispatcher {
                             ),
                         };
                     }
+                    Ok(_) => {}
+                    // Unknown: send rather than drop an alert that may still be needed.
+                    Err(e) => tracing::warn!(
+                        error = format!("{e:#}"),
+                        "could not re-read the incident after waiting; sending"
+                    ),
                 }
                 match self
                     .store
@@ -512,11 +518,21 @@ impl Dispatcher {
                     .await
                 {
                     Ok(true) => {}
-                    // Another claim owns it now (or the database cannot say): sending could call twice.
-                    Ok(false) | Err(_) => {
+                    // Another claim owns it now: sending could call twice.
+                    Ok(false) => {
                         return Finish::Requeue {
                             due_at: now_ms(),
-                            reason: "its lease could not be renewed after waiting for the provider's limits".to_owned(),
+                            reason: "its lease was lost while it waited for the provider's limits"
+                                .to_owned(),
+                        };
+                    }
+                    // The database cannot say: hand it back rather than risk a second call.
+                    Err(e) => {
+                        return Finish::Requeue {
+                            due_at: now_ms(),
+                            reason: format!(
+                                "its lease could not be renewed after waiting for the provider's limits: {e:#}"
+                            ),
                         };
                     }
                 }

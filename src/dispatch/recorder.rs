@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::domain::mask_numbers;
 use crate::store::{Finish, Store};
 
 /// One finished attempt waiting to be recorded: delivery id, claim token, outcome, and where to say
@@ -55,7 +56,8 @@ pub(super) async fn record_batch(
         match store.finish_attempts(items).await {
             Ok(results) => return results.into_iter().map(Ok).collect(),
             Err(e) => {
-                last_error = format!("{e:#}");
+                // A refused outcome's text (a provider's error page) may carry phone numbers.
+                last_error = mask_numbers(&format!("{e:#}"));
                 tracing::warn!(error = %last_error, items = items.len(), round, "recording a group of outcomes failed");
                 if round == 0 {
                     tokio::time::sleep(RETRY_PAUSE).await;
@@ -72,7 +74,9 @@ pub(super) async fn record_batch(
         let one = [(id.clone(), token.clone(), finish.clone())];
         let result = match store.finish_attempts(&one).await {
             Ok(mut r) => Ok(r.pop().flatten()),
-            Err(e) => record_plain(store, id, token, finish, &format!("{e:#}")).await,
+            Err(e) => {
+                record_plain(store, id, token, finish, &mask_numbers(&format!("{e:#}"))).await
+            }
         };
         results.push(result);
     }

@@ -103,15 +103,21 @@ pub fn digest(s: &str) -> String {
         .collect()
 }
 
-/// Text as it may be stored: NUL and other control characters removed (PostgreSQL refuses `\0` in
-/// text, and a provider's error page can carry anything). Newlines and tabs stay.
-pub fn storable(s: &str) -> std::borrow::Cow<'_, str> {
-    let bad = |c: char| c.is_control() && c != '\n' && c != '\t';
+/// `s` without control characters (NUL, escape, DEL, C1), except those in `keep`. Borrowed when there
+/// is nothing to remove, which is almost always.
+pub fn without_controls<'a>(s: &'a str, keep: &[char]) -> std::borrow::Cow<'a, str> {
+    let bad = |c: char| c.is_control() && !keep.contains(&c);
     if s.chars().any(bad) {
         std::borrow::Cow::Owned(s.chars().filter(|c| !bad(*c)).collect())
     } else {
         std::borrow::Cow::Borrowed(s)
     }
+}
+
+/// Text as it may be stored: NUL and other control characters removed (PostgreSQL refuses `\0` in
+/// text, and a provider's error page can carry anything). Newlines and tabs stay.
+pub fn storable(s: &str) -> std::borrow::Cow<'_, str> {
+    without_controls(s, &['\n', '\t'])
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@ use std::borrow::Cow;
 use axum::body::Bytes;
 use axum::http::{header, HeaderMap};
 
+use crate::domain::without_controls;
+
 /// The largest value kept for one field; longer ones are cut, never the reason to drop an emergency.
 pub const MAX_VALUE_CHARS: usize = 4096;
 
@@ -117,26 +119,14 @@ impl Params {
 /// `raw` without control characters (NUL, escape, DEL, C1), keeping tab, newline and carriage return,
 /// which are harmless in stored text and meaningful in a message.
 pub fn strip_controls(raw: &str) -> Cow<'_, str> {
-    if raw
-        .chars()
-        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
-    {
-        Cow::Owned(
-            raw.chars()
-                .filter(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r'))
-                .collect(),
-        )
-    } else {
-        Cow::Borrowed(raw)
-    }
+    without_controls(raw, &['\t', '\n', '\r'])
 }
 
 /// `raw` without any control character: for single-line fields such as Exotel's.
 pub fn strip_all_controls(raw: String) -> String {
-    if raw.chars().any(char::is_control) {
-        raw.chars().filter(|c| !c.is_control()).collect()
-    } else {
-        raw
+    match without_controls(&raw, &[]) {
+        Cow::Borrowed(_) => raw,
+        Cow::Owned(clean) => clean,
     }
 }
 

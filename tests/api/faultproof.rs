@@ -111,21 +111,13 @@ async fn a_success_answer_without_an_id_is_sent_again(db: Db) {
     let app = live_app(db, &p, &[]).await;
     app.passthru(&format!("CallSid={SID}&EmergencyType=brain"))
         .await;
-    let store = app.store.clone();
-    let sent = eventually(Duration::from_secs(20), || {
-        let store = store.clone();
-        async move {
-            let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
-            store
-                .deliveries(&inc.id)
-                .await
-                .unwrap()
-                .iter()
+    let sent = app
+        .deliveries_until(SID, Duration::from_secs(20), |ds| {
+            ds.iter()
                 .filter(|d| d.channel == "call")
                 .all(|d| d.status == "accepted" && d.provider_id.is_some())
-        }
-    })
-    .await;
+        })
+        .await;
     assert!(sent, "every call ends accepted with Exotel's CallSid");
     // Brain has three calls; one of them met the captive page first and was dialled again.
     assert_eq!(p.requests(CALLS_PATH).await.len(), 4);
@@ -265,20 +257,11 @@ async fn a_delivery_never_confirmed_ends_at_its_deadline(db: Db) {
         .await,
         "the gauge shows deliveries waiting past their report deadline"
     );
-    let store = app.store.clone();
     assert!(
-        eventually(Duration::from_secs(30), || {
-            let store = store.clone();
-            async move {
-                let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
-                store
-                    .deliveries(&inc.id)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .filter(|d| d.channel != "whatsapp")
-                    .all(|d| d.status == "failed")
-            }
+        app.deliveries_until(SID, Duration::from_secs(30), |ds| {
+            ds.iter()
+                .filter(|d| d.channel != "whatsapp")
+                .all(|d| d.status == "failed")
         })
         .await,
         "calls and SMS without any report end"
@@ -310,21 +293,15 @@ async fn a_resolve_during_a_rate_wait_sends_nothing_more(db: Db) {
     .await;
     app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
         .await;
-    let store = app.store.clone();
     assert!(
-        eventually(Duration::from_secs(10), || {
-            let store = store.clone();
-            async move {
-                let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
-                let ds = store.deliveries(&inc.id).await.unwrap();
-                ds.iter()
+        app.deliveries_until(SID, Duration::from_secs(10), |ds| {
+            ds.iter()
+                .filter(|d| d.channel == "call")
+                .any(|d| d.status == "accepted")
+                && ds
+                    .iter()
                     .filter(|d| d.channel == "call")
-                    .any(|d| d.status == "accepted")
-                    && ds
-                        .iter()
-                        .filter(|d| d.channel == "call")
-                        .any(|d| d.status == "sending")
-            }
+                    .any(|d| d.status == "sending")
         })
         .await,
         "one call placed, the other waiting for the rate limit"
@@ -339,19 +316,10 @@ async fn a_resolve_during_a_rate_wait_sends_nothing_more(db: Db) {
         .unwrap();
     assert_eq!(res.status(), 200);
     // The waiting call leaves the limiter by itself (its lease would end first) and is cancelled.
-    let store = app.store.clone();
     assert!(
-        eventually(Duration::from_secs(60), || {
-            let store = store.clone();
-            async move {
-                let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
-                store
-                    .deliveries(&inc.id)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .any(|d| d.channel == "call" && d.status == "cancelled")
-            }
+        app.deliveries_until(SID, Duration::from_secs(60), |ds| {
+            ds.iter()
+                .any(|d| d.channel == "call" && d.status == "cancelled")
         })
         .await,
         "the waiting call is cancelled"
@@ -516,20 +484,11 @@ async fn a_wait_that_would_outlast_the_lease_hands_the_call_back_unsent(db: Db) 
     .await;
     app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
         .await;
-    let store = app.store.clone();
     assert!(
-        eventually(Duration::from_secs(60), || {
-            let store = store.clone();
-            async move {
-                let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
-                store
-                    .deliveries(&inc.id)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .filter(|d| d.channel == "call")
-                    .all(|d| d.status == "accepted")
-            }
+        app.deliveries_until(SID, Duration::from_secs(60), |ds| {
+            ds.iter()
+                .filter(|d| d.channel == "call")
+                .all(|d| d.status == "accepted")
         })
         .await,
         "both calls placed in the end"
@@ -698,19 +657,10 @@ async fn an_outcome_the_database_refuses_poisons_nothing_and_ends() {
     }
     app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
         .await;
-    let store = app.store.clone();
     assert!(
-        eventually(Duration::from_secs(40), || {
-            let store = store.clone();
-            async move {
-                let inc = store.incident_by_call_sid(SID).await.unwrap().unwrap();
-                store
-                    .deliveries(&inc.id)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .all(|d| d.status != "queued" && d.status != "sending")
-            }
+        app.deliveries_until(SID, Duration::from_secs(40), |ds| {
+            ds.iter()
+                .all(|d| d.status != "queued" && d.status != "sending")
         })
         .await,
         "every delivery ends, the refused one too"

@@ -494,6 +494,30 @@ impl TestApp {
         self.store.deliveries(&inc.id).await.unwrap()
     }
 
+    /// Polls the deliveries of the incident stored for `call_sid` until `check` holds or `timeout`
+    /// passes; returns whether it held.
+    pub async fn deliveries_until(
+        &self,
+        call_sid: &str,
+        timeout: Duration,
+        check: impl Fn(&[exotel_sos::store::DeliveryRow]) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(inc)) = self.store.incident_by_call_sid(call_sid).await {
+                if let Ok(ds) = self.store.deliveries(&inc.id).await {
+                    if check(&ds) {
+                        return true;
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The deliveries of the incident stored for `call_sid`.
     pub async fn deliveries_of(&self, call_sid: &str) -> Vec<exotel_sos::store::DeliveryRow> {
         let inc = self
