@@ -1,6 +1,7 @@
 //! The dispatcher: claims due deliveries under a lease, sends each through its channel's client within
 //! that channel's limits, and records a truthful outcome. Never holds a transaction across a request.
 
+mod lanes;
 pub mod limits;
 mod reconcile;
 mod recorder;
@@ -11,113 +12,20 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use self::limits::{Limits, Pause, Ready, SharedRate};
+pub use self::lanes::{lanes, redial_policy, Lane};
+use self::limits::Ready;
 use self::recorder::PendingOutcome;
 use self::retry::RetryPolicy;
 use crate::domain::{mask, mask_numbers, now_ms, Channel};
 use crate::messages::{self, Vars};
 use crate::metrics::Metrics;
-use crate::providers::exotel::Account;
-use crate::providers::exotel_call::ExotelCall;
-use crate::providers::exotel_sms::ExotelSms;
-use crate::providers::gupshup::Gupshup;
-use crate::providers::{self, Client, Job, Outcome};
+use crate::providers::{self, Job, Outcome};
 use crate::settings::{RecordingLink, Settings};
-use crate::store::{DeliveryRow, Finish, IncidentRow, Moved, RedialPolicy, Store};
-
-/// What to do with a call that was not reached, from settings; shared by callbacks and look-ups.
-pub fn redial_policy(settings: &Settings) -> RedialPolicy {
-    RedialPolicy {
-        delay: Duration::from_secs_f64(settings.dispatch.redial_delay_secs),
-        max_redials: settings.dispatch.max_redials,
-    }
-}
-
-/// One channel: its client, whether it is live, and its limits.
-pub struct Lane {
-    pub client: Box<dyn Client>,
-    pub live: bool,
-    pub limits: Limits,
-}
-
-impl Lane {
-    pub fn channel(&self) -> Channel {
-        self.client.channel()
-    }
-}
-
-/// Builds the three lanes from settings. Exotel's calls and SMS share one pause (one account). With
-/// `shared` (PostgreSQL), each lane's rate is an account-wide bucket in that database.
-pub fn lanes(settings: &Settings, webhook_token: &str, shared: Option<&Store>) -> Vec<Lane> {
-    let ex = &settings.exotel;
-    let account = Account {
-        base_url: ex.base_url.clone(),
-        account_sid: ex.account_sid.clone(),
-        api_key: ex.api_key.expose_secret().to_owned(),
-        api_token: ex.api_token.clone(),
-    };
-    let base = settings.public_base();
-    let d = &settings.dispatch;
-    let exotel_pause = Arc::new(Pause::default());
-    let clients: Vec<(Box<dyn Client>, Arc<Pause>, &str)> = vec![
-        (
-            Box::new(ExotelCall {
-                account: account.clone(),
-                caller_id: ex.caller_id.clone(),
-                flow_url: ex.flow_url.clone(),
-                status_callback: format!("{base}/exotel/call-status?token={webhook_token}"),
-                ring_timeout_secs: ex.ring_timeout_secs,
-                request_timeout: Duration::from_secs(ex.call_timeout_secs),
-            }),
-            exotel_pause.clone(),
-            "exotel:call",
-        ),
-        (
-            Box::new(ExotelSms {
-                account,
-                from: ex.sms_from.clone(),
-                dlt_entity_id: ex.dlt_entity_id.clone(),
-                dlt_template_id: ex.dlt_template_id.clone(),
-                status_callback: format!("{base}/exotel/sms-status?token={webhook_token}"),
-                request_timeout: Duration::from_secs(ex.sms_timeout_secs),
-            }),
-            exotel_pause,
-            "exotel:sms",
-        ),
-        (
-            Box::new(Gupshup {
-                base_url: settings.gupshup.base_url.clone(),
-                userid: settings.gupshup.userid.clone(),
-                password: settings.gupshup.password.clone(),
-                msg_type: settings.gupshup.msg_type.clone(),
-                is_template: settings.gupshup.template,
-                request_timeout: Duration::from_secs(settings.gupshup.timeout_secs),
-            }),
-            Arc::new(Pause::default()),
-            "gupshup:whatsapp",
-        ),
-    ];
-    clients
-        .into_iter()
-        .map(|(client, pause, bucket)| {
-            let (concurrency, per_minute) = d.limits(client.channel());
-            let shared = shared.map(|store| SharedRate {
-                store: store.clone(),
-                name: bucket.to_owned(),
-            });
-            Lane {
-                live: client.is_live(),
-                limits: Limits::new(concurrency, per_minute, pause, shared),
-                client,
-            }
-        })
-        .collect()
-}
+use crate::store::{DeliveryRow, Finish, IncidentRow, Moved, Store};
 
 /// An incident read once per claim, shared by the deliveries claimed with it.
 type IncidentLookup = Result<Option<Arc<IncidentRow>>, String>;
