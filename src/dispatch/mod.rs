@@ -3,6 +3,7 @@
 
 mod lanes;
 pub mod limits;
+mod listener;
 mod reconcile;
 mod recorder;
 pub mod retry;
@@ -18,6 +19,7 @@ use tracing::Instrument;
 
 pub use self::lanes::{lanes, redial_policy, Lane};
 use self::limits::Ready;
+pub use self::listener::listen_for_wakeups;
 use self::recorder::PendingOutcome;
 use self::retry::RetryPolicy;
 use crate::domain::{mask, mask_numbers, now_ms, Channel};
@@ -545,46 +547,6 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
         if e.is_panic() {
             tracing::error!(error = %e, "a delivery task panicked; its lease will expire and it will be sent again");
         }
-    }
-}
-
-/// Listens for PostgreSQL NOTIFY so a Passthru stored by another replica wakes this one at once;
-/// reconnects on loss. Polling still covers any gap.
-pub async fn listen_for_wakeups(
-    url: String,
-    wake: Arc<Notify>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        let listener = async {
-            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
-            l.listen(crate::store::WAKE_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
-        };
-        match listener.await {
-            Ok(mut l) => {
-                backoff = Duration::from_millis(500);
-                loop {
-                    tokio::select! {
-                        n = l.recv() => match n {
-                            Ok(_) => wake.notify_one(),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "LISTEN connection lost; polling until it is back");
-                                break;
-                            }
-                        },
-                        _ = shutdown.changed() => return,
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot LISTEN for wake-ups; polling meanwhile"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 
