@@ -7,27 +7,24 @@ mod listener;
 mod reconcile;
 mod recorder;
 pub mod retry;
+mod sender;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
-use tracing::Instrument;
 
 pub use self::lanes::{lanes, redial_policy, Lane};
-use self::limits::Ready;
 pub use self::listener::listen_for_wakeups;
 use self::recorder::PendingOutcome;
 use self::retry::RetryPolicy;
-use crate::domain::{mask, mask_numbers, now_ms, Channel};
-use crate::messages::{self, Vars};
+use crate::domain::now_ms;
 use crate::metrics::Metrics;
-use crate::providers::{self, Job, Outcome};
-use crate::settings::{RecordingLink, Settings};
-use crate::store::{DeliveryRow, Finish, IncidentRow, Moved, Store};
+use crate::settings::Settings;
+use crate::store::{IncidentRow, Moved, Store};
 
 /// An incident read once per claim, shared by the deliveries claimed with it.
 type IncidentLookup = Result<Option<Arc<IncidentRow>>, String>;
@@ -267,32 +264,6 @@ impl Dispatcher {
         tracing::info!("dispatcher stopped");
     }
 
-    /// Hands the outcome to the recorder and waits until it is committed (so a permit is only freed
-    /// once its work is on record); records it directly when no recorder runs. The status recorded, or
-    /// `None` when the claim no longer held the lease.
-    async fn record(
-        &self,
-        delivery_id: &str,
-        token: &str,
-        finish: Finish,
-    ) -> anyhow::Result<Option<String>> {
-        let (tx, rx) = oneshot::channel();
-        if self
-            .outcomes
-            .send((delivery_id.to_owned(), token.to_owned(), finish.clone(), tx))
-            .is_ok()
-        {
-            if let Ok(result) = rx.await {
-                return result;
-            }
-        }
-        let items = [(delivery_id.to_owned(), token.to_owned(), finish)];
-        recorder::record_batch(&self.store, &items)
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(anyhow::anyhow!("nothing recorded")))
-    }
-
     /// Counts deliveries that reached a final state away from a provider request.
     fn count_moved(&self, moved: &[Moved]) {
         for m in moved {
@@ -300,244 +271,6 @@ impl Dispatcher {
                 self.metrics.delivery_finished(&m.channel, &m.status);
             }
         }
-    }
-
-    /// Whether `status` is final for a delivery of `lane` (a WhatsApp acceptance is: no report follows).
-    fn is_final(lane: &Lane, status: &str) -> bool {
-        matches!(status, "delivered" | "failed" | "simulated" | "cancelled")
-            || (status == "accepted" && !lane.client.reports_outcome())
-    }
-
-    async fn process(
-        self: Arc<Self>,
-        lane: Arc<Lane>,
-        d: DeliveryRow,
-        incident: IncidentLookup,
-        lease_deadline: tokio::time::Instant,
-        _permit: OwnedSemaphorePermit,
-    ) {
-        let span = tracing::info_span!(
-            "delivery",
-            delivery_id = %d.id,
-            incident_id = %d.incident_id,
-            channel = %d.channel,
-            to = %mask(&d.phone),
-            attempt = d.attempts,
-        );
-        async move {
-            let finish = match incident {
-                Ok(Some(incident)) => self.send(&lane, &d, &incident, lease_deadline).await,
-                Ok(None) => Finish::Failed {
-                    reason: "incident not found".to_owned(),
-                },
-                // Nothing was sent, but an incident that cannot be read may never be: spend an
-                // attempt, so the retry policy bounds it.
-                Err(reason) => self.after_transient(&d, reason, None),
-            };
-            match &finish {
-                Finish::Accepted { provider_id, .. } => {
-                    tracing::info!(provider_id = provider_id.as_deref().unwrap_or("-"), "accepted by provider")
-                }
-                Finish::Simulated { .. } => tracing::info!("dry-run: simulated"),
-                Finish::Retry { reason, due_at } | Finish::Requeue { reason, due_at } => {
-                    tracing::warn!(reason = %mask_numbers(reason), retry_in_ms = due_at - now_ms(), "not delivered yet; will try again")
-                }
-                Finish::Failed { reason } => tracing::error!(reason = %mask_numbers(reason), "DELIVERY FAILED"),
-                Finish::Cancelled { reason } => tracing::info!(reason = %mask_numbers(reason), "cancelled"),
-            }
-            let token = d.lease_token.clone().unwrap_or_default();
-            match self.record(&d.id, &token, finish).await {
-                Ok(Some(status)) => {
-                    if Self::is_final(&lane, &status) {
-                        self.metrics.delivery_finished(&d.channel, &status);
-                    }
-                }
-                Ok(None) => tracing::warn!("lease lost before the outcome was recorded; another claim owns it"),
-                Err(e) => tracing::error!(
-                    error = format!("{e:#}"),
-                    "could not record the outcome; the lease will expire and the delivery will be sent again"
-                ),
-            }
-        }
-        .instrument(span)
-        .await
-    }
-
-    async fn send(
-        &self,
-        lane: &Lane,
-        d: &DeliveryRow,
-        incident: &IncidentRow,
-        lease_deadline: tokio::time::Instant,
-    ) -> Finish {
-        let job = Job {
-            delivery_id: d.id.clone(),
-            channel: lane.channel(),
-            phone: d.phone.clone(),
-            greeting_ref: d.greeting_ref.clone(),
-            text: self.text_for(lane.channel(), d, incident),
-        };
-        let prepared = lane.client.prepare(&job);
-        // Resolved between queueing and now (another replica, the API, Alertmanager): nobody is paged.
-        if incident.status != "open" {
-            return Finish::Cancelled {
-                reason: format!("incident {} before this was sent", incident.status),
-            };
-        }
-        if !lane.live {
-            return Finish::Simulated {
-                request: prepared.redacted_json(),
-            };
-        }
-        // The request, and the recording of its outcome, must fit in the lease.
-        let needed = prepared.timeout + self.settings.dispatch.lease_margin();
-        let latest_start = lease_deadline.checked_sub(needed).unwrap_or(lease_deadline);
-        match lane.limits.ready(latest_start).await {
-            Ready::TooLate { retry_in } => {
-                return Finish::Requeue {
-                    due_at: now_ms() + retry_in.as_millis() as i64,
-                    reason: "the provider's limits would have held it past its lease".to_owned(),
-                };
-            }
-            Ready::Go { waited: false } => {}
-            Ready::Go { waited: true } => {
-                // It waited: the incident may have been resolved meanwhile, and the lease shortened.
-                match self.store.incident(&incident.id).await {
-                    Ok(Some(now)) if now.status != "open" => {
-                        return Finish::Cancelled {
-                            reason: format!(
-                                "incident {} while this waited for the provider's limits; not sent",
-                                now.status
-                            ),
-                        };
-                    }
-                    Ok(_) => {}
-                    // Unknown: send rather than drop an alert that may still be needed.
-                    Err(e) => tracing::warn!(
-                        error = format!("{e:#}"),
-                        "could not re-read the incident after waiting; sending"
-                    ),
-                }
-                match self
-                    .store
-                    .renew_lease(
-                        &d.id,
-                        d.lease_token.as_deref().unwrap_or_default(),
-                        self.lease,
-                    )
-                    .await
-                {
-                    Ok(true) => {}
-                    // Another claim owns it now: sending could call twice.
-                    Ok(false) => {
-                        return Finish::Requeue {
-                            due_at: now_ms(),
-                            reason: "its lease was lost while it waited for the provider's limits"
-                                .to_owned(),
-                        };
-                    }
-                    // The database cannot say: hand it back rather than risk a second call.
-                    Err(e) => {
-                        return Finish::Requeue {
-                            due_at: now_ms(),
-                            reason: format!(
-                                "its lease could not be renewed after waiting for the provider's limits: {e:#}"
-                            ),
-                        };
-                    }
-                }
-            }
-        }
-        let started = std::time::Instant::now();
-        let outcome = match providers::execute(&self.http, &prepared).await {
-            Ok(answer) => lane.client.classify(&answer),
-            Err(transport) => transport,
-        };
-        let label = match &outcome {
-            Outcome::Accepted { .. } => "accepted",
-            Outcome::Transient { .. } => "transient",
-            Outcome::Permanent { .. } => "permanent",
-        };
-        self.metrics.provider_request(
-            lane.channel().as_str(),
-            label,
-            started.elapsed().as_secs_f64(),
-        );
-        match outcome {
-            Outcome::Accepted {
-                provider_id,
-                detail,
-            } => Finish::Accepted {
-                provider_id,
-                detail,
-                report_due_at: lane
-                    .client
-                    .reports_outcome()
-                    .then(|| now_ms() + (self.settings.dispatch.report_wait_secs * 1000.0) as i64),
-            },
-            Outcome::Permanent { reason } => Finish::Failed { reason },
-            Outcome::Transient {
-                reason,
-                retry_after,
-            } => {
-                if let Some(wait) = retry_after {
-                    let bounded = wait.min(self.retry.retry_after_max);
-                    tracing::warn!(
-                        pause_ms = bounded.as_millis() as u64,
-                        "provider asked us to slow down"
-                    );
-                    lane.limits.pause.pause_for(bounded);
-                }
-                self.after_transient(d, reason, retry_after)
-            }
-        }
-    }
-
-    fn after_transient(
-        &self,
-        d: &DeliveryRow,
-        reason: String,
-        retry_after: Option<Duration>,
-    ) -> Finish {
-        let age = Duration::from_millis((now_ms() - d.created_at).max(0) as u64);
-        match self.retry.next_wait(d.attempts as u32, age, retry_after) {
-            Some(wait) => Finish::Retry {
-                due_at: now_ms() + wait.as_millis() as i64,
-                reason,
-            },
-            None => Finish::Failed {
-                reason: format!("gave up after {} attempts; last: {reason}", d.attempts),
-            },
-        }
-    }
-
-    /// The SMS or WhatsApp text from the operator's template.
-    fn text_for(&self, channel: Channel, d: &DeliveryRow, incident: &IncidentRow) -> String {
-        let m = &self.settings.messages;
-        let template = match channel {
-            Channel::Call => return String::new(),
-            Channel::Sms => &m.sms,
-            Channel::Whatsapp => &m.whatsapp,
-        };
-        let link = incident
-            .recording_url
-            .as_ref()
-            .map(|url| match m.recording_link {
-                RecordingLink::Direct => url.clone(),
-                RecordingLink::Short => {
-                    format!("{}/r/{}", self.settings.public_base(), d.greeting_ref)
-                }
-            });
-        let vars = Vars {
-            emergency_type: &incident.emergency_type,
-            source: &incident.source,
-            caller: incident.caller.as_deref(),
-            time_ms: incident.occurred_at.unwrap_or(incident.received_at),
-            recording: link.as_deref(),
-            message: incident.message.as_deref(),
-            incident: &incident.id,
-        };
-        messages::render(template, &vars, m.utc_offset_minutes)
     }
 }
 

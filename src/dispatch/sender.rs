@@ -1,0 +1,329 @@
+//! Sending one claimed delivery: the checks before the request (incident still open, lane live, the
+//! provider's limits within the lease), the request itself, what its outcome means for the delivery,
+//! and the hand-over of that outcome to the recorder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tracing::Instrument;
+
+use super::limits::Ready;
+use super::{recorder, Dispatcher, IncidentLookup, Lane};
+use crate::domain::{mask, mask_numbers, now_ms, Channel};
+use crate::messages::{self, Vars};
+use crate::providers::{self, Job, Outcome, Prepared};
+use crate::settings::RecordingLink;
+use crate::store::{DeliveryRow, Finish, IncidentRow};
+
+impl Dispatcher {
+    /// Sends one claimed delivery and records its outcome. Holds `_permit` (a place in the lane's
+    /// concurrency) until the outcome is on record, so a freed permit never outruns its work.
+    pub(super) async fn process(
+        self: Arc<Self>,
+        lane: Arc<Lane>,
+        d: DeliveryRow,
+        incident: IncidentLookup,
+        lease_deadline: tokio::time::Instant,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        let span = tracing::info_span!(
+            "delivery",
+            delivery_id = %d.id,
+            incident_id = %d.incident_id,
+            channel = %d.channel,
+            to = %mask(&d.phone),
+            attempt = d.attempts,
+        );
+        async move {
+            let finish = match incident {
+                Ok(Some(incident)) => self.send(&lane, &d, &incident, lease_deadline).await,
+                Ok(None) => Finish::Failed {
+                    reason: "incident not found".to_owned(),
+                },
+                // Nothing was sent, but an incident that cannot be read may never be: spend an
+                // attempt, so the retry policy bounds it.
+                Err(reason) => self.after_transient(&d, reason, None),
+            };
+            log_finish(&finish);
+            self.record_finish(&lane, &d, finish).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Records the outcome of one attempt and counts it when it is final. A failure to record is
+    /// only logged: the lease then expires and the delivery is sent again.
+    async fn record_finish(&self, lane: &Lane, d: &DeliveryRow, finish: Finish) {
+        let token = d.lease_token.clone().unwrap_or_default();
+        match self.record(&d.id, &token, finish).await {
+            Ok(Some(status)) => {
+                if Self::is_final(lane, &status) {
+                    self.metrics.delivery_finished(&d.channel, &status);
+                }
+            }
+            Ok(None) => tracing::warn!("lease lost before the outcome was recorded; another claim owns it"),
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "could not record the outcome; the lease will expire and the delivery will be sent again"
+            ),
+        }
+    }
+
+    /// Hands the outcome to the recorder and waits until it is committed (so a permit is only freed
+    /// once its work is on record); records it directly when no recorder runs. The status recorded, or
+    /// `None` when the claim no longer held the lease.
+    async fn record(
+        &self,
+        delivery_id: &str,
+        token: &str,
+        finish: Finish,
+    ) -> anyhow::Result<Option<String>> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .outcomes
+            .send((delivery_id.to_owned(), token.to_owned(), finish.clone(), tx))
+            .is_ok()
+        {
+            if let Ok(result) = rx.await {
+                return result;
+            }
+        }
+        let items = [(delivery_id.to_owned(), token.to_owned(), finish)];
+        recorder::record_batch(&self.store, &items)
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(anyhow::anyhow!("nothing recorded")))
+    }
+
+    /// Whether `status` is final for a delivery of `lane` (a WhatsApp acceptance is: no report follows).
+    pub(super) fn is_final(lane: &Lane, status: &str) -> bool {
+        matches!(status, "delivered" | "failed" | "simulated" | "cancelled")
+            || (status == "accepted" && !lane.client.reports_outcome())
+    }
+
+    /// One attempt: nothing is sent for a resolved incident or a dry-run lane, nor when the provider's
+    /// limits would hold the request past its lease.
+    async fn send(
+        &self,
+        lane: &Lane,
+        d: &DeliveryRow,
+        incident: &IncidentRow,
+        lease_deadline: tokio::time::Instant,
+    ) -> Finish {
+        let job = Job {
+            delivery_id: d.id.clone(),
+            channel: lane.channel(),
+            phone: d.phone.clone(),
+            greeting_ref: d.greeting_ref.clone(),
+            text: self.text_for(lane.channel(), d, incident),
+        };
+        let prepared = lane.client.prepare(&job);
+        // Resolved between queueing and now (another replica, the API, Alertmanager): nobody is paged.
+        if incident.status != "open" {
+            return Finish::Cancelled {
+                reason: format!("incident {} before this was sent", incident.status),
+            };
+        }
+        if !lane.live {
+            return Finish::Simulated {
+                request: prepared.redacted_json(),
+            };
+        }
+        // The request, and the recording of its outcome, must fit in the lease.
+        let needed = prepared.timeout + self.settings.dispatch.lease_margin();
+        let latest_start = lease_deadline.checked_sub(needed).unwrap_or(lease_deadline);
+        match lane.limits.ready(latest_start).await {
+            Ready::TooLate { retry_in } => {
+                return Finish::Requeue {
+                    due_at: now_ms() + retry_in.as_millis() as i64,
+                    reason: "the provider's limits would have held it past its lease".to_owned(),
+                };
+            }
+            Ready::Go { waited: false } => {}
+            Ready::Go { waited: true } => {
+                // It waited: the incident may have been resolved meanwhile, and the lease shortened.
+                if let Some(stop) = self.resolved_while_waiting(&incident.id).await {
+                    return stop;
+                }
+                if let Some(stop) = self.renew_after_wait(d).await {
+                    return stop;
+                }
+            }
+        }
+        let outcome = self.execute(lane, &prepared).await;
+        self.finish_for(lane, d, outcome)
+    }
+
+    /// After waiting for the provider's limits: `Cancelled` when the incident was resolved meanwhile.
+    async fn resolved_while_waiting(&self, incident_id: &str) -> Option<Finish> {
+        match self.store.incident(incident_id).await {
+            Ok(Some(now)) if now.status != "open" => Some(Finish::Cancelled {
+                reason: format!(
+                    "incident {} while this waited for the provider's limits; not sent",
+                    now.status
+                ),
+            }),
+            Ok(_) => None,
+            // Unknown: send rather than drop an alert that may still be needed.
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not re-read the incident after waiting; sending"
+                );
+                None
+            }
+        }
+    }
+
+    /// After waiting for the provider's limits the lease may be short: renew it for the request, or
+    /// hand the delivery back (`Requeue`) when this claim cannot be sure it still holds it.
+    async fn renew_after_wait(&self, d: &DeliveryRow) -> Option<Finish> {
+        let renewed = self
+            .store
+            .renew_lease(
+                &d.id,
+                d.lease_token.as_deref().unwrap_or_default(),
+                self.lease,
+            )
+            .await;
+        match renewed {
+            Ok(true) => None,
+            // Another claim owns it now: sending could call twice.
+            Ok(false) => Some(Finish::Requeue {
+                due_at: now_ms(),
+                reason: "its lease was lost while it waited for the provider's limits".to_owned(),
+            }),
+            // The database cannot say: hand it back rather than risk a second call.
+            Err(e) => Some(Finish::Requeue {
+                due_at: now_ms(),
+                reason: format!(
+                    "its lease could not be renewed after waiting for the provider's limits: {e:#}"
+                ),
+            }),
+        }
+    }
+
+    /// Makes the request and classifies the answer, timing it for the metrics.
+    async fn execute(&self, lane: &Lane, prepared: &Prepared) -> Outcome {
+        let started = std::time::Instant::now();
+        let outcome = match providers::execute(&self.http, prepared).await {
+            Ok(answer) => lane.client.classify(&answer),
+            Err(transport) => transport,
+        };
+        let label = match &outcome {
+            Outcome::Accepted { .. } => "accepted",
+            Outcome::Transient { .. } => "transient",
+            Outcome::Permanent { .. } => "permanent",
+        };
+        self.metrics.provider_request(
+            lane.channel().as_str(),
+            label,
+            started.elapsed().as_secs_f64(),
+        );
+        outcome
+    }
+
+    /// What the provider's answer means for the delivery. A provider that asks us to slow down pauses
+    /// the whole lane, within `retry_after_max`.
+    fn finish_for(&self, lane: &Lane, d: &DeliveryRow, outcome: Outcome) -> Finish {
+        match outcome {
+            Outcome::Accepted {
+                provider_id,
+                detail,
+            } => Finish::Accepted {
+                provider_id,
+                detail,
+                report_due_at: lane
+                    .client
+                    .reports_outcome()
+                    .then(|| now_ms() + (self.settings.dispatch.report_wait_secs * 1000.0) as i64),
+            },
+            Outcome::Permanent { reason } => Finish::Failed { reason },
+            Outcome::Transient {
+                reason,
+                retry_after,
+            } => {
+                if let Some(wait) = retry_after {
+                    let bounded = wait.min(self.retry.retry_after_max);
+                    tracing::warn!(
+                        pause_ms = bounded.as_millis() as u64,
+                        "provider asked us to slow down"
+                    );
+                    lane.limits.pause.pause_for(bounded);
+                }
+                self.after_transient(d, reason, retry_after)
+            }
+        }
+    }
+
+    /// A passing failure: try again after the retry policy's wait, or fail for good once the policy
+    /// is spent.
+    fn after_transient(
+        &self,
+        d: &DeliveryRow,
+        reason: String,
+        retry_after: Option<Duration>,
+    ) -> Finish {
+        let age = Duration::from_millis((now_ms() - d.created_at).max(0) as u64);
+        match self.retry.next_wait(d.attempts as u32, age, retry_after) {
+            Some(wait) => Finish::Retry {
+                due_at: now_ms() + wait.as_millis() as i64,
+                reason,
+            },
+            None => Finish::Failed {
+                reason: format!("gave up after {} attempts; last: {reason}", d.attempts),
+            },
+        }
+    }
+
+    /// The SMS or WhatsApp text from the operator's template. It lives here rather than in
+    /// `messages`, which knows nothing of the store's rows.
+    fn text_for(&self, channel: Channel, d: &DeliveryRow, incident: &IncidentRow) -> String {
+        let m = &self.settings.messages;
+        let template = match channel {
+            Channel::Call => return String::new(),
+            Channel::Sms => &m.sms,
+            Channel::Whatsapp => &m.whatsapp,
+        };
+        let link = incident
+            .recording_url
+            .as_ref()
+            .map(|url| match m.recording_link {
+                RecordingLink::Direct => url.clone(),
+                RecordingLink::Short => {
+                    format!("{}/r/{}", self.settings.public_base(), d.greeting_ref)
+                }
+            });
+        let vars = Vars {
+            emergency_type: &incident.emergency_type,
+            source: &incident.source,
+            caller: incident.caller.as_deref(),
+            time_ms: incident.occurred_at.unwrap_or(incident.received_at),
+            recording: link.as_deref(),
+            message: incident.message.as_deref(),
+            incident: &incident.id,
+        };
+        messages::render(template, &vars, m.utc_offset_minutes)
+    }
+}
+
+/// Logs what the attempt came to, with any phone number in a provider's text masked.
+fn log_finish(finish: &Finish) {
+    match finish {
+        Finish::Accepted { provider_id, .. } => {
+            tracing::info!(
+                provider_id = provider_id.as_deref().unwrap_or("-"),
+                "accepted by provider"
+            )
+        }
+        Finish::Simulated { .. } => tracing::info!("dry-run: simulated"),
+        Finish::Retry { reason, due_at } | Finish::Requeue { reason, due_at } => {
+            tracing::warn!(reason = %mask_numbers(reason), retry_in_ms = due_at - now_ms(), "not delivered yet; will try again")
+        }
+        Finish::Failed { reason } => {
+            tracing::error!(reason = %mask_numbers(reason), "DELIVERY FAILED")
+        }
+        Finish::Cancelled { reason } => tracing::info!(reason = %mask_numbers(reason), "cancelled"),
+    }
+}
