@@ -1,5 +1,9 @@
 //! The dispatcher: claims due deliveries under a lease, sends each through its channel's client within
 //! that channel's limits, and records a truthful outcome. Never holds a transaction across a request.
+//!
+//! This module is the claim loop; `sender` sends one claimed delivery, `recorder` commits outcomes,
+//! `reconcile` looks overdue reports up, `lanes` builds the channels and `listener` relays wake-ups
+//! from other replicas.
 
 mod lanes;
 pub mod limits;
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 pub use self::lanes::{lanes, redial_policy, Lane};
 pub use self::listener::listen_for_wakeups;
@@ -24,7 +28,7 @@ use self::retry::RetryPolicy;
 use crate::domain::now_ms;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::store::{IncidentRow, Moved, Store};
+use crate::store::{DeliveryRow, IncidentRow, Moved, Store};
 
 /// An incident read once per claim, shared by the deliveries claimed with it.
 type IncidentLookup = Result<Option<Arc<IncidentRow>>, String>;
@@ -90,25 +94,11 @@ impl Dispatcher {
     /// Runs until `shutdown` turns true: then stops claiming, lets in-flight requests finish within the
     /// grace period, and releases the leases of whatever did not.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        for lane in &self.lanes {
-            if !lane.live {
-                tracing::warn!(
-                    channel = %lane.channel(),
-                    "DRY-RUN: {} credentials are not set; deliveries are recorded as simulated and NOT sent",
-                    lane.channel()
-                );
-            }
-        }
+        self.warn_dry_runs();
         tracing::info!(owner = %self.owner, "dispatcher started");
-        let recorder = self
-            .outcomes_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .map(|rx| tokio::spawn(recorder::record_outcomes(self.store.clone(), rx)));
+        let recorder = self.start_recorder();
         let needs_reconciler = self.lanes.iter().any(|l| l.live);
-        let mut reconciler =
-            needs_reconciler.then(|| tokio::spawn(Arc::clone(&self).reconcile(shutdown.clone())));
+        let mut reconciler = needs_reconciler.then(|| self.start_reconciler(&shutdown));
         let poll = Duration::from_millis(self.settings.dispatch.poll_interval_ms.max(10));
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut last_reap: Option<tokio::time::Instant> = None;
@@ -117,119 +107,172 @@ impl Dispatcher {
                 break;
             }
             self.heartbeat.store(now_ms(), Ordering::Relaxed);
-            // Report deadlines stop silently if the reconciler dies: start it again, loudly.
-            if reconciler.as_ref().is_some_and(|r| r.is_finished()) && !*shutdown.borrow() {
-                tracing::error!("the report reconciler stopped; starting it again");
-                reconciler = Some(tokio::spawn(Arc::clone(&self).reconcile(shutdown.clone())));
-            }
+            self.keep_reconciler_running(&mut reconciler, &shutdown);
             if last_reap.is_none_or(|t| t.elapsed() >= poll) {
                 last_reap = Some(tokio::time::Instant::now());
-                match self
-                    .store
-                    .requeue_expired_leases(self.settings.dispatch.max_attempts)
-                    .await
-                {
-                    Ok(moved) if moved.is_empty() => {}
-                    Ok(moved) => {
-                        tracing::warn!(
-                            requeued = moved.len(),
-                            "deliveries whose lease ran out (dispatcher died, or outcome not recordable) are queued again"
-                        );
-                        self.count_moved(&moved);
-                    }
-                    Err(e) => tracing::error!(
-                        error = format!("{e:#}"),
-                        "requeueing expired leases failed"
-                    ),
-                }
+                self.reap_expired_leases().await;
             }
             let mut saturated = false;
             // Calls first: when limits force an order, a ringing phone matters most.
             for lane in &self.lanes {
-                if lane.live && lane.limits.pause.remaining().is_some() {
-                    continue; // paused provider: claiming now would only burn leases
-                }
-                let free = lane.limits.concurrency.available_permits();
-                if free == 0 {
-                    continue;
-                }
-                // The lease runs by the database's clock from a moment after this one: judging it from
-                // here on this process's monotonic clock errs on the safe side.
-                let lease_deadline = tokio::time::Instant::now() + self.lease;
-                match self
-                    .store
-                    .claim(lane.channel(), &self.owner, self.lease, free as i64)
-                    .await
-                {
-                    Ok(rows) => {
-                        saturated |= rows.len() == free;
-                        // A fan-out claims many deliveries of one incident: read it once.
-                        let mut incidents: HashMap<String, IncidentLookup> = HashMap::new();
-                        for row in rows {
-                            if !incidents.contains_key(&row.incident_id) {
-                                let found = match self.store.incident(&row.incident_id).await {
-                                    Ok(i) => Ok(i.map(Arc::new)),
-                                    Err(e) => Err(format!("reading the incident: {e:#}")),
-                                };
-                                incidents.insert(row.incident_id.clone(), found);
-                            }
-                            let incident = incidents[&row.incident_id].clone();
-                            let Ok(permit) = lane.limits.concurrency.clone().acquire_owned().await
-                            else {
-                                continue;
-                            };
-                            tasks.spawn(Arc::clone(&self).process(
-                                Arc::clone(lane),
-                                row,
-                                incident,
-                                lease_deadline,
-                                permit,
-                            ));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = format!("{e:#}"), channel = %lane.channel(), "claiming deliveries failed");
-                    }
-                }
+                saturated |= self.claim_lane(lane, &mut tasks).await;
             }
             while let Some(done) = tasks.try_join_next() {
                 log_panic(done);
             }
             if saturated {
-                tokio::task::yield_now().await;
-                // Wait for a permit to free up rather than spinning; the poll bound keeps the heartbeat
-                // fresh while every permit is held by a slow provider.
-                if !tasks.is_empty() {
-                    tokio::select! {
-                        done = tasks.join_next() => {
-                            if let Some(done) = done {
-                                log_panic(done);
-                            }
-                            // Outcomes are committed in batches, so permits come back in batches: gather
-                            // them for a moment and claim once for all, not once per permit.
-                            let gather = tokio::time::sleep(CLAIM_GATHER);
-                            tokio::pin!(gather);
-                            loop {
-                                tokio::select! {
-                                    Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
-                                    _ = &mut gather => break,
-                                }
-                            }
-                        }
-                        _ = tokio::time::sleep(poll) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                }
-                continue;
-            }
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
-                _ = shutdown.changed() => {}
+                wait_for_permit(&mut tasks, poll, &mut shutdown).await;
+            } else {
+                self.wait_for_work(&mut tasks, poll, &mut shutdown).await;
             }
         }
+        self.drain_and_release(tasks, recorder).await;
+    }
 
+    /// A lane without credentials only pretends to send: say so loudly at start.
+    fn warn_dry_runs(&self) {
+        for lane in self.lanes.iter().filter(|l| !l.live) {
+            tracing::warn!(
+                channel = %lane.channel(),
+                "DRY-RUN: {} credentials are not set; deliveries are recorded as simulated and NOT sent",
+                lane.channel()
+            );
+        }
+    }
+
+    /// Starts the task that commits outcomes in batches; `None` if it was already started once.
+    fn start_recorder(&self) -> Option<JoinHandle<()>> {
+        self.outcomes_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map(|rx| tokio::spawn(recorder::record_outcomes(self.store.clone(), rx)))
+    }
+
+    fn start_reconciler(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) -> JoinHandle<()> {
+        tokio::spawn(Arc::clone(self).reconcile(shutdown.clone()))
+    }
+
+    /// Report deadlines stop silently if the reconciler dies: start it again, loudly.
+    fn keep_reconciler_running(
+        self: &Arc<Self>,
+        reconciler: &mut Option<JoinHandle<()>>,
+        shutdown: &watch::Receiver<bool>,
+    ) {
+        if reconciler.as_ref().is_some_and(|r| r.is_finished()) && !*shutdown.borrow() {
+            tracing::error!("the report reconciler stopped; starting it again");
+            *reconciler = Some(self.start_reconciler(shutdown));
+        }
+    }
+
+    /// Queues again the deliveries whose lease ran out: their dispatcher died, or their outcome could
+    /// not be recorded.
+    async fn reap_expired_leases(&self) {
+        match self
+            .store
+            .requeue_expired_leases(self.settings.dispatch.max_attempts)
+            .await
+        {
+            Ok(moved) if moved.is_empty() => {}
+            Ok(moved) => {
+                tracing::warn!(
+                    requeued = moved.len(),
+                    "deliveries whose lease ran out (dispatcher died, or outcome not recordable) are queued again"
+                );
+                self.count_moved(&moved);
+            }
+            Err(e) => tracing::error!(error = format!("{e:#}"), "requeueing expired leases failed"),
+        }
+    }
+
+    /// Claims as many due deliveries of `lane` as it has free permits and starts sending them. Whether
+    /// the lane is saturated (the claim took every free permit, so more work is likely waiting).
+    async fn claim_lane(self: &Arc<Self>, lane: &Arc<Lane>, tasks: &mut JoinSet<()>) -> bool {
+        if lane.live && lane.limits.pause.remaining().is_some() {
+            return false; // paused provider: claiming now would only burn leases
+        }
+        let free = lane.limits.concurrency.available_permits();
+        if free == 0 {
+            return false;
+        }
+        // The lease runs by the database's clock from a moment after this one: judging it from
+        // here on this process's monotonic clock errs on the safe side.
+        let lease_deadline = tokio::time::Instant::now() + self.lease;
+        match self
+            .store
+            .claim(lane.channel(), &self.owner, self.lease, free as i64)
+            .await
+        {
+            Ok(rows) => {
+                let saturated = rows.len() == free;
+                self.spawn_claimed(lane, rows, lease_deadline, tasks).await;
+                saturated
+            }
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), channel = %lane.channel(), "claiming deliveries failed");
+                false
+            }
+        }
+    }
+
+    /// Starts one sending task per claimed row, each holding a permit of the lane's concurrency.
+    async fn spawn_claimed(
+        self: &Arc<Self>,
+        lane: &Arc<Lane>,
+        rows: Vec<DeliveryRow>,
+        lease_deadline: tokio::time::Instant,
+        tasks: &mut JoinSet<()>,
+    ) {
+        // A fan-out claims many deliveries of one incident: read it once.
+        let mut incidents: HashMap<String, IncidentLookup> = HashMap::new();
+        for row in rows {
+            let incident = match incidents.get(&row.incident_id) {
+                Some(found) => found.clone(),
+                None => {
+                    let found = self.read_incident(&row.incident_id).await;
+                    incidents.insert(row.incident_id.clone(), found.clone());
+                    found
+                }
+            };
+            let Ok(permit) = lane.limits.concurrency.clone().acquire_owned().await else {
+                continue;
+            };
+            tasks.spawn(Arc::clone(self).process(
+                Arc::clone(lane),
+                row,
+                incident,
+                lease_deadline,
+                permit,
+            ));
+        }
+    }
+
+    async fn read_incident(&self, id: &str) -> IncidentLookup {
+        match self.store.incident(id).await {
+            Ok(i) => Ok(i.map(Arc::new)),
+            Err(e) => Err(format!("reading the incident: {e:#}")),
+        }
+    }
+
+    /// Idle: sleeps until woken (a new delivery here or, through the listener, on another replica),
+    /// a task ends, shutdown begins, or the poll interval passes.
+    async fn wait_for_work(
+        &self,
+        tasks: &mut JoinSet<()>,
+        poll: Duration,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
+            _ = shutdown.changed() => {}
+        }
+    }
+
+    /// Lets in-flight requests finish within the grace period, aborts the rest, stops the recorder and
+    /// releases every lease this process still holds so another replica can send them.
+    async fn drain_and_release(&self, mut tasks: JoinSet<()>, recorder: Option<JoinHandle<()>>) {
         let grace = Duration::from_secs_f64(self.settings.dispatch.shutdown_grace_secs);
         tracing::info!(in_flight = tasks.len(), "dispatcher stopping");
         let drained = tokio::time::timeout(grace, async {
@@ -274,6 +317,42 @@ impl Dispatcher {
     }
 }
 
+/// Saturated: waits for a permit to free up rather than spinning; the poll bound keeps the heartbeat
+/// fresh while every permit is held by a slow provider.
+async fn wait_for_permit(
+    tasks: &mut JoinSet<()>,
+    poll: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    tokio::task::yield_now().await;
+    if tasks.is_empty() {
+        return;
+    }
+    tokio::select! {
+        done = tasks.join_next() => {
+            if let Some(done) = done {
+                log_panic(done);
+            }
+            gather_finished(tasks).await;
+        }
+        _ = tokio::time::sleep(poll) => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+/// Outcomes are committed in batches, so permits come back in batches: gather them for a moment and
+/// claim once for all, not once per permit.
+async fn gather_finished(tasks: &mut JoinSet<()>) {
+    let gather = tokio::time::sleep(CLAIM_GATHER);
+    tokio::pin!(gather);
+    loop {
+        tokio::select! {
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
+            _ = &mut gather => break,
+        }
+    }
+}
+
 /// A delivery task that panicked leaves its lease to expire (and the delivery to be sent again); say so.
 fn log_panic(done: Result<(), tokio::task::JoinError>) {
     if let Err(e) = done {
@@ -283,6 +362,7 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// The host's name, so an operator can tell which replica holds a lease.
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
