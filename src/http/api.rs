@@ -20,7 +20,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use super::edge::Deadline;
 use super::params::{http_url, strip_all_controls, strip_json_controls, strip_raw_controls};
 use super::AppState;
-use crate::domain::{mask, Source};
+use crate::domain::{mask, Source, SOURCE_HEADER};
 use crate::error::AppError;
 use crate::store::{DeliveryRow, EventRow, IncidentFilter, IncidentRow, NewIncident};
 
@@ -38,8 +38,6 @@ pub const MAX_DEDUP_KEY_CHARS: usize = 256;
 const MAX_URL_CHARS: usize = 2048;
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
-/// Header by which the `trigger` command marks its incidents as coming from the command line.
-pub const SOURCE_HEADER: &str = "x-sos-source";
 
 pub fn routes() -> Router<AppState> {
     Router::new()
