@@ -1,27 +1,31 @@
-//! The operator API under `/api/v1`: triggers (JSON and Alertmanager), incident views, resolve, OpenAPI.
-//!
-//! Every route but the OpenAPI document needs `Authorization: Bearer <server.admin_token>`. Phone numbers
-//! leave masked; greeting references and the raw provider requests never leave.
+//! Incidents: `POST /api/v1/incidents` (create), `GET /api/v1/incidents` (list),
+//! `GET /api/v1/incidents/{id}` (one) and `POST /api/v1/incidents/{id}/resolve`, with their views and
+//! the parsing of their bodies and query strings. [`store_trigger`] stores a trigger for both doors,
+//! this one and the Alertmanager webhook.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::Instrument;
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::{IntoParams, ToSchema};
 
-use super::edge::Deadline;
-use super::params::{http_url, strip_all_controls, strip_json_controls, strip_raw_controls};
-use super::AppState;
+use super::auth::require_admin;
+use super::{
+    clean_json, iso, known_id, scrub, unprocessable, ErrorBody, MAX_DEDUP_KEY_CHARS,
+    MAX_MESSAGE_CHARS, MAX_TYPE_CHARS,
+};
 use crate::domain::{mask, Source, SOURCE_HEADER};
 use crate::error::AppError;
+use crate::http::edge::Deadline;
+use crate::http::params::{http_url, strip_all_controls};
+use crate::http::AppState;
 use crate::store::{DeliveryRow, EventRow, IncidentFilter, IncidentRow, NewIncident};
 
 /// How long a trigger waits for the database before answering 503 (so the caller retries).
@@ -30,67 +34,9 @@ const STORE_BUDGET: Duration = Duration::from_secs(5);
 /// what was stored, without the deliveries' detail. The incident is stored: it is never answered as a
 /// failure.
 const DETAIL_BUDGET: Duration = Duration::from_secs(2);
-/// Longest emergency type accepted (the Passthru cuts at the same length).
-pub const MAX_TYPE_CHARS: usize = 64;
-/// Longest message accepted: it is spoken, texted and sent on WhatsApp, so it must stay short.
-pub const MAX_MESSAGE_CHARS: usize = 1000;
-pub const MAX_DEDUP_KEY_CHARS: usize = 256;
 const MAX_URL_CHARS: usize = 2048;
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
-
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/api/v1/incidents",
-            post(create_incident).get(list_incidents),
-        )
-        .route("/api/v1/incidents/{id}", get(get_incident))
-        .route("/api/v1/incidents/{id}/resolve", post(resolve_incident))
-        .route("/api/v1/alertmanager", post(alertmanager))
-        .route("/api/v1/openapi.json", get(openapi_json))
-}
-
-/// The OpenAPI 3 document of `/api/v1`, generated from the handlers' annotations below.
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "exotel-sos operator API",
-        description = "Trigger, inspect and resolve emergency incidents."
-    ),
-    paths(
-        create_incident,
-        list_incidents,
-        get_incident,
-        resolve_incident,
-        alertmanager,
-        openapi_json
-    ),
-    components(schemas(AlertmanagerAlert)),
-    modifiers(&BearerAuth),
-    tags((name = "incidents", description = "Emergencies and who was reached"))
-)]
-pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
-
-/// An error answer: what is wrong and, for invalid input, which field.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: String,
-    pub field: Option<String>,
-}
 
 /// `POST /api/v1/incidents` body. Unknown fields are refused, so a typo cannot drop information.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -208,111 +154,6 @@ pub struct ResolveOutcome {
     pub incident: IncidentDetail,
 }
 
-/// Alertmanager webhook payload, version 4.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct AlertmanagerPayload {
-    #[schema(example = "4")]
-    pub version: String,
-    pub group_key: String,
-    #[serde(default)]
-    pub truncated_alerts: u64,
-    /// `firing` or `resolved` (of the group; each alert carries its own).
-    pub status: String,
-    #[serde(default)]
-    pub receiver: String,
-    #[serde(default)]
-    pub group_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub common_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub common_annotations: BTreeMap<String, String>,
-    #[serde(default, rename = "externalURL")]
-    pub external_url: String,
-    pub alerts: Vec<AlertmanagerAlert>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct AlertmanagerAlert {
-    /// `firing` or `resolved`.
-    pub status: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
-    pub starts_at: Option<String>,
-    pub ends_at: Option<String>,
-    #[serde(default, rename = "generatorURL")]
-    pub generator_url: Option<String>,
-    #[serde(default)]
-    pub fingerprint: String,
-}
-
-/// What an Alertmanager notification did, by incident id.
-#[derive(Debug, Default, Serialize, ToSchema)]
-pub struct AlertmanagerOutcome {
-    /// New incidents (alerts fanned out).
-    pub created: Vec<String>,
-    /// Firing alerts whose incident was already open (repeats; nothing sent again).
-    pub existing: Vec<String>,
-    /// Incidents closed by resolved alerts.
-    pub resolved: Vec<String>,
-    /// Resolved alerts with no open incident (already resolved, or never seen).
-    pub unmatched: usize,
-}
-
-fn unprocessable(field: &str, message: impl Into<String>) -> AppError {
-    AppError::Unprocessable {
-        field: crate::domain::truncate(field, 64),
-        message: message.into(),
-    }
-}
-
-/// Checks `Authorization: Bearer <admin token>` in constant time. The token is never logged.
-fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-    if state.admin_token_ok(given) {
-        Ok(())
-    } else {
-        tracing::warn!("operator API request with a missing or wrong bearer token");
-        Err(AppError::Unauthorized)
-    }
-}
-
-/// Incident ids are UUIDs: one with control characters names no incident, and PostgreSQL would refuse
-/// it as text (a 500), so it is a 404 before any query.
-fn known_id(id: &str) -> Result<(), AppError> {
-    if id.chars().any(char::is_control) {
-        Err(AppError::NotFound("no such incident".to_owned()))
-    } else {
-        Ok(())
-    }
-}
-
-fn iso(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_else(|| ms.to_string())
-}
-
-/// Masks every spelling of `phone` in free text (provider errors may quote the number).
-fn scrub(text: &str, phone: &str) -> String {
-    let masked = mask(phone);
-    let digits = phone.trim_start_matches('+');
-    let mut out = text.replace(phone, &masked).replace(digits, &masked);
-    if digits.len() > 10 {
-        out = out.replace(&digits[digits.len() - 10..], &masked);
-    }
-    out
-}
-
 impl From<IncidentRow> for IncidentView {
     fn from(r: IncidentRow) -> Self {
         IncidentView {
@@ -384,14 +225,14 @@ async fn incident_detail(state: &AppState, id: &str) -> Result<IncidentDetail, A
 }
 
 /// One trigger, whichever door it came through.
-struct Trigger {
-    source: Source,
-    emergency_type: Option<String>,
-    message: String,
-    recording_url: Option<String>,
-    dedup_key: Option<String>,
-    raw_params: String,
-    occurred_at: Option<i64>,
+pub(super) struct Trigger {
+    pub(super) source: Source,
+    pub(super) emergency_type: Option<String>,
+    pub(super) message: String,
+    pub(super) recording_url: Option<String>,
+    pub(super) dedup_key: Option<String>,
+    pub(super) raw_params: String,
+    pub(super) occurred_at: Option<i64>,
 }
 
 /// What a stored trigger answers when its incident cannot be read back in time: what was stored,
@@ -428,9 +269,9 @@ fn stored_answer(is_new: bool, detail: IncidentDetail) -> Response {
 }
 
 /// A stored trigger.
-struct Stored {
-    id: String,
-    is_new: bool,
+pub(super) struct Stored {
+    pub(super) id: String,
+    pub(super) is_new: bool,
     incident: NewIncident,
 }
 
@@ -439,7 +280,7 @@ struct Stored {
 /// a client hanging up cuts it off half-way; with `answer_on_commit`, its success answer is left with
 /// the deadline as soon as it commits. An unreachable or slow database is 503: try again, with the same
 /// dedup key to be safe.
-async fn store_trigger(
+pub(super) async fn store_trigger(
     state: &AppState,
     deadline: &Deadline,
     t: Trigger,
@@ -582,14 +423,6 @@ fn kind(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-/// Parses a JSON body with every control character but tab, newline and carriage return removed, raw or
-/// escaped: PostgreSQL refuses NUL in text, and a stray byte must never refuse an emergency.
-fn clean_json(body: &[u8]) -> Result<Value, serde_json::Error> {
-    let mut value = serde_json::from_slice::<Value>(&strip_raw_controls(body))?;
-    strip_json_controls(&mut value);
-    Ok(value)
 }
 
 fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, AppError> {
@@ -831,143 +664,4 @@ pub async fn resolve_incident(
         cancelled: resolved.cancelled.len(),
         incident: incident_detail(&state, &id).await?,
     }))
-}
-
-/// Parses Alertmanager's RFC 3339 times; its zero time (`0001-01-01T00:00:00Z`) means unknown.
-fn rfc3339_ms(raw: Option<&str>) -> Option<i64> {
-    let t = chrono::DateTime::parse_from_rfc3339(raw?).ok()?;
-    let ms = t.timestamp_millis();
-    (ms > 0).then_some(ms)
-}
-
-/// Receives Alertmanager notifications (webhook payload version 4): firing alerts become incidents,
-/// resolved alerts close them.
-#[utoipa::path(
-    post,
-    path = "/api/v1/alertmanager",
-    tag = "incidents",
-    request_body = AlertmanagerPayload,
-    responses(
-        (status = 200, description = "Every alert handled", body = AlertmanagerOutcome),
-        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
-        (status = 422, description = "Not an Alertmanager version 4 payload", body = ErrorBody),
-        (status = 503, description = "The database did not answer in time; Alertmanager sends again, and alerts already stored are found by their key", body = ErrorBody),
-    ),
-    security(("bearer" = []))
-)]
-#[tracing::instrument(skip_all, fields(group_key))]
-pub async fn alertmanager(
-    State(state): State<AppState>,
-    deadline: Deadline,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<AlertmanagerOutcome>, AppError> {
-    require_admin(&state, &headers)?;
-    let payload: AlertmanagerPayload = clean_json(&body)
-        .and_then(serde_json::from_value)
-        .map_err(|e| unprocessable("body", format!("is not an Alertmanager payload: {e}")))?;
-    if payload.version != "4" {
-        return Err(unprocessable(
-            "version",
-            format!(
-                "version {:?} is not supported; expected \"4\"",
-                payload.version
-            ),
-        ));
-    }
-    tracing::Span::current().record("group_key", payload.group_key.as_str());
-    if payload.truncated_alerts > 0 {
-        // Alertmanager's max_alerts cut the list: the missing alerts arrive with no notification here.
-        tracing::warn!(
-            truncated = payload.truncated_alerts,
-            "Alertmanager truncated this notification; raise max_alerts on the webhook receiver"
-        );
-    }
-    let type_label = &state.settings.alertmanager.type_label;
-    let mut outcome = AlertmanagerOutcome::default();
-    for alert in &payload.alerts {
-        // groupKey + fingerprint names one alert of one route: a repeat notification (repeat_interval)
-        // finds the open incident instead of alerting again.
-        let identity = if alert.fingerprint.is_empty() {
-            serde_json::to_string(&alert.labels).unwrap_or_default()
-        } else {
-            alert.fingerprint.clone()
-        };
-        // Hashed, not cut: group keys carry every grouped label and can be long, and a cut key would
-        // merge different alerts into one incident (and page nobody for the second).
-        let dedup_key = format!(
-            "alertmanager:{}",
-            crate::domain::digest(&format!("{}\n{identity}", payload.group_key))
-        );
-        if alert.status == "resolved" {
-            match state.store.open_incident_by_dedup_key(&dedup_key).await? {
-                Some(incident) => {
-                    crate::lifecycle::resolve(&state, &incident.id, "resolved by Alertmanager")
-                        .await?;
-                    outcome.resolved.push(incident.id);
-                }
-                None => outcome.unmatched += 1,
-            }
-            continue;
-        }
-        let alertname = alert.labels.get("alertname").map(String::as_str);
-        let message = alert
-            .annotations
-            .get("summary")
-            .map(String::as_str)
-            .or(alertname)
-            .filter(|s| !s.trim().is_empty())
-            .unwrap_or("Alert from Alertmanager");
-        let raw_params = serde_json::json!({
-            "groupKey": payload.group_key,
-            "receiver": payload.receiver,
-            "externalURL": payload.external_url,
-            "alert": alert,
-        })
-        .to_string();
-        // Each alert carries its own dedup key: when this notification is cut short, Alertmanager's
-        // resend finds the alerts already stored instead of alerting again.
-        let stored = store_trigger(
-            &state,
-            &deadline,
-            Trigger {
-                source: Source::Alertmanager,
-                emergency_type: alert
-                    .labels
-                    .get(type_label)
-                    .map(|t| crate::domain::truncate(t.trim(), MAX_TYPE_CHARS)),
-                message: crate::domain::truncate(message.trim(), MAX_MESSAGE_CHARS),
-                recording_url: None,
-                dedup_key: Some(dedup_key),
-                raw_params,
-                occurred_at: rfc3339_ms(alert.starts_at.as_deref()),
-            },
-            false,
-        )
-        .await?;
-        if stored.is_new {
-            outcome.created.push(stored.id);
-        } else {
-            outcome.existing.push(stored.id);
-        }
-    }
-    tracing::info!(
-        created = outcome.created.len(),
-        existing = outcome.existing.len(),
-        resolved = outcome.resolved.len(),
-        unmatched = outcome.unmatched,
-        "alertmanager notification handled"
-    );
-    Ok(Json(outcome))
-}
-
-/// This document.
-#[utoipa::path(
-    get,
-    path = "/api/v1/openapi.json",
-    tag = "incidents",
-    responses((status = 200, description = "The OpenAPI 3 document of /api/v1", content_type = "application/json"))
-)]
-pub async fn openapi_json() -> Response {
-    Json(ApiDoc::openapi()).into_response()
 }
