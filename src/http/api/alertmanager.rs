@@ -5,12 +5,11 @@ use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::require_admin;
+use super::auth::Admin;
 use super::incidents::{store_trigger, Trigger};
 use super::{clean_json, unprocessable, ErrorBody, MAX_MESSAGE_CHARS, MAX_TYPE_CHARS};
 use crate::domain::Source;
@@ -97,11 +96,10 @@ fn rfc3339_ms(raw: Option<&str>) -> Option<i64> {
 #[tracing::instrument(skip_all, fields(group_key))]
 pub async fn alertmanager(
     State(state): State<AppState>,
+    _admin: Admin,
     deadline: Deadline,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<AlertmanagerOutcome>, AppError> {
-    require_admin(&state, &headers)?;
     let payload: AlertmanagerPayload = clean_json(&body)
         .and_then(serde_json::from_value)
         .map_err(|e| unprocessable("body", format!("is not an Alertmanager payload: {e}")))?;

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tracing::Instrument;
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::require_admin;
+use super::auth::Admin;
 use super::{
     clean_json, iso, known_id, scrub, unprocessable, ErrorBody, MAX_DEDUP_KEY_CHARS,
     MAX_MESSAGE_CHARS, MAX_TYPE_CHARS,
@@ -481,11 +481,11 @@ pub fn parse_new_incident(body: &[u8]) -> Result<NewIncidentRequest, AppError> {
 #[tracing::instrument(skip_all, fields(incident_id))]
 pub async fn create_incident(
     State(state): State<AppState>,
+    _admin: Admin,
     deadline: Deadline,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AppError> {
-    require_admin(&state, &headers)?;
     let req = parse_new_incident(&body)?;
     let source = match headers.get(SOURCE_HEADER).and_then(|v| v.to_str().ok()) {
         Some(s) if s.eq_ignore_ascii_case("cli") => Source::Cli,
@@ -592,10 +592,9 @@ fn parse_list_query(raw: Option<&str>) -> Result<IncidentFilter, AppError> {
 )]
 pub async fn list_incidents(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _admin: Admin,
     RawQuery(query): RawQuery,
 ) -> Result<Json<IncidentList>, AppError> {
-    require_admin(&state, &headers)?;
     let filter = parse_list_query(query.as_deref())?;
     let rows = state
         .store
@@ -627,10 +626,9 @@ pub async fn list_incidents(
 #[tracing::instrument(skip_all, fields(incident_id = %id))]
 pub async fn get_incident(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    _admin: Admin,
 ) -> Result<Json<IncidentDetail>, AppError> {
-    require_admin(&state, &headers)?;
     known_id(&id)?;
     Ok(Json(incident_detail(&state, &id).await?))
 }
@@ -651,10 +649,9 @@ pub async fn get_incident(
 #[tracing::instrument(skip_all, fields(incident_id = %id))]
 pub async fn resolve_incident(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    _admin: Admin,
 ) -> Result<Json<ResolveOutcome>, AppError> {
-    require_admin(&state, &headers)?;
     known_id(&id)?;
     let resolved = crate::lifecycle::resolve(&state, &id, "resolved through the API")
         .await?
