@@ -13,6 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::task::JoinError;
+use tokio::time::error::Elapsed;
 use tracing::Instrument;
 use utoipa::{IntoParams, ToSchema};
 
@@ -26,7 +28,8 @@ use crate::error::AppError;
 use crate::http::edge::Deadline;
 use crate::http::params::{http_url, strip_all_controls};
 use crate::http::AppState;
-use crate::store::{DeliveryRow, EventRow, IncidentFilter, IncidentRow, NewIncident};
+use crate::stakeholders::{Plan, Target};
+use crate::store::{Created, DeliveryRow, EventRow, IncidentFilter, IncidentRow, NewIncident};
 
 /// How long a trigger waits for the database before answering 503 (so the caller retries).
 const STORE_BUDGET: Duration = Duration::from_secs(5);
@@ -34,8 +37,11 @@ const STORE_BUDGET: Duration = Duration::from_secs(5);
 /// what was stored, without the deliveries' detail. The incident is stored: it is never answered as a
 /// failure.
 const DETAIL_BUDGET: Duration = Duration::from_secs(2);
+/// Longest audio URL accepted: it is stored with the incident and handed to every call.
 const MAX_URL_CHARS: usize = 2048;
+/// Page size when the list query names none.
 const DEFAULT_PAGE: i64 = 50;
+/// Largest page: each incident is a row to read and serialize, so one request stays cheap.
 const MAX_PAGE: i64 = 200;
 
 /// `POST /api/v1/incidents` body. Unknown fields are refused, so a typo cannot drop information.
@@ -174,6 +180,8 @@ impl From<IncidentRow> for IncidentView {
     }
 }
 
+/// A delivery as operators see it: its phone masked, and masked again wherever the provider's free
+/// text (errors, events) quotes it.
 fn delivery_view(d: DeliveryRow, events: Vec<EventRow>) -> DeliveryView {
     let phone = d.phone;
     DeliveryView {
@@ -204,6 +212,7 @@ fn delivery_view(d: DeliveryRow, events: Vec<EventRow>) -> DeliveryView {
     }
 }
 
+/// The incident `id` with its deliveries, each with its events; 404 when there is no such incident.
 async fn incident_detail(state: &AppState, id: &str) -> Result<IncidentDetail, AppError> {
     let incident = state
         .store
@@ -224,155 +233,7 @@ async fn incident_detail(state: &AppState, id: &str) -> Result<IncidentDetail, A
     })
 }
 
-/// One trigger, whichever door it came through.
-pub(super) struct Trigger {
-    pub(super) source: Source,
-    pub(super) emergency_type: Option<String>,
-    pub(super) message: String,
-    pub(super) recording_url: Option<String>,
-    pub(super) dedup_key: Option<String>,
-    pub(super) raw_params: String,
-    pub(super) occurred_at: Option<i64>,
-}
-
-/// What a stored trigger answers when its incident cannot be read back in time: what was stored,
-/// without the deliveries (they are queued; `GET /api/v1/incidents/{id}` shows them).
-fn stored_detail(incident: &NewIncident, id: &str) -> IncidentDetail {
-    IncidentDetail {
-        incident: IncidentView {
-            id: id.to_owned(),
-            source: incident.source.as_str().to_owned(),
-            emergency_type: incident.emergency_type.clone(),
-            route: incident.route.clone(),
-            call_sid: incident.call_sid.clone(),
-            dedup_key: incident.dedup_key.clone(),
-            caller: incident.caller.as_deref().map(mask),
-            recording_url: incident.recording_url.clone(),
-            message: incident.message.clone(),
-            status: "open".to_owned(),
-            occurred_at: incident.occurred_at.map(iso),
-            received_at: iso(crate::domain::now_ms()),
-            resolved_at: None,
-        },
-        deliveries: Vec::new(),
-    }
-}
-
-/// A stored trigger's answer: 201 for a new incident, 200 for the open one with the same dedup key.
-fn stored_answer(is_new: bool, detail: IncidentDetail) -> Response {
-    let status = if is_new {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    (status, Json(detail)).into_response()
-}
-
-/// A stored trigger.
-pub(super) struct Stored {
-    pub(super) id: String,
-    pub(super) is_new: bool,
-    incident: NewIncident,
-}
-
-/// Stores the incident and its deliveries (or finds the open one with the same dedup key), wakes the
-/// dispatcher for a new one. The write runs in a task of its own, so neither the request time limit nor
-/// a client hanging up cuts it off half-way; with `answer_on_commit`, its success answer is left with
-/// the deadline as soon as it commits. An unreachable or slow database is 503: try again, with the same
-/// dedup key to be safe.
-pub(super) async fn store_trigger(
-    state: &AppState,
-    deadline: &Deadline,
-    t: Trigger,
-    answer_on_commit: bool,
-) -> Result<Stored, AppError> {
-    let plan = state.routing.current().plan(t.emergency_type.as_deref());
-    let incident = NewIncident {
-        source: t.source,
-        call_sid: None,
-        dedup_key: t.dedup_key,
-        emergency_type: plan.emergency_type.clone(),
-        route: plan.route.clone(),
-        caller: None,
-        recording_url: t.recording_url,
-        message: Some(t.message),
-        raw_params: t.raw_params,
-        occurred_at: t.occurred_at,
-    };
-    let budget = deadline.budget(STORE_BUDGET);
-    let write = {
-        let state = state.clone();
-        let deadline = deadline.clone();
-        let incident = incident.clone();
-        tokio::spawn(
-            async move {
-                let created = state
-                    .store
-                    .create_incident(&incident, &plan.targets)
-                    .await?;
-                if answer_on_commit {
-                    deadline.commit(stored_answer(
-                        created.is_new,
-                        stored_detail(&incident, &created.incident_id),
-                    ));
-                }
-                if created.is_new {
-                    tracing::info!(
-                        incident_id = %created.incident_id,
-                        source = incident.source.as_str(),
-                        emergency_type = %incident.emergency_type,
-                        route = %incident.route,
-                        deliveries = created.deliveries,
-                        "incident stored"
-                    );
-                    state.wake.notify_one();
-                    state.metrics.incident_created(
-                        incident.source,
-                        &incident.emergency_type,
-                        &incident.route,
-                    );
-                } else {
-                    tracing::info!(
-                        incident_id = %created.incident_id,
-                        "an incident with this dedup key is open; nothing new"
-                    );
-                }
-                anyhow::Ok(created)
-            }
-            .in_current_span(),
-        )
-    };
-    let created = match tokio::time::timeout(budget, write).await {
-        Ok(Ok(Ok(created))) => created,
-        Ok(Ok(Err(e))) => {
-            tracing::error!(error = format!("{e:#}"), "could not store the incident");
-            return Err(AppError::Unavailable(
-                "the incident could not be stored; try again".to_owned(),
-            ));
-        }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "the incident write failed");
-            return Err(AppError::Unavailable(
-                "the incident could not be stored; try again".to_owned(),
-            ));
-        }
-        Err(_) => {
-            tracing::error!(
-                "no answer from the database within {budget:?}; the write goes on and alerts go out if it commits"
-            );
-            return Err(AppError::Unavailable(format!(
-                "no answer from the database within {budget:?}; try again with the same dedup_key"
-            )));
-        }
-    };
-    tracing::Span::current().record("incident_id", created.incident_id.as_str());
-    Ok(Stored {
-        id: created.incident_id,
-        is_new: created.is_new,
-        incident,
-    })
-}
-
+/// Like [`optional_str`], but absent or null is an error too.
 fn required_str(
     map: &serde_json::Map<String, Value>,
     field: &str,
@@ -414,6 +275,7 @@ fn optional_str(
     }
 }
 
+/// A JSON value's type, as error messages name it.
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -425,6 +287,8 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// The body as a JSON object, control characters removed; the fields are checked one by one after,
+/// so an error can name the field that is wrong.
 fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, AppError> {
     match clean_json(body) {
         Ok(Value::Object(map)) => Ok(map),
@@ -487,16 +351,12 @@ pub async fn create_incident(
     body: Bytes,
 ) -> Result<Response, AppError> {
     let req = parse_new_incident(&body)?;
-    let source = match headers.get(SOURCE_HEADER).and_then(|v| v.to_str().ok()) {
-        Some(s) if s.eq_ignore_ascii_case("cli") => Source::Cli,
-        _ => Source::Api,
-    };
     let raw_params = serde_json::to_string(&req).unwrap_or_default();
     let stored = store_trigger(
         &state,
         &deadline,
         Trigger {
-            source,
+            source: source_of(&headers),
             emergency_type: Some(req.emergency_type),
             message: req.message,
             recording_url: req.audio_url,
@@ -508,8 +368,24 @@ pub async fn create_incident(
     )
     .await?;
     // Stored: from here on the answer is a success, whatever the read-back does.
+    let detail = read_back(&state, &deadline, &stored).await;
+    Ok(stored_answer(stored.is_new, detail))
+}
+
+/// `cli` when the `trigger` command sent the request (it says so in [`SOURCE_HEADER`]), `api` otherwise.
+fn source_of(headers: &HeaderMap) -> Source {
+    match headers.get(SOURCE_HEADER).and_then(|v| v.to_str().ok()) {
+        Some(s) if s.eq_ignore_ascii_case("cli") => Source::Cli,
+        _ => Source::Api,
+    }
+}
+
+/// The stored incident with its deliveries, read back within [`DETAIL_BUDGET`]; what was stored when
+/// the read fails or is slow, since the incident is stored either way and must not be answered as a
+/// failure.
+async fn read_back(state: &AppState, deadline: &Deadline, stored: &Stored) -> IncidentDetail {
     let budget = deadline.budget(DETAIL_BUDGET);
-    let detail = match tokio::time::timeout(budget, incident_detail(&state, &stored.id)).await {
+    match tokio::time::timeout(budget, incident_detail(state, &stored.id)).await {
         Ok(Ok(detail)) => detail,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "stored, but could not read the incident back; answering what was stored");
@@ -521,11 +397,43 @@ pub async fn create_incident(
             );
             stored_detail(&stored.incident, &stored.id)
         }
-    };
-    Ok(stored_answer(stored.is_new, detail))
+    }
 }
 
+/// Parses the query string of `GET /api/v1/incidents` into a filter, naming the first wrong
+/// parameter.
 fn parse_list_query(raw: Option<&str>) -> Result<IncidentFilter, AppError> {
+    let pairs = query_pairs(raw)?;
+    let limit = whole_number(&pairs, "limit")?.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(unprocessable("limit", format!("must be 1..={MAX_PAGE}")));
+    }
+    let page = whole_number(&pairs, "page")?;
+    if page.is_some_and(|p| !(1..=1_000_000).contains(&p)) {
+        return Err(unprocessable("page", "must be at least 1"));
+    }
+    let before = non_empty(&pairs, "before");
+    if page.is_some() && before.is_some() {
+        return Err(unprocessable("page", "use either page or before, not both"));
+    }
+    let status = non_empty(&pairs, "status");
+    if let Some(s) = &status {
+        if !matches!(s.as_str(), "open" | "resolved") {
+            return Err(unprocessable("status", "must be open or resolved"));
+        }
+    }
+    Ok(IncidentFilter {
+        status,
+        emergency_type: non_empty(&pairs, "emergency_type"),
+        before,
+        offset: page.map(|p| (p - 1) * limit).unwrap_or(0),
+        limit,
+    })
+}
+
+/// The query string's parameters, control characters removed; an error for a malformed query string
+/// or an unknown parameter (a typo must not silently widen the list).
+fn query_pairs(raw: Option<&str>) -> Result<HashMap<String, String>, AppError> {
     let pairs: HashMap<String, String> = serde_urlencoded::from_str(raw.unwrap_or(""))
         .map_err(|e| unprocessable("query", format!("is not a valid query string: {e}")))?;
     // Filters reach the database as text: no control characters (PostgreSQL refuses NUL).
@@ -537,44 +445,24 @@ fn parse_list_query(raw: Option<&str>) -> Result<IncidentFilter, AppError> {
     if let Some(unknown) = pairs.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(unprocessable(unknown, "unknown query parameter"));
     }
-    let int = |name: &str| -> Result<Option<i64>, AppError> {
-        pairs
-            .get(name)
-            .map(|v| {
-                v.trim()
-                    .parse::<i64>()
-                    .map_err(|_| unprocessable(name, "must be a whole number"))
-            })
-            .transpose()
-    };
-    let limit = int("limit")?.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(unprocessable("limit", format!("must be 1..={MAX_PAGE}")));
-    }
-    let page = int("page")?;
-    if page.is_some_and(|p| !(1..=1_000_000).contains(&p)) {
-        return Err(unprocessable("page", "must be at least 1"));
-    }
-    let before = pairs.get("before").filter(|s| !s.is_empty()).cloned();
-    if page.is_some() && before.is_some() {
-        return Err(unprocessable("page", "use either page or before, not both"));
-    }
-    let status = pairs.get("status").filter(|s| !s.is_empty()).cloned();
-    if let Some(s) = &status {
-        if !matches!(s.as_str(), "open" | "resolved") {
-            return Err(unprocessable("status", "must be open or resolved"));
-        }
-    }
-    Ok(IncidentFilter {
-        status,
-        emergency_type: pairs
-            .get("emergency_type")
-            .filter(|s| !s.is_empty())
-            .cloned(),
-        before,
-        offset: page.map(|p| (p - 1) * limit).unwrap_or(0),
-        limit,
-    })
+    Ok(pairs)
+}
+
+/// The parameter `name` as a whole number; `None` when absent.
+fn whole_number(pairs: &HashMap<String, String>, name: &str) -> Result<Option<i64>, AppError> {
+    pairs
+        .get(name)
+        .map(|v| {
+            v.trim()
+                .parse::<i64>()
+                .map_err(|_| unprocessable(name, "must be a whole number"))
+        })
+        .transpose()
+}
+
+/// The parameter `name`; `None` when absent or empty (`?status=` filters nothing).
+fn non_empty(pairs: &HashMap<String, String>, name: &str) -> Option<String> {
+    pairs.get(name).filter(|s| !s.is_empty()).cloned()
 }
 
 /// Lists incidents, newest first.
@@ -661,4 +549,186 @@ pub async fn resolve_incident(
         cancelled: resolved.cancelled.len(),
         incident: incident_detail(&state, &id).await?,
     }))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Storing a trigger. `store_trigger` is the one way a trigger, from either door, becomes an incident;
+// the items below serve it and the answers built from what it stored.
+// ---------------------------------------------------------------------------------------------------
+
+/// One trigger, whichever door it came through.
+pub(super) struct Trigger {
+    pub(super) source: Source,
+    pub(super) emergency_type: Option<String>,
+    pub(super) message: String,
+    pub(super) recording_url: Option<String>,
+    pub(super) dedup_key: Option<String>,
+    pub(super) raw_params: String,
+    pub(super) occurred_at: Option<i64>,
+}
+
+impl Trigger {
+    /// The incident to store, on the route `plan` chose for the trigger's emergency type.
+    fn into_incident(self, plan: &Plan) -> NewIncident {
+        NewIncident {
+            source: self.source,
+            call_sid: None,
+            dedup_key: self.dedup_key,
+            emergency_type: plan.emergency_type.clone(),
+            route: plan.route.clone(),
+            caller: None,
+            recording_url: self.recording_url,
+            message: Some(self.message),
+            raw_params: self.raw_params,
+            occurred_at: self.occurred_at,
+        }
+    }
+}
+
+/// A stored trigger.
+pub(super) struct Stored {
+    pub(super) id: String,
+    pub(super) is_new: bool,
+    incident: NewIncident,
+}
+
+/// What a stored trigger answers when its incident cannot be read back in time: what was stored,
+/// without the deliveries (they are queued; `GET /api/v1/incidents/{id}` shows them).
+fn stored_detail(incident: &NewIncident, id: &str) -> IncidentDetail {
+    IncidentDetail {
+        incident: IncidentView {
+            id: id.to_owned(),
+            source: incident.source.as_str().to_owned(),
+            emergency_type: incident.emergency_type.clone(),
+            route: incident.route.clone(),
+            call_sid: incident.call_sid.clone(),
+            dedup_key: incident.dedup_key.clone(),
+            caller: incident.caller.as_deref().map(mask),
+            recording_url: incident.recording_url.clone(),
+            message: incident.message.clone(),
+            status: "open".to_owned(),
+            occurred_at: incident.occurred_at.map(iso),
+            received_at: iso(crate::domain::now_ms()),
+            resolved_at: None,
+        },
+        deliveries: Vec::new(),
+    }
+}
+
+/// A stored trigger's answer: 201 for a new incident, 200 for the open one with the same dedup key.
+fn stored_answer(is_new: bool, detail: IncidentDetail) -> Response {
+    let status = if is_new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(detail)).into_response()
+}
+
+/// Stores the incident and its deliveries (or finds the open one with the same dedup key), wakes the
+/// dispatcher for a new one. The write runs in a task of its own, so neither the request time limit nor
+/// a client hanging up cuts it off half-way; with `answer_on_commit`, its success answer is left with
+/// the deadline as soon as it commits. An unreachable or slow database is 503: try again, with the same
+/// dedup key to be safe.
+pub(super) async fn store_trigger(
+    state: &AppState,
+    deadline: &Deadline,
+    t: Trigger,
+    answer_on_commit: bool,
+) -> Result<Stored, AppError> {
+    let plan = state.routing.current().plan(t.emergency_type.as_deref());
+    let incident = t.into_incident(&plan);
+    let budget = deadline.budget(STORE_BUDGET);
+    let write = tokio::spawn(
+        write_incident(
+            state.clone(),
+            deadline.clone(),
+            incident.clone(),
+            plan.targets,
+            answer_on_commit,
+        )
+        .in_current_span(),
+    );
+    let created = written(tokio::time::timeout(budget, write).await, budget)?;
+    tracing::Span::current().record("incident_id", created.incident_id.as_str());
+    Ok(Stored {
+        id: created.incident_id,
+        is_new: created.is_new,
+        incident,
+    })
+}
+
+/// The write of [`store_trigger`], run in a task of its own so that it finishes even when the request
+/// is given up; the success answer is left with the deadline the moment it commits, when asked to.
+async fn write_incident(
+    state: AppState,
+    deadline: Deadline,
+    incident: NewIncident,
+    targets: Vec<Target>,
+    answer_on_commit: bool,
+) -> anyhow::Result<Created> {
+    let created = state.store.create_incident(&incident, &targets).await?;
+    if answer_on_commit {
+        deadline.commit(stored_answer(
+            created.is_new,
+            stored_detail(&incident, &created.incident_id),
+        ));
+    }
+    announce(&state, &incident, &created);
+    Ok(created)
+}
+
+/// Logs what the write did; a new incident also wakes the dispatcher (its deliveries are due now) and
+/// is counted.
+fn announce(state: &AppState, incident: &NewIncident, created: &Created) {
+    if created.is_new {
+        tracing::info!(
+            incident_id = %created.incident_id,
+            source = incident.source.as_str(),
+            emergency_type = %incident.emergency_type,
+            route = %incident.route,
+            deliveries = created.deliveries,
+            "incident stored"
+        );
+        state.wake.notify_one();
+        state
+            .metrics
+            .incident_created(incident.source, &incident.emergency_type, &incident.route);
+    } else {
+        tracing::info!(
+            incident_id = %created.incident_id,
+            "an incident with this dedup key is open; nothing new"
+        );
+    }
+}
+
+/// What the write task came to within `budget`. A failed, panicked or slow write is 503 (`Unavailable`)
+/// so the caller tries again; a slow one goes on, and its alerts go out if it commits.
+fn written(
+    outcome: Result<Result<anyhow::Result<Created>, JoinError>, Elapsed>,
+    budget: Duration,
+) -> Result<Created, AppError> {
+    match outcome {
+        Ok(Ok(Ok(created))) => Ok(created),
+        Ok(Ok(Err(e))) => {
+            tracing::error!(error = format!("{e:#}"), "could not store the incident");
+            Err(AppError::Unavailable(
+                "the incident could not be stored; try again".to_owned(),
+            ))
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the incident write failed");
+            Err(AppError::Unavailable(
+                "the incident could not be stored; try again".to_owned(),
+            ))
+        }
+        Err(_) => {
+            tracing::error!(
+                "no answer from the database within {budget:?}; the write goes on and alerts go out if it commits"
+            );
+            Err(AppError::Unavailable(format!(
+                "no answer from the database within {budget:?}; try again with the same dedup_key"
+            )))
+        }
+    }
 }

@@ -34,8 +34,11 @@ pub use openapi::{openapi_json, ApiDoc};
 pub const MAX_TYPE_CHARS: usize = 64;
 /// Longest message accepted: it is spoken, texted and sent on WhatsApp, so it must stay short.
 pub const MAX_MESSAGE_CHARS: usize = 1000;
+/// Longest dedup key accepted: it is stored and indexed (unique among open incidents), so it stays short.
 pub const MAX_DEDUP_KEY_CHARS: usize = 256;
 
+/// The `/api/v1` routes; the bearer check is each handler's `Admin` argument, not a layer, so the
+/// OpenAPI document stays public.
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route(
@@ -55,6 +58,8 @@ pub struct ErrorBody {
     pub field: Option<String>,
 }
 
+/// A 422 naming the wrong field. The name is cut to 64 characters: an unknown field's name comes from
+/// the request and is echoed back.
 fn unprocessable(field: &str, message: impl Into<String>) -> AppError {
     AppError::Unprocessable {
         field: crate::domain::truncate(field, 64),
@@ -72,6 +77,8 @@ fn known_id(id: &str) -> Result<(), AppError> {
     }
 }
 
+/// Milliseconds since the epoch as RFC 3339 UTC; the raw number if it is out of range, so a view never
+/// fails on a bad stored time.
 fn iso(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))

@@ -29,6 +29,7 @@ use super::incidents;
 )]
 pub struct ApiDoc;
 
+/// Declares the `bearer` security scheme that the handlers' `security(("bearer" = []))` refer to.
 struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
