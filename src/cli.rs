@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::http::api::SOURCE_HEADER;
+use crate::domain::SOURCE_HEADER;
 use crate::settings::{non_empty, Settings};
 use crate::store::Store;
 

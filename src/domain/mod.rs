@@ -76,6 +76,9 @@ impl Source {
     }
 }
 
+/// Header by which the `trigger` command marks its incidents as coming from the command line.
+pub const SOURCE_HEADER: &str = "x-sos-source";
+
 /// Keeps at most `max` characters of `s`, on a character boundary.
 pub fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
