@@ -16,8 +16,7 @@ use axum::routing::post;
 use axum::Router;
 use exotel_sos::domain::{phone, Channel, Phone, Source};
 use exotel_sos::settings::Settings;
-use exotel_sos::stakeholders::Target;
-use exotel_sos::store::{NewIncident, Store};
+use exotel_sos::store::{NewDelivery, NewIncident, Store};
 use exotel_sos::App;
 use futures_util::StreamExt;
 use tokio::sync::Notify;
@@ -270,13 +269,16 @@ async fn drain(kind: &str, n: usize, concurrency: u32) {
         .unwrap();
     let region = phone::region("IN").unwrap();
     let contacts = n.div_ceil(3);
-    let targets: Vec<Target> = (0..contacts)
+    let providers = app.state.providers.clone();
+    let targets: Vec<NewDelivery> = (0..contacts)
         .flat_map(|i| {
             let phone = Phone::parse(&format!("+9198{:08}", 10_000_000 + i), region).unwrap();
-            Channel::ALL.into_iter().map(move |channel| Target {
+            let providers = providers.clone();
+            Channel::ALL.into_iter().map(move |channel| NewDelivery {
                 contact_name: format!("c{i}"),
-                phone: phone.clone(),
+                phone: phone.e164().to_owned(),
                 channel,
+                provider: providers.for_channel(channel).unwrap().name.clone(),
             })
         })
         .take(n)

@@ -331,9 +331,10 @@ pub fn classifiers(data: &[u8]) {
     for client in clients {
         let outcome = client.classify(&answer);
         check_outcome(&answer, &outcome);
-        if let Some((status, detail)) = client.read_status(&answer) {
+        if let Some(report) = client.read_report("fuzz-id", &answer) {
             assert!((200..300).contains(&answer.status));
-            let _ = (status.to_ascii_lowercase(), detail);
+            assert_eq!(report.provider_id, "fuzz-id");
+            assert_eq!(report.channel, client.channel());
         }
     }
     let _ = parse_retry_after(&answer.body);

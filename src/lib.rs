@@ -1,12 +1,12 @@
 //! exotel-sos: one emergency in, the right people called, texted and messaged, with proof of who was reached.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod cli;
 pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod http;
-pub mod lifecycle;
 pub mod messages;
 pub mod metrics;
 pub mod providers;
@@ -22,7 +22,7 @@ use anyhow::Context;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 
-use crate::http::AppState;
+use crate::app::AppState;
 use crate::settings::{non_empty, Settings};
 use crate::stakeholders::reload::RoutingHandle;
 use crate::stakeholders::Routing;
@@ -73,11 +73,16 @@ impl App {
             settings.stakeholders.file.clone(),
             region,
         ));
+        let providers = Arc::new(providers::registry::built_in(
+            &settings,
+            secrecy::ExposeSecret::expose_secret(&webhook_token),
+        ));
         Ok(App {
             state: AppState {
                 settings: Arc::new(settings),
                 store,
                 routing,
+                providers,
                 webhook_token: Arc::new(webhook_token),
                 admin_token: Arc::new(admin_token),
                 wake: Arc::new(tokio::sync::Notify::new()),
@@ -90,16 +95,22 @@ impl App {
         })
     }
 
+    /// Registers one more provider lane (a second provider of a channel, or one for a new channel):
+    /// from now on new deliveries of its channel go to it.
+    pub fn with_provider(mut self, account: &str, client: Arc<dyn providers::Client>) -> Self {
+        Arc::make_mut(&mut self.state.providers).register(account, client);
+        self
+    }
+
     /// The dispatcher for this app's settings, store and wake-ups.
     pub fn dispatcher(&self) -> anyhow::Result<dispatch::Dispatcher> {
-        use secrecy::ExposeSecret;
         let s = &self.state;
         dispatch::Dispatcher::new(
             s.store.clone(),
             s.settings.clone(),
             dispatch::lanes(
                 &s.settings,
-                s.webhook_token.expose_secret(),
+                &s.providers,
                 // Account-wide rate limits live where all replicas meet: a PostgreSQL database.
                 (s.store.engine() == store::Engine::Postgres).then_some(&s.store),
             ),
@@ -166,8 +177,11 @@ impl App {
         } else {
             None
         };
-        tokio::spawn(lifecycle::auto_resolve(self.state.clone(), stop_rx.clone()));
-        tokio::spawn(lifecycle::prune_old_incidents(
+        tokio::spawn(app::housekeeping::auto_resolve(
+            self.state.clone(),
+            stop_rx.clone(),
+        ));
+        tokio::spawn(app::housekeeping::prune_old_incidents(
             self.state.clone(),
             stop_rx.clone(),
         ));

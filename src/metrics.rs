@@ -8,7 +8,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
 
-use crate::domain::Source;
+use crate::domain::{Channel, DeliveryState, Source};
 use crate::stakeholders::DEFAULT_ROUTE;
 use crate::store::QueueStats;
 
@@ -170,7 +170,16 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// A delivery reached a final state (`delivered`, `failed`, `simulated`, `cancelled`, ...).
+    /// A delivery moved to `state`: counted as finished if that ends it ([`DeliveryState::ends_delivery`],
+    /// where a provider without reports ends at acceptance). The one place that decides what
+    /// "finished" means for the metric.
+    pub fn delivery_moved(&self, channel: Channel, state: DeliveryState, provider_reports: bool) {
+        if state.ends_delivery(provider_reports) {
+            self.delivery_finished(channel.as_str(), state.as_str());
+        }
+    }
+
+    /// Counts one finished delivery (`delivered`, `failed`, `simulated`, `cancelled`, ...).
     pub fn delivery_finished(&self, channel: &str, state: &str) {
         self.deliveries
             .get_or_create(&DeliveryLabels {

@@ -179,6 +179,14 @@ impl DispatchSettings {
 
     /// Time kept back after a provider request for recording its outcome (a quarter of the lease,
     /// 1 to 10 s): a request is started only while its time limit plus this margin fits in the lease.
+    /// What to do with a call that was not reached; shared by callbacks and look-ups.
+    pub fn redial_policy(&self) -> crate::domain::RedialPolicy {
+        crate::domain::RedialPolicy {
+            delay: std::time::Duration::from_secs_f64(self.redial_delay_secs),
+            max_redials: self.max_redials,
+        }
+    }
+
     pub fn lease_margin(&self) -> std::time::Duration {
         let quarter = self.lease_secs / 4.0;
         if quarter.is_finite() {

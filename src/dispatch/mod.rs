@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 
-pub use self::lanes::{lanes, redial_policy, Lane};
+pub use self::lanes::{lanes, Lane};
 pub use self::listener::listen_for_wakeups;
 use self::recorder::PendingOutcome;
 use self::retry::RetryPolicy;
@@ -200,7 +200,7 @@ impl Dispatcher {
         let lease_deadline = tokio::time::Instant::now() + self.lease;
         match self
             .store
-            .claim(lane.channel(), &self.owner, self.lease, free as i64)
+            .claim(lane.name(), &self.owner, self.lease, free as i64)
             .await
         {
             Ok(rows) => {
@@ -310,9 +310,8 @@ impl Dispatcher {
     /// Counts deliveries that reached a final state away from a provider request.
     fn count_moved(&self, moved: &[Moved]) {
         for m in moved {
-            if m.status == "failed" || m.status == "cancelled" {
-                self.metrics.delivery_finished(&m.channel, &m.status);
-            }
+            // Only the provider-independent final states (failed, cancelled) arise here.
+            self.metrics.delivery_moved(m.channel, m.status, true);
         }
     }
 }

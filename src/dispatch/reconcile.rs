@@ -9,10 +9,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::{redial_policy, Dispatcher, Lane};
-use crate::domain::{mask_numbers, Channel};
+use super::{Dispatcher, Lane};
+use crate::domain::mask_numbers;
 use crate::providers::{self, Outcome};
-use crate::store::{CallReport, CallbackEffect, DeliveryRow};
+use crate::store::{CallbackEffect, DeliveryRow};
 
 /// Look-ups made for one overdue report before its deadline is taken as passed.
 const MAX_LOOKUPS: i64 = 3;
@@ -31,14 +31,10 @@ impl Dispatcher {
             }
             // Only lanes whose requests get a report: WhatsApp's acceptance is final, its rows are
             // left alone.
-            for lane in self
-                .lanes
-                .iter()
-                .filter(|l| l.live && l.client.reports_outcome())
-            {
+            for lane in self.lanes.iter().filter(|l| l.live && l.reports_outcome()) {
                 let overdue = match self
                     .store
-                    .overdue_reports(lane.channel(), wait, SWEEP_BATCH)
+                    .overdue_reports(lane.name(), wait, SWEEP_BATCH)
                     .await
                 {
                     Ok(rows) => rows,
@@ -60,7 +56,7 @@ impl Dispatcher {
         let lookup = d
             .provider_id
             .as_deref()
-            .and_then(|id| lane.client.status_lookup(id));
+            .and_then(|id| lane.client().status_lookup(id));
         let Some(lookup) = lookup.filter(|_| d.report_checks <= MAX_LOOKUPS) else {
             let why = if d.provider_id.is_none() {
                 "no status report, and no provider id to look it up".to_owned()
@@ -74,8 +70,9 @@ impl Dispatcher {
             return;
         };
         let answer = providers::fetch(&self.http, &lookup).await;
+        let provider_id = d.provider_id.as_deref().unwrap_or_default();
         let found = match &answer {
-            Ok(a) => lane.client.read_status(a).ok_or_else(|| {
+            Ok(a) => lane.client().read_report(provider_id, a).ok_or_else(|| {
                 format!(
                     "HTTP {}: {}",
                     a.status,
@@ -87,39 +84,24 @@ impl Dispatcher {
             }
             Err(Outcome::Accepted { .. }) => Err("unexpected answer".to_owned()),
         };
-        let (status, detail) = match found {
-            Ok(found) => found,
+        let report = match found {
+            Ok(report) => report,
             Err(why) => {
                 tracing::warn!(why = %why, checks = d.report_checks, "overdue report: the details API gave no status");
                 return;
             }
         };
-        let provider_id = d.provider_id.clone().unwrap_or_default();
-        let applied = match lane.channel() {
-            Channel::Call => {
-                self.store
-                    .apply_call_report(
-                        &CallReport {
-                            call_sid: provider_id,
-                            custom_field: None,
-                            status: status.clone(),
-                            detail,
-                        },
-                        redial_policy(&self.settings),
-                    )
-                    .await
-            }
-            _ => {
-                self.store
-                    .apply_sms_report(&provider_id, None, &status, &detail, &detail)
-                    .await
-            }
-        };
+        let applied = self
+            .store
+            .apply_report(&report, self.settings.dispatch.redial_policy())
+            .await;
         self.count_effect(lane, &applied);
         match applied {
-            Ok(effect) => {
-                tracing::info!(status = %status, effect = ?effect, "overdue report looked up")
-            }
+            Ok(effect) => tracing::info!(
+                status = %report.provider_status,
+                effect = ?effect,
+                "overdue report looked up"
+            ),
             Err(e) => tracing::error!(
                 error = format!("{e:#}"),
                 "applying a looked-up report failed"
@@ -130,7 +112,7 @@ impl Dispatcher {
     async fn give_up(&self, lane: &Lane, d: &DeliveryRow, why: &str) {
         let applied = self
             .store
-            .report_deadline_passed(d, redial_policy(&self.settings), why)
+            .report_deadline_passed(d, self.settings.dispatch.redial_policy(), why)
             .await;
         self.count_effect(lane, &applied);
         match applied {
@@ -144,10 +126,8 @@ impl Dispatcher {
 
     fn count_effect(&self, lane: &Lane, applied: &anyhow::Result<CallbackEffect>) {
         if let Ok(CallbackEffect::Applied(state)) = applied {
-            if Self::is_final(lane, state) {
-                self.metrics
-                    .delivery_finished(lane.channel().as_str(), state);
-            }
+            self.metrics
+                .delivery_moved(lane.channel(), *state, lane.reports_outcome());
         }
     }
 }

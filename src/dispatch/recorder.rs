@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::domain::mask_numbers;
+use crate::domain::{mask_numbers, DeliveryState};
 use crate::store::{Finish, Store};
 
 /// One finished attempt waiting to be recorded: delivery id, claim token, outcome, and where to say
@@ -15,7 +15,7 @@ pub(super) type PendingOutcome = (
     String,
     String,
     Finish,
-    oneshot::Sender<anyhow::Result<Option<String>>>,
+    oneshot::Sender<anyhow::Result<Option<DeliveryState>>>,
 );
 
 /// Largest group committed at once.
@@ -50,7 +50,7 @@ pub(super) async fn record_outcomes(store: Store, mut rx: mpsc::UnboundedReceive
 pub(super) async fn record_batch(
     store: &Store,
     items: &[(String, String, Finish)],
-) -> Vec<anyhow::Result<Option<String>>> {
+) -> Vec<anyhow::Result<Option<DeliveryState>>> {
     let mut last_error = String::new();
     for round in 0..2 {
         match store.finish_attempts(items).await {
@@ -92,7 +92,7 @@ async fn record_plain(
     token: &str,
     finish: &Finish,
     why: &str,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<Option<DeliveryState>> {
     tracing::error!(delivery_id = %id, error = %why, "an outcome could not be recorded; recording a plain version");
     let plain = plain(finish);
     store

@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::limits::Ready;
 use super::{recorder, Dispatcher, IncidentLookup, Lane};
-use crate::domain::{mask, mask_numbers, now_ms, Channel};
+use crate::domain::{mask, mask_numbers, now_ms, Channel, DeliveryState};
 use crate::messages::{self, Vars};
 use crate::providers::{self, Job, Outcome, Prepared};
 use crate::settings::RecordingLink;
@@ -58,9 +58,8 @@ impl Dispatcher {
         let token = d.lease_token.clone().unwrap_or_default();
         match self.record(&d.id, &token, finish).await {
             Ok(Some(status)) => {
-                if Self::is_final(lane, &status) {
-                    self.metrics.delivery_finished(&d.channel, &status);
-                }
+                self.metrics
+                    .delivery_moved(d.channel, status, lane.reports_outcome())
             }
             Ok(None) => tracing::warn!("lease lost before the outcome was recorded; another claim owns it"),
             Err(e) => tracing::error!(
@@ -78,7 +77,7 @@ impl Dispatcher {
         delivery_id: &str,
         token: &str,
         finish: Finish,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> anyhow::Result<Option<DeliveryState>> {
         let (tx, rx) = oneshot::channel();
         if self
             .outcomes
@@ -94,12 +93,6 @@ impl Dispatcher {
             .await
             .pop()
             .unwrap_or_else(|| Err(anyhow::anyhow!("nothing recorded")))
-    }
-
-    /// Whether `status` is final for a delivery of `lane` (a WhatsApp acceptance is: no report follows).
-    pub(super) fn is_final(lane: &Lane, status: &str) -> bool {
-        matches!(status, "delivered" | "failed" | "simulated" | "cancelled")
-            || (status == "accepted" && !lane.client.reports_outcome())
     }
 
     /// One attempt: nothing is sent for a resolved incident or a dry-run lane, nor when the provider's
@@ -118,9 +111,9 @@ impl Dispatcher {
             greeting_ref: d.greeting_ref.clone(),
             text: self.text_for(lane.channel(), d, incident),
         };
-        let prepared = lane.client.prepare(&job);
+        let prepared = lane.client().prepare(&job);
         // Resolved between queueing and now (another replica, the API, Alertmanager): nobody is paged.
-        if incident.status != "open" {
+        if !incident.status.sends() {
             return Finish::Cancelled {
                 reason: format!("incident {} before this was sent", incident.status),
             };
@@ -158,7 +151,7 @@ impl Dispatcher {
     /// After waiting for the provider's limits: `Cancelled` when the incident was resolved meanwhile.
     async fn resolved_while_waiting(&self, incident_id: &str) -> Option<Finish> {
         match self.store.incident(incident_id).await {
-            Ok(Some(now)) if now.status != "open" => Some(Finish::Cancelled {
+            Ok(Some(now)) if !now.status.sends() => Some(Finish::Cancelled {
                 reason: format!(
                     "incident {} while this waited for the provider's limits; not sent",
                     now.status
@@ -208,7 +201,7 @@ impl Dispatcher {
     async fn execute(&self, lane: &Lane, prepared: &Prepared) -> Outcome {
         let started = std::time::Instant::now();
         let outcome = match providers::execute(&self.http, prepared).await {
-            Ok(answer) => lane.client.classify(&answer),
+            Ok(answer) => lane.client().classify(&answer),
             Err(transport) => transport,
         };
         let label = match &outcome {
@@ -235,7 +228,7 @@ impl Dispatcher {
                 provider_id,
                 detail,
                 report_due_at: lane
-                    .client
+                    .client()
                     .reports_outcome()
                     .then(|| now_ms() + (self.settings.dispatch.report_wait_secs * 1000.0) as i64),
             },

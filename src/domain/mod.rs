@@ -2,9 +2,13 @@
 
 pub mod call_sid;
 pub mod phone;
+pub mod report;
+pub mod state;
 
 pub use call_sid::CallSid;
 pub use phone::{mask, mask_numbers, Phone};
+pub use report::{Report, ReportOutcome};
+pub use state::{DeliveryState, IncidentState, RedialPolicy};
 
 use std::fmt;
 
@@ -46,6 +50,21 @@ impl Channel {
             Channel::Sms => 1,
             Channel::Whatsapp => 2,
         }
+    }
+}
+
+impl PartialEq<&str> for Channel {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// For rows decoded from the database.
+impl TryFrom<String> for Channel {
+    type Error = state::UnknownState;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Channel::parse(&s).ok_or(state::UnknownState(s))
     }
 }
 

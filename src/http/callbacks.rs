@@ -1,4 +1,5 @@
-//! Exotel's StatusCallbacks for calls and SMS: matched by provider id, idempotent, never a step back.
+//! Exotel's StatusCallbacks for calls and SMS: read into provider-neutral reports by the Exotel
+//! modules, matched by provider id, idempotent, never a step back.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -8,8 +9,10 @@ use axum::response::{IntoResponse, Response};
 use super::edge::{public_read, PublicDb};
 use super::params::Params;
 use super::AppState;
+use crate::domain::Channel;
 use crate::error::AppError;
-use crate::store::{CallReport, CallbackEffect};
+use crate::providers::{exotel_call, exotel_sms};
+use crate::store::CallbackEffect;
 
 async fn read(
     uri: &Uri,
@@ -39,14 +42,13 @@ fn summary(p: &Params, keys: &[&str]) -> String {
 
 fn answer(
     state: &AppState,
-    channel: &str,
+    channel: Channel,
     effect: CallbackEffect,
     what: &str,
 ) -> Result<Response, AppError> {
     if let CallbackEffect::Applied(s) = &effect {
-        if s == "delivered" || s == "failed" || s == "cancelled" {
-            state.metrics.delivery_finished(channel, s);
-        }
+        // Exotel's calls and SMS both send a report after accepting.
+        state.metrics.delivery_moved(channel, *s, true);
     }
     match effect {
         CallbackEffect::Applied(status) => {
@@ -110,16 +112,11 @@ pub async fn call_status(
             "Legs[0][OnCallDuration]",
         ],
     );
-    let report = CallReport {
-        call_sid,
-        custom_field: p.get("CustomField"),
-        status: status.clone(),
-        detail,
-    };
-    let policy = crate::dispatch::redial_policy(&state.settings);
-    let effect = until_recorded(|| state.store.apply_call_report(&report, policy)).await?;
+    let report = exotel_call::call_report(&call_sid, p.get("CustomField"), &status, detail);
+    let policy = state.settings.dispatch.redial_policy();
+    let effect = until_recorded(|| state.store.apply_report(&report, policy)).await?;
     tracing::info!(status = %status, effect = ?effect, "call status");
-    answer(&state, "call", effect, "CallSid")
+    answer(&state, Channel::Call, effect, "CallSid")
 }
 
 /// `POST /exotel/sms-status` (form).
@@ -140,7 +137,6 @@ pub async fn sms_status(
         .ok_or_else(|| AppError::BadRequest("Status is required".to_owned()))?;
     let code = p.get("DetailedStatusCode").unwrap_or_default();
     let name = p.get("DetailedStatus").unwrap_or_default();
-    let reason = format!("{status}: {code} {name}").trim().to_owned();
     let detail = summary(
         &p,
         &[
@@ -151,15 +147,18 @@ pub async fn sms_status(
             "SmsUnits",
         ],
     );
-    let custom_field = p.get("CustomField");
-    let effect = until_recorded(|| {
-        state
-            .store
-            .apply_sms_report(&sms_sid, custom_field.as_deref(), &status, &reason, &detail)
-    })
-    .await?;
+    let report = exotel_sms::sms_report(
+        &sms_sid,
+        p.get("CustomField"),
+        &status,
+        &code,
+        &name,
+        detail,
+    );
+    let policy = state.settings.dispatch.redial_policy();
+    let effect = until_recorded(|| state.store.apply_report(&report, policy)).await?;
     tracing::info!(status = %status, effect = ?effect, "sms status");
-    answer(&state, "sms", effect, "SmsSid")
+    answer(&state, Channel::Sms, effect, "SmsSid")
 }
 
 /// `GET /r/{reference}`: the short recording link for SMS templates whose DLT variables are too short

@@ -11,10 +11,10 @@ use tracing::Instrument;
 use super::edge::Deadline;
 use super::params::{exotel_time, http_url, Params};
 use super::AppState;
-use crate::domain::{mask, truncate, CallSid, Phone, Source};
+use crate::app::incidents::{self, Emergency, Planned};
+use crate::domain::{truncate, CallSid, Phone, Source};
 use crate::error::AppError;
 use crate::messages::{self, Vars};
-use crate::store::NewIncident;
 
 /// How long the Passthru waits for the database before answering 302, so the caller on the line is
 /// moved to the flow's fallback branch instead of waiting on a stuck disk.
@@ -58,7 +58,6 @@ pub async fn passthru(
                 .get("digits")
                 .and_then(|d| routing.type_for_digits(&d).map(str::to_owned))
         });
-    let plan = routing.plan(requested.as_deref());
 
     let recording = params.get("RecordingUrl").and_then(|raw| {
         let url = http_url(&raw);
@@ -81,27 +80,27 @@ pub async fn passthru(
                 .and_then(|t| exotel_time(&t, msg.utc_offset_minutes))
         });
 
-    let incident = NewIncident {
-        source: Source::Exotel,
-        call_sid: Some(call_sid.as_str().to_owned()),
-        dedup_key: None,
-        emergency_type: plan.emergency_type.clone(),
-        route: plan.route.clone(),
-        caller,
-        recording_url: recording,
-        message: None,
-        raw_params: params.audit_json(&["token"]),
-        occurred_at,
-    };
+    let planned = incidents::plan(
+        &state,
+        Emergency {
+            source: Source::Exotel,
+            call_sid: Some(call_sid.as_str().to_owned()),
+            dedup_key: None,
+            requested_type: requested,
+            caller,
+            recording_url: recording,
+            message: None,
+            raw_params: params.audit_json(&["token"]),
+            occurred_at,
+        },
+    );
 
     // The write runs in a task of its own: once started it is never cut off half-way (a request time
     // limit or a client hanging up drops this handler, not the write), and its success answer is left
     // with the deadline the moment it commits, so a stored emergency is never answered as a failure.
     let budget = deadline.budget(STORE_BUDGET);
-    let emergency_type = plan.emergency_type.clone();
-    let write = tokio::spawn(
-        store_passthru(state.clone(), incident, plan.targets, deadline).in_current_span(),
-    );
+    let emergency_type = planned.incident.emergency_type.clone();
+    let write = tokio::spawn(store_passthru(state.clone(), planned, deadline).in_current_span());
     let reason = match tokio::time::timeout(budget, write).await {
         Ok(Ok(Ok(created))) => {
             tracing::Span::current().record("incident_id", created.incident_id.as_str());
@@ -130,36 +129,14 @@ fn stored_answer(incident_id: &str) -> Response {
     (StatusCode::OK, format!("stored {incident_id}")).into_response()
 }
 
-/// Stores a Passthru's incident and, once committed, wakes the dispatcher and leaves the 200 with the
-/// request's deadline.
+/// Stores a Passthru's incident and, once committed, leaves the 200 with the request's deadline.
 async fn store_passthru(
     state: AppState,
-    incident: NewIncident,
-    targets: Vec<crate::stakeholders::Target>,
+    planned: Planned,
     deadline: Deadline,
 ) -> anyhow::Result<crate::store::Created> {
-    let created = state.store.create_incident(&incident, &targets).await?;
+    let created = incidents::raise(&state, &planned).await?;
     deadline.commit(stored_answer(&created.incident_id));
-    if created.is_new {
-        tracing::info!(
-            incident_id = %created.incident_id,
-            emergency_type = %incident.emergency_type,
-            route = %incident.route,
-            caller = %incident.caller.as_deref().map(mask).unwrap_or_default(),
-            has_recording = incident.recording_url.is_some(),
-            deliveries = created.deliveries,
-            "incident stored"
-        );
-        state.wake.notify_one();
-        state
-            .metrics
-            .incident_created(Source::Exotel, &incident.emergency_type, &incident.route);
-    } else {
-        tracing::info!(
-            incident_id = %created.incident_id,
-            "repeated passthru for a stored CallSid; nothing new"
-        );
-    }
     Ok(created)
 }
 

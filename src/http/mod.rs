@@ -8,7 +8,6 @@ pub mod health;
 pub mod params;
 pub mod serve;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -17,56 +16,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use secrecy::{ExposeSecret, SecretString};
-use subtle::ConstantTimeEq;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::settings::Settings;
-use crate::stakeholders::reload::RoutingHandle;
-use crate::store::Store;
-
-/// Everything a handler needs; cloned per request (every field is shared).
-#[derive(Clone)]
-pub struct AppState {
-    pub settings: Arc<Settings>,
-    pub store: Store,
-    pub routing: Arc<RoutingHandle>,
-    pub webhook_token: Arc<SecretString>,
-    pub admin_token: Arc<SecretString>,
-    /// Wakes the dispatcher as soon as new work is committed.
-    pub wake: Arc<tokio::sync::Notify>,
-    /// When the dispatcher loop last went round (ms since the epoch; 0 = not started): `/readyz` reads it.
-    pub dispatcher_heartbeat: Arc<std::sync::atomic::AtomicI64>,
-    /// Set when an enabled dispatcher stopped on its own (a panic or an early return): `/healthz` then
-    /// fails and the process exits non-zero, so a supervisor restarts it.
-    pub dispatcher_dead: Arc<std::sync::atomic::AtomicBool>,
-    pub metrics: Arc<crate::metrics::Metrics>,
-}
-
-impl AppState {
-    pub fn webhook_token_ok(&self, given: Option<&str>) -> bool {
-        token_matches(&self.webhook_token, given)
-    }
-
-    pub fn admin_token_ok(&self, given: Option<&str>) -> bool {
-        token_matches(&self.admin_token, given)
-    }
-
-    pub fn region(&self) -> phonenumber::country::Id {
-        crate::domain::phone::region(&self.settings.stakeholders.default_country)
-            .unwrap_or(phonenumber::country::Id::IN)
-    }
-}
-
-/// Constant-time comparison, so response timing does not reveal how much of a guess was right.
-pub fn token_matches(expected: &SecretString, given: Option<&str>) -> bool {
-    let expected = expected.expose_secret().as_bytes();
-    match given {
-        Some(g) if !expected.is_empty() => g.as_bytes().ct_eq(expected).into(),
-        _ => false,
-    }
-}
+pub use crate::app::{token_matches, AppState};
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::exotel::{error_reason, path_segment, unnamed_success, xml_field, Account};
 use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
-use crate::domain::Channel;
+use crate::domain::{Channel, Report, ReportOutcome};
 
 pub struct ExotelCall {
     pub account: Account,
@@ -101,7 +101,7 @@ impl Client for ExotelCall {
         })
     }
 
-    fn read_status(&self, answer: &Answer) -> Option<(String, String)> {
+    fn read_report(&self, provider_id: &str, answer: &Answer) -> Option<Report> {
         if !(200..300).contains(&answer.status) {
             return None;
         }
@@ -114,7 +114,34 @@ impl Client for ExotelCall {
                 .map(|d| d.to_string())
                 .unwrap_or_default()
         );
-        Some((status, detail))
+        Some(call_report(provider_id, None, &status, detail))
+    }
+}
+
+/// Exotel's word for a call's state, as a report: `completed` is answered; `busy`, `no-answer`,
+/// `failed` and `canceled` are not reached; anything else (`queued`, `ringing`, `in-progress`) is
+/// progress. Used for the StatusCallback and the Call Details API alike.
+pub fn call_report(
+    call_sid: &str,
+    custom_field: Option<String>,
+    status: &str,
+    detail: String,
+) -> Report {
+    let word = status.trim().to_ascii_lowercase();
+    let outcome = match word.as_str() {
+        "completed" => ReportOutcome::Answered,
+        "busy" | "no-answer" | "failed" | "canceled" => ReportOutcome::Unanswered {
+            reason: word.clone(),
+        },
+        _ => ReportOutcome::Progress,
+    };
+    Report {
+        channel: Channel::Call,
+        provider_id: call_sid.to_owned(),
+        reference: custom_field,
+        outcome,
+        provider_status: word,
+        detail,
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::exotel::{error_reason, path_segment, unnamed_success, xml_field, Account};
 use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
-use crate::domain::Channel;
+use crate::domain::{Channel, Report, ReportOutcome};
 
 /// Exotel's limit on one SMS body.
 pub const MAX_BODY_CHARS: usize = 2000;
@@ -112,7 +112,7 @@ impl Client for ExotelSms {
         })
     }
 
-    fn read_status(&self, answer: &Answer) -> Option<(String, String)> {
+    fn read_report(&self, provider_id: &str, answer: &Answer) -> Option<Report> {
         if !(200..300).contains(&answer.status) {
             return None;
         }
@@ -127,10 +127,43 @@ impl Client for ExotelSms {
             .map(|c| c.to_string())
             .unwrap_or_default();
         let name = msg["DetailedStatus"].as_str().unwrap_or("");
-        Some((
-            status.clone(),
-            format!("{status}: {code} {name}").trim().to_owned(),
-        ))
+        let detail = format!("{status}: {code} {name}").trim().to_owned();
+        Some(sms_report(provider_id, None, &status, &code, name, detail))
+    }
+}
+
+/// Exotel's word for an SMS's state, as a report: `sent` (or `delivered`) is delivered; `failed`,
+/// `failed_dnd`, `undelivered` and `rejected` are failed, with Exotel's detailed code and name;
+/// anything else (`queued`, `sending`, `submitted`) is progress. Used for the StatusCallback and the
+/// SMS details API alike.
+pub fn sms_report(
+    sms_sid: &str,
+    custom_field: Option<String>,
+    status: &str,
+    code: &str,
+    name: &str,
+    detail: String,
+) -> Report {
+    let word = status.trim().to_ascii_lowercase();
+    let outcome = match word.as_str() {
+        "sent" | "delivered" => ReportOutcome::Delivered,
+        s if s.starts_with("failed") || s == "undelivered" || s == "rejected" => {
+            ReportOutcome::Failed {
+                code: Some(code.trim().to_owned()).filter(|c| !c.is_empty()),
+                reason: format!("{}: {code} {name}", status.trim())
+                    .trim()
+                    .to_owned(),
+            }
+        }
+        _ => ReportOutcome::Progress,
+    };
+    Report {
+        channel: Channel::Sms,
+        provider_id: sms_sid.to_owned(),
+        reference: custom_field,
+        outcome,
+        provider_status: word,
+        detail,
     }
 }
 

@@ -5,13 +5,16 @@ pub mod exotel;
 pub mod exotel_call;
 pub mod exotel_sms;
 pub mod gupshup;
+pub mod registry;
+
+pub use registry::{Registered, Registry};
 
 use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
-use crate::domain::Channel;
+use crate::domain::{Channel, Report};
 
 /// What one delivery asks a provider to do.
 #[derive(Debug, Clone)]
@@ -149,8 +152,8 @@ pub trait Client: Send + Sync {
     fn status_lookup(&self, _provider_id: &str) -> Option<Prepared> {
         None
     }
-    /// The status, and a detail for the audit trail, from a look-up's answer.
-    fn read_status(&self, _answer: &Answer) -> Option<(String, String)> {
+    /// The report a look-up's answer gives on request `provider_id`, in our own words.
+    fn read_report(&self, _provider_id: &str, _answer: &Answer) -> Option<Report> {
         None
     }
 }

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use anyhow::Context;
 use sqlx::Row;
 
-use super::{insert_event, EventRow, IncidentRow, Store};
-use crate::domain::now_ms;
+use super::rows::incident_columns;
+use super::{insert_event, EventRow, IncidentRow, Moved, Store};
+use crate::domain::{now_ms, IncidentState};
 
 /// Which incidents to list, newest first.
 #[derive(Debug, Clone, Default)]
@@ -25,8 +26,8 @@ pub struct IncidentFilter {
 pub struct Resolved {
     /// False when the incident was already resolved: nothing changed.
     pub changed: bool,
-    /// The channel of each delivery moved from `queued` to `cancelled`.
-    pub cancelled: Vec<String>,
+    /// Each delivery moved from `queued` (or `held`) to `cancelled`.
+    pub cancelled: Vec<Moved>,
 }
 
 /// Deliveries waiting to go out, for the queue gauges.
@@ -51,49 +52,25 @@ impl Store {
             },
             None => None,
         };
-        // Placeholders are numbered as they are added; both engines accept `$N`.
-        let mut sql = format!("SELECT {} FROM incidents WHERE 1 = 1", IncidentRow::COLUMNS);
-        let mut binds: Vec<String> = Vec::new();
-        if let Some(status) = &filter.status {
-            binds.push(status.clone());
-            sql.push_str(&format!(" AND status = ${}", binds.len()));
-        }
-        if let Some(kind) = &filter.emergency_type {
-            binds.push(kind.to_lowercase());
-            sql.push_str(&format!(" AND LOWER(emergency_type) = ${}", binds.len()));
-        }
-        let mut received_bind = None;
-        if let Some((received_at, id)) = &cursor {
-            received_bind = Some(*received_at);
-            binds.push(id.clone());
-            let id_n = binds.len();
-            let at_n = binds.len() + 1;
-            sql.push_str(&format!(
-                " AND (received_at < ${at_n} OR (received_at = ${at_n} AND id < ${id_n}))"
-            ));
-        }
-        let n = binds.len() + usize::from(received_bind.is_some());
-        sql.push_str(&format!(
-            " ORDER BY received_at DESC, id DESC LIMIT ${} OFFSET ${}",
-            n + 1,
-            n + 2
-        ));
-        let mut query = sqlx::query(&sql);
-        for b in &binds {
-            query = query.bind(b);
-        }
-        if let Some(at) = received_bind {
-            query = query.bind(at);
-        }
-        let rows = query
-            .bind(filter.limit)
-            .bind(filter.offset)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(IncidentRow::from_row)
-            .collect::<anyhow::Result<Vec<_>>>()
-            .map(Some)
+        // One statement for every filter: an absent filter is a NULL that matches everything.
+        let rows = sqlx::query_as(concat!(
+            "SELECT ",
+            incident_columns!(),
+            " FROM incidents \
+             WHERE ($1 IS NULL OR status = $1) \
+               AND ($2 IS NULL OR LOWER(emergency_type) = $2) \
+               AND ($3 IS NULL OR received_at < $3 OR (received_at = $3 AND id < $4)) \
+             ORDER BY received_at DESC, id DESC LIMIT $5 OFFSET $6"
+        ))
+        .bind(filter.status.as_deref())
+        .bind(filter.emergency_type.as_deref().map(str::to_lowercase))
+        .bind(cursor.as_ref().map(|(at, _)| *at))
+        .bind(cursor.as_ref().map(|(_, id)| id.as_str()))
+        .bind(filter.limit)
+        .bind(filter.offset)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(rows))
     }
 
     /// Every event of every delivery of the incident, grouped by delivery, oldest first.
@@ -101,7 +78,7 @@ impl Store {
         &self,
         incident_id: &str,
     ) -> anyhow::Result<HashMap<String, Vec<EventRow>>> {
-        let rows = sqlx::query(
+        let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT e.id, e.delivery_id, e.at, e.kind, e.provider_id, e.detail \
              FROM delivery_events e JOIN deliveries d ON d.id = e.delivery_id \
              WHERE d.incident_id = $1 ORDER BY e.id",
@@ -110,26 +87,26 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         let mut out: HashMap<String, Vec<EventRow>> = HashMap::new();
-        for r in &rows {
-            let e = EventRow::from_row(r)?;
+        for e in rows {
             out.entry(e.delivery_id.clone()).or_default().push(e);
         }
         Ok(out)
     }
 
-    /// The open incident holding `dedup_key`, if any.
+    /// The unresolved incident holding `dedup_key`, if any.
     pub async fn open_incident_by_dedup_key(
         &self,
         dedup_key: &str,
     ) -> anyhow::Result<Option<IncidentRow>> {
-        let row = sqlx::query(&format!(
-            "SELECT {} FROM incidents WHERE dedup_key = $1 AND status = 'open'",
-            IncidentRow::COLUMNS
+        let row = sqlx::query_as(concat!(
+            "SELECT ",
+            incident_columns!(),
+            " FROM incidents WHERE dedup_key = $1 AND status <> 'resolved'"
         ))
         .bind(dedup_key)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| IncidentRow::from_row(&r)).transpose()
+        Ok(row)
     }
 
     /// Closes the incident and cancels its deliveries that have not gone out (`queued`), with a
@@ -146,10 +123,11 @@ impl Store {
         // The UPDATE comes first so that SQLite takes its write lock at once, and a concurrent resolve
         // of the same incident waits here instead of cancelling twice.
         let changed = sqlx::query(
-            "UPDATE incidents SET status = 'resolved', resolved_at = $1 WHERE id = $2 AND status = 'open'",
+            "UPDATE incidents SET status = $3, resolved_at = $1 WHERE id = $2 AND status <> $3",
         )
         .bind(now)
         .bind(id)
+        .bind(IncidentState::Resolved.as_str())
         .execute(&mut *tx)
         .await
         .context("resolving the incident")?
@@ -167,26 +145,24 @@ impl Store {
                 cancelled: Vec::new(),
             }));
         }
-        let rows = sqlx::query(
+        // Held deliveries have not gone out either.
+        let moved: Vec<Moved> = sqlx::query_as(
             "UPDATE deliveries SET status = 'cancelled', finished_at = $1, updated_at = $1, \
              lease_owner = NULL, lease_until = NULL \
-             WHERE incident_id = $2 AND status = 'queued' RETURNING id, channel",
+             WHERE incident_id = $2 AND status IN ('queued', 'held') RETURNING id, channel, status",
         )
         .bind(now)
         .bind(id)
         .fetch_all(&mut *tx)
         .await
         .context("cancelling queued deliveries")?;
-        let mut cancelled = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let delivery_id: String = row.try_get("id")?;
-            insert_event(&mut *tx, &delivery_id, "cancelled", None, reason, now).await?;
-            cancelled.push(row.try_get("channel")?);
+        for m in &moved {
+            insert_event(&mut *tx, &m.delivery_id, "cancelled", None, reason, now).await?;
         }
         tx.commit().await.context("committing the resolution")?;
         Ok(Some(Resolved {
             changed: true,
-            cancelled,
+            cancelled: moved,
         }))
     }
 
@@ -196,7 +172,8 @@ impl Store {
         cutoff_ms: i64,
     ) -> anyhow::Result<Vec<String>> {
         let ids = sqlx::query_scalar(
-            "SELECT id FROM incidents WHERE status = 'open' AND received_at < $1 ORDER BY received_at",
+            "SELECT id FROM incidents WHERE status <> 'resolved' AND received_at < $1 \
+             ORDER BY received_at",
         )
         .bind(cutoff_ms)
         .fetch_all(&self.pool)

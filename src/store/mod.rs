@@ -1,14 +1,22 @@
 //! Storage: PostgreSQL or embedded SQLite behind one [`Store`], with per-engine migrations.
 //!
-//! Both engines run the same runtime SQL through sqlx's `Any` driver; the few places where they differ
-//! (row locking when claiming work) branch on [`Engine`]. Times are milliseconds since the Unix epoch.
+//! Both engines run the same SQL through sqlx's `Any` driver. It stays, rather than typed per-engine
+//! pools, because every statement but a handful is the same on both: one code path is tested twice
+//! instead of two paths once each, and the embedded SQLite default and PostgreSQL for replicas cannot
+//! drift apart. The few statements that differ (the database's clock, row locking when claiming work)
+//! are in [`sql`], the one file that knows two engines exist. Every statement is a constant, put
+//! together at compile time; rows are decoded with `sqlx::FromRow`. Statuses are the typed states of
+//! [`crate::domain::state`]; their vocabulary and allowed moves are filled into lookup tables at each
+//! migration, and the database refuses anything else. Times are milliseconds since the Unix epoch.
 
 mod incidents;
 mod queue;
 pub mod retention;
 mod rows;
+mod sql;
 
-pub use queue::{CallReport, CallbackEffect, Finish, Moved, RedialPolicy};
+pub use crate::domain::RedialPolicy;
+pub use queue::{CallbackEffect, Finish, Moved};
 
 pub use incidents::{IncidentFilter, QueueStats, Resolved};
 pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow};
@@ -21,8 +29,8 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 
-use crate::domain::{now_ms, random_token, Source};
-use crate::stakeholders::Target;
+use self::rows::{delivery_columns, incident_columns};
+use crate::domain::{now_ms, random_token, Channel, DeliveryState, IncidentState, Source};
 
 /// The PostgreSQL NOTIFY channel that wakes every replica's dispatcher when work is committed.
 pub const WAKE_CHANNEL: &str = "sos_wake";
@@ -76,6 +84,17 @@ pub struct NewIncident {
     /// Every parameter as received (secrets removed), JSON, for audit.
     pub raw_params: String,
     pub occurred_at: Option<i64>,
+}
+
+/// One delivery to queue with a new incident: a contact on one channel, sent by one provider lane.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub contact_name: String,
+    /// E.164.
+    pub phone: String,
+    pub channel: Channel,
+    /// The provider lane that will send it (`exotel:call`, …).
+    pub provider: String,
 }
 
 /// The result of [`Store::create_incident`].
@@ -137,6 +156,35 @@ impl Store {
             .run(&self.pool)
             .await
             .context("applying migrations")?;
+        self.write_lifecycle().await
+    }
+
+    /// Fills the lifecycle's lookup tables from [`DeliveryState::transitions`] and
+    /// [`IncidentState::next`]: the code's table is the one written down, the database enforces it.
+    /// Only adds: a replica still running an older build keeps the moves it knows.
+    async fn write_lifecycle(&self) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (from, to) in DeliveryState::transitions() {
+            sqlx::query(
+                "INSERT INTO delivery_transitions (from_state, to_state) VALUES ($1, $2) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (from, to) in IncidentState::transitions() {
+            sqlx::query(
+                "INSERT INTO incident_transitions (from_state, to_state) VALUES ($1, $2) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await.context("writing the lifecycle tables")?;
         Ok(())
     }
 
@@ -186,7 +234,7 @@ impl Store {
     pub async fn create_incident(
         &self,
         incident: &NewIncident,
-        targets: &[Target],
+        deliveries: &[NewDelivery],
     ) -> anyhow::Result<Created> {
         let now = now_ms();
         let id = uuid::Uuid::new_v4().to_string();
@@ -196,7 +244,7 @@ impl Store {
         let inserted: Option<String> = sqlx::query_scalar(
             "INSERT INTO incidents (id, source, call_sid, dedup_key, emergency_type, route, caller, \
              recording_url, message, raw_params, status, occurred_at, received_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'open', $11, $12) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $13, $11, $12) \
              ON CONFLICT DO NOTHING RETURNING id",
         )
         .bind(&id)
@@ -213,6 +261,7 @@ impl Store {
         .bind(&incident.raw_params)
         .bind(incident.occurred_at)
         .bind(now)
+        .bind(IncidentState::Open.as_str())
         .fetch_optional(&mut *tx)
         .await
         .context("inserting the incident")?;
@@ -220,7 +269,7 @@ impl Store {
         if inserted.is_none() {
             let existing: Option<String> = sqlx::query_scalar(
                 "SELECT id FROM incidents WHERE call_sid = $1 \
-                 OR (dedup_key = $2 AND status = 'open') ORDER BY received_at LIMIT 1",
+                 OR (dedup_key = $2 AND status <> 'resolved') ORDER BY received_at LIMIT 1",
             )
             .bind(incident.call_sid.as_deref())
             .bind(incident.dedup_key.as_deref())
@@ -247,19 +296,21 @@ impl Store {
             });
         }
 
-        for target in targets {
+        for d in deliveries {
             sqlx::query(
-                "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, priority, \
-                 greeting_ref, status, due_at, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8, $8)",
+                "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, provider, \
+                 priority, greeting_ref, status, due_at, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10)",
             )
             .bind(uuid::Uuid::new_v4().to_string())
             .bind(&id)
-            .bind(crate::domain::storable(&target.contact_name).into_owned())
-            .bind(target.phone.e164())
-            .bind(target.channel.as_str())
-            .bind(target.channel.priority())
+            .bind(crate::domain::storable(&d.contact_name).into_owned())
+            .bind(&d.phone)
+            .bind(d.channel.as_str())
+            .bind(&d.provider)
+            .bind(d.channel.priority())
             .bind(random_token(16))
+            .bind(DeliveryState::Queued.as_str())
             .bind(now)
             .execute(&mut *tx)
             .await
@@ -273,13 +324,13 @@ impl Store {
         Ok(Created {
             incident_id: id,
             is_new: true,
-            deliveries: targets.len(),
+            deliveries: deliveries.len(),
         })
     }
 
     /// What the greeting of the delivery with this reference should play or say.
     pub async fn greeting(&self, greeting_ref: &str) -> anyhow::Result<Option<GreetingView>> {
-        let row = sqlx::query(
+        let view = sqlx::query_as(
             "SELECT d.id AS delivery_id, i.id AS incident_id, i.source, i.emergency_type, \
              i.recording_url, i.message, i.caller, i.occurred_at, i.received_at \
              FROM deliveries d JOIN incidents i ON i.id = d.incident_id WHERE d.greeting_ref = $1",
@@ -287,32 +338,34 @@ impl Store {
         .bind(greeting_ref)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| GreetingView::from_row(&r)).transpose()
+        Ok(view)
     }
 
     pub async fn incident(&self, id: &str) -> anyhow::Result<Option<IncidentRow>> {
-        let row = sqlx::query(&format!(
-            "SELECT {} FROM incidents WHERE id = $1",
-            IncidentRow::COLUMNS
+        let row = sqlx::query_as(concat!(
+            "SELECT ",
+            incident_columns!(),
+            " FROM incidents WHERE id = $1"
         ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| IncidentRow::from_row(&r)).transpose()
+        Ok(row)
     }
 
     pub async fn incident_by_call_sid(
         &self,
         call_sid: &str,
     ) -> anyhow::Result<Option<IncidentRow>> {
-        let row = sqlx::query(&format!(
-            "SELECT {} FROM incidents WHERE call_sid = $1",
-            IncidentRow::COLUMNS
+        let row = sqlx::query_as(concat!(
+            "SELECT ",
+            incident_columns!(),
+            " FROM incidents WHERE call_sid = $1"
         ))
         .bind(call_sid)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| IncidentRow::from_row(&r)).transpose()
+        Ok(row)
     }
 
     pub async fn count_incidents(&self) -> anyhow::Result<i64> {
@@ -324,37 +377,39 @@ impl Store {
 
     /// The incident's deliveries, calls first.
     pub async fn deliveries(&self, incident_id: &str) -> anyhow::Result<Vec<DeliveryRow>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {} FROM deliveries WHERE incident_id = $1 ORDER BY priority, contact_name, id",
-            DeliveryRow::COLUMNS
+        let rows = sqlx::query_as(concat!(
+            "SELECT ",
+            delivery_columns!(),
+            " FROM deliveries WHERE incident_id = $1 ORDER BY priority, contact_name, id"
         ))
         .bind(incident_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(DeliveryRow::from_row).collect()
+        Ok(rows)
     }
 
     pub async fn delivery(&self, id: &str) -> anyhow::Result<Option<DeliveryRow>> {
-        let row = sqlx::query(&format!(
-            "SELECT {} FROM deliveries WHERE id = $1",
-            DeliveryRow::COLUMNS
+        let row = sqlx::query_as(concat!(
+            "SELECT ",
+            delivery_columns!(),
+            " FROM deliveries WHERE id = $1"
         ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| DeliveryRow::from_row(&r)).transpose()
+        Ok(row)
     }
 
     /// The audit trail of one delivery, oldest first.
     pub async fn events(&self, delivery_id: &str) -> anyhow::Result<Vec<EventRow>> {
-        let rows = sqlx::query(
+        let rows = sqlx::query_as(
             "SELECT id, delivery_id, at, kind, provider_id, detail FROM delivery_events \
              WHERE delivery_id = $1 ORDER BY id",
         )
         .bind(delivery_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(EventRow::from_row).collect()
+        Ok(rows)
     }
 
     /// Appends one event to a delivery's audit trail.

@@ -64,33 +64,25 @@ impl Store {
         if ids.is_empty() {
             return Ok(Pruned::default());
         }
-        // One placeholder per id: both engines accept `$N`, and a batch stays far below SQLite's limit
-        // on bound parameters.
-        let list = (1..=ids.len())
-            .map(|n| format!("${n}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         // Every table that references deliveries or incidents must be emptied here, children first.
-        let statements = [
-            format!(
-                "DELETE FROM delivery_events WHERE delivery_id IN \
-                 (SELECT id FROM deliveries WHERE incident_id IN ({list}))"
-            ),
-            format!("DELETE FROM deliveries WHERE incident_id IN ({list})"),
-            format!("DELETE FROM incidents WHERE status = 'resolved' AND id IN ({list})"),
+        // One incident at a time, all in one transaction: plain statements, one commit per batch.
+        const STATEMENTS: [&str; 3] = [
+            "DELETE FROM delivery_events WHERE delivery_id IN \
+             (SELECT id FROM deliveries WHERE incident_id = $1)",
+            "DELETE FROM deliveries WHERE incident_id = $1",
+            "DELETE FROM incidents WHERE status = 'resolved' AND id = $1",
         ];
         let mut tx = self.pool.begin().await?;
         let mut counts = [0u64; 3];
-        for (sql, count) in statements.iter().zip(counts.iter_mut()) {
-            let mut query = sqlx::query(sql);
-            for id in &ids {
-                query = query.bind(id);
+        for id in &ids {
+            for (sql, count) in STATEMENTS.iter().zip(counts.iter_mut()) {
+                *count += sqlx::query(sql)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .context("pruning old incidents")?
+                    .rows_affected();
             }
-            *count = query
-                .execute(&mut *tx)
-                .await
-                .context("pruning old incidents")?
-                .rows_affected();
         }
         tx.commit().await.context("committing a pruning batch")?;
         Ok(Pruned {

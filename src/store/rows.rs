@@ -1,10 +1,32 @@
-//! Rows read back from the store, shaped for the API and the dispatcher.
+//! Rows read back from the store, shaped for the API and the dispatcher, decoded by `sqlx::FromRow`.
+//! Each row type's column list is a macro, so statements are put together at compile time
+//! (`concat!`), never with `format!` at run time.
 
 use serde::Serialize;
-use sqlx::any::AnyRow;
-use sqlx::Row;
 
-#[derive(Debug, Clone, Serialize)]
+use crate::domain::{Channel, DeliveryState, IncidentState};
+
+/// The columns of [`IncidentRow`], in a `SELECT`.
+macro_rules! incident_columns {
+    () => {
+        "id, source, call_sid, dedup_key, emergency_type, route, caller, recording_url, message, \
+         raw_params, status, occurred_at, received_at, resolved_at, unreached_at"
+    };
+}
+pub(crate) use incident_columns;
+
+/// The columns of [`DeliveryRow`], in a `SELECT` or a `RETURNING`.
+macro_rules! delivery_columns {
+    () => {
+        "id, incident_id, contact_name, phone, channel, provider, greeting_ref, status, attempts, \
+         redials, due_at, lease_owner, lease_until, provider_id, provider_status, last_error, \
+         last_request, created_at, updated_at, finished_at, played_at, lease_token, report_due_at, \
+         report_checks, lease_losses"
+    };
+}
+pub(crate) use delivery_columns;
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct IncidentRow {
     pub id: String,
     pub source: String,
@@ -16,47 +38,29 @@ pub struct IncidentRow {
     pub recording_url: Option<String>,
     pub message: Option<String>,
     pub raw_params: String,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: IncidentState,
     pub occurred_at: Option<i64>,
     pub received_at: i64,
     pub resolved_at: Option<i64>,
+    /// When it was found that nobody could be reached (a flag with a time, not a state).
+    pub unreached_at: Option<i64>,
 }
 
-impl IncidentRow {
-    pub const COLUMNS: &'static str =
-        "id, source, call_sid, dedup_key, emergency_type, route, caller, \
-        recording_url, message, raw_params, status, occurred_at, received_at, resolved_at";
-
-    pub fn from_row(r: &AnyRow) -> anyhow::Result<Self> {
-        Ok(IncidentRow {
-            id: r.try_get("id")?,
-            source: r.try_get("source")?,
-            call_sid: r.try_get("call_sid")?,
-            dedup_key: r.try_get("dedup_key")?,
-            emergency_type: r.try_get("emergency_type")?,
-            route: r.try_get("route")?,
-            caller: r.try_get("caller")?,
-            recording_url: r.try_get("recording_url")?,
-            message: r.try_get("message")?,
-            raw_params: r.try_get("raw_params")?,
-            status: r.try_get("status")?,
-            occurred_at: r.try_get("occurred_at")?,
-            received_at: r.try_get("received_at")?,
-            resolved_at: r.try_get("resolved_at")?,
-        })
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct DeliveryRow {
     pub id: String,
     pub incident_id: String,
     pub contact_name: String,
     /// Full E.164 number: needed to send. Mask before logging or showing.
     pub phone: String,
-    pub channel: String,
+    #[sqlx(try_from = "String")]
+    pub channel: Channel,
+    /// The provider lane that sends it (`exotel:call`, `gupshup:whatsapp`, …).
+    pub provider: String,
     pub greeting_ref: String,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: DeliveryState,
     pub attempts: i64,
     pub redials: i64,
     pub due_at: i64,
@@ -80,44 +84,7 @@ pub struct DeliveryRow {
     pub lease_losses: i64,
 }
 
-impl DeliveryRow {
-    pub const COLUMNS: &'static str =
-        "id, incident_id, contact_name, phone, channel, greeting_ref, \
-        status, attempts, redials, due_at, lease_owner, lease_until, provider_id, provider_status, \
-        last_error, last_request, created_at, updated_at, finished_at, played_at, lease_token, \
-        report_due_at, report_checks, lease_losses";
-
-    pub fn from_row(r: &AnyRow) -> anyhow::Result<Self> {
-        Ok(DeliveryRow {
-            id: r.try_get("id")?,
-            incident_id: r.try_get("incident_id")?,
-            contact_name: r.try_get("contact_name")?,
-            phone: r.try_get("phone")?,
-            channel: r.try_get("channel")?,
-            greeting_ref: r.try_get("greeting_ref")?,
-            status: r.try_get("status")?,
-            attempts: r.try_get("attempts")?,
-            redials: r.try_get("redials")?,
-            due_at: r.try_get("due_at")?,
-            lease_owner: r.try_get("lease_owner")?,
-            lease_until: r.try_get("lease_until")?,
-            provider_id: r.try_get("provider_id")?,
-            provider_status: r.try_get("provider_status")?,
-            last_error: r.try_get("last_error")?,
-            last_request: r.try_get("last_request")?,
-            created_at: r.try_get("created_at")?,
-            updated_at: r.try_get("updated_at")?,
-            finished_at: r.try_get("finished_at")?,
-            played_at: r.try_get("played_at")?,
-            lease_token: r.try_get("lease_token")?,
-            report_due_at: r.try_get("report_due_at")?,
-            report_checks: r.try_get("report_checks")?,
-            lease_losses: r.try_get("lease_losses")?,
-        })
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct EventRow {
     pub id: i64,
     pub delivery_id: String,
@@ -127,21 +94,8 @@ pub struct EventRow {
     pub detail: String,
 }
 
-impl EventRow {
-    pub fn from_row(r: &AnyRow) -> anyhow::Result<Self> {
-        Ok(EventRow {
-            id: r.try_get("id")?,
-            delivery_id: r.try_get("delivery_id")?,
-            at: r.try_get("at")?,
-            kind: r.try_get("kind")?,
-            provider_id: r.try_get("provider_id")?,
-            detail: r.try_get("detail")?,
-        })
-    }
-}
-
 /// What a call's greeting needs to know.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct GreetingView {
     pub delivery_id: String,
     pub incident_id: String,
@@ -152,20 +106,4 @@ pub struct GreetingView {
     pub caller: Option<String>,
     pub occurred_at: Option<i64>,
     pub received_at: i64,
-}
-
-impl GreetingView {
-    pub fn from_row(r: &AnyRow) -> anyhow::Result<Self> {
-        Ok(GreetingView {
-            delivery_id: r.try_get("delivery_id")?,
-            incident_id: r.try_get("incident_id")?,
-            source: r.try_get("source")?,
-            emergency_type: r.try_get("emergency_type")?,
-            recording_url: r.try_get("recording_url")?,
-            message: r.try_get("message")?,
-            caller: r.try_get("caller")?,
-            occurred_at: r.try_get("occurred_at")?,
-            received_at: r.try_get("received_at")?,
-        })
-    }
 }

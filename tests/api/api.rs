@@ -422,7 +422,13 @@ async fn detail_shows_history_with_numbers_masked(db: Db) {
         .iter()
         .find(|d| d.phone == "+919800000001" && d.channel == "call")
         .unwrap();
-    // What the dispatcher records: attempts, a provider id, an error quoting the number.
+    // What the dispatcher records: attempts, a provider id, an error quoting the number. The database
+    // allows only the lifecycle's moves, so the row goes through `sending` as a claim would.
+    sqlx::query("UPDATE deliveries SET status = 'sending' WHERE id = $1")
+        .bind(&asha_call.id)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
     sqlx::query(
         "UPDATE deliveries SET status = 'failed', attempts = 2, provider_id = 'prov-1', \
          last_error = 'Exotel: +919800000001 is DND (919800000001)' WHERE id = $1",

@@ -92,7 +92,7 @@ fn classifiers_survive_html_empty_huge_and_nul_bodies() {
                 for client in clients {
                     let outcome = client.classify(&answer);
                     harness::check_outcome(&answer, &outcome);
-                    let _ = client.read_status(&answer);
+                    let _ = client.read_report("id", &answer);
                 }
             }
         }

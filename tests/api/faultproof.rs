@@ -546,7 +546,6 @@ async fn a_stray_nul_in_the_stakeholder_file_stores_the_emergency(db: Db) {
 /// A lease that keeps running out (the process dies, or the outcome can never be recorded) ends the
 /// delivery after `max_attempts` losses instead of sending it forever.
 async fn a_delivery_whose_lease_keeps_running_out_ends_failed(db: Db) {
-    use exotel_sos::domain::Channel;
     let app = spawn_app_with(db, &[without_dispatcher()]).await;
     app.passthru(&format!("CallSid={SID}&EmergencyType=default"))
         .await;
@@ -554,7 +553,7 @@ async fn a_delivery_whose_lease_keeps_running_out_ends_failed(db: Db) {
     let mut last = Vec::new();
     for _ in 0..3 {
         let claimed = store
-            .claim(Channel::Sms, "me", Duration::from_millis(50), 10)
+            .claim("exotel:sms", "me", Duration::from_millis(50), 10)
             .await
             .unwrap();
         assert!(!claimed.is_empty());
@@ -688,14 +687,13 @@ async fn an_outcome_the_database_refuses_poisons_nothing_and_ends() {
 /// A claim whose lease ran out, and whose delivery was claimed again (even by the same process), can
 /// no longer record an outcome: the newer claim's is the one that counts.
 async fn a_stale_claim_cannot_overwrite_a_newer_one(db: Db) {
-    use exotel_sos::domain::Channel;
     use exotel_sos::store::Finish;
     let app = spawn_app_with(db, &[without_dispatcher()]).await;
     app.passthru(&format!("CallSid={SID}&EmergencyType=default"))
         .await;
     let store = &app.store;
     let first = store
-        .claim(Channel::Call, "me", Duration::from_millis(200), 1)
+        .claim("exotel:call", "me", Duration::from_millis(200), 1)
         .await
         .unwrap();
     assert_eq!(first.len(), 1);
@@ -706,7 +704,7 @@ async fn a_stale_claim_cannot_overwrite_a_newer_one(db: Db) {
     assert_eq!(moved.len(), 1);
     assert_eq!(moved[0].status, "queued");
     let second = store
-        .claim(Channel::Call, "me", Duration::from_secs(60), 10)
+        .claim("exotel:call", "me", Duration::from_secs(60), 10)
         .await
         .unwrap();
     let again = second
@@ -738,7 +736,7 @@ async fn a_stale_claim_cannot_overwrite_a_newer_one(db: Db) {
         )
         .await
         .unwrap();
-    assert_eq!(fresh.as_deref(), Some("accepted"));
+    assert_eq!(fresh, Some(exotel_sos::domain::DeliveryState::Accepted));
     let d = store.delivery(&first[0].id).await.unwrap().unwrap();
     assert_eq!(d.status, "accepted");
     assert_eq!(d.provider_id.as_deref(), Some("sid-2"));

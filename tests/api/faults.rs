@@ -201,13 +201,15 @@ async fn sends(p: &Providers) -> HashMap<(String, String), Vec<String>> {
 }
 
 async fn all_deliveries(store: &Store) -> Vec<DeliveryRow> {
-    let rows = sqlx::query(&format!("SELECT {} FROM deliveries", DeliveryRow::COLUMNS))
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM deliveries ORDER BY id")
         .fetch_all(store.pool())
         .await
         .unwrap();
-    rows.iter()
-        .map(|r| DeliveryRow::from_row(r).unwrap())
-        .collect()
+    let mut rows = Vec::with_capacity(ids.len());
+    for id in ids {
+        rows.push(store.delivery(&id).await.unwrap().unwrap());
+    }
+    rows
 }
 
 /// Waits until no delivery is queued or being sent. A slow machine only makes this take longer: it gives
@@ -308,7 +310,7 @@ async fn tally(store: &Store, p: &Providers, sent: &[Sent]) -> Tally {
     .collect();
     let seen = sends(p).await;
     let count_of = |d: &DeliveryRow| {
-        seen.get(&(d.channel.clone(), d.greeting_ref.clone()))
+        seen.get(&(d.channel.to_string(), d.greeting_ref.clone()))
             .map(|phones| {
                 phones
                     .iter()
@@ -341,7 +343,7 @@ async fn tally(store: &Store, p: &Providers, sent: &[Sent]) -> Tally {
         }
     }
     for d in &deliveries {
-        *t.statuses.entry(d.status.clone()).or_default() += 1;
+        *t.statuses.entry(d.status.to_string()).or_default() += 1;
         let n = count_of(d);
         if n == 0 {
             t.unsent += 1;

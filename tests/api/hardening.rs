@@ -35,7 +35,7 @@ async fn raise(app: &TestApp, call_sid: &str) -> String {
 }
 
 async fn resolve_at(app: &TestApp, incident_id: &str, resolved_at: i64) {
-    exotel_sos::lifecycle::resolve(&app.state, incident_id, "test")
+    exotel_sos::app::incidents::resolve(&app.state, incident_id, "test")
         .await
         .unwrap()
         .expect("incident exists");

@@ -204,7 +204,7 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub store: Store,
-    pub state: exotel_sos::http::AppState,
+    pub state: exotel_sos::app::AppState,
     pub stakeholders: PathBuf,
     pub db: TestDb,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -251,6 +251,11 @@ pub async fn spawn_app_with(db: Db, extra: &[(&str, String)]) -> TestApp {
 
 pub async fn start(db: TestDb, stakeholders: PathBuf, settings: Settings) -> TestApp {
     let app = App::build(settings).await.expect("app builds");
+    serve(db, stakeholders, app).await
+}
+
+/// Serves an app built by the test itself (for example with an extra provider registered).
+pub async fn serve(db: TestDb, stakeholders: PathBuf, app: App) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

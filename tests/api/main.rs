@@ -18,6 +18,7 @@ mod faults;
 mod greeting;
 mod hardening;
 mod health;
+mod lifecycle;
 mod metrics;
 mod multipart;
 mod passthru;

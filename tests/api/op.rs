@@ -65,6 +65,6 @@ pub async fn statuses(app: &TestApp, incident: &str) -> Vec<String> {
         .await
         .expect("deliveries")
         .into_iter()
-        .map(|d| d.status)
+        .map(|d| d.status.to_string())
         .collect()
 }

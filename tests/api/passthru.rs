@@ -50,7 +50,7 @@ async fn stores_incident_and_one_delivery_per_contact_and_channel(db: Db) {
     assert_eq!(deliveries.len(), HEART_DELIVERIES);
     let pairs: HashSet<(String, String)> = deliveries
         .iter()
-        .map(|d| (d.phone.clone(), d.channel.clone()))
+        .map(|d| (d.phone.clone(), d.channel.to_string()))
         .collect();
     assert_eq!(
         pairs.len(),

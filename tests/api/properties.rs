@@ -136,7 +136,7 @@ proptest! {
         for client in clients {
             let outcome = client.classify(&answer);
             harness::check_outcome(&answer, &outcome);
-            let _ = client.read_status(&answer);
+            let _ = client.read_report("id", &answer);
         }
     }
 

@@ -163,7 +163,7 @@ async fn resolve_alert(
 ) -> Result<(), AppError> {
     match state.store.open_incident_by_dedup_key(dedup_key).await? {
         Some(incident) => {
-            crate::lifecycle::resolve(state, &incident.id, "resolved by Alertmanager").await?;
+            crate::app::incidents::resolve(state, &incident.id, "resolved by Alertmanager").await?;
             outcome.resolved.push(incident.id);
         }
         None => outcome.unmatched += 1,

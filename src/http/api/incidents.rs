@@ -23,12 +23,12 @@ use super::{
     clean_json, iso, known_id, scrub, unprocessable, ErrorBody, MAX_DEDUP_KEY_CHARS,
     MAX_MESSAGE_CHARS, MAX_TYPE_CHARS,
 };
+use crate::app::incidents::{self, Emergency, Planned};
 use crate::domain::{mask, Source, SOURCE_HEADER};
 use crate::error::AppError;
 use crate::http::edge::Deadline;
 use crate::http::params::{http_url, strip_all_controls};
 use crate::http::AppState;
-use crate::stakeholders::{Plan, Target};
 use crate::store::{Created, DeliveryRow, EventRow, IncidentFilter, IncidentRow, NewIncident};
 
 /// How long a trigger waits for the database before answering 503 (so the caller retries).
@@ -172,7 +172,7 @@ impl From<IncidentRow> for IncidentView {
             caller: r.caller.as_deref().map(mask),
             recording_url: r.recording_url,
             message: r.message,
-            status: r.status,
+            status: r.status.to_string(),
             occurred_at: r.occurred_at.map(iso),
             received_at: iso(r.received_at),
             resolved_at: r.resolved_at.map(iso),
@@ -196,8 +196,8 @@ fn delivery_view(d: DeliveryRow, events: Vec<EventRow>) -> DeliveryView {
             .collect(),
         id: d.id,
         contact_name: d.contact_name,
-        channel: d.channel,
-        status: d.status,
+        channel: d.channel.to_string(),
+        status: d.status.to_string(),
         attempts: d.attempts,
         redials: d.redials,
         provider_id: d.provider_id,
@@ -541,7 +541,7 @@ pub async fn resolve_incident(
     _admin: Admin,
 ) -> Result<Json<ResolveOutcome>, AppError> {
     known_id(&id)?;
-    let resolved = crate::lifecycle::resolve(&state, &id, "resolved through the API")
+    let resolved = incidents::resolve(&state, &id, "resolved through the API")
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no incident {id}")))?;
     Ok(Json(ResolveOutcome {
@@ -568,14 +568,13 @@ pub(super) struct Trigger {
 }
 
 impl Trigger {
-    /// The incident to store, on the route `plan` chose for the trigger's emergency type.
-    fn into_incident(self, plan: &Plan) -> NewIncident {
-        NewIncident {
+    /// The emergency the application layer routes and raises.
+    fn into_emergency(self) -> Emergency {
+        Emergency {
             source: self.source,
             call_sid: None,
             dedup_key: self.dedup_key,
-            emergency_type: plan.emergency_type.clone(),
-            route: plan.route.clone(),
+            requested_type: self.emergency_type,
             caller: None,
             recording_url: self.recording_url,
             message: Some(self.message),
@@ -606,7 +605,7 @@ fn stored_detail(incident: &NewIncident, id: &str) -> IncidentDetail {
             caller: incident.caller.as_deref().map(mask),
             recording_url: incident.recording_url.clone(),
             message: incident.message.clone(),
-            status: "open".to_owned(),
+            status: crate::domain::IncidentState::Open.to_string(),
             occurred_at: incident.occurred_at.map(iso),
             received_at: iso(crate::domain::now_ms()),
             resolved_at: None,
@@ -636,18 +635,12 @@ pub(super) async fn store_trigger(
     t: Trigger,
     answer_on_commit: bool,
 ) -> Result<Stored, AppError> {
-    let plan = state.routing.current().plan(t.emergency_type.as_deref());
-    let incident = t.into_incident(&plan);
+    let planned = incidents::plan(state, t.into_emergency());
+    let incident = planned.incident.clone();
     let budget = deadline.budget(STORE_BUDGET);
     let write = tokio::spawn(
-        write_incident(
-            state.clone(),
-            deadline.clone(),
-            incident.clone(),
-            plan.targets,
-            answer_on_commit,
-        )
-        .in_current_span(),
+        write_incident(state.clone(), deadline.clone(), planned, answer_on_commit)
+            .in_current_span(),
     );
     let created = written(tokio::time::timeout(budget, write).await, budget)?;
     tracing::Span::current().record("incident_id", created.incident_id.as_str());
@@ -663,43 +656,17 @@ pub(super) async fn store_trigger(
 async fn write_incident(
     state: AppState,
     deadline: Deadline,
-    incident: NewIncident,
-    targets: Vec<Target>,
+    planned: Planned,
     answer_on_commit: bool,
 ) -> anyhow::Result<Created> {
-    let created = state.store.create_incident(&incident, &targets).await?;
+    let created = incidents::raise(&state, &planned).await?;
     if answer_on_commit {
         deadline.commit(stored_answer(
             created.is_new,
-            stored_detail(&incident, &created.incident_id),
+            stored_detail(&planned.incident, &created.incident_id),
         ));
     }
-    announce(&state, &incident, &created);
     Ok(created)
-}
-
-/// Logs what the write did; a new incident also wakes the dispatcher (its deliveries are due now) and
-/// is counted.
-fn announce(state: &AppState, incident: &NewIncident, created: &Created) {
-    if created.is_new {
-        tracing::info!(
-            incident_id = %created.incident_id,
-            source = incident.source.as_str(),
-            emergency_type = %incident.emergency_type,
-            route = %incident.route,
-            deliveries = created.deliveries,
-            "incident stored"
-        );
-        state.wake.notify_one();
-        state
-            .metrics
-            .incident_created(incident.source, &incident.emergency_type, &incident.route);
-    } else {
-        tracing::info!(
-            incident_id = %created.incident_id,
-            "an incident with this dedup key is open; nothing new"
-        );
-    }
 }
 
 /// What the write task came to within `budget`. A failed, panicked or slow write is 503 (`Unavailable`)

@@ -1,30 +1,13 @@
-//! The incident lifecycle after creation: resolving (by API, Alertmanager or age) and the auto-resolve task.
+//! The tasks that run beside the requests: resolving incidents past their age, and deleting resolved
+//! ones past the retention period.
 
 use std::time::Duration;
 
+use super::incidents::resolve;
+use super::AppState;
 use crate::domain::now_ms;
-use crate::http::AppState;
-use crate::store::Resolved;
 
-/// Resolves one incident, cancelling its queued deliveries, and counts and logs what happened.
-/// `None` when no incident has this id.
-#[tracing::instrument(skip_all, fields(incident_id = %id))]
-pub async fn resolve(state: &AppState, id: &str, reason: &str) -> anyhow::Result<Option<Resolved>> {
-    let resolved = state.store.resolve_incident(id, reason).await?;
-    if let Some(r) = &resolved {
-        if r.changed {
-            tracing::info!(reason, cancelled = r.cancelled.len(), "incident resolved");
-            for channel in &r.cancelled {
-                state.metrics.delivery_finished(channel, "cancelled");
-            }
-        } else {
-            tracing::info!(reason, "incident was already resolved; nothing changed");
-        }
-    }
-    Ok(resolved)
-}
-
-/// Resolves open incidents older than `incidents.auto_resolve_after`, every
+/// Resolves unresolved incidents older than `incidents.auto_resolve_after`, every
 /// `housekeeping.auto_resolve_every_ms`, until `shutdown` turns true. Errors are logged and retried on
 /// the next round: a database blip must not end the task.
 pub async fn auto_resolve(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {

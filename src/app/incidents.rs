@@ -1,0 +1,128 @@
+//! Raising and resolving incidents: one way in for every door (the Passthru, the API, Alertmanager and
+//! the CLI through the API), one way out (the API, Alertmanager and auto-resolve).
+
+use super::AppState;
+use crate::domain::{mask, Source};
+use crate::store::{Created, NewDelivery, NewIncident, Resolved};
+
+/// An emergency as a door brings it, before routing.
+#[derive(Debug, Clone)]
+pub struct Emergency {
+    pub source: Source,
+    pub call_sid: Option<String>,
+    pub dedup_key: Option<String>,
+    /// The emergency type asked for; unknown or missing goes to the default route.
+    pub requested_type: Option<String>,
+    pub caller: Option<String>,
+    pub recording_url: Option<String>,
+    pub message: Option<String>,
+    /// Every parameter as received (secrets removed), JSON, for audit.
+    pub raw_params: String,
+    pub occurred_at: Option<i64>,
+}
+
+/// An emergency routed: the incident to store and one delivery per contact and channel, each given to
+/// the provider lane that sends its channel.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub incident: NewIncident,
+    pub deliveries: Vec<NewDelivery>,
+}
+
+/// Routes `emergency` with the current stakeholder file and provider lanes. Never fails: an unknown
+/// type goes to the default route, and a channel no provider sends is logged and left out (the
+/// stakeholder file is checked against the registered channels at start, so this is a bug guard).
+pub fn plan(state: &AppState, emergency: Emergency) -> Planned {
+    let plan = state
+        .routing
+        .current()
+        .plan(emergency.requested_type.as_deref());
+    let mut deliveries = Vec::with_capacity(plan.targets.len());
+    for t in &plan.targets {
+        match state.providers.for_channel(t.channel) {
+            Some(lane) => deliveries.push(NewDelivery {
+                contact_name: t.contact_name.clone(),
+                phone: t.phone.e164().to_owned(),
+                channel: t.channel,
+                provider: lane.name.clone(),
+            }),
+            None => tracing::error!(
+                channel = %t.channel,
+                contact = %t.contact_name,
+                "no provider sends this channel; this contact is not alerted on it"
+            ),
+        }
+    }
+    Planned {
+        incident: NewIncident {
+            source: emergency.source,
+            call_sid: emergency.call_sid,
+            dedup_key: emergency.dedup_key,
+            emergency_type: plan.emergency_type,
+            route: plan.route,
+            caller: emergency.caller,
+            recording_url: emergency.recording_url,
+            message: emergency.message,
+            raw_params: emergency.raw_params,
+            occurred_at: emergency.occurred_at,
+        },
+        deliveries,
+    }
+}
+
+/// Stores a planned incident and its deliveries in one transaction (or finds the stored one: a
+/// repeated CallSid, or the dedup key of an unresolved incident), then wakes the dispatcher, counts
+/// and logs it. Callers run it in a task of their own, so a request time limit never cuts a write
+/// off half-way.
+#[tracing::instrument(skip_all, fields(source = planned.incident.source.as_str()))]
+pub async fn raise(state: &AppState, planned: &Planned) -> anyhow::Result<Created> {
+    let incident = &planned.incident;
+    let created = state
+        .store
+        .create_incident(incident, &planned.deliveries)
+        .await?;
+    if created.is_new {
+        tracing::info!(
+            incident_id = %created.incident_id,
+            emergency_type = %incident.emergency_type,
+            route = %incident.route,
+            caller = %incident.caller.as_deref().map(mask).unwrap_or_default(),
+            has_recording = incident.recording_url.is_some(),
+            deliveries = created.deliveries,
+            "incident stored"
+        );
+        state.wake.notify_one();
+        state
+            .metrics
+            .incident_created(incident.source, &incident.emergency_type, &incident.route);
+    } else if incident.call_sid.is_some() {
+        tracing::info!(
+            incident_id = %created.incident_id,
+            "repeated passthru for a stored CallSid; nothing new"
+        );
+    } else {
+        tracing::info!(
+            incident_id = %created.incident_id,
+            "an incident with this dedup key is open; nothing new"
+        );
+    }
+    Ok(created)
+}
+
+/// Resolves one incident, cancelling its deliveries that have not gone out, and counts and logs what
+/// happened. `None` when no incident has this id.
+#[tracing::instrument(skip_all, fields(incident_id = %id))]
+pub async fn resolve(state: &AppState, id: &str, reason: &str) -> anyhow::Result<Option<Resolved>> {
+    let resolved = state.store.resolve_incident(id, reason).await?;
+    if let Some(r) = &resolved {
+        if r.changed {
+            tracing::info!(reason, cancelled = r.cancelled.len(), "incident resolved");
+            for m in &r.cancelled {
+                state.metrics.delivery_moved(m.channel, m.status, true);
+            }
+        } else {
+            tracing::info!(reason, "incident was already resolved; nothing changed");
+        }
+    }
+    Ok(resolved)
+}

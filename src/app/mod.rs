@@ -1,0 +1,60 @@
+//! The application layer: the state every entry point shares, and the use cases they all go through
+//! ([`incidents::raise`], [`incidents::resolve`]) and the housekeeping tasks. It sits between the doors
+//! (`http`, the CLI) and the machinery (`store`, `dispatch`, `providers`): imports point down only.
+
+pub mod housekeeping;
+pub mod incidents;
+
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+
+use crate::providers::Registry;
+use crate::settings::Settings;
+use crate::stakeholders::reload::RoutingHandle;
+use crate::store::Store;
+
+/// Everything a handler or task needs; cloned per request (every field is shared).
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub routing: Arc<RoutingHandle>,
+    /// The provider lanes: which provider sends which channel.
+    pub providers: Arc<Registry>,
+    pub webhook_token: Arc<SecretString>,
+    pub admin_token: Arc<SecretString>,
+    /// Wakes the dispatcher as soon as new work is committed.
+    pub wake: Arc<tokio::sync::Notify>,
+    /// When the dispatcher loop last went round (ms since the epoch; 0 = not started): `/readyz` reads it.
+    pub dispatcher_heartbeat: Arc<std::sync::atomic::AtomicI64>,
+    /// Set when an enabled dispatcher stopped on its own (a panic or an early return): `/healthz` then
+    /// fails and the process exits non-zero, so a supervisor restarts it.
+    pub dispatcher_dead: Arc<std::sync::atomic::AtomicBool>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl AppState {
+    pub fn webhook_token_ok(&self, given: Option<&str>) -> bool {
+        token_matches(&self.webhook_token, given)
+    }
+
+    pub fn admin_token_ok(&self, given: Option<&str>) -> bool {
+        token_matches(&self.admin_token, given)
+    }
+
+    pub fn region(&self) -> phonenumber::country::Id {
+        crate::domain::phone::region(&self.settings.stakeholders.default_country)
+            .unwrap_or(phonenumber::country::Id::IN)
+    }
+}
+
+/// Constant-time comparison, so response timing does not reveal how much of a guess was right.
+pub fn token_matches(expected: &SecretString, given: Option<&str>) -> bool {
+    let expected = expected.expose_secret().as_bytes();
+    match given {
+        Some(g) if !expected.is_empty() => g.as_bytes().ct_eq(expected).into(),
+        _ => false,
+    }
+}
