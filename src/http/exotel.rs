@@ -47,54 +47,7 @@ pub async fn passthru(
         CallSid::parse(&params.get("CallSid").unwrap_or_default()).map_err(AppError::BadRequest)?;
     tracing::Span::current().record("call_sid", call_sid.as_str());
 
-    let routing = state.routing.current();
-    let msg = &state.settings.messages;
-    // EmergencyType wins; else the IVR digits through the [ivr] table; else the default route.
-    let requested = params
-        .get_any(&["EmergencyType", "emergency_type"])
-        .map(|t| truncate(&t, MAX_TYPE_CHARS))
-        .or_else(|| {
-            params
-                .get("digits")
-                .and_then(|d| routing.type_for_digits(&d).map(str::to_owned))
-        });
-
-    let recording = params.get("RecordingUrl").and_then(|raw| {
-        let url = http_url(&raw);
-        if url.is_none() {
-            tracing::warn!("RecordingUrl is not an http(s) URL; kept for audit, never forwarded");
-        }
-        url
-    });
-    let caller = params.get_any(&["CallFrom", "From"]).map(|raw| {
-        Phone::parse(&raw, state.region())
-            .map(|p| p.e164().to_owned())
-            .unwrap_or_else(|_| truncate(&raw, 32))
-    });
-    let occurred_at = params
-        .get("StartTime")
-        .and_then(|t| exotel_time(&t, msg.utc_offset_minutes))
-        .or_else(|| {
-            params
-                .get("Created")
-                .and_then(|t| exotel_time(&t, msg.utc_offset_minutes))
-        });
-
-    let planned = incidents::plan(
-        &state,
-        Emergency {
-            source: Source::Exotel,
-            call_sid: Some(call_sid.as_str().to_owned()),
-            dedup_key: None,
-            requested_type: requested,
-            caller,
-            recording_url: recording,
-            message: None,
-            raw_params: params.audit_json(&["token"]),
-            occurred_at,
-        },
-    );
-
+    let planned = incidents::plan(&state, emergency(&state, &params, &call_sid));
     // The write runs in a task of its own: once started it is never cut off half-way (a request time
     // limit or a client hanging up drops this handler, not the write), and its success answer is left
     // with the deadline the moment it commits, so a stored emergency is never answered as a failure.
@@ -123,6 +76,103 @@ pub async fn passthru(
         "could not store the emergency; take the fallback branch",
     )
         .into_response())
+}
+
+/// The greeting of the delivery `reference` names, or `None` (the caller answers the generic alert)
+/// when it is unknown or cannot be read in time.
+async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Option<String> {
+    let view = match tokio::time::timeout(GREETING_BUDGET, state.store.greeting(reference)).await {
+        Ok(Ok(Some(view))) => view,
+        Ok(Ok(None)) => {
+            tracing::warn!("greeting for an unknown reference; answering the generic alert");
+            return None;
+        }
+        Ok(Err(e)) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "greeting lookup failed; generic alert"
+            );
+            return None;
+        }
+        Err(_) => {
+            tracing::error!("greeting lookup timed out; generic alert");
+            return None;
+        }
+    };
+    tracing::Span::current().record("delivery_id", view.delivery_id.as_str());
+    if method == Method::GET {
+        // Recorded beside the answer, not before it: a doctor is listening to silence until this
+        // request returns, and a busy writer must not add to it.
+        let store = state.store.clone();
+        let delivery_id = view.delivery_id.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = store.record_greeting_play(&delivery_id).await {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "could not record the greeting play"
+                    );
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    let vars = Vars {
+        emergency_type: &view.emergency_type,
+        source: &view.source,
+        caller: view.caller.as_deref(),
+        time_ms: view.occurred_at.unwrap_or(view.received_at),
+        recording: view.recording_url.as_deref(),
+        message: view.message.as_deref(),
+        incident: &view.incident_id,
+    };
+    Some(messages::greeting_body(
+        &state.settings.messages,
+        view.recording_url.as_deref(),
+        &vars,
+    ))
+}
+
+/// The emergency a Passthru describes. EmergencyType wins; else the IVR digits through the `[ivr]`
+/// table; else the default route. Nothing here can fail: a field that cannot be read is left out
+/// (and kept in the raw parameters for audit).
+fn emergency(state: &AppState, params: &Params, call_sid: &CallSid) -> Emergency {
+    let routing = state.routing.current();
+    let offset = state.settings.messages.utc_offset_minutes;
+    let requested = params
+        .get_any(&["EmergencyType", "emergency_type"])
+        .map(|t| truncate(&t, MAX_TYPE_CHARS))
+        .or_else(|| {
+            params
+                .get("digits")
+                .and_then(|d| routing.type_for_digits(&d).map(str::to_owned))
+        });
+    let recording = params.get("RecordingUrl").and_then(|raw| {
+        let url = http_url(&raw);
+        if url.is_none() {
+            tracing::warn!("RecordingUrl is not an http(s) URL; kept for audit, never forwarded");
+        }
+        url
+    });
+    let caller = params.get_any(&["CallFrom", "From"]).map(|raw| {
+        Phone::parse(&raw, state.region())
+            .map(|p| p.e164().to_owned())
+            .unwrap_or_else(|_| truncate(&raw, 32))
+    });
+    let occurred_at = ["StartTime", "Created"]
+        .iter()
+        .find_map(|k| params.get(k).and_then(|t| exotel_time(&t, offset)));
+    Emergency {
+        source: Source::Exotel,
+        call_sid: Some(call_sid.as_str().to_owned()),
+        dedup_key: None,
+        requested_type: requested,
+        caller,
+        recording_url: recording,
+        message: None,
+        raw_params: params.audit_json(&["token"]),
+        occurred_at,
+    }
 }
 
 fn stored_answer(incident_id: &str) -> Response {
@@ -166,58 +216,9 @@ pub async fn greeting(State(state): State<AppState>, method: Method, uri: Uri) -
     } else {
         match params.get("CustomField").filter(|r| r.len() <= 128) {
             None => fallback(),
-            Some(reference) => {
-                match tokio::time::timeout(GREETING_BUDGET, state.store.greeting(&reference)).await
-                {
-                    Ok(Ok(Some(view))) => {
-                        tracing::Span::current().record("delivery_id", view.delivery_id.as_str());
-                        if method == Method::GET {
-                            // Recorded beside the answer, not before it: a doctor is listening to
-                            // silence until this request returns, and a busy writer must not add to it.
-                            let store = state.store.clone();
-                            let delivery_id = view.delivery_id.clone();
-                            tokio::spawn(
-                                async move {
-                                    if let Err(e) = store.record_greeting_play(&delivery_id).await {
-                                        tracing::error!(
-                                            error = format!("{e:#}"),
-                                            "could not record the greeting play"
-                                        );
-                                    }
-                                }
-                                .in_current_span(),
-                            );
-                        }
-                        let vars = Vars {
-                            emergency_type: &view.emergency_type,
-                            source: &view.source,
-                            caller: view.caller.as_deref(),
-                            time_ms: view.occurred_at.unwrap_or(view.received_at),
-                            recording: view.recording_url.as_deref(),
-                            message: view.message.as_deref(),
-                            incident: &view.incident_id,
-                        };
-                        messages::greeting_body(msg, view.recording_url.as_deref(), &vars)
-                    }
-                    Ok(Ok(None)) => {
-                        tracing::warn!(
-                            "greeting for an unknown reference; answering the generic alert"
-                        );
-                        fallback()
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(
-                            error = format!("{e:#}"),
-                            "greeting lookup failed; generic alert"
-                        );
-                        fallback()
-                    }
-                    Err(_) => {
-                        tracing::error!("greeting lookup timed out; generic alert");
-                        fallback()
-                    }
-                }
-            }
+            Some(reference) => greeting_for(&state, &method, &reference)
+                .await
+                .unwrap_or_else(fallback),
         }
     };
     let mut response = (StatusCode::OK, body).into_response();

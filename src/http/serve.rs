@@ -12,7 +12,13 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+/// One accepted HTTP/1.1 connection, serving the router.
+type Connection = hyper::server::conn::http1::Connection<
+    TokioIo<tokio::net::TcpStream>,
+    TowerToHyperService<Router>,
+>;
 
 /// The server's connection limits, from `server.*`.
 #[derive(Debug, Clone, Copy)]
@@ -67,24 +73,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
         let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                served = conn.as_mut() => {
-                    if let Err(e) = served {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                }
-                _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error while stopping");
-                    }
-                }
-            }
-        });
+        tokio::spawn(serve_connection(conn, slot, stop.clone()));
     }
     drop(listener);
     // Every slot back means every connection is closed.
@@ -94,6 +83,29 @@ pub async fn serve(
             waited_secs = limits.drain.as_secs(),
             "stopping with connections still open"
         );
+    }
+}
+
+/// Serves one connection while it holds `slot`; on stop, lets the answer in flight finish.
+async fn serve_connection(
+    conn: Connection,
+    slot: OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _slot = slot;
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        served = conn.as_mut() => {
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error while stopping");
+            }
+        }
     }
 }
 

@@ -267,27 +267,7 @@ impl Store {
         .context("inserting the incident")?;
 
         if inserted.is_none() {
-            let existing: Option<String> = sqlx::query_scalar(
-                "SELECT id FROM incidents WHERE call_sid = $1 \
-                 OR (dedup_key = $2 AND status <> 'resolved') ORDER BY received_at LIMIT 1",
-            )
-            .bind(incident.call_sid.as_deref())
-            .bind(incident.dedup_key.as_deref())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let incident_id =
-                existing.context("the incident conflicted with one that can no longer be found")?;
-            // A later Passthru of the same call may be the first to carry the recording (one placed
-            // after the Voicemail applet); keep it rather than lose it. Nothing else changes.
-            if let Some(url) = &incident.recording_url {
-                sqlx::query(
-                    "UPDATE incidents SET recording_url = $1 WHERE id = $2 AND recording_url IS NULL",
-                )
-                .bind(url)
-                .bind(&incident_id)
-                .execute(&mut *tx)
-                .await?;
-            }
+            let incident_id = stored_repeat(&mut tx, incident).await?;
             tx.commit().await?;
             return Ok(Created {
                 incident_id,
@@ -295,26 +275,8 @@ impl Store {
                 deliveries: 0,
             });
         }
-
         for d in deliveries {
-            sqlx::query(
-                "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, provider, \
-                 priority, greeting_ref, status, due_at, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10)",
-            )
-            .bind(uuid::Uuid::new_v4().to_string())
-            .bind(&id)
-            .bind(crate::domain::storable(&d.contact_name).into_owned())
-            .bind(&d.phone)
-            .bind(d.channel.as_str())
-            .bind(&d.provider)
-            .bind(d.channel.priority())
-            .bind(random_token(16))
-            .bind(DeliveryState::Queued.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .context("inserting a delivery")?;
+            insert_delivery(&mut tx, &id, d, now).await?;
         }
         if self.engine == Engine::Postgres {
             // Delivered at commit, to every replica's dispatcher.
@@ -422,6 +384,63 @@ impl Store {
     ) -> anyhow::Result<()> {
         insert_event(&self.pool, delivery_id, kind, provider_id, detail, now_ms()).await
     }
+}
+
+/// The incident a repeat (a stored CallSid, or the dedup key of an unresolved incident) names. A later
+/// Passthru of the same call may be the first to carry the recording (one placed after the Voicemail
+/// applet): it is kept rather than lost. Nothing else changes.
+async fn stored_repeat(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    incident: &NewIncident,
+) -> anyhow::Result<String> {
+    let existing: Option<String> = sqlx::query_scalar(
+        "SELECT id FROM incidents WHERE call_sid = $1 \
+         OR (dedup_key = $2 AND status <> 'resolved') ORDER BY received_at LIMIT 1",
+    )
+    .bind(incident.call_sid.as_deref())
+    .bind(incident.dedup_key.as_deref())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let incident_id =
+        existing.context("the incident conflicted with one that can no longer be found")?;
+    if let Some(url) = &incident.recording_url {
+        sqlx::query(
+            "UPDATE incidents SET recording_url = $1 WHERE id = $2 AND recording_url IS NULL",
+        )
+        .bind(url)
+        .bind(&incident_id)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(incident_id)
+}
+
+/// One queued delivery of a new incident.
+async fn insert_delivery(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    incident_id: &str,
+    d: &NewDelivery,
+    now: i64,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, provider, \
+         priority, greeting_ref, status, due_at, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10)",
+    )
+    .bind(uuid::Uuid::new_v4().to_string())
+    .bind(incident_id)
+    .bind(crate::domain::storable(&d.contact_name).into_owned())
+    .bind(&d.phone)
+    .bind(d.channel.as_str())
+    .bind(&d.provider)
+    .bind(d.channel.priority())
+    .bind(random_token(16))
+    .bind(DeliveryState::Queued.as_str())
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .context("inserting a delivery")?;
+    Ok(())
 }
 
 /// Shared by plain and transactional callers.

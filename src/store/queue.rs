@@ -414,11 +414,7 @@ impl Store {
         let redial = is_call && (d.redials as u32) < policy.max_redials;
         // The reasons say "no status report", which a late success report looks for.
         let reason = if is_call {
-            format!(
-                "not reached: {why} (call {} of {})",
-                d.redials + 1,
-                policy.max_redials + 1
-            )
+            not_reached(why, d, policy)
         } else {
             format!("unconfirmed: {why}")
         };
@@ -654,6 +650,15 @@ fn report_kind(channel: Channel) -> &'static str {
     }
 }
 
+/// "not reached: busy (call 1 of 3)".
+fn not_reached(why: &str, d: &DeliveryRow, policy: RedialPolicy) -> String {
+    format!(
+        "not reached: {why} (call {} of {})",
+        d.redials + 1,
+        policy.max_redials + 1
+    )
+}
+
 /// Runs the one guarded update a report calls for, inside `tx`; the state it left the delivery in,
 /// or `None` when the guard held (nothing changed).
 async fn report_transition(
@@ -684,11 +689,7 @@ async fn report_transition(
         }
         ReportOutcome::Read => q(REPORTED_READ).bind(now).fetch_optional(&mut **tx).await?,
         ReportOutcome::Unanswered { reason: why } if (d.redials as u32) < policy.max_redials => {
-            let reason = format!(
-                "not reached: {why} (call {} of {})",
-                d.redials + 1,
-                policy.max_redials + 1
-            );
+            let reason = not_reached(why, d, policy);
             q(REDIAL)
                 .bind(now)
                 .bind(now + policy.delay.as_millis() as i64)
@@ -698,11 +699,7 @@ async fn report_transition(
                 .await?
         }
         ReportOutcome::Unanswered { reason: why } => {
-            let reason = format!(
-                "not reached: {why} (call {} of {})",
-                d.redials + 1,
-                policy.max_redials + 1
-            );
+            let reason = not_reached(why, d, policy);
             q(REPORTED_FAILED)
                 .bind(now)
                 .bind(storable(&reason).into_owned())
@@ -737,64 +734,7 @@ async fn finish_in(
     finish: &Finish,
 ) -> anyhow::Result<Option<DeliveryState>> {
     let now = now_ms();
-    let mut row = FinishRow {
-        status: DeliveryState::Queued,
-        provider_id: None,
-        last_error: None,
-        last_request: None,
-        due_at: None,
-        finished_at: None,
-        refund: 0,
-        report_due_at: None,
-        kind: "transient_failure",
-        detail: String::new(),
-    };
-    match finish {
-        Finish::Accepted {
-            provider_id,
-            detail,
-            report_due_at,
-        } => {
-            row.status = DeliveryState::Accepted;
-            row.provider_id = provider_id.clone();
-            row.report_due_at = *report_due_at;
-            row.kind = "accepted";
-            row.detail = detail.clone();
-        }
-        Finish::Simulated { request } => {
-            row.status = DeliveryState::Simulated;
-            row.last_request = Some(request.clone());
-            row.finished_at = Some(now);
-            row.kind = "simulated";
-            row.detail = "dry-run: request stored, nothing sent".to_owned();
-        }
-        Finish::Retry { due_at, reason } => {
-            row.last_error = Some(reason.clone());
-            row.due_at = Some(*due_at);
-            row.detail = format!("{reason}; next try in {} ms", (due_at - now).max(0));
-        }
-        Finish::Requeue { due_at, reason } => {
-            row.last_error = Some(reason.clone());
-            row.due_at = Some(*due_at);
-            row.refund = 1;
-            row.kind = "requeued";
-            row.detail = format!("{reason}; not sent, and not counted as an attempt");
-        }
-        Finish::Failed { reason } | Finish::Cancelled { reason } => {
-            let failed = matches!(finish, Finish::Failed { .. });
-            row.status = if failed {
-                DeliveryState::Failed
-            } else {
-                DeliveryState::Cancelled
-            };
-            // A cancelled claim never reached the provider.
-            row.refund = i64::from(!failed);
-            row.last_error = Some(reason.clone());
-            row.finished_at = Some(now);
-            row.kind = row.status.as_str();
-            row.detail = reason.clone();
-        }
-    }
+    let row = FinishRow::of(finish, now);
     let clean = |s: &Option<String>| s.as_deref().map(|v| storable(v).into_owned());
     let recorded: Option<String> = sqlx::query_scalar(FINISH)
         .bind(delivery_id)
@@ -831,6 +771,72 @@ async fn finish_in(
     )
     .await?;
     Ok(recorded)
+}
+
+impl FinishRow {
+    /// What `finish` writes, at `now`. `Queued` stands for "due again" (cancelled instead if the
+    /// incident was resolved meanwhile).
+    fn of(finish: &Finish, now: i64) -> Self {
+        let mut row = FinishRow {
+            status: DeliveryState::Queued,
+            provider_id: None,
+            last_error: None,
+            last_request: None,
+            due_at: None,
+            finished_at: None,
+            refund: 0,
+            report_due_at: None,
+            kind: "transient_failure",
+            detail: String::new(),
+        };
+        match finish {
+            Finish::Accepted {
+                provider_id,
+                detail,
+                report_due_at,
+            } => {
+                row.status = DeliveryState::Accepted;
+                row.provider_id = provider_id.clone();
+                row.report_due_at = *report_due_at;
+                row.kind = "accepted";
+                row.detail = detail.clone();
+            }
+            Finish::Simulated { request } => {
+                row.status = DeliveryState::Simulated;
+                row.last_request = Some(request.clone());
+                row.finished_at = Some(now);
+                row.kind = "simulated";
+                row.detail = "dry-run: request stored, nothing sent".to_owned();
+            }
+            Finish::Retry { due_at, reason } => {
+                row.last_error = Some(reason.clone());
+                row.due_at = Some(*due_at);
+                row.detail = format!("{reason}; next try in {} ms", (due_at - now).max(0));
+            }
+            Finish::Requeue { due_at, reason } => {
+                row.last_error = Some(reason.clone());
+                row.due_at = Some(*due_at);
+                row.refund = 1;
+                row.kind = "requeued";
+                row.detail = format!("{reason}; not sent, and not counted as an attempt");
+            }
+            Finish::Failed { reason } | Finish::Cancelled { reason } => {
+                let failed = matches!(finish, Finish::Failed { .. });
+                row.status = if failed {
+                    DeliveryState::Failed
+                } else {
+                    DeliveryState::Cancelled
+                };
+                // A cancelled claim never reached the provider.
+                row.refund = i64::from(!failed);
+                row.last_error = Some(reason.clone());
+                row.finished_at = Some(now);
+                row.kind = row.status.as_str();
+                row.detail = reason.clone();
+            }
+        }
+        row
+    }
 }
 
 /// The columns [`finish_in`] writes for one outcome.
