@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 
 use self::rows::{delivery_columns, incident_columns};
@@ -35,8 +34,6 @@ use crate::domain::{now_ms, random_token, Channel, DeliveryState, IncidentState,
 /// The PostgreSQL NOTIFY channel that wakes every replica's dispatcher when work is committed.
 pub const WAKE_CHANNEL: &str = "sos_wake";
 
-static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
-static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -119,15 +116,8 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
-                    if engine == Engine::Sqlite {
-                        for pragma in [
-                            "PRAGMA journal_mode = WAL",
-                            "PRAGMA synchronous = FULL",
-                            "PRAGMA foreign_keys = ON",
-                            "PRAGMA busy_timeout = 10000",
-                        ] {
-                            sqlx::query(pragma).execute(&mut *conn).await?;
-                        }
+                    for statement in engine.on_connect() {
+                        sqlx::query(statement).execute(&mut *conn).await?;
                     }
                     Ok(())
                 })
@@ -148,11 +138,8 @@ impl Store {
 
     /// Applies the embedded migrations of this engine.
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        let migrator = match self.engine {
-            Engine::Postgres => &POSTGRES_MIGRATIONS,
-            Engine::Sqlite => &SQLITE_MIGRATIONS,
-        };
-        migrator
+        self.engine
+            .migrations()
             .run(&self.pool)
             .await
             .context("applying migrations")?;
@@ -190,11 +177,10 @@ impl Store {
 
     /// True when every embedded migration has been applied.
     pub async fn is_migrated(&self) -> anyhow::Result<bool> {
-        let migrator = match self.engine {
-            Engine::Postgres => &POSTGRES_MIGRATIONS,
-            Engine::Sqlite => &SQLITE_MIGRATIONS,
-        };
-        let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        let latest = self
+            .engine
+            .migrations()
+            .iter().map(|m| m.version).max().unwrap_or(0);
         let applied: Option<i64> =
             sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE")
                 .fetch_one(&self.pool)
@@ -278,9 +264,8 @@ impl Store {
         for d in deliveries {
             insert_delivery(&mut tx, &id, d, now).await?;
         }
-        if self.engine == Engine::Postgres {
-            // Delivered at commit, to every replica's dispatcher.
-            sqlx::query("NOTIFY sos_wake").execute(&mut *tx).await?;
+        if let Some(wake) = self.engine.wake_on_commit() {
+            sqlx::query(wake).execute(&mut *tx).await?;
         }
         tx.commit().await.context("committing the incident")?;
         Ok(Created {

@@ -1,9 +1,48 @@
-//! Everything that differs between PostgreSQL and SQLite, in one place: the database's clock, row
-//! locking when claiming work, and the two-argument minimum. Each engine-specific statement is written
+//! Everything that differs between PostgreSQL and SQLite, in one place: migrations, connection set-up,
+//! wake-ups at commit, the database's clock, row locking when claiming work, and the two-argument
+//! minimum. Each engine-specific statement is written
 //! once with named gaps and put together at compile time for both engines; nothing here is assembled
 //! at run time.
 
+use sqlx::migrate::Migrator;
+
 use super::Engine;
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+
+impl Engine {
+    /// This engine's migrations, embedded at build time.
+    pub(super) fn migrations(self) -> &'static Migrator {
+        match self {
+            Engine::Postgres => &POSTGRES_MIGRATIONS,
+            Engine::Sqlite => &SQLITE_MIGRATIONS,
+        }
+    }
+
+    /// Run on every new connection. SQLite runs in WAL mode with `synchronous=FULL`, so a commit (and
+    /// so a 200 to Exotel) survives a power cut, not only a crash.
+    pub(super) fn on_connect(self) -> &'static [&'static str] {
+        match self {
+            Engine::Postgres => &[],
+            Engine::Sqlite => &[
+                "PRAGMA journal_mode = WAL",
+                "PRAGMA synchronous = FULL",
+                "PRAGMA foreign_keys = ON",
+                "PRAGMA busy_timeout = 10000",
+            ],
+        }
+    }
+
+    /// Run inside a transaction that queued work: on PostgreSQL a NOTIFY, delivered at commit to
+    /// every replica's dispatcher. SQLite has one process, woken in memory.
+    pub(super) fn wake_on_commit(self) -> Option<&'static str> {
+        match self {
+            Engine::Postgres => Some("NOTIFY sos_wake"),
+            Engine::Sqlite => None,
+        }
+    }
+}
 
 /// One statement, as each engine spells it.
 #[derive(Debug, Clone, Copy)]
