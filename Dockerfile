@@ -24,6 +24,12 @@ ENV SOS_SERVER__LISTEN=0.0.0.0:8080 \
     SOS_STAKEHOLDERS__FILE=/etc/exotel-sos/stakeholders.toml \
     SOS_DATABASE__URL=sqlite:///var/lib/exotel-sos/exotel-sos.db?mode=rwc \
     SOS_LOG__FORMAT=json
+# The data directory: the SQLite database, and in it the generated webhook and admin tokens. A volume, so
+# that a new container (an upgrade, a restart elsewhere) keeps every incident, the proof of who was
+# reached, and the tokens Exotel's applet URLs carry; without it a recreated container starts empty and
+# every URL configured in Exotel stops working. Mount it (`-v exotel-sos-data:/var/lib/exotel-sos`), or
+# set SOS_SERVER__WEBHOOK_TOKEN / SOS_SERVER__ADMIN_TOKEN and use PostgreSQL.
+VOLUME ["/var/lib/exotel-sos"]
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8080/healthz || exit 1

@@ -1,4 +1,5 @@
-//! `exotel-sos trigger`: raises an incident through the running server's API, as an operator would.
+//! `exotel-sos trigger` and `exotel-sos drill`: raise an incident through the running server's API, as
+//! an operator would.
 //!
 //! Exit codes tell scripts what went wrong without parsing text: see the `EXIT_*` constants.
 
@@ -20,6 +21,8 @@ pub const EXIT_UNREACHABLE: u8 = 3;
 pub const EXIT_UNAUTHORIZED: u8 = 4;
 /// The server refused the input (422): the message names the field.
 pub const EXIT_INVALID: u8 = 5;
+/// A drill ran, but some channel did not reach its contact in time.
+pub const EXIT_NOT_REACHED: u8 = 6;
 
 /// How long to wait for the server: it answers as soon as the incident is committed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -44,27 +47,13 @@ pub struct TriggerArgs {
 
 /// Runs the command, printing the outcome; returns the exit code.
 pub async fn trigger(settings: &Settings, args: TriggerArgs) -> u8 {
-    let base = args
-        .server
-        .clone()
-        .unwrap_or_else(|| settings.public_base().to_owned());
-    let base = base.trim_end_matches('/').to_owned();
-    let token = match admin_token(settings, args.token.as_deref()).await {
-        Some(t) => t,
-        None => {
-            eprintln!(
-                "error: no admin token: pass --token, or set server.admin_token \
-                 (SOS_SERVER__ADMIN_TOKEN), or run where the server's database is reachable"
-            );
-            return EXIT_CONFIG;
-        }
-    };
-    let client = match reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: cannot build an HTTP client: {e}");
-            return EXIT_OTHER;
-        }
+    let Server {
+        base,
+        token,
+        client,
+    } = match Server::of(settings, args.server.as_deref(), args.token.as_deref()).await {
+        Ok(server) => server,
+        Err(code) => return code,
     };
     // A lost answer (a cut connection, a time limit) leaves it unknown whether the incident was
     // stored; with a key of its own, this run can ask again without alerting everyone twice.
@@ -80,44 +69,9 @@ pub async fn trigger(settings: &Settings, args: TriggerArgs) -> u8 {
         "dedup_key": dedup_key,
     });
     let url = format!("{base}/api/v1/incidents");
-    let mut attempt = 0;
-    let res = loop {
-        let sent = client
-            .post(&url)
-            .bearer_auth(&token)
-            .header(SOURCE_HEADER, "cli")
-            .json(&body)
-            .send()
-            .await;
-        let retry = match &sent {
-            Err(_) => true,
-            // Busy, timed out or behind a proxy whose upstream is away: the incident may or may not be
-            // stored; the same key makes asking again safe.
-            Ok(r) => matches!(r.status().as_u16(), 408 | 429 | 502 | 503 | 504),
-        };
-        match RETRY_PAUSES.get(attempt) {
-            Some(pause) if retry => {
-                let why = match &sent {
-                    Ok(r) => format!("the server answered {}", r.status().as_u16()),
-                    Err(e) => describe(e),
-                };
-                eprintln!("warning: {why}; trying again (same dedup key, nothing is sent twice)");
-                attempt += 1;
-                tokio::time::sleep(*pause).await;
-            }
-            _ => break sent,
-        }
-    };
-    let res = match res {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!(
-                "error: cannot reach the exotel-sos server at {base}: {}",
-                describe(&e)
-            );
-            eprintln!("       is it running? (set the URL with --server or server.public_url)");
-            return EXIT_UNREACHABLE;
-        }
+    let (res, attempt) = match post_incident(&client, &url, &token, &body).await {
+        Ok(sent) => sent,
+        Err(e) => return unreachable(&base, &e),
     };
     let status = res.status().as_u16();
     let json: serde_json::Value = res.json().await.unwrap_or(serde_json::Value::Null);
@@ -172,6 +126,97 @@ pub async fn trigger(settings: &Settings, args: TriggerArgs) -> u8 {
     }
 }
 
+/// The running server a command talks to.
+struct Server {
+    /// Base URL, without a trailing slash.
+    base: String,
+    token: String,
+    client: reqwest::Client,
+}
+
+impl Server {
+    /// The flag, else the settings; the exit code when no admin token can be found.
+    async fn of(
+        settings: &Settings,
+        server: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<Self, u8> {
+        let base = server
+            .map(str::to_owned)
+            .unwrap_or_else(|| settings.public_base().to_owned())
+            .trim_end_matches('/')
+            .to_owned();
+        let Some(token) = admin_token(settings, token).await else {
+            eprintln!(
+                "error: no admin token: pass --token, or set server.admin_token \
+                 (SOS_SERVER__ADMIN_TOKEN), or run where the server's database is reachable"
+            );
+            return Err(EXIT_CONFIG);
+        };
+        let client = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| {
+                eprintln!("error: cannot build an HTTP client: {e}");
+                EXIT_OTHER
+            })?;
+        Ok(Server {
+            base,
+            token,
+            client,
+        })
+    }
+}
+
+/// POSTs an incident, asking again (up to [`RETRY_PAUSES`]) when the answer is lost or the server is
+/// busy or away: safe, because every attempt carries the same dedup key. The answer and how many
+/// attempts were repeats.
+async fn post_incident(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: &serde_json::Value,
+) -> Result<(reqwest::Response, usize), reqwest::Error> {
+    let mut attempt = 0;
+    loop {
+        let sent = client
+            .post(url)
+            .bearer_auth(token)
+            .header(SOURCE_HEADER, "cli")
+            .json(body)
+            .send()
+            .await;
+        let retry = match &sent {
+            Err(_) => true,
+            // Busy, timed out or behind a proxy whose upstream is away: the incident may or may not be
+            // stored; the same key makes asking again safe.
+            Ok(r) => matches!(r.status().as_u16(), 408 | 429 | 502 | 503 | 504),
+        };
+        match RETRY_PAUSES.get(attempt) {
+            Some(pause) if retry => {
+                let why = match &sent {
+                    Ok(r) => format!("the server answered {}", r.status().as_u16()),
+                    Err(e) => describe(e),
+                };
+                eprintln!("warning: {why}; trying again (same dedup key, nothing is sent twice)");
+                attempt += 1;
+                tokio::time::sleep(*pause).await;
+            }
+            _ => return sent.map(|r| (r, attempt)),
+        }
+    }
+}
+
+/// Says the server cannot be reached; the exit code for it.
+fn unreachable(base: &str, e: &reqwest::Error) -> u8 {
+    eprintln!(
+        "error: cannot reach the exotel-sos server at {base}: {}",
+        describe(e)
+    );
+    eprintln!("       is it running? (set the URL with --server or server.public_url)");
+    EXIT_UNREACHABLE
+}
+
 /// Why a request got no answer, with the causes (reqwest's Display omits "connection refused", which
 /// is the useful part).
 fn describe(e: &reqwest::Error) -> String {
@@ -205,4 +250,140 @@ async fn admin_token(settings: &Settings, flag: Option<&str>) -> Option<String> 
     })
     .await;
     stored.ok().flatten()
+}
+
+/// A fire drill's arguments.
+#[derive(Debug, Clone)]
+pub struct DrillArgs {
+    /// The contact to reach, by name as in the stakeholder file.
+    pub contact: String,
+    /// How long to wait for every channel's outcome.
+    pub wait: Duration,
+    pub server: Option<String>,
+    pub token: Option<String>,
+}
+
+/// States after which a delivery will not change by itself (a late report aside).
+const SETTLED: [&str; 8] = [
+    "delivered",
+    "read",
+    "acknowledged",
+    "answered",
+    "failed",
+    "unconfirmed",
+    "simulated",
+    "cancelled",
+];
+/// States that mean the contact's phone got it.
+const REACHED: [&str; 4] = ["delivered", "read", "acknowledged", "answered"];
+
+/// How often a drill asks the server how its deliveries stand.
+const DRILL_POLL: Duration = Duration::from_secs(2);
+
+/// Runs a fire drill: raises a marked test incident for one contact through the running server, waits
+/// (at most `args.wait`) for each channel's outcome and prints it. Exit 0 when every channel reached the
+/// contact (or is dry-run), [`EXIT_NOT_REACHED`] otherwise, or the codes of `trigger`.
+pub async fn drill(settings: &Settings, args: DrillArgs) -> u8 {
+    let server = match Server::of(settings, args.server.as_deref(), args.token.as_deref()).await {
+        Ok(server) => server,
+        Err(code) => return code,
+    };
+    let body = serde_json::json!({
+        "emergency_type": "Drill",
+        "message": "DRILL: a test of the emergency alert system. No action is needed.",
+        "dedup_key": format!("drill-{}", uuid::Uuid::new_v4()),
+        "drill_contact": args.contact,
+    });
+    let url = format!("{}/api/v1/incidents", server.base);
+    let (res, _) = match post_incident(&server.client, &url, &server.token, &body).await {
+        Ok(sent) => sent,
+        Err(e) => return unreachable(&server.base, &e),
+    };
+    let status = res.status().as_u16();
+    let json: serde_json::Value = res.json().await.unwrap_or(serde_json::Value::Null);
+    let field = |key: &str| json.get(key).and_then(|v| v.as_str()).unwrap_or("?");
+    match status {
+        200 | 201 => {}
+        401 => {
+            eprintln!("error: the server refused the admin token (401); check --token or server.admin_token");
+            return EXIT_UNAUTHORIZED;
+        }
+        422 => {
+            eprintln!("error: invalid {}: {}", field("field"), field("error"));
+            return EXIT_INVALID;
+        }
+        other => {
+            eprintln!("error: the server answered {other}: {}", field("error"));
+            return EXIT_OTHER;
+        }
+    }
+    let id = field("id").to_owned();
+    println!(
+        "drill incident {id} raised for {:?}; waiting up to {}s for each channel",
+        args.contact,
+        args.wait.as_secs()
+    );
+    let deliveries = wait_for_outcomes(&server, &id, args.wait).await;
+    report_drill(&deliveries)
+}
+
+/// The incident's deliveries once all are settled, or as they stand when `wait` is over.
+async fn wait_for_outcomes(server: &Server, id: &str, wait: Duration) -> Vec<serde_json::Value> {
+    let url = format!("{}/api/v1/incidents/{id}", server.base);
+    let until = tokio::time::Instant::now() + wait;
+    let mut last = Vec::new();
+    loop {
+        let answer = server
+            .client
+            .get(&url)
+            .bearer_auth(&server.token)
+            .send()
+            .await;
+        if let Ok(res) = answer {
+            if let Ok(json) = res.json::<serde_json::Value>().await {
+                last = json["deliveries"].as_array().cloned().unwrap_or_default();
+            }
+        }
+        let settled = !last.is_empty()
+            && last
+                .iter()
+                .all(|d| SETTLED.contains(&d["status"].as_str().unwrap_or("")));
+        if settled || tokio::time::Instant::now() >= until {
+            return last;
+        }
+        tokio::time::sleep(DRILL_POLL).await;
+    }
+}
+
+/// Prints one line per channel; the exit code.
+fn report_drill(deliveries: &[serde_json::Value]) -> u8 {
+    if deliveries.is_empty() {
+        eprintln!("error: the drill's deliveries could not be read");
+        return EXIT_OTHER;
+    }
+    let mut all_reached = true;
+    for d in deliveries {
+        let status = d["status"].as_str().unwrap_or("?");
+        let reached = REACHED.contains(&status) || status == "simulated";
+        all_reached &= reached;
+        let note = d["last_error"].as_str().unwrap_or("");
+        println!(
+            "  {:<9} {:<12} {}{}",
+            d["channel"].as_str().unwrap_or("?"),
+            status,
+            if status == "simulated" {
+                "dry-run: nothing was sent "
+            } else {
+                ""
+            },
+            note
+        );
+    }
+    if all_reached {
+        println!("drill passed: every channel reached the contact");
+        EXIT_OK
+    } else {
+        println!("drill NOT passed: some channels did not reach the contact (see above)");
+        EXIT_NOT_REACHED
+    }
 }

@@ -140,10 +140,44 @@ impl App {
                 ));
             }
         }
+        for warning in self.warnings() {
+            out.push_str(&format!("WARNING: {warning}\n"));
+        }
         if self.generated_admin_token {
             out.push_str(&format!(
                 "Admin API bearer token (for /api/*):\n    {}\n",
                 self.state.admin_token.expose_secret()
+            ));
+        }
+        out
+    }
+
+    /// Set-up mistakes that would make live alerts fail where nobody looks: printed at start and
+    /// logged.
+    pub fn warnings(&self) -> Vec<String> {
+        let settings = &self.state.settings;
+        let mut out = Vec::new();
+        let live = domain::Channel::ALL
+            .into_iter()
+            .any(|c| settings.channel_live(c));
+        if live {
+            if let Some(why) = unreachable_public_url(&settings.server.public_url) {
+                out.push(format!(
+                    "server.public_url {:?} {why}: Exotel's status callbacks, the greeting and the links \
+                     in messages would never reach this server",
+                    settings.server.public_url
+                ));
+            }
+        }
+        let routing = self.state.routing.current();
+        let samples = routing
+            .phones()
+            .filter(|p| stakeholders::is_sample_number(p))
+            .count();
+        if samples > 0 {
+            out.push(format!(
+                "the stakeholder file still holds {samples} sample number(s) (+91 98000 000xx) from the \
+                 example file: replace them with the real contacts"
             ));
         }
         out
@@ -215,6 +249,24 @@ impl App {
     }
 }
 
+/// Why `public_url` cannot be reached by Exotel, or `None`: it must be https, on a public host.
+fn unreachable_public_url(public_url: &str) -> Option<&'static str> {
+    let url = reqwest::Url::parse(public_url).ok()?;
+    let host = url.host_str().unwrap_or("").trim_matches(['[', ']']);
+    let local = match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback() || ip.is_private() || ip.is_unspecified(),
+        Ok(std::net::IpAddr::V6(ip)) => ip.is_loopback() || ip.is_unspecified(),
+        Err(_) => host.is_empty() || host.eq_ignore_ascii_case("localhost"),
+    };
+    if local {
+        Some("points at this machine or a private network")
+    } else if url.scheme() != "https" {
+        Some("is not https")
+    } else {
+        None
+    }
+}
+
 /// Waits for the dispatcher task. If it ends while no shutdown was asked for (a panic, or an early
 /// return), nothing would be sent any more: marks the app dead (so `/healthz` fails) and shuts the
 /// server down. Returns whether it died.
@@ -255,6 +307,26 @@ async fn token(
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn a_public_url_exotel_cannot_reach_is_named() {
+        assert!(unreachable_public_url("http://127.0.0.1:8080").is_some());
+        assert!(unreachable_public_url("https://localhost").is_some());
+        assert!(unreachable_public_url("https://10.1.2.3/sos").is_some());
+        assert!(unreachable_public_url("https://[::1]:8443").is_some());
+        assert_eq!(
+            unreachable_public_url("http://sos.example.org"),
+            Some("is not https")
+        );
+        assert_eq!(unreachable_public_url("https://sos.example.org"), None);
+    }
+
+    #[test]
+    fn the_example_numbers_are_recognised() {
+        assert!(stakeholders::is_sample_number("+919800000001"));
+        assert!(!stakeholders::is_sample_number("+919800000123"));
+        assert!(!stakeholders::is_sample_number("+919845012345"));
+    }
 
     #[tokio::test]
     async fn a_dispatcher_that_dies_marks_the_app_dead_and_stops_the_server() {

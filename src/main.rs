@@ -1,4 +1,5 @@
-//! The `exotel-sos` command: `serve` (the default), `migrate`, `check-config`, `trigger`, `backup`.
+//! The `exotel-sos` command: `serve` (the default), `migrate`, `check-config`, `trigger`, `drill`,
+//! `backup`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -34,6 +35,10 @@ enum Command {
     /// Raise an incident through the running server's API (exit codes: 0 stored, 2 no token or bad
     /// settings, 3 server unreachable, 4 token refused, 5 input refused, 1 other).
     Trigger(TriggerCmd),
+    /// Fire drill: raise a marked test incident through the running server that reaches only CONTACT,
+    /// on every channel they have, and print each channel's outcome (exit codes as for trigger, and 6
+    /// when a channel did not reach the contact in time).
+    Drill(DrillCmd),
     /// Write a consistent copy of the SQLite database to FILE (never overwrites; for PostgreSQL use
     /// pg_dump or pg_basebackup).
     Backup {
@@ -66,6 +71,22 @@ struct TriggerCmd {
     token: Option<String>,
 }
 
+#[derive(clap::Args)]
+struct DrillCmd {
+    /// The contact to reach, by name as in the stakeholder file.
+    #[arg(long, value_name = "NAME")]
+    contact: String,
+    /// Longest wait for the outcomes, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    wait: u64,
+    /// Server base URL (default: server.public_url).
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// Admin token (default: server.admin_token, else the one stored in the database).
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -81,6 +102,15 @@ async fn main() -> ExitCode {
         Command::Migrate => migrate(settings).await,
         Command::CheckConfig => return check_config(&settings),
         Command::Trigger(t) => return trigger(&settings, t).await,
+        Command::Drill(d) => {
+            let args = exotel_sos::cli::DrillArgs {
+                contact: d.contact,
+                wait: std::time::Duration::from_secs(d.wait),
+                server: d.server,
+                token: d.token,
+            };
+            return ExitCode::from(exotel_sos::cli::drill(&settings, args).await);
+        }
         Command::Backup { file } => backup(settings, &file).await,
     };
     match result {
@@ -99,6 +129,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     let addr = listener.local_addr()?;
     println!("exotel-sos listening on http://{addr}\n{}", app.banner());
+    for warning in app.warnings() {
+        tracing::warn!(%warning, "set-up");
+    }
     tracing::info!(%addr, "ready");
     app.run(listener, shutdown_signal()).await
 }

@@ -21,6 +21,13 @@ pub struct Emergency {
     pub occurred_at: Option<i64>,
 }
 
+/// Why an emergency could not be planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanError {
+    /// A drill named a contact the stakeholder file does not have.
+    UnknownContact(String),
+}
+
 /// An emergency routed: the incident to store and one delivery per contact and channel, each given to
 /// the provider lane that sends its channel.
 #[derive(Debug, Clone)]
@@ -37,6 +44,28 @@ pub fn plan(state: &AppState, emergency: Emergency) -> Planned {
         .routing
         .current()
         .plan(emergency.requested_type.as_deref());
+    planned(state, emergency, plan)
+}
+
+/// A fire drill: a clearly marked test incident that reaches only the contact named `contact`, on
+/// every channel they have, whatever the route. Its source is `drill`, so it is told apart from a real
+/// emergency everywhere it is shown or counted.
+pub fn plan_drill(
+    state: &AppState,
+    mut emergency: Emergency,
+    contact: &str,
+) -> Result<Planned, PlanError> {
+    let plan = state
+        .routing
+        .current()
+        .drill(contact)
+        .ok_or_else(|| PlanError::UnknownContact(contact.to_owned()))?;
+    emergency.source = Source::Drill;
+    Ok(planned(state, emergency, plan))
+}
+
+/// Gives each target of `plan` to the provider lane that sends its channel.
+fn planned(state: &AppState, emergency: Emergency, plan: crate::stakeholders::Plan) -> Planned {
     let mut deliveries = Vec::with_capacity(plan.targets.len());
     for t in &plan.targets {
         match state.providers.for_channel(t.channel) {

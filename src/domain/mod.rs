@@ -82,6 +82,8 @@ pub enum Source {
     Api,
     Alertmanager,
     Cli,
+    /// A fire drill (`exotel-sos drill`): a marked test that reaches one contact.
+    Drill,
 }
 
 impl Source {
@@ -91,6 +93,7 @@ impl Source {
             Source::Api => "api",
             Source::Alertmanager => "alertmanager",
             Source::Cli => "cli",
+            Source::Drill => "drill",
         }
     }
 }

@@ -71,6 +71,12 @@ pub struct Routing {
 
 pub const DEFAULT_ROUTE: &str = "default";
 
+/// Whether an E.164 number is one of the example file's placeholders (`+91 98000 000xx`).
+pub fn is_sample_number(e164: &str) -> bool {
+    e164.strip_prefix("+9198000000")
+        .is_some_and(|rest| rest.len() == 2 && rest.bytes().all(|b| b.is_ascii_digit()))
+}
+
 impl Routing {
     /// Reads and validates the file, reporting every problem at once, each naming the file and entry.
     pub fn load(
@@ -301,6 +307,34 @@ impl Routing {
 
     pub fn contact_count(&self) -> usize {
         self.contacts.len()
+    }
+
+    /// A fire drill's plan: the contact named `name` (case-insensitive, surrounding spaces ignored) on
+    /// every channel they have, whatever their teams. `None` when no contact has that name.
+    pub fn drill(&self, name: &str) -> Option<Plan> {
+        let wanted = name.trim().to_lowercase();
+        let contact = self
+            .contacts
+            .iter()
+            .find(|c| c.name.trim().to_lowercase() == wanted)?;
+        Some(Plan {
+            emergency_type: "Drill".to_owned(),
+            route: "drill".to_owned(),
+            targets: contact
+                .channels
+                .iter()
+                .map(|&channel| Target {
+                    contact_name: contact.name.clone(),
+                    phone: contact.phone.clone(),
+                    channel,
+                })
+                .collect(),
+        })
+    }
+
+    /// Every contact's number, E.164.
+    pub fn phones(&self) -> impl Iterator<Item = &str> {
+        self.contacts.iter().map(|c| c.phone.e164())
     }
 }
 

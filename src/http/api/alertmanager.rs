@@ -227,6 +227,7 @@ fn alert_trigger(
         dedup_key: Some(dedup_key),
         raw_params,
         occurred_at: rfc3339_ms(alert.starts_at.as_deref()),
+        drill_contact: None,
     }
 }
 

@@ -23,7 +23,7 @@ use super::{
     clean_json, iso, known_id, scrub, unprocessable, ErrorBody, MAX_DEDUP_KEY_CHARS,
     MAX_MESSAGE_CHARS, MAX_TYPE_CHARS,
 };
-use crate::app::incidents::{self, Emergency, Planned};
+use crate::app::incidents::{self, Emergency, PlanError, Planned};
 use crate::domain::{mask, Source, SOURCE_HEADER};
 use crate::error::AppError;
 use crate::http::edge::Deadline;
@@ -60,6 +60,10 @@ pub struct NewIncidentRequest {
     /// While an incident with this key is open, the same key returns it instead of alerting again.
     #[schema(max_length = 256)]
     pub dedup_key: Option<String>,
+    /// A fire drill: only this contact (by name, as in the stakeholder file) is alerted, on every
+    /// channel they have, whatever the route; the incident's source is `drill`.
+    #[schema(max_length = 128, example = "Dr. Asha Rao (cardiology)")]
+    pub drill_contact: Option<String>,
 }
 
 /// An incident as operators see it. Times are RFC 3339, UTC.
@@ -303,7 +307,13 @@ fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, AppError> 
 /// Parses and validates a `POST /api/v1/incidents` body, naming the first wrong field.
 pub fn parse_new_incident(body: &[u8]) -> Result<NewIncidentRequest, AppError> {
     let map = json_object(body)?;
-    const KNOWN: [&str; 4] = ["emergency_type", "message", "audio_url", "dedup_key"];
+    const KNOWN: [&str; 5] = [
+        "emergency_type",
+        "message",
+        "audio_url",
+        "dedup_key",
+        "drill_contact",
+    ];
     if let Some(unknown) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(unprocessable(
             unknown,
@@ -318,11 +328,13 @@ pub fn parse_new_incident(body: &[u8]) -> Result<NewIncidentRequest, AppError> {
         })
         .transpose()?;
     let dedup_key = optional_str(&map, "dedup_key", MAX_DEDUP_KEY_CHARS)?;
+    let drill_contact = optional_str(&map, "drill_contact", MAX_CONTACT_CHARS)?;
     Ok(NewIncidentRequest {
         emergency_type,
         message,
         audio_url,
         dedup_key,
+        drill_contact,
     })
 }
 
@@ -363,6 +375,7 @@ pub async fn create_incident(
             dedup_key: req.dedup_key,
             raw_params,
             occurred_at: None,
+            drill_contact: req.drill_contact,
         },
         true,
     )
@@ -556,6 +569,9 @@ pub async fn resolve_incident(
 // the items below serve it and the answers built from what it stored.
 // ---------------------------------------------------------------------------------------------------
 
+/// Longest contact name a drill may name.
+const MAX_CONTACT_CHARS: usize = 128;
+
 /// One trigger, whichever door it came through.
 pub(super) struct Trigger {
     pub(super) source: Source,
@@ -565,6 +581,8 @@ pub(super) struct Trigger {
     pub(super) dedup_key: Option<String>,
     pub(super) raw_params: String,
     pub(super) occurred_at: Option<i64>,
+    /// A fire drill's one contact.
+    pub(super) drill_contact: Option<String>,
 }
 
 impl Trigger {
@@ -635,7 +653,19 @@ pub(super) async fn store_trigger(
     t: Trigger,
     answer_on_commit: bool,
 ) -> Result<Stored, AppError> {
-    let planned = incidents::plan(state, t.into_emergency());
+    let drill_contact = t.drill_contact.clone();
+    let emergency = t.into_emergency();
+    let planned = match drill_contact {
+        Some(contact) => {
+            incidents::plan_drill(state, emergency, &contact).map_err(|e| match e {
+                PlanError::UnknownContact(name) => unprocessable(
+                    "drill_contact",
+                    format!("no contact named {name:?} in the stakeholder file"),
+                ),
+            })?
+        }
+        None => incidents::plan(state, emergency),
+    };
     let incident = planned.incident.clone();
     let budget = deadline.budget(STORE_BUDGET);
     let write = tokio::spawn(
