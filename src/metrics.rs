@@ -173,9 +173,17 @@ impl Metrics {
     /// A delivery moved to `state`: counted as finished if that ends it ([`DeliveryState::ends_delivery`],
     /// where a provider without reports ends at acceptance). The one place that decides what
     /// "finished" means for the metric.
-    pub fn delivery_moved(&self, channel: Channel, state: DeliveryState, provider_reports: bool) {
-        if state.ends_delivery(provider_reports) {
-            self.delivery_finished(channel.as_str(), state.as_str());
+    /// A delivery already finished that moves on (a late report correcting a guess) is not counted
+    /// again.
+    pub fn delivery_moved(
+        &self,
+        channel: Channel,
+        from: DeliveryState,
+        to: DeliveryState,
+        provider_reports: bool,
+    ) {
+        if to.ends_delivery(provider_reports) && !from.ends_delivery(provider_reports) {
+            self.delivery_finished(channel.as_str(), to.as_str());
         }
     }
 

@@ -2,7 +2,7 @@
 //! the CLI through the API), one way out (the API, Alertmanager and auto-resolve).
 
 use super::AppState;
-use crate::domain::{mask, Source};
+use crate::domain::{mask, DeliveryState, Source};
 use crate::store::{Created, NewDelivery, NewIncident, Resolved};
 
 /// An emergency as a door brings it, before routing.
@@ -147,7 +147,9 @@ pub async fn resolve(state: &AppState, id: &str, reason: &str) -> anyhow::Result
         if r.changed {
             tracing::info!(reason, cancelled = r.cancelled.len(), "incident resolved");
             for m in &r.cancelled {
-                state.metrics.delivery_moved(m.channel, m.status, true);
+                state
+                    .metrics
+                    .delivery_moved(m.channel, DeliveryState::Queued, m.status, true);
             }
         } else {
             tracing::info!(reason, "incident was already resolved; nothing changed");

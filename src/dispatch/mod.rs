@@ -25,7 +25,7 @@ pub use self::lanes::{lanes, Lane};
 pub use self::listener::listen_for_wakeups;
 use self::recorder::PendingOutcome;
 use self::retry::RetryPolicy;
-use crate::domain::now_ms;
+use crate::domain::{now_ms, DeliveryState};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::store::{DeliveryRow, IncidentRow, Moved, Store};
@@ -45,6 +45,8 @@ pub struct Dispatcher {
     http: reqwest::Client,
     wake: Arc<Notify>,
     heartbeat: Arc<AtomicI64>,
+    /// When orphaned deliveries were last looked for (ms since the epoch; 0 = never).
+    last_adoption: AtomicI64,
     retry: RetryPolicy,
     lease: Duration,
     metrics: Arc<Metrics>,
@@ -86,6 +88,7 @@ impl Dispatcher {
             http,
             wake,
             heartbeat,
+            last_adoption: AtomicI64::new(0),
             retry,
             metrics,
         })
@@ -182,6 +185,39 @@ impl Dispatcher {
                 self.count_moved(&moved);
             }
             Err(e) => tracing::error!(error = format!("{e:#}"), "requeueing expired leases failed"),
+        }
+        self.adopt_orphans().await;
+    }
+
+    /// Queued deliveries whose lane no process here sends (stored by an older build without a lane,
+    /// or by a lane since removed) would never be claimed: each is given to the lane that now sends
+    /// its channel, loudly.
+    async fn adopt_orphans(&self) {
+        // Rare (an upgrade, a removed lane) and a scan of the queue: once a minute is soon enough.
+        let now = now_ms();
+        let last = self.last_adoption.load(Ordering::Relaxed);
+        if now - last < 60_000 {
+            return;
+        }
+        self.last_adoption.store(now, Ordering::Relaxed);
+        let known: Vec<&str> = self.lanes.iter().map(|l| l.name()).collect();
+        let known = known.join(",");
+        for channel in crate::domain::Channel::ALL {
+            let Some(lane) = self.lanes.iter().rev().find(|l| l.channel() == channel) else {
+                continue;
+            };
+            match self.store.adopt_orphans(channel, lane.name(), &known).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    adopted = n,
+                    lane = lane.name(),
+                    "queued deliveries of a lane nobody sends were given to this one"
+                ),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "adopting orphaned deliveries failed"
+                ),
+            }
         }
     }
 
@@ -311,7 +347,8 @@ impl Dispatcher {
     fn count_moved(&self, moved: &[Moved]) {
         for m in moved {
             // Only the provider-independent final states (failed, cancelled) arise here.
-            self.metrics.delivery_moved(m.channel, m.status, true);
+            self.metrics
+                .delivery_moved(m.channel, DeliveryState::Sending, m.status, true);
         }
     }
 }

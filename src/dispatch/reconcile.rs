@@ -125,9 +125,9 @@ impl Dispatcher {
     }
 
     fn count_effect(&self, lane: &Lane, applied: &anyhow::Result<CallbackEffect>) {
-        if let Ok(CallbackEffect::Applied(state)) = applied {
+        if let Ok(CallbackEffect::Applied { from, to }) = applied {
             self.metrics
-                .delivery_moved(lane.channel(), *state, lane.reports_outcome());
+                .delivery_moved(lane.channel(), *from, *to, lane.reports_outcome());
         }
     }
 }

@@ -59,7 +59,7 @@ impl Dispatcher {
         match self.record(&d.id, &token, finish).await {
             Ok(Some(status)) => {
                 self.metrics
-                    .delivery_moved(d.channel, status, lane.reports_outcome())
+                    .delivery_moved(d.channel, d.status, status, lane.reports_outcome())
             }
             Ok(None) => tracing::warn!("lease lost before the outcome was recorded; another claim owns it"),
             Err(e) => tracing::error!(

@@ -32,26 +32,18 @@ async fn read(
     Ok(params)
 }
 
-/// `Status=completed EventType=terminal …`: the fields of a report worth keeping in the audit trail.
-fn summary(p: &Params, keys: &[&str]) -> String {
-    keys.iter()
-        .filter_map(|k| p.get(k).map(|v| format!("{k}={v}")))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn answer(
     state: &AppState,
     channel: Channel,
     effect: CallbackEffect,
     what: &str,
 ) -> Result<Response, AppError> {
-    if let CallbackEffect::Applied(s) = &effect {
+    if let CallbackEffect::Applied { from, to } = &effect {
         // Exotel's calls and SMS both send a report after accepting.
-        state.metrics.delivery_moved(channel, *s, true);
+        state.metrics.delivery_moved(channel, *from, *to, true);
     }
     match effect {
-        CallbackEffect::Applied(status) => {
+        CallbackEffect::Applied { to: status, .. } => {
             Ok((StatusCode::OK, format!("ok: {status}")).into_response())
         }
         CallbackEffect::Ignored(why) => Ok((StatusCode::OK, format!("ok: {why}")).into_response()),
@@ -92,30 +84,11 @@ pub async fn call_status(
     body: Bytes,
 ) -> Result<Response, AppError> {
     let p = read(&uri, &headers, body, &state).await?;
-    let call_sid = p
-        .get("CallSid")
-        .ok_or_else(|| AppError::BadRequest("CallSid is required".to_owned()))?;
-    tracing::Span::current().record("call_sid", call_sid.as_str());
-    let status = p
-        .get("Status")
-        .or_else(|| p.get("Legs[0][Status]"))
-        .ok_or_else(|| AppError::BadRequest("Status is required".to_owned()))?;
-    // RecordingUrl and most other fields are absent on unanswered calls (nammayatri #917): all optional.
-    let detail = summary(
-        &p,
-        &[
-            "Status",
-            "EventType",
-            "ConversationDuration",
-            "DateUpdated",
-            "Legs[0][Status]",
-            "Legs[0][OnCallDuration]",
-        ],
-    );
-    let report = exotel_call::call_report(&call_sid, p.get("CustomField"), &status, detail);
+    let report = exotel_call::callback_report(|k| p.get(k)).map_err(AppError::BadRequest)?;
+    tracing::Span::current().record("call_sid", report.provider_id.as_str());
     let policy = state.settings.dispatch.redial_policy();
     let effect = until_recorded(|| state.store.apply_report(&report, policy)).await?;
-    tracing::info!(status = %status, effect = ?effect, "call status");
+    tracing::info!(status = %report.provider_status, effect = ?effect, "call status");
     answer(&state, Channel::Call, effect, "CallSid")
 }
 
@@ -128,36 +101,11 @@ pub async fn sms_status(
     body: Bytes,
 ) -> Result<Response, AppError> {
     let p = read(&uri, &headers, body, &state).await?;
-    let sms_sid = p
-        .get("SmsSid")
-        .ok_or_else(|| AppError::BadRequest("SmsSid is required".to_owned()))?;
-    tracing::Span::current().record("sms_sid", sms_sid.as_str());
-    let status = p
-        .get("Status")
-        .ok_or_else(|| AppError::BadRequest("Status is required".to_owned()))?;
-    let code = p.get("DetailedStatusCode").unwrap_or_default();
-    let name = p.get("DetailedStatus").unwrap_or_default();
-    let detail = summary(
-        &p,
-        &[
-            "Status",
-            "DetailedStatusCode",
-            "DetailedStatus",
-            "DateSent",
-            "SmsUnits",
-        ],
-    );
-    let report = exotel_sms::sms_report(
-        &sms_sid,
-        p.get("CustomField"),
-        &status,
-        &code,
-        &name,
-        detail,
-    );
+    let report = exotel_sms::callback_report(|k| p.get(k)).map_err(AppError::BadRequest)?;
+    tracing::Span::current().record("sms_sid", report.provider_id.as_str());
     let policy = state.settings.dispatch.redial_policy();
     let effect = until_recorded(|| state.store.apply_report(&report, policy)).await?;
-    tracing::info!(status = %status, effect = ?effect, "sms status");
+    tracing::info!(status = %report.provider_status, effect = ?effect, "sms status");
     answer(&state, Channel::Sms, effect, "SmsSid")
 }
 

@@ -154,3 +154,11 @@ mod tests {
         );
     }
 }
+
+/// `Status=completed EventType=terminal …`: the fields of a callback worth keeping in the audit trail.
+pub fn summary(get: &impl Fn(&str) -> Option<String>, keys: &[&str]) -> String {
+    keys.iter()
+        .filter_map(|k| get(k).map(|v| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::exotel::{error_reason, path_segment, unnamed_success, xml_field, Account};
+use super::exotel::{error_reason, path_segment, summary, unnamed_success, xml_field, Account};
 use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
 use crate::domain::{Channel, Report, ReportOutcome};
 
@@ -116,6 +116,28 @@ impl Client for ExotelCall {
         );
         Some(call_report(provider_id, None, &status, detail))
     }
+}
+
+/// Exotel's call StatusCallback (JSON, form or multipart fields, read through `get`) as a report; an
+/// error names the missing field. RecordingUrl and most other fields are absent on unanswered calls
+/// (nammayatri #917): only CallSid and a status are required.
+pub fn callback_report(get: impl Fn(&str) -> Option<String>) -> Result<Report, String> {
+    let call_sid = get("CallSid").ok_or("CallSid is required")?;
+    let status = get("Status")
+        .or_else(|| get("Legs[0][Status]"))
+        .ok_or("Status is required")?;
+    let detail = summary(
+        &get,
+        &[
+            "Status",
+            "EventType",
+            "ConversationDuration",
+            "DateUpdated",
+            "Legs[0][Status]",
+            "Legs[0][OnCallDuration]",
+        ],
+    );
+    Ok(call_report(&call_sid, get("CustomField"), &status, detail))
 }
 
 /// Exotel's word for a call's state, as a report: `completed` is answered; `busy`, `no-answer`,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::exotel::{error_reason, path_segment, unnamed_success, xml_field, Account};
+use super::exotel::{error_reason, path_segment, summary, unnamed_success, xml_field, Account};
 use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
 use crate::domain::{Channel, Report, ReportOutcome};
 
@@ -130,6 +130,33 @@ impl Client for ExotelSms {
         let detail = format!("{status}: {code} {name}").trim().to_owned();
         Some(sms_report(provider_id, None, &status, &code, name, detail))
     }
+}
+
+/// Exotel's SMS StatusCallback (fields read through `get`) as a report; an error names the missing
+/// field.
+pub fn callback_report(get: impl Fn(&str) -> Option<String>) -> Result<Report, String> {
+    let sms_sid = get("SmsSid").ok_or("SmsSid is required")?;
+    let status = get("Status").ok_or("Status is required")?;
+    let code = get("DetailedStatusCode").unwrap_or_default();
+    let name = get("DetailedStatus").unwrap_or_default();
+    let detail = summary(
+        &get,
+        &[
+            "Status",
+            "DetailedStatusCode",
+            "DetailedStatus",
+            "DateSent",
+            "SmsUnits",
+        ],
+    );
+    Ok(sms_report(
+        &sms_sid,
+        get("CustomField"),
+        &status,
+        &code,
+        &name,
+        detail,
+    ))
 }
 
 /// Exotel's word for an SMS's state, as a report: `sent` (or `delivered`) is delivered; `failed`,

@@ -13,7 +13,7 @@ use crate::domain::{now_ms, IncidentState};
 /// Which incidents to list, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct IncidentFilter {
-    pub status: Option<String>,
+    pub status: Option<IncidentState>,
     pub emergency_type: Option<String>,
     /// Only incidents older than this one (keyset pagination: stable while new incidents arrive).
     pub before: Option<String>,
@@ -62,7 +62,7 @@ impl Store {
                AND ($3 IS NULL OR received_at < $3 OR (received_at = $3 AND id < $4)) \
              ORDER BY received_at DESC, id DESC LIMIT $5 OFFSET $6"
         ))
-        .bind(filter.status.as_deref())
+        .bind(filter.status.map(IncidentState::as_str))
         .bind(filter.emergency_type.as_deref().map(str::to_lowercase))
         .bind(cursor.as_ref().map(|(at, _)| *at))
         .bind(cursor.as_ref().map(|(_, id)| id.as_str()))

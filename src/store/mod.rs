@@ -32,7 +32,7 @@ use self::rows::{delivery_columns, incident_columns};
 use crate::domain::{now_ms, random_token, Channel, DeliveryState, IncidentState, Source};
 
 /// The PostgreSQL NOTIFY channel that wakes every replica's dispatcher when work is committed.
-pub const WAKE_CHANNEL: &str = "sos_wake";
+pub const WAKE_CHANNEL: &str = sql::WAKE_CHANNEL;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -145,11 +145,24 @@ impl Store {
         self.write_lifecycle().await
     }
 
-    /// Fills the lifecycle's lookup tables from [`DeliveryState::transitions`] and
-    /// [`IncidentState::next`]: the code's table is the one written down, the database enforces it.
-    /// Only adds: a replica still running an older build keeps the moves it knows.
+    /// Fills the lifecycle's lookup tables (states and moves) from [`DeliveryState`] and
+    /// [`IncidentState`]: the code's table is the one written down, the database enforces it. Only
+    /// adds: a replica still running an older build keeps the moves it knows, so a move taken out of
+    /// the code stays allowed in existing databases until a migration removes it.
     async fn write_lifecycle(&self) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
+        for state in DeliveryState::ALL {
+            sqlx::query("INSERT INTO delivery_states (name) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(state.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        for state in IncidentState::ALL {
+            sqlx::query("INSERT INTO incident_states (name) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(state.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
         for (from, to) in DeliveryState::transitions() {
             sqlx::query(
                 "INSERT INTO delivery_transitions (from_state, to_state) VALUES ($1, $2) \

@@ -46,8 +46,11 @@ pub enum Finish {
 /// What a report did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallbackEffect {
-    /// The delivery moved to this state (or, for a progress report, stayed and noted it).
-    Applied(DeliveryState),
+    /// The delivery moved from one state to another (or, for a progress report, stayed and noted it).
+    Applied {
+        from: DeliveryState,
+        to: DeliveryState,
+    },
     /// Known, but nothing changed: a repeat, a late report, or one for an earlier attempt.
     Ignored(String),
     /// No delivery has this provider id.
@@ -442,7 +445,10 @@ impl Store {
                 let detail = format!("{reason}; now {state}");
                 let provider_id = d.provider_id.as_deref();
                 insert_event(&mut *tx, &d.id, "report_overdue", provider_id, &detail, now).await?;
-                CallbackEffect::Applied(state)
+                CallbackEffect::Applied {
+                    from: d.status,
+                    to: state,
+                }
             }
             None => CallbackEffect::Ignored("a report arrived meanwhile".to_owned()),
         };
@@ -569,7 +575,10 @@ impl Store {
         let applied = report_transition(&mut tx, &d, report, policy, now).await?;
         let (result, note) = match applied {
             Some(state) => (
-                CallbackEffect::Applied(state),
+                CallbackEffect::Applied {
+                    from: d.status,
+                    to: state,
+                },
                 format!("{}; now {state}", report.detail),
             ),
             None => {
@@ -628,6 +637,27 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Gives queued or held deliveries of `channel` whose lane is not among `known` (comma-separated
+    /// lane names) to `lane`; how many moved. Lane names hold no commas (`provider:channel`).
+    pub async fn adopt_orphans(
+        &self,
+        channel: Channel,
+        lane: &str,
+        known: &str,
+    ) -> anyhow::Result<u64> {
+        let moved = sqlx::query(
+            "UPDATE deliveries SET provider = $1 WHERE channel = $2 AND status IN ('queued', 'held') \
+             AND (',' || $3 || ',') NOT LIKE ('%,' || provider || ',%')",
+        )
+        .bind(lane)
+        .bind(channel.as_str())
+        .bind(known)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(moved)
     }
 
     /// Counts of deliveries by status, for tests and the operator.

@@ -24,6 +24,36 @@ impl Pruned {
     }
 }
 
+/// Incidents deleted per statement: the placeholders of [`PRUNE`].
+const CHUNK: usize = 50;
+
+/// The ids of up to [`CHUNK`] incidents, as placeholders.
+macro_rules! chunk_ids {
+    () => {
+        "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44, $45, $46, $47, $48, $49, $50"
+    };
+}
+
+/// Children first: events, deliveries, then the incidents themselves.
+const PRUNE: [&str; 3] = [
+    concat!(
+        "DELETE FROM delivery_events WHERE delivery_id IN \
+         (SELECT id FROM deliveries WHERE incident_id IN (",
+        chunk_ids!(),
+        "))"
+    ),
+    concat!(
+        "DELETE FROM deliveries WHERE incident_id IN (",
+        chunk_ids!(),
+        ")"
+    ),
+    concat!(
+        "DELETE FROM incidents WHERE status = 'resolved' AND id IN (",
+        chunk_ids!(),
+        ")"
+    ),
+];
+
 impl Store {
     /// Deletes resolved incidents whose `resolved_at` is before `cutoff_ms`, their deliveries and their
     /// delivery events, `batch` incidents per transaction, until none is left. Open incidents are never
@@ -65,19 +95,17 @@ impl Store {
             return Ok(Pruned::default());
         }
         // Every table that references deliveries or incidents must be emptied here, children first.
-        // One incident at a time, all in one transaction: plain statements, one commit per batch.
-        const STATEMENTS: [&str; 3] = [
-            "DELETE FROM delivery_events WHERE delivery_id IN \
-             (SELECT id FROM deliveries WHERE incident_id = $1)",
-            "DELETE FROM deliveries WHERE incident_id = $1",
-            "DELETE FROM incidents WHERE status = 'resolved' AND id = $1",
-        ];
+        // Up to CHUNK incidents per statement (a short chunk repeats its last id), all in one
+        // transaction: few round trips while SQLite's one writer is held, one commit per batch.
         let mut tx = self.pool.begin().await?;
         let mut counts = [0u64; 3];
-        for id in &ids {
-            for (sql, count) in STATEMENTS.iter().zip(counts.iter_mut()) {
-                *count += sqlx::query(sql)
-                    .bind(id)
+        for chunk in ids.chunks(CHUNK) {
+            for (sql, count) in PRUNE.iter().zip(counts.iter_mut()) {
+                let mut query = sqlx::query(sql);
+                for i in 0..CHUNK {
+                    query = query.bind(&chunk[i.min(chunk.len() - 1)]);
+                }
+                *count += query
                     .execute(&mut *tx)
                     .await
                     .context("pruning old incidents")?

@@ -8,6 +8,14 @@ use sqlx::migrate::Migrator;
 
 use super::Engine;
 
+/// The PostgreSQL NOTIFY channel that wakes every replica's dispatcher when work is committed.
+macro_rules! wake_channel {
+    () => {
+        "sos_wake"
+    };
+}
+pub(super) const WAKE_CHANNEL: &str = wake_channel!();
+
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -38,7 +46,7 @@ impl Engine {
     /// every replica's dispatcher. SQLite has one process, woken in memory.
     pub(super) fn wake_on_commit(self) -> Option<&'static str> {
         match self {
-            Engine::Postgres => Some("NOTIFY sos_wake"),
+            Engine::Postgres => Some(concat!("NOTIFY ", wake_channel!())),
             Engine::Sqlite => None,
         }
     }
@@ -77,6 +85,12 @@ macro_rules! per_engine {
     (@postgres LEAST) => { "LEAST" };
     (@sqlite LEAST) => { "MIN" };
     (@$engine:ident $literal:literal) => { $literal };
+    (@$engine:ident $other:tt) => {
+        compile_error!(concat!(
+            "per_engine!: unknown gap `", stringify!($other),
+            "` (NOW, SKIP_LOCKED, LEAST, DELIVERY_COLUMNS, a string literal or { macro!() })"
+        ))
+    };
     ($($part:tt)+) => {
         $crate::store::sql::Dialect {
             postgres: concat!($(per_engine!(@postgres $part)),+),

@@ -24,7 +24,7 @@ use super::{
     MAX_MESSAGE_CHARS, MAX_TYPE_CHARS,
 };
 use crate::app::incidents::{self, Emergency, PlanError, Planned};
-use crate::domain::{mask, Source, SOURCE_HEADER};
+use crate::domain::{mask, IncidentState, Source, SOURCE_HEADER};
 use crate::error::AppError;
 use crate::http::edge::Deadline;
 use crate::http::params::{http_url, strip_all_controls};
@@ -429,12 +429,12 @@ fn parse_list_query(raw: Option<&str>) -> Result<IncidentFilter, AppError> {
     if page.is_some() && before.is_some() {
         return Err(unprocessable("page", "use either page or before, not both"));
     }
-    let status = non_empty(&pairs, "status");
-    if let Some(s) = &status {
-        if !matches!(s.as_str(), "open" | "resolved") {
-            return Err(unprocessable("status", "must be open or resolved"));
-        }
-    }
+    let status = non_empty(&pairs, "status")
+        .map(|s| {
+            s.parse::<IncidentState>()
+                .map_err(|_| unprocessable("status", "must be open, acknowledged or resolved"))
+        })
+        .transpose()?;
     Ok(IncidentFilter {
         status,
         emergency_type: non_empty(&pairs, "emergency_type"),
