@@ -113,6 +113,14 @@ impl Account {
     }
 }
 
+/// `Status=completed EventType=terminal …`: the fields of a callback worth keeping in the audit trail.
+pub fn summary(get: &impl Fn(&str) -> Option<String>, keys: &[&str]) -> String {
+    keys.iter()
+        .filter_map(|k| get(k).map(|v| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,12 +161,4 @@ mod tests {
             "HTTP 502: <html>Bad gateway</html>"
         );
     }
-}
-
-/// `Status=completed EventType=terminal …`: the fields of a callback worth keeping in the audit trail.
-pub fn summary(get: &impl Fn(&str) -> Option<String>, keys: &[&str]) -> String {
-    keys.iter()
-        .filter_map(|k| get(k).map(|v| format!("{k}={v}")))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
