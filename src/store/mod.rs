@@ -34,7 +34,6 @@ use crate::domain::{now_ms, random_token, Channel, DeliveryState, IncidentState,
 /// The PostgreSQL NOTIFY channel that wakes every replica's dispatcher when work is committed.
 pub const WAKE_CHANNEL: &str = "sos_wake";
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     Postgres,
@@ -180,7 +179,10 @@ impl Store {
         let latest = self
             .engine
             .migrations()
-            .iter().map(|m| m.version).max().unwrap_or(0);
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
         let applied: Option<i64> =
             sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE")
                 .fetch_one(&self.pool)
@@ -419,7 +421,7 @@ async fn insert_delivery(
     .bind(d.channel.as_str())
     .bind(&d.provider)
     .bind(d.channel.priority())
-    .bind(random_token(16))
+    .bind(crate::messages::new_reference())
     .bind(DeliveryState::Queued.as_str())
     .bind(now)
     .execute(&mut **tx)
