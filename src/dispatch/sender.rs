@@ -306,6 +306,7 @@ impl Dispatcher {
             emergency_type: &incident.emergency_type,
             source: &incident.source,
             caller: incident.caller.as_deref(),
+            name: &d.contact_name,
             time_ms: incident.occurred_at.unwrap_or(incident.received_at),
             recording: link.as_deref(),
             message: incident.message.as_deref(),

@@ -93,6 +93,8 @@ pub enum Placeholder {
     Type,
     Source,
     Caller,
+    /// The recipient's name from the stakeholder file.
+    Name,
     Time,
     Recording,
     Message,
@@ -120,10 +122,11 @@ pub enum ValueKind {
 }
 
 impl Placeholder {
-    pub const ALL: [Placeholder; 10] = [
+    pub const ALL: [Placeholder; 11] = [
         Placeholder::Type,
         Placeholder::Source,
         Placeholder::Caller,
+        Placeholder::Name,
         Placeholder::Time,
         Placeholder::Recording,
         Placeholder::Message,
@@ -139,6 +142,7 @@ impl Placeholder {
             Placeholder::Type => "{type}",
             Placeholder::Source => "{source}",
             Placeholder::Caller => "{caller}",
+            Placeholder::Name => "{name}",
             Placeholder::Time => "{time}",
             Placeholder::Recording => "{recording}",
             Placeholder::Message => "{message}",
@@ -204,6 +208,8 @@ pub struct Vars<'a> {
     pub emergency_type: &'a str,
     pub source: &'a str,
     pub caller: Option<&'a str>,
+    /// The recipient's name.
+    pub name: &'a str,
     pub time_ms: i64,
     pub recording: Option<&'a str>,
     pub message: Option<&'a str>,
@@ -237,6 +243,7 @@ pub fn render(template: &str, vars: &Vars<'_>, utc_offset_minutes: i32, style: S
                     Placeholder::Type => vars.emergency_type,
                     Placeholder::Source => vars.source,
                     Placeholder::Caller => vars.caller.unwrap_or(vars.source),
+                    Placeholder::Name => vars.name,
                     Placeholder::Time => time.as_str(),
                     Placeholder::Recording => vars.recording.unwrap_or(""),
                     Placeholder::Message => vars.message.unwrap_or(""),
@@ -379,6 +386,7 @@ mod tests {
             emergency_type: "Heart",
             source: "exotel",
             caller: Some("+919800000001"),
+            name: "Dr. Asha Rao",
             time_ms: 1_722_424_376_000,
             recording: None,
             message: None,
