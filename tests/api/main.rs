@@ -13,6 +13,7 @@ mod control_chars;
 mod corpus;
 mod deadline;
 mod dispatch;
+mod dlt;
 mod faultproof;
 mod faults;
 mod greeting;
