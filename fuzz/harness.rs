@@ -201,7 +201,8 @@ pub fn exotel_sms() -> ExotelSms {
         account: exotel_account(),
         from: "HOSPTL".into(),
         dlt_entity_id: String::new(),
-        dlt_template_id: String::new(),
+        sms_type: "transactional".into(),
+        priority: "high".into(),
         status_callback: "https://h/exotel/sms-status?token=x".into(),
         request_timeout: Duration::from_secs(15),
     }

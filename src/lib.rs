@@ -57,6 +57,15 @@ impl App {
         for w in &routing.warnings {
             tracing::warn!(warning = %w, "stakeholder file");
         }
+        // The same template checks as check-config; logged rather than refused, so that a template
+        // problem never keeps the calls from going out.
+        let dlt = messages::dlt::check(&settings);
+        for problem in dlt.errors() {
+            tracing::error!(problem = %problem, "SMS template: operators will refuse these messages; run check-config");
+        }
+        for w in dlt.all_warnings() {
+            tracing::warn!(warning = %w, "SMS template");
+        }
         let store =
             Store::connect(&settings.database.url, settings.database.max_connections).await?;
         store.migrate().await?;

@@ -168,9 +168,11 @@ async fn backup(settings: Settings, file: &std::path::Path) -> anyhow::Result<()
     Ok(())
 }
 
-/// Runs exactly the validation that startup runs; every problem is printed, not only the first.
+/// Runs exactly the validation that startup runs; every problem is printed, not only the first. Then
+/// each message kind's SMS template as it must be registered with DLT: its problems are errors while
+/// SMS is live (operators would refuse every such message), warnings otherwise.
 fn check_config(settings: &Settings) -> ExitCode {
-    match load_routing(settings) {
+    let mut ok = match load_routing(settings) {
         Ok(routing) => {
             println!(
                 "settings: ok\nstakeholder file: {} ok ({} contacts)\n",
@@ -181,12 +183,26 @@ fn check_config(settings: &Settings) -> ExitCode {
                 println!("warning: {w}");
             }
             print!("{}", routing.describe());
-            ExitCode::SUCCESS
+            true
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            false
         }
+    };
+    let dlt = exotel_sos::messages::dlt::check(settings);
+    println!("\n{}", dlt.text);
+    for w in dlt.all_warnings() {
+        println!("warning: {w}");
+    }
+    for e in dlt.errors() {
+        eprintln!("error: {e}");
+        ok = false;
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -61,7 +61,12 @@ pub struct ExotelSettings {
     pub flow_url: String,
     pub sms_from: String,
     pub dlt_entity_id: String,
+    /// The alert's DLT template id; other kinds have `messages.kinds.<kind>.dlt_template_id`.
     pub dlt_template_id: String,
+    /// Sent as `SmsType`; empty leaves the field out.
+    pub sms_type: String,
+    /// Sent as `Priority`; empty leaves the field out.
+    pub sms_priority: String,
     pub call_timeout_secs: u64,
     pub ring_timeout_secs: u64,
     pub sms_timeout_secs: u64,
@@ -85,13 +90,38 @@ pub struct StakeholderSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct MessageSettings {
+    /// The alert's SMS text (the `alert` kind).
     pub sms: String,
+    /// The alert's WhatsApp text.
     pub whatsapp: String,
+    /// The name the alert's WhatsApp text is registered under.
+    pub whatsapp_template: String,
+    /// The sender's brand name, which DLT requires in every SMS (`{brand}` in a template).
+    pub brand: String,
+    /// The other kinds' texts and ids, by [`MessageKind::key`]; a kind or field left empty uses the
+    /// alert's.
+    ///
+    /// [`MessageKind::key`]: crate::messages::MessageKind::key
+    #[serde(default)]
+    pub kinds: std::collections::BTreeMap<String, KindSettings>,
     pub recording_link: RecordingLink,
     pub greeting_text: String,
     pub greeting_fallback: String,
     pub greeting_repeat: u32,
     pub utc_offset_minutes: i32,
+}
+
+/// One message kind's texts and registered ids (`messages.kinds.<kind>`); empty uses the alert's.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct KindSettings {
+    #[serde(default)]
+    pub sms: String,
+    #[serde(default)]
+    pub dlt_template_id: String,
+    #[serde(default)]
+    pub whatsapp: String,
+    #[serde(default)]
+    pub whatsapp_template: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -432,6 +462,7 @@ impl Settings {
         if !(1..=10_000).contains(&self.retention.batch) {
             problems.push("retention.batch must be 1 to 10000".to_owned());
         }
+        problems.extend(self.message_problems());
         if self.messages.greeting_repeat == 0 {
             problems.push("messages.greeting_repeat must be at least 1".to_owned());
         }
@@ -494,6 +525,73 @@ impl Settings {
         } else {
             anyhow::bail!("invalid settings:\n  - {}", problems.join("\n  - "))
         }
+    }
+
+    /// One kind's texts and ids; a field the kind leaves empty is the alert's.
+    pub fn message_kind(&self, kind: crate::messages::MessageKind) -> crate::messages::KindTexts {
+        let m = &self.messages;
+        let alert = crate::messages::KindTexts {
+            sms: m.sms.clone(),
+            dlt_template_id: self.exotel.dlt_template_id.trim().to_owned(),
+            whatsapp: m.whatsapp.clone(),
+            whatsapp_template: m.whatsapp_template.trim().to_owned(),
+        };
+        let Some(own) = m.kinds.get(kind.key()) else {
+            return alert;
+        };
+        let or = |own: &str, alert: String| {
+            if own.trim().is_empty() {
+                alert
+            } else {
+                own.to_owned()
+            }
+        };
+        crate::messages::KindTexts {
+            sms: or(&own.sms, alert.sms),
+            dlt_template_id: or(own.dlt_template_id.trim(), alert.dlt_template_id),
+            whatsapp: or(&own.whatsapp, alert.whatsapp),
+            whatsapp_template: or(own.whatsapp_template.trim(), alert.whatsapp_template),
+        }
+    }
+
+    /// Unknown message kinds and SMS request values Exotel does not know.
+    fn message_problems(&self) -> Vec<String> {
+        use crate::messages::MessageKind;
+        let mut problems = Vec::new();
+        for key in self.messages.kinds.keys() {
+            match MessageKind::from_key(key) {
+                Some(MessageKind::Alert) => problems.push(
+                    "messages.kinds.alert: the alert's texts are messages.sms, messages.whatsapp,                      messages.whatsapp_template and exotel.dlt_template_id"
+                        .to_owned(),
+                ),
+                Some(_) => {}
+                None => problems.push(format!(
+                    "messages.kinds.{key} is not a message kind (kinds: {})",
+                    MessageKind::ALL
+                        .iter()
+                        .filter(|k| **k != MessageKind::Alert)
+                        .map(|k| k.key())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            }
+        }
+        let sms_type = self.exotel.sms_type.trim();
+        if !matches!(
+            sms_type,
+            "" | "transactional" | "transactional_opt_in" | "promotional"
+        ) {
+            problems.push(format!(
+                "exotel.sms_type {sms_type:?} is not transactional, transactional_opt_in, promotional or empty"
+            ));
+        }
+        let priority = self.exotel.sms_priority.trim();
+        if !matches!(priority, "" | "normal" | "high") {
+            problems.push(format!(
+                "exotel.sms_priority {priority:?} is not normal, high or empty"
+            ));
+        }
+        problems
     }
 
     /// Whether each channel has its credentials (live) or runs dry-run.

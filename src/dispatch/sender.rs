@@ -11,7 +11,7 @@ use tracing::Instrument;
 use super::limits::Ready;
 use super::{recorder, Dispatcher, IncidentLookup, Lane};
 use crate::domain::{mask, mask_numbers, now_ms, Channel, DeliveryState};
-use crate::messages::{self, Vars};
+use crate::messages::{self, MessageKind, Style, Vars};
 use crate::providers::{self, Job, Outcome, Prepared};
 use crate::settings::RecordingLink;
 use crate::store::{DeliveryRow, Finish, IncidentRow};
@@ -104,12 +104,14 @@ impl Dispatcher {
         incident: &IncidentRow,
         lease_deadline: tokio::time::Instant,
     ) -> Finish {
+        let (text, dlt_template_id) = self.text_for(lane.channel(), d, incident);
         let job = Job {
             delivery_id: d.id.clone(),
             channel: lane.channel(),
             phone: d.phone.clone(),
             greeting_ref: d.greeting_ref.clone(),
-            text: self.text_for(lane.channel(), d, incident),
+            text,
+            dlt_template_id,
         };
         let prepared = lane.client().prepare(&job);
         // Resolved between queueing and now (another replica, the API, Alertmanager): nobody is paged.
@@ -270,34 +272,51 @@ impl Dispatcher {
         }
     }
 
-    /// The SMS or WhatsApp text from the operator's template. It lives here rather than in
-    /// `messages`, which knows nothing of the store's rows.
-    fn text_for(&self, channel: Channel, d: &DeliveryRow, incident: &IncidentRow) -> String {
+    /// The SMS or WhatsApp text from the template of the incident's message kind (a Passthru alert or
+    /// an alert from the API), and the DLT template id it is registered under (SMS only). It lives here
+    /// rather than in `messages`, which knows nothing of the store's rows.
+    fn text_for(
+        &self,
+        channel: Channel,
+        d: &DeliveryRow,
+        incident: &IncidentRow,
+    ) -> (String, String) {
         let m = &self.settings.messages;
-        let template = match channel {
-            Channel::Call => return String::new(),
-            Channel::Sms => &m.sms,
-            Channel::Whatsapp => &m.whatsapp,
+        let kind = self
+            .settings
+            .message_kind(MessageKind::for_source(&incident.source));
+        let (template, style, dlt_template_id) = match channel {
+            Channel::Call => return (String::new(), String::new()),
+            Channel::Sms => (&kind.sms, Style::Dlt, kind.dlt_template_id.clone()),
+            Channel::Whatsapp => (&kind.whatsapp, Style::Exact, String::new()),
         };
+        let base = self.settings.public_base();
+        let short = format!("{base}/r/{}", d.greeting_ref);
         let link = incident
             .recording_url
             .as_ref()
-            .map(|url| match m.recording_link {
-                RecordingLink::Direct => url.clone(),
-                RecordingLink::Short => {
-                    format!("{}/r/{}", self.settings.public_base(), d.greeting_ref)
-                }
+            .map(|url| match (m.recording_link, channel) {
+                (RecordingLink::Short, _) => short.clone(),
+                // A URL too long for a DLT link variable would be refused: the short link leads to
+                // the same recording.
+                (RecordingLink::Direct, Channel::Sms) => messages::sms_link(url, &short),
+                (RecordingLink::Direct, _) => url.clone(),
             });
         let vars = Vars {
             emergency_type: &incident.emergency_type,
             source: &incident.source,
             caller: incident.caller.as_deref(),
+            name: &d.contact_name,
             time_ms: incident.occurred_at.unwrap_or(incident.received_at),
             recording: link.as_deref(),
             message: incident.message.as_deref(),
             incident: &incident.id,
+            reference: &d.greeting_ref,
+            brand: m.brand.trim(),
+            public_url: base,
         };
-        messages::render(template, &vars, m.utc_offset_minutes)
+        let text = messages::render(template, &vars, m.utc_offset_minutes, style);
+        (text, dlt_template_id)
     }
 }
 

@@ -125,6 +125,7 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
         recording: view.recording_url.as_deref(),
         message: view.message.as_deref(),
         incident: &view.incident_id,
+        ..Vars::default()
     };
     Some(messages::greeting_body(
         &state.settings.messages,

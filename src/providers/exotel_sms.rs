@@ -15,7 +15,10 @@ pub struct ExotelSms {
     pub account: Account,
     pub from: String,
     pub dlt_entity_id: String,
-    pub dlt_template_id: String,
+    /// `SmsType`: `transactional`, `transactional_opt_in` or `promotional`; empty leaves it out.
+    pub sms_type: String,
+    /// `Priority`: `high` or `normal`; empty leaves it out.
+    pub priority: String,
     /// `{public_url}/exotel/sms-status?token=…`
     pub status_callback: String,
     pub request_timeout: Duration,
@@ -35,19 +38,27 @@ impl Client for ExotelSms {
     }
 
     fn prepare(&self, job: &Job) -> Prepared {
+        let body: String = job.text.chars().take(MAX_BODY_CHARS).collect();
+        // Text outside the GSM-7 alphabet (a Hindi name, °, an emoji) arrives garbled or not at all
+        // unless Exotel is told to send it as Unicode.
+        let unicode = !crate::messages::gsm::is_gsm7(&body);
         let mut form = vec![
             ("From".to_owned(), self.from.clone()),
             ("To".to_owned(), job.phone.clone()),
-            (
-                "Body".to_owned(),
-                job.text.chars().take(MAX_BODY_CHARS).collect(),
-            ),
+            ("Body".to_owned(), body),
         ];
-        if !self.dlt_entity_id.trim().is_empty() {
-            form.push(("DltEntityId".into(), self.dlt_entity_id.clone()));
+        if unicode {
+            form.push(("EncodingType".into(), "unicode".into()));
         }
-        if !self.dlt_template_id.trim().is_empty() {
-            form.push(("DltTemplateId".into(), self.dlt_template_id.clone()));
+        for (key, value) in [
+            ("SmsType", &self.sms_type),
+            ("Priority", &self.priority),
+            ("DltEntityId", &self.dlt_entity_id),
+            ("DltTemplateId", &job.dlt_template_id),
+        ] {
+            if !value.trim().is_empty() {
+                form.push((key.into(), value.trim().to_owned()));
+            }
         }
         form.push(("StatusCallback".into(), self.status_callback.clone()));
         form.push(("CustomField".into(), job.greeting_ref.clone()));
@@ -210,7 +221,8 @@ mod tests {
             },
             from: "HOSPTL".into(),
             dlt_entity_id: String::new(),
-            dlt_template_id: String::new(),
+            sms_type: "transactional".into(),
+            priority: String::new(),
             status_callback: "https://h/exotel/sms-status?token=x".into(),
             request_timeout: Duration::from_secs(1),
         }
@@ -272,6 +284,7 @@ mod tests {
             phone: "+919800000001".into(),
             greeting_ref: "r".into(),
             text: "x".repeat(3000),
+            dlt_template_id: String::new(),
         });
         assert!(
             empty_dlt.form.iter().all(|(k, _)| k != "DltEntityId"),
@@ -283,6 +296,48 @@ mod tests {
             empty_dlt.url,
             "https://api.exotel.com/v1/Accounts/acme/Sms/send.json"
         );
+    }
+
+    fn job(text: &str, dlt_template_id: &str) -> Job {
+        Job {
+            delivery_id: "d".into(),
+            channel: Channel::Sms,
+            phone: "+919800000001".into(),
+            greeting_ref: "r".into(),
+            text: text.into(),
+            dlt_template_id: dlt_template_id.into(),
+        }
+    }
+
+    #[test]
+    fn sends_the_kind_s_template_id_the_sms_type_and_unicode_only_when_needed() {
+        let c = client();
+        let p = c.prepare(&job("SOS Heart from Dr. Asha Rao", "1107000000000000009"));
+        let fields: Vec<(&str, &str)> = p
+            .form
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("From", "HOSPTL"),
+                ("To", "+919800000001"),
+                ("Body", "SOS Heart from Dr. Asha Rao"),
+                ("SmsType", "transactional"),
+                ("DltTemplateId", "1107000000000000009"),
+                ("StatusCallback", "https://h/exotel/sms-status?token=x"),
+                ("CustomField", "r"),
+            ],
+            "an empty priority is left out"
+        );
+        for text in ["SOS Heart from डॉ. आशा राव", "Temp 39°C", "🚑"] {
+            let p = c.prepare(&job(text, ""));
+            assert!(
+                p.form.contains(&("EncodingType".into(), "unicode".into())),
+                "{text}"
+            );
+        }
     }
 
     #[test]

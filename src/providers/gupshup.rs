@@ -190,6 +190,7 @@ mod tests {
             channel: Channel::Whatsapp,
             phone: "+919800000001".into(),
             greeting_ref: "ref".into(),
+            dlt_template_id: String::new(),
             text: "hi".into(),
         });
         assert!(p.form.contains(&("send_to".into(), "919800000001".into())));

@@ -26,6 +26,8 @@ pub struct Job {
     pub greeting_ref: String,
     /// The SMS or WhatsApp text (empty for calls).
     pub text: String,
+    /// The DLT template id the SMS text is registered under (its message kind's); empty for none.
+    pub dlt_template_id: String,
 }
 
 /// A request ready to send: method, URL, form fields and credentials, kept apart so the stored copy

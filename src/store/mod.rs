@@ -434,7 +434,7 @@ async fn insert_delivery(
     .bind(d.channel.as_str())
     .bind(&d.provider)
     .bind(d.channel.priority())
-    .bind(random_token(16))
+    .bind(crate::messages::new_reference())
     .bind(DeliveryState::Queued.as_str())
     .bind(now)
     .execute(&mut **tx)

@@ -14,6 +14,7 @@ mod corpus;
 mod deadline;
 mod dispatch;
 mod drill;
+mod dlt;
 mod faultproof;
 mod faults;
 mod greeting;
