@@ -1,4 +1,5 @@
-//! The `exotel-sos` command: `serve` (the default), `migrate`, `check-config`, `trigger`, `backup`.
+//! The `exotel-sos` command: `serve` (the default), `migrate`, `check-config`, `trigger`, `optin`,
+//! `backup`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -34,6 +35,9 @@ enum Command {
     /// Raise an incident through the running server's API (exit codes: 0 stored, 2 no token or bad
     /// settings, 3 server unreachable, 4 token refused, 5 input refused, 1 other).
     Trigger(TriggerCmd),
+    /// Opt every WhatsApp contact of the stakeholder file in with GupShup (OPT_IN), once per number;
+    /// exits 1 if any failed.
+    Optin,
     /// Write a consistent copy of the SQLite database to FILE (never overwrites; for PostgreSQL use
     /// pg_dump or pg_basebackup).
     Backup {
@@ -81,6 +85,7 @@ async fn main() -> ExitCode {
         Command::Migrate => migrate(settings).await,
         Command::CheckConfig => return check_config(&settings),
         Command::Trigger(t) => return trigger(&settings, t).await,
+        Command::Optin => return ExitCode::from(exotel_sos::cli::optin(&settings).await),
         Command::Backup { file } => backup(settings, &file).await,
     };
     match result {

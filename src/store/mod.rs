@@ -10,6 +10,7 @@
 //! migration, and the database refuses anything else. Times are milliseconds since the Unix epoch.
 
 mod incidents;
+mod optins;
 mod queue;
 pub mod retention;
 mod rows;
@@ -33,7 +34,6 @@ use crate::domain::{now_ms, random_token, Channel, DeliveryState, IncidentState,
 
 /// The PostgreSQL NOTIFY channel that wakes every replica's dispatcher when work is committed.
 pub const WAKE_CHANNEL: &str = "sos_wake";
-
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -180,7 +180,10 @@ impl Store {
         let latest = self
             .engine
             .migrations()
-            .iter().map(|m| m.version).max().unwrap_or(0);
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
         let applied: Option<i64> =
             sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE")
                 .fetch_one(&self.pool)

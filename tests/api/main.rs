@@ -16,6 +16,7 @@ mod dispatch;
 mod faultproof;
 mod faults;
 mod greeting;
+mod gupshup;
 mod hardening;
 mod health;
 mod lifecycle;
