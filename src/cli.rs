@@ -1,5 +1,5 @@
 //! `exotel-sos trigger` and `exotel-sos drill`: raise an incident through the running server's API, as
-//! an operator would.
+//! an operator would; `exotel-sos optin`: opts the stakeholder file's WhatsApp contacts in with GupShup.
 //!
 //! Exit codes tell scripts what went wrong without parsing text: see the `EXIT_*` constants.
 
@@ -385,5 +385,58 @@ fn report_drill(deliveries: &[serde_json::Value]) -> u8 {
     } else {
         println!("drill NOT passed: some channels did not reach the contact (see above)");
         EXIT_NOT_REACHED
+    }
+}
+
+/// `exotel-sos optin`: opts in every WhatsApp contact not recorded yet and prints one line per contact
+/// (numbers masked). 0 when all are opted in, 1 when any failed, 2 for bad settings or no credentials.
+pub async fn optin(settings: &Settings) -> u8 {
+    use crate::app::optin::{opt_in_all, OptIn};
+    use crate::providers::Client;
+    let routing = match crate::load_routing(settings) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return EXIT_CONFIG;
+        }
+    };
+    let client = crate::providers::registry::gupshup(settings);
+    if !client.is_live() {
+        eprintln!(
+            "error: GupShup credentials are not set (gupshup.userid, gupshup.password): nothing sent"
+        );
+        return EXIT_CONFIG;
+    }
+    let store = match Store::connect(&settings.database.url, 1).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot open the database: {e:#}");
+            return EXIT_CONFIG;
+        }
+    };
+    if let Err(e) = store.migrate().await {
+        eprintln!("error: cannot migrate the database: {e:#}");
+        return EXIT_CONFIG;
+    }
+    let http = reqwest::Client::new();
+    let lines = opt_in_all(&store, &client, &http, &routing).await;
+    store.close().await;
+    let mut failed = 0;
+    for line in &lines {
+        let said = match &line.outcome {
+            OptIn::Done => "opted in".to_owned(),
+            OptIn::Already => "already opted in".to_owned(),
+            OptIn::Failed(why) => {
+                failed += 1;
+                format!("FAILED: {why}")
+            }
+        };
+        println!("{:<28} {:<16} {said}", line.name, line.masked);
+    }
+    println!("{} WhatsApp contact(s), {failed} failed", lines.len());
+    if failed > 0 {
+        EXIT_OTHER
+    } else {
+        EXIT_OK
     }
 }

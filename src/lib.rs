@@ -224,6 +224,10 @@ impl App {
             self.state.clone(),
             stop_rx.clone(),
         ));
+        tokio::spawn(app::optin::follow_stakeholder_file(
+            self.state.clone(),
+            stop_rx.clone(),
+        ));
         tokio::spawn(app::housekeeping::prune_old_incidents(
             self.state.clone(),
             stop_rx.clone(),

@@ -1,4 +1,4 @@
-//! The `exotel-sos` command: `serve` (the default), `migrate`, `check-config`, `trigger`, `drill`,
+//! The `exotel-sos` command: `serve` (the default), `migrate`, `check-config`, `trigger`, `drill`, `optin`,
 //! `backup`.
 #![forbid(unsafe_code)]
 
@@ -39,6 +39,9 @@ enum Command {
     /// on every channel they have, and print each channel's outcome (exit codes as for trigger, and 6
     /// when a channel did not reach the contact in time).
     Drill(DrillCmd),
+    /// Opt every WhatsApp contact of the stakeholder file in with GupShup (OPT_IN), once per number;
+    /// exits 1 if any failed.
+    Optin,
     /// Write a consistent copy of the SQLite database to FILE (never overwrites; for PostgreSQL use
     /// pg_dump or pg_basebackup).
     Backup {
@@ -111,6 +114,7 @@ async fn main() -> ExitCode {
             };
             return ExitCode::from(exotel_sos::cli::drill(&settings, args).await);
         }
+        Command::Optin => return ExitCode::from(exotel_sos::cli::optin(&settings).await),
         Command::Backup { file } => backup(settings, &file).await,
     };
     match result {

@@ -118,7 +118,7 @@ impl Metrics {
         let unconfirmed = Gauge::default();
         registry.register(
             "sos_deliveries_unconfirmed",
-            "Calls and SMS accepted by the provider whose status report is overdue (past dispatch.report_wait_secs)",
+            "Calls and messages accepted by the provider whose status report is overdue (past dispatch.report_wait_secs)",
             unconfirmed.clone(),
         );
         Metrics {

@@ -4,6 +4,7 @@
 
 pub mod housekeeping;
 pub mod incidents;
+pub mod optin;
 
 use std::sync::Arc;
 

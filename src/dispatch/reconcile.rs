@@ -1,7 +1,8 @@
 //! Exotel does not guarantee status callbacks: calls and SMS whose report is overdue are looked up in
 //! its details API and the answer applied exactly as a callback would be. When no answer comes (no id
-//! to look up, or three look-ups without a status) the report deadline has passed: the delivery ends
-//! visibly instead of waiting forever.
+//! to look up, three look-ups without a status, or a provider with no look-up at all, as GupShup's
+//! enterprise gateway) the report deadline has passed: the delivery ends visibly instead of waiting
+//! forever.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +30,7 @@ impl Dispatcher {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.changed() => return,
             }
-            // Only lanes whose requests get a report: WhatsApp's acceptance is final, its rows are
-            // left alone.
+            // Only lanes whose requests get a report (all built-in lanes do).
             for lane in self.lanes.iter().filter(|l| l.live && l.reports_outcome()) {
                 let overdue = match self
                     .store
@@ -57,9 +57,15 @@ impl Dispatcher {
             .provider_id
             .as_deref()
             .and_then(|id| lane.client().status_lookup(id));
+        let can_look_up = lookup.is_some();
         let Some(lookup) = lookup.filter(|_| d.report_checks <= MAX_LOOKUPS) else {
             let why = if d.provider_id.is_none() {
                 "no status report, and no provider id to look it up".to_owned()
+            } else if !can_look_up {
+                format!(
+                    "no status report within {:.0} s, and no look-up to ask",
+                    self.settings.dispatch.report_wait_secs
+                )
             } else {
                 format!(
                     "no status report within {:.0} s, and {MAX_LOOKUPS} look-ups found none",

@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/exotel/call-status", post(callbacks::call_status))
         .route("/exotel/sms-status", post(callbacks::sms_status))
+        .route("/gupshup/dlr", post(callbacks::gupshup_dlr))
         .route("/r/{reference}", get(callbacks::recording_link))
         .route("/healthz", get(health::healthz))
         .merge(api::routes())

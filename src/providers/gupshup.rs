@@ -1,5 +1,6 @@
-//! GupShup enterprise WhatsApp gateway (`SendMessage`), where errors come back as
-//! `{"response":{"status":"error","id":"<code>",…}}`, even with HTTP 200.
+//! GupShup enterprise WhatsApp gateway (`SendMessage`, `OPT_IN`), where errors come back as
+//! `{"response":{"status":"error","id":"<code>",…}}`, even with HTTP 200, and its delivery reports
+//! (`SENT`, `DELIVERED`, `READ`, anything else a failure), read into provider-neutral reports.
 //!
 //! <https://docs.gupshup.io/docs/api-reference>
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{classify_http, non_blank, Answer, Client, Job, Outcome, Prepared};
-use crate::domain::Channel;
+use crate::domain::{mask, Channel, Report, ReportOutcome};
 
 pub struct Gupshup {
     pub base_url: String,
@@ -29,6 +30,12 @@ const PERMANENT_CODES: &[&str] = &[
 impl Client for Gupshup {
     fn channel(&self) -> Channel {
         Channel::Whatsapp
+    }
+
+    /// GupShup posts delivery reports to `/gupshup/dlr`; without one by the deadline a message is
+    /// unconfirmed (the enterprise gateway has no look-up).
+    fn reports_outcome(&self) -> bool {
+        true
     }
 
     fn is_live(&self) -> bool {
@@ -121,6 +128,115 @@ impl Client for Gupshup {
     }
 }
 
+impl Gupshup {
+    /// The `OPT_IN` request for one number (E.164), with the same credentials and format as a send.
+    pub fn opt_in(&self, phone: &str) -> Prepared {
+        Prepared {
+            url: self.base_url.clone(),
+            form: vec![
+                ("method".to_owned(), "OPT_IN".to_owned()),
+                ("userid".into(), self.userid.clone()),
+                ("password".into(), self.password.expose_secret().to_owned()),
+                ("auth_scheme".into(), "plain".into()),
+                ("v".into(), "1.1".into()),
+                ("format".into(), "json".into()),
+                (
+                    "phone_number".into(),
+                    phone.trim_start_matches('+').to_owned(),
+                ),
+                ("channel".into(), "WHATSAPP".into()),
+            ],
+            basic_auth: None,
+            secret_fields: &["password"],
+            timeout: self.request_timeout,
+        }
+    }
+
+    /// Whether an `OPT_IN` answer says the number is opted in; otherwise why not.
+    pub fn read_opt_in(&self, answer: &Answer) -> Result<(), String> {
+        match self.classify(answer) {
+            Outcome::Accepted { .. } => Ok(()),
+            Outcome::Transient { reason, .. } | Outcome::Permanent { reason } => {
+                Err(crate::domain::mask_numbers(&reason))
+            }
+        }
+    }
+}
+
+/// Reads one delivery report's field, a string or a number, by its name in GupShup's JSON.
+fn dlr_field(item: &serde_json::Value, name: &str) -> Option<String> {
+    let map = item.as_object()?;
+    let value = map
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)?;
+    match value {
+        serde_json::Value::String(s) => non_blank(Some(s)),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The reports in a delivery-report body: a JSON array of objects, as GupShup posts them, or a single
+/// object. Items without an `externalId` name nothing and are left out.
+pub fn dlr_reports(body: &serde_json::Value) -> Vec<Report> {
+    let one = |item: &serde_json::Value| dlr_report(|name| dlr_field(item, name));
+    match body {
+        serde_json::Value::Array(items) => items.iter().filter_map(one).collect(),
+        other => one(other).into_iter().collect(),
+    }
+}
+
+/// One delivery report from its fields (`field("externalId")`, …), however they were posted.
+/// <https://github.com/samagra-comms/adapter> `GSWhatsappReport.java`: `eventType` `SENT`,
+/// `DELIVERED`, `READ`; anything else is a failure, whose `errorCode` and `cause` are kept as given.
+pub fn dlr_report(field: impl Fn(&str) -> Option<String>) -> Option<Report> {
+    let provider_id = non_blank(field("externalId").as_deref())?;
+    let event = field("eventType").unwrap_or_default();
+    let code = field("errorCode");
+    let cause = field("cause").unwrap_or_default();
+    let outcome = match event.to_ascii_uppercase().as_str() {
+        "SENT" => ReportOutcome::Progress,
+        "DELIVERED" => ReportOutcome::Delivered,
+        "READ" => ReportOutcome::Read,
+        _ => ReportOutcome::Failed {
+            reason: format!(
+                "GupShup {}: errorCode {}, cause {}",
+                if event.is_empty() {
+                    "(no eventType)"
+                } else {
+                    &event
+                },
+                code.as_deref().unwrap_or("(none)"),
+                if cause.is_empty() { "(none)" } else { &cause },
+            ),
+            code: code.clone(),
+        },
+    };
+    let mut detail = vec![format!("eventType={event}")];
+    if let Some(code) = &code {
+        detail.push(format!("errorCode={code}"));
+    }
+    if !cause.is_empty() {
+        detail.push(format!("cause={cause}"));
+    }
+    if let Some(dest) = field("destAddr") {
+        detail.push(format!("destAddr={}", mask(&dest)));
+    }
+    if let Some(ts) = field("eventTs") {
+        detail.push(format!("eventTs={ts}"));
+    }
+    Some(Report {
+        channel: Channel::Whatsapp,
+        provider_id,
+        // The reference we sent as `extra`, echoed in the report.
+        reference: non_blank(field("extra").as_deref()),
+        outcome,
+        provider_status: event,
+        detail: detail.join(" "),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +312,66 @@ mod tests {
         assert!(p.form.contains(&("send_to".into(), "919800000001".into())));
         let stored = p.redacted_json();
         assert!(!stored.contains("\"pw\""), "{stored}");
+    }
+
+    /// The real report from samagra-comms/adapter `GupShupWhatsappAdapterTest.java`.
+    #[test]
+    fn reads_the_delivery_report_array() {
+        let body = serde_json::json!([
+            {"srcAddr":"TESTSM","channel":"WHATSAPP","externalId":"4340925846643462155-31668054994359383",
+             "cause":"SENT","errorCode":"025","destAddr":"919311415686","eventType":"SENT","eventTs":1625655218000_i64},
+            {"externalId":"4340925846643462155-31668054994359383","eventType":"DELIVERED","cause":"SUCCESS",
+             "errorCode":"000","destAddr":"919311415686","eventTs":1625655219000_i64,"extra":"ref1"},
+            {"externalId":"4340925846643462155-31668054994359383","eventType":"READ","cause":"READ","errorCode":"026"},
+            {"externalId":"x-1","eventType":"FAILED","cause":"UNKNOWN_SUBSCRIBER","errorCode":1002},
+            {"eventType":"READ"}
+        ]);
+        let reports = dlr_reports(&body);
+        assert_eq!(reports.len(), 4);
+        assert_eq!(reports[0].outcome, ReportOutcome::Progress);
+        assert_eq!(
+            reports[0].provider_id,
+            "4340925846643462155-31668054994359383"
+        );
+        assert!(
+            !reports[0].detail.contains("919311415686"),
+            "{}",
+            reports[0].detail
+        );
+        assert_eq!(reports[1].outcome, ReportOutcome::Delivered);
+        assert_eq!(reports[1].reference.as_deref(), Some("ref1"));
+        assert_eq!(reports[2].outcome, ReportOutcome::Read);
+        match &reports[3].outcome {
+            ReportOutcome::Failed { code, reason } => {
+                assert_eq!(code.as_deref(), Some("1002"));
+                assert!(
+                    reason.contains("1002") && reason.contains("UNKNOWN_SUBSCRIBER"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // A single object is one report.
+        assert_eq!(dlr_reports(&body[1]).len(), 1);
+    }
+
+    #[test]
+    fn opt_in_uses_the_send_credentials_and_digits_only() {
+        let p = client().opt_in("+919800000001");
+        for (k, v) in [
+            ("method", "OPT_IN"),
+            ("phone_number", "919800000001"),
+            ("channel", "WHATSAPP"),
+            ("userid", "2000123456"),
+            ("auth_scheme", "plain"),
+            ("v", "1.1"),
+            ("format", "json"),
+        ] {
+            assert!(p.form.contains(&(k.into(), v.into())), "{k}");
+        }
+        let bad = r#"{"response":{"id":"105","phone":"","details":"The phone number \"919800000001\" is not valid","status":"error"}}"#;
+        let err = client().read_opt_in(&answer(200, bad)).unwrap_err();
+        assert!(!err.contains("919800000001"), "{err}");
     }
 
     #[test]

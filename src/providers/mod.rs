@@ -143,7 +143,7 @@ pub trait Client: Send + Sync {
     /// Whether credentials are set; without them the channel runs dry-run.
     fn is_live(&self) -> bool;
     /// Whether an accepted request gets a final report (callback or look-up) to wait for. Without one
-    /// (WhatsApp today) acceptance is as far as we can see.
+    /// acceptance is as far as we can see.
     fn reports_outcome(&self) -> bool {
         false
     }

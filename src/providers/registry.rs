@@ -113,19 +113,21 @@ pub fn built_in(settings: &Settings, webhook_token: &str) -> Registry {
             request_timeout: Duration::from_secs(ex.sms_timeout_secs),
         }),
     );
-    let g = &settings.gupshup;
-    registry.register(
-        "gupshup",
-        Arc::new(Gupshup {
-            base_url: g.base_url.clone(),
-            userid: g.userid.clone(),
-            password: g.password.clone(),
-            msg_type: g.msg_type.clone(),
-            is_template: g.template,
-            request_timeout: Duration::from_secs(g.timeout_secs),
-        }),
-    );
+    registry.register("gupshup", Arc::new(gupshup(settings)));
     registry
+}
+
+/// The GupShup client the settings describe (also used for opt-ins).
+pub fn gupshup(settings: &Settings) -> Gupshup {
+    let g = &settings.gupshup;
+    Gupshup {
+        base_url: g.base_url.clone(),
+        userid: g.userid.clone(),
+        password: g.password.clone(),
+        msg_type: g.msg_type.clone(),
+        is_template: g.template,
+        request_timeout: Duration::from_secs(g.timeout_secs),
+    }
 }
 
 #[cfg(test)]
@@ -143,6 +145,6 @@ mod tests {
             Some("exotel:sms")
         );
         assert!(registry.reports_outcome("exotel:call"));
-        assert!(!registry.reports_outcome("gupshup:whatsapp"));
+        assert!(registry.reports_outcome("gupshup:whatsapp"));
     }
 }

@@ -336,6 +336,21 @@ impl Routing {
     pub fn phones(&self) -> impl Iterator<Item = &str> {
         self.contacts.iter().map(|c| c.phone.e164())
     }
+
+    /// Every contact reached on WhatsApp, one per number (the first name given to it), in file order.
+    pub fn whatsapp_contacts(&self) -> Vec<(String, Phone)> {
+        let mut out: Vec<(String, Phone)> = Vec::new();
+        for c in self
+            .contacts
+            .iter()
+            .filter(|c| c.channels.contains(&Channel::Whatsapp))
+        {
+            if !out.iter().any(|(_, p)| p.e164() == c.phone.e164()) {
+                out.push((c.name.clone(), c.phone.clone()));
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]

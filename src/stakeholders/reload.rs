@@ -17,6 +17,8 @@ pub struct RoutingHandle {
     region: phonenumber::country::Id,
     /// Edits rejected since start: proof, for operators and tests, that a broken edit was seen.
     rejected: AtomicU64,
+    /// Counts accepted reloads; tasks that follow the file (WhatsApp opt-in) watch it.
+    loaded: tokio::sync::watch::Sender<u64>,
 }
 
 impl RoutingHandle {
@@ -26,7 +28,13 @@ impl RoutingHandle {
             path,
             region,
             rejected: AtomicU64::new(0),
+            loaded: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes each time a reload is accepted (the routing at start counts as seen already).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.loaded.subscribe()
     }
 
     /// How many edits of the file were rejected since start.
@@ -55,6 +63,7 @@ impl RoutingHandle {
                     "stakeholder file reloaded"
                 );
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
+                self.loaded.send_modify(|n| *n += 1);
                 Ok(())
             }
             Err(errors) => {

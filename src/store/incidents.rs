@@ -35,7 +35,7 @@ pub struct Resolved {
 pub struct QueueStats {
     pub depth: i64,
     pub oldest_due_at: Option<i64>,
-    /// Calls and SMS accepted by the provider whose report deadline has passed without a report.
+    /// Calls and messages accepted by the provider whose report deadline has passed without a report.
     pub unconfirmed: i64,
 }
 

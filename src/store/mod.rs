@@ -10,6 +10,7 @@
 //! migration, and the database refuses anything else. Times are milliseconds since the Unix epoch.
 
 mod incidents;
+mod optins;
 mod queue;
 pub mod retention;
 mod rows;

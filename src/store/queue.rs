@@ -104,12 +104,14 @@ macro_rules! finished_if_cancelled {
 }
 
 /// Which rows a success report (`$2` = its provider id) may finish: the accepted attempt it names, and
-/// also one that was waiting for this very report when its deadline passed (a redial still queued, or a
-/// delivery failed as unconfirmed): a late "answered" is the truth and beats our guess.
+/// also one that was waiting for this very report when its deadline passed (a redial still queued, a
+/// delivery failed or left unconfirmed for want of a report): a late "answered" or "delivered" is the
+/// truth and beats our guess.
 macro_rules! answered_late_or_now {
     () => {
         "((status = 'accepted' AND (provider_id = $2 OR provider_id IS NULL)) \
          OR (status = 'queued' AND provider_id = $2) \
+         OR (status = 'unconfirmed' AND provider_id = $2) \
          OR (status = 'failed' AND provider_id = $2 AND last_error LIKE '%no status report%'))"
     };
 }
@@ -179,13 +181,13 @@ const REDIAL: &str = concat!(
     " AND redials = $7 RETURNING status"
 );
 
-/// Not reached and out of redials, or refused: failed, with the reason.
-const REPORTED_FAILED: &str = concat!(
-    "UPDATE deliveries SET status = 'failed', provider_id = $2, provider_status = $3, \
-     finished_at = $4, updated_at = $4, last_error = $5, report_due_at = NULL ",
-    this_attempt!(),
-    " AND redials = $6 RETURNING status"
-);
+/// Not reached and out of redials, or refused: failed, with the reason. A late failure report also
+/// settles a delivery left unconfirmed for want of it.
+const REPORTED_FAILED: &str = "UPDATE deliveries SET status = 'failed', provider_id = $2, \
+     provider_status = $3, finished_at = $4, updated_at = $4, last_error = $5, report_due_at = NULL \
+     WHERE id = $1 AND ((status = 'accepted' AND (provider_id = $2 OR provider_id IS NULL)) \
+       OR (status = 'unconfirmed' AND provider_id = $2)) \
+     AND redials = $6 RETURNING status";
 
 /// Reached (answered, delivered): `$5` is the state it reaches.
 const REPORTED_REACHED: &str = concat!(
@@ -220,6 +222,12 @@ const DEADLINE_REDIAL: &str = concat!(
 );
 
 const DEADLINE_FAILED: &str = "UPDATE deliveries SET status = 'failed', finished_at = $2, \
+     updated_at = $2, last_error = $3, report_due_at = NULL \
+     WHERE id = $1 AND status = 'accepted' AND redials = $4 RETURNING status";
+
+/// A message without a report and without a look-up: unconfirmed, until a late report settles it.
+const DEADLINE_UNCONFIRMED: &str =
+    "UPDATE deliveries SET status = 'unconfirmed', finished_at = $2, \
      updated_at = $2, last_error = $3, report_due_at = NULL \
      WHERE id = $1 AND status = 'accepted' AND redials = $4 RETURNING status";
 
@@ -403,9 +411,10 @@ impl Store {
         Ok(rows)
     }
 
-    /// An accepted call or SMS whose report never came and could not be looked up: a call counts as
-    /// not reached (redialled while redials remain), an SMS as unconfirmed (failed). Guarded, so a
-    /// report that arrived meanwhile wins.
+    /// An accepted call or message whose report never came and could not be looked up: a call counts
+    /// as not reached (redialled while redials remain), an SMS as unconfirmed (failed), a WhatsApp
+    /// message as `unconfirmed` (its gateway has no look-up; a late report still settles it).
+    /// Guarded, so a report that arrived meanwhile wins.
     pub async fn report_deadline_passed(
         &self,
         d: &DeliveryRow,
@@ -432,7 +441,12 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?
         } else {
-            sqlx::query_scalar(DEADLINE_FAILED)
+            let sql = if d.channel == Channel::Whatsapp {
+                DEADLINE_UNCONFIRMED
+            } else {
+                DEADLINE_FAILED
+            };
+            sqlx::query_scalar(sql)
                 .bind(&d.id)
                 .bind(now)
                 .bind(&reason)

@@ -17,7 +17,7 @@ both_engines!(
     a_delivery_never_confirmed_ends_at_its_deadline,
     a_resolve_during_a_rate_wait_sends_nothing_more,
     a_report_that_cancels_says_so_and_finishes_the_delivery,
-    finished_whatsapp_rows_are_left_alone_by_the_report_sweep,
+    unreported_whatsapp_rows_become_unconfirmed_once_at_the_report_deadline,
 );
 
 const SID: &str = "f00d0e6fcd920019d7174b60099187v";
@@ -394,15 +394,32 @@ async fn a_report_that_cancels_says_so_and_finishes_the_delivery(db: Db) {
     app.stop().await;
 }
 
-/// WhatsApp has no report to look up: the sweep for overdue reports must not touch its rows.
-async fn finished_whatsapp_rows_are_left_alone_by_the_report_sweep(db: Db) {
+/// WhatsApp has no report to look up: at the deadline its rows become `unconfirmed` once, and the
+/// sweep for overdue reports leaves them alone from then on.
+async fn unreported_whatsapp_rows_become_unconfirmed_once_at_the_report_deadline(db: Db) {
     let p = Providers::start().await;
     mount_happy(&p).await;
     let app = live_app(db, &p, &[("SOS_DISPATCH__REPORT_WAIT_SECS", "0.2".into())]).await;
     app.passthru(&format!("CallSid={SID}&EmergencyType=brain"))
         .await;
     app.settled(SID).await;
+    let unconfirmed = app
+        .deliveries_until(SID, Duration::from_secs(10), |ds| {
+            ds.iter()
+                .filter(|d| d.channel == "whatsapp")
+                .all(|d| d.status == "unconfirmed")
+        })
+        .await;
+    assert!(unconfirmed, "{:?}", app.deliveries_of(SID).await);
     let before = app.delivery_of(SID, "whatsapp").await;
+    assert!(
+        before
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no status report"),
+        "{before:?}"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after = app.store.delivery(&before.id).await.unwrap().unwrap();
     assert_eq!(before.updated_at, after.updated_at);

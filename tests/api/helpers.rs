@@ -344,6 +344,26 @@ where
 pub struct Providers {
     pub exotel: wiremock::MockServer,
     pub gupshup: wiremock::MockServer,
+    /// Numbers (digits, as GupShup's `phone_number`) whose `OPT_IN` the GupShup stand-in refuses.
+    pub refuse_opt_in: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// GupShup's answer to `OPT_IN`: success, or error 105 for the numbers listed.
+struct OptInAnswers(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl wiremock::Respond for OptInAnswers {
+    fn respond(&self, req: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let form: Vec<(String, String)> =
+            serde_urlencoded::from_bytes(&req.body).unwrap_or_default();
+        let phone = field(&form, "phone_number").unwrap_or_default().to_owned();
+        let body = if self.0.lock().unwrap().contains(&phone) {
+            serde_json::json!({"response": {"id": "105", "phone": "",
+                "details": format!("The phone number \"{phone}\" is not a valid phone number"), "status": "error"}})
+        } else {
+            serde_json::json!({"response": {"id": "", "phone": phone, "details": "", "status": "success"}})
+        };
+        wiremock::ResponseTemplate::new(200).set_body_json(body)
+    }
 }
 
 pub const ACCOUNT: &str = "acme";
@@ -352,11 +372,37 @@ pub const SMS_PATH: &str = "/v1/Accounts/acme/Sms/send.json";
 pub const GUPSHUP_PATH: &str = "/GatewayAPI/rest";
 
 impl Providers {
+    /// The GupShup stand-in answers every `OPT_IN` at once (before any mock a test mounts).
     pub async fn start() -> Self {
-        Providers {
+        let p = Providers {
             exotel: wiremock::MockServer::start().await,
             gupshup: wiremock::MockServer::start().await,
-        }
+            refuse_opt_in: Default::default(),
+        };
+        wiremock::Mock::given(wiremock::matchers::method("POST"))
+            .and(wiremock::matchers::path(GUPSHUP_PATH))
+            .and(wiremock::matchers::body_string_contains("method=OPT_IN"))
+            .respond_with(OptInAnswers(p.refuse_opt_in.clone()))
+            .with_priority(1)
+            .mount(&p.gupshup)
+            .await;
+        p
+    }
+
+    /// The numbers GupShup was asked to opt in, in order.
+    pub async fn opt_ins(&self) -> Vec<String> {
+        self.gupshup
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|r| {
+                let form: Vec<(String, String)> =
+                    serde_urlencoded::from_bytes(&r.body).unwrap_or_default();
+                (field(&form, "method") == Some("OPT_IN"))
+                    .then(|| field(&form, "phone_number").unwrap_or_default().to_owned())
+            })
+            .collect()
     }
 
     /// Live credentials pointing at the stand-ins, and fast retries so tests do not wait.
@@ -387,7 +433,8 @@ impl Providers {
         ]
     }
 
-    /// Requests the stand-ins received on `path`, as (form fields, request).
+    /// Requests the stand-ins received on `path`, as (form fields, request); GupShup opt-ins are left
+    /// out (see [`Providers::opt_ins`]).
     pub async fn requests(&self, path: &str) -> Vec<(Vec<(String, String)>, wiremock::Request)> {
         let server = if path == GUPSHUP_PATH {
             &self.gupshup
@@ -405,6 +452,7 @@ impl Providers {
                     serde_urlencoded::from_bytes(&r.body).unwrap_or_default();
                 (form, r)
             })
+            .filter(|(form, _)| field(form, "method") != Some("OPT_IN"))
             .collect()
     }
 }
