@@ -282,7 +282,8 @@ const DRILL_POLL: Duration = Duration::from_secs(2);
 
 /// Runs a fire drill: raises a marked test incident for one contact through the running server, waits
 /// (at most `args.wait`) for each channel's outcome and prints it. Exit 0 when every channel reached the
-/// contact (or is dry-run), [`EXIT_NOT_REACHED`] otherwise, or the codes of `trigger`.
+/// contact's phone, [`EXIT_NOT_REACHED`] otherwise (a dry-run channel too: nothing was sent), or the
+/// codes of `trigger`.
 pub async fn drill(settings: &Settings, args: DrillArgs) -> u8 {
     let server = match Server::of(settings, args.server.as_deref(), args.token.as_deref()).await {
         Ok(server) => server,
@@ -364,7 +365,8 @@ fn report_drill(deliveries: &[serde_json::Value]) -> u8 {
     let mut all_reached = true;
     for d in deliveries {
         let status = d["status"].as_str().unwrap_or("?");
-        let reached = REACHED.contains(&status) || status == "simulated";
+        // A dry-run proves the routing, not the phone: it does not pass.
+        let reached = REACHED.contains(&status);
         all_reached &= reached;
         let note = d["last_error"].as_str().unwrap_or("");
         println!(
@@ -372,7 +374,7 @@ fn report_drill(deliveries: &[serde_json::Value]) -> u8 {
             d["channel"].as_str().unwrap_or("?"),
             status,
             if status == "simulated" {
-                "dry-run: nothing was sent "
+                "dry-run: nothing was sent (set the channel's credentials) "
             } else {
                 ""
             },

@@ -561,7 +561,8 @@ impl Settings {
         for key in self.messages.kinds.keys() {
             match MessageKind::from_key(key) {
                 Some(MessageKind::Alert) => problems.push(
-                    "messages.kinds.alert: the alert's texts are messages.sms, messages.whatsapp,                      messages.whatsapp_template and exotel.dlt_template_id"
+                    "messages.kinds.alert: the alert's texts are messages.sms, messages.whatsapp, \
+                     messages.whatsapp_template and exotel.dlt_template_id"
                         .to_owned(),
                 ),
                 Some(_) => {}

@@ -161,7 +161,13 @@ pub async fn gupshup_dlr(
     let policy = state.settings.dispatch.redial_policy();
     let (mut known, mut pending, mut lines) = (0, 0, Vec::new());
     for report in &reports {
-        let effect = until_recorded(|| state.store.apply_report(report, policy)).await?;
+        // One wait per batch: once an item has waited in vain, the rest are tried once each, so a
+        // batch never outlasts the request time limit.
+        let effect = if pending == 0 {
+            until_recorded(|| state.store.apply_report(report, policy)).await?
+        } else {
+            state.store.apply_report(report, policy).await?
+        };
         match &effect {
             CallbackEffect::Applied { from, to } => {
                 known += 1;
@@ -193,7 +199,9 @@ pub async fn gupshup_dlr(
         lines.push(format!("{}: {said}", report.provider_id));
     }
     let text = lines.join("\n");
-    if known > 0 {
+    // An item still waiting for our record must not be lost: the whole batch is asked for again
+    // (applying a report twice changes nothing).
+    if known > 0 && pending == 0 {
         return Ok((StatusCode::OK, text).into_response());
     }
     if pending > 0 {

@@ -12,7 +12,7 @@ use crate::helpers::*;
 
 both_engines!(
     a_drill_reaches_only_the_named_contact_on_every_channel,
-    the_drill_command_prints_each_channel_and_passes_in_dry_run,
+    the_drill_command_prints_each_channel_and_fails_in_dry_run,
     the_drill_command_fails_when_a_channel_is_not_reached,
     start_up_warnings_of_an_unreachable_public_url_and_sample_numbers,
 );
@@ -95,17 +95,21 @@ async fn a_drill_reaches_only_the_named_contact_on_every_channel(db: Db) {
     app.stop().await;
 }
 
-/// In dry-run every channel is simulated: the drill prints each and passes.
-async fn the_drill_command_prints_each_channel_and_passes_in_dry_run(db: Db) {
+/// In dry-run every channel is simulated: the drill prints each, says nothing was sent, and does not
+/// pass (it proves the routing, not the phone).
+async fn the_drill_command_prints_each_channel_and_fails_in_dry_run(db: Db) {
     let app = spawn_app(db).await;
     let (code, stdout, stderr) = drill(&app, "Central lab").await;
-    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(code, 6, "{stdout}\n{stderr}");
     assert!(
         stdout.contains("sms") && stdout.contains("whatsapp"),
         "{stdout}"
     );
-    assert!(stdout.contains("simulated"), "{stdout}");
-    assert!(stdout.contains("drill passed"), "{stdout}");
+    assert!(
+        stdout.contains("simulated") && stdout.contains("dry-run"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("NOT passed"), "{stdout}");
     let (code, _, stderr) = drill(&app, "Nobody").await;
     assert_eq!(code, 5, "an unknown contact is invalid input: {stderr}");
     assert!(stderr.contains("drill_contact"), "{stderr}");

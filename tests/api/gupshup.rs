@@ -9,6 +9,7 @@ use crate::both_engines;
 use crate::helpers::*;
 
 both_engines!(
+    a_batch_with_a_report_still_waiting_for_its_record_is_asked_for_again,
     reports_arrive_as_an_array_an_object_or_a_form,
     read_is_kept_and_nothing_moves_back,
     a_failure_keeps_the_error_code_and_cause_as_given,
@@ -263,6 +264,51 @@ async fn a_report_before_our_record_waits_for_it(db: Db) {
     recorder.await.unwrap();
     assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
     assert_eq!(status_of(&app, &wa).await.status, "delivered");
+    app.stop().await;
+}
+
+/// A batch holding a report whose message is still being recorded (and stays so) is answered 503, so
+/// GupShup sends it again and that report is not lost; the items that could be applied are applied, and
+/// applying them again changes nothing.
+async fn a_batch_with_a_report_still_waiting_for_its_record_is_asked_for_again(db: Db) {
+    let app = spawn_app_with(db, &[without_dispatcher()]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let ds = app.deliveries_of(SID).await;
+    let wa: Vec<_> = ds.iter().filter(|d| d.channel == "whatsapp").collect();
+    assert_eq!(wa.len(), 2);
+    let (done, waiting) = (wa[0], wa[1]);
+    for (d, status, id) in [
+        (done, "accepted", "wa-done"),
+        (waiting, "sending", "wa-wait"),
+    ] {
+        sqlx::query("UPDATE deliveries SET status = 'sending' WHERE id = $1")
+            .bind(&d.id)
+            .execute(app.store.pool())
+            .await
+            .unwrap();
+        sqlx::query("UPDATE deliveries SET status = $1, provider_id = $2 WHERE id = $3")
+            .bind(status)
+            .bind(if status == "accepted" { Some(id) } else { None })
+            .bind(&d.id)
+            .execute(app.store.pool())
+            .await
+            .unwrap();
+    }
+    let batch = json!([
+        {"externalId": "wa-wait", "eventType": "DELIVERED", "cause": "SUCCESS", "errorCode": "000",
+         "extra": waiting.greeting_ref},
+        {"externalId": "wa-done", "eventType": "DELIVERED", "cause": "SUCCESS", "errorCode": "000"},
+    ]);
+    let started = std::time::Instant::now();
+    let res = app.post_json("/gupshup/dlr", batch).await;
+    assert_eq!(res.status(), 503, "{}", res.text().await.unwrap());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "one wait per batch"
+    );
+    assert_eq!(status_of(&app, done).await.status, "delivered");
+    assert_eq!(status_of(&app, waiting).await.status, "sending");
     app.stop().await;
 }
 
