@@ -101,7 +101,7 @@ pub struct MessageSettings {
     /// The other kinds' texts and ids, by [`MessageKind::key`]; a kind or field left empty uses the
     /// alert's.
     ///
-    /// [`MessageKind::key`]: crate::messages::MessageKind::key
+    /// [`MessageKind::key`]: crate::domain::message_kind::MessageKind::key
     #[serde(default)]
     pub kinds: std::collections::BTreeMap<String, KindSettings>,
     pub recording_link: RecordingLink,
@@ -528,9 +528,12 @@ impl Settings {
     }
 
     /// One kind's texts and ids; a field the kind leaves empty is the alert's.
-    pub fn message_kind(&self, kind: crate::messages::MessageKind) -> crate::messages::KindTexts {
+    pub fn message_kind(
+        &self,
+        kind: crate::domain::message_kind::MessageKind,
+    ) -> crate::domain::message_kind::KindTexts {
         let m = &self.messages;
-        let alert = crate::messages::KindTexts {
+        let alert = crate::domain::message_kind::KindTexts {
             sms: m.sms.clone(),
             dlt_template_id: self.exotel.dlt_template_id.trim().to_owned(),
             whatsapp: m.whatsapp.clone(),
@@ -546,7 +549,7 @@ impl Settings {
                 own.to_owned()
             }
         };
-        crate::messages::KindTexts {
+        crate::domain::message_kind::KindTexts {
             sms: or(&own.sms, alert.sms),
             dlt_template_id: or(own.dlt_template_id.trim(), alert.dlt_template_id),
             whatsapp: or(&own.whatsapp, alert.whatsapp),
@@ -556,7 +559,7 @@ impl Settings {
 
     /// Unknown message kinds and SMS request values Exotel does not know.
     fn message_problems(&self) -> Vec<String> {
-        use crate::messages::MessageKind;
+        use crate::domain::message_kind::MessageKind;
         let mut problems = Vec::new();
         for key in self.messages.kinds.keys() {
             match MessageKind::from_key(key) {

@@ -1,6 +1,7 @@
 //! Parsed domain values: raw strings become these at the edge, nothing deeper sees a raw query string.
 
 pub mod call_sid;
+pub mod message_kind;
 pub mod phone;
 pub mod report;
 pub mod state;
