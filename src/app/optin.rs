@@ -72,7 +72,8 @@ async fn opt_in_one(
         }
     };
     if let Err(why) = client.read_opt_in(&answer) {
-        return OptIn::Failed(why);
+        // GupShup's error text can quote the number: it is logged and printed, so masked here.
+        return OptIn::Failed(crate::domain::mask_numbers(&why));
     }
     match store.record_opt_in(phone.e164()).await {
         Ok(()) => OptIn::Done,
