@@ -299,6 +299,7 @@ async fn drain(kind: &str, n: usize, concurrency: u32) {
                 message: Some("drain benchmark".into()),
                 raw_params: "[]".into(),
                 occurred_at: None,
+                recording_fetch: None,
             },
             &targets,
         )

@@ -10,6 +10,7 @@ pub mod http;
 pub mod messages;
 pub mod metrics;
 pub mod providers;
+pub mod recordings;
 pub mod settings;
 pub mod stakeholders;
 pub mod store;
@@ -98,6 +99,7 @@ impl App {
                 dispatcher_heartbeat: Arc::new(std::sync::atomic::AtomicI64::new(0)),
                 dispatcher_dead: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 metrics: Arc::new(metrics::Metrics::new()),
+                recording_opens: Arc::default(),
             },
             generated_webhook_token,
             generated_admin_token,
@@ -228,6 +230,7 @@ impl App {
             self.state.clone(),
             stop_rx.clone(),
         ));
+        tokio::spawn(app::recordings::run(self.state.clone(), stop_rx.clone()));
         tokio::spawn(app::housekeeping::prune_old_incidents(
             self.state.clone(),
             stop_rx.clone(),

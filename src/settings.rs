@@ -24,6 +24,7 @@ pub struct Settings {
     pub readyz: ReadyzSettings,
     pub housekeeping: HousekeepingSettings,
     pub retention: RetentionSettings,
+    pub recordings: RecordingsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +44,25 @@ pub struct ServerSettings {
     pub reserved_for_exotel: usize,
     /// Concurrent database reads by unauthenticated routes (`/r/…`, `/readyz`, `/metrics`).
     pub public_db_concurrency: usize,
+    /// Peers (IP addresses, comma-separated) whose `X-Forwarded-For` is believed.
+    #[serde(default)]
+    pub trusted_proxies: String,
+}
+
+impl ServerSettings {
+    /// `trusted_proxies` parsed; an entry that is not an IP address is an error naming it.
+    pub fn trusted_proxies(&self) -> Result<Vec<std::net::IpAddr>, String> {
+        self.trusted_proxies
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse().map_err(|_| {
+                    format!("server.trusted_proxies: {s:?} is not an IP address like 10.0.0.2")
+                })
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -108,6 +128,8 @@ pub struct MessageSettings {
     pub greeting_text: String,
     pub greeting_fallback: String,
     pub greeting_repeat: u32,
+    /// Said after the text alert while the caller's recording is still being fetched.
+    pub greeting_recording_pending: String,
     pub utc_offset_minutes: i32,
 }
 
@@ -277,6 +299,61 @@ impl RetentionSettings {
     pub fn keep_ms(&self) -> Option<i64> {
         (self.keep_days > 0).then(|| i64::from(self.keep_days).saturating_mul(86_400_000))
     }
+}
+
+/// `recordings.*`: what becomes of the caller's recording.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RecordingsSettings {
+    /// `proxy`, `direct`, or empty: `proxy` when the Exotel credentials are set, else `direct`.
+    pub mode: String,
+    pub allowed_hosts: String,
+    pub allow_http: bool,
+    pub fetch_grace: String,
+    pub max_bytes: u64,
+    pub link_ttl: String,
+    pub keep_days: u32,
+    pub followup_call: bool,
+}
+
+/// How the caller's recording reaches the people alerted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordingMode {
+    /// Fetched with the Exotel credentials, kept, and served at `/r/<ref>`.
+    Proxy,
+    /// Exotel's URL as it is.
+    Direct,
+}
+
+impl RecordingsSettings {
+    pub fn fetch_grace_ms(&self) -> Result<i64, String> {
+        duration_ms("recordings.fetch_grace", &self.fetch_grace)
+    }
+
+    pub fn link_ttl_ms(&self) -> Result<i64, String> {
+        duration_ms("recordings.link_ttl", &self.link_ttl)
+    }
+
+    pub fn keep_ms(&self) -> Option<i64> {
+        (self.keep_days > 0).then(|| i64::from(self.keep_days).saturating_mul(86_400_000))
+    }
+
+    /// What the fetcher may request.
+    pub fn fetch_config(&self) -> Result<crate::recordings::fetch::FetchConfig, String> {
+        Ok(crate::recordings::fetch::FetchConfig {
+            allowed_hosts: crate::recordings::fetch::FetchConfig::parse_hosts(&self.allowed_hosts)
+                .map_err(|e| format!("recordings.allowed_hosts: {e}"))?,
+            allow_http: self.allow_http,
+            max_bytes: self.max_bytes,
+            timeout: std::time::Duration::from_secs(60),
+        })
+    }
+}
+
+fn duration_ms(key: &str, raw: &str) -> Result<i64, String> {
+    parse_duration_secs(raw)
+        .and_then(|s| i64::try_from(s).ok())
+        .and_then(|s| s.checked_mul(1000))
+        .ok_or_else(|| format!("{key} {raw:?} is not a duration like 15m, 7d or 90s"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -520,6 +597,7 @@ impl Settings {
         if !(self.exotel.ring_timeout_secs > 0 && self.exotel.ring_timeout_secs <= 60) {
             problems.push("exotel.ring_timeout_secs must be 1 to 60".to_owned());
         }
+        problems.extend(self.recording_problems());
         if problems.is_empty() {
             Ok(())
         } else {
@@ -599,6 +677,54 @@ impl Settings {
     }
 
     /// Whether each channel has its credentials (live) or runs dry-run.
+    /// `recordings.mode`, with the empty default resolved: `proxy` when the Exotel credentials are set.
+    pub fn recording_mode(&self) -> RecordingMode {
+        match self.recordings.mode.trim() {
+            "proxy" => RecordingMode::Proxy,
+            "direct" => RecordingMode::Direct,
+            _ => {
+                if self.exotel_credentials() {
+                    RecordingMode::Proxy
+                } else {
+                    RecordingMode::Direct
+                }
+            }
+        }
+    }
+
+    fn exotel_credentials(&self) -> bool {
+        !self.exotel.account_sid.trim().is_empty()
+            && non_empty(&self.exotel.api_key).is_some()
+            && non_empty(&self.exotel.api_token).is_some()
+    }
+
+    fn recording_problems(&self) -> Vec<String> {
+        let r = &self.recordings;
+        let mut problems = Vec::new();
+        if !matches!(r.mode.trim(), "" | "proxy" | "direct") {
+            problems.push(format!(
+                "recordings.mode {:?} is not proxy, direct or empty (proxy when the Exotel credentials are set)",
+                r.mode
+            ));
+        }
+        for e in [r.fetch_grace_ms().err(), r.link_ttl_ms().err()]
+            .into_iter()
+            .flatten()
+        {
+            problems.push(e);
+        }
+        if let Err(e) = r.fetch_config() {
+            problems.push(e);
+        }
+        if r.max_bytes == 0 {
+            problems.push("recordings.max_bytes must be at least 1".to_owned());
+        }
+        if let Err(e) = self.server.trusted_proxies() {
+            problems.push(e);
+        }
+        problems
+    }
+
     pub fn channel_live(&self, channel: crate::domain::Channel) -> bool {
         use crate::domain::Channel;
         let exotel = !self.exotel.account_sid.trim().is_empty()

@@ -15,6 +15,8 @@ pub struct Emergency {
     pub requested_type: Option<String>,
     pub caller: Option<String>,
     pub recording_url: Option<String>,
+    /// When the recording is said to be ready (the Passthru's `RecordingAvailableBy`).
+    pub recording_available_by: Option<i64>,
     pub message: Option<String>,
     /// Every parameter as received (secrets removed), JSON, for audit.
     pub raw_params: String,
@@ -34,6 +36,8 @@ pub enum PlanError {
 pub struct Planned {
     pub incident: NewIncident,
     pub deliveries: Vec<NewDelivery>,
+    /// Why the recording, in proxy mode, is used as it is rather than fetched.
+    pub not_fetched: Option<String>,
 }
 
 /// Routes `emergency` with the current stakeholder file and provider lanes. Never fails: an unknown
@@ -82,7 +86,19 @@ fn planned(state: &AppState, emergency: Emergency, plan: crate::stakeholders::Pl
             ),
         }
     }
+    // Proxy mode fetches the recording, with the incident, as a durable job; a URL we may not fetch is
+    // used as it is, and why is recorded once the incident is stored.
+    let (recording_fetch, not_fetched) = match emergency.recording_url.as_deref() {
+        Some(url) => {
+            match super::recordings::fetch_for(state, url, emergency.recording_available_by) {
+                Ok(fetch) => (fetch, None),
+                Err(why) => (None, Some(why)),
+            }
+        }
+        None => (None, None),
+    };
     Planned {
+        not_fetched,
         incident: NewIncident {
             source: emergency.source,
             call_sid: emergency.call_sid,
@@ -94,6 +110,7 @@ fn planned(state: &AppState, emergency: Emergency, plan: crate::stakeholders::Pl
             message: emergency.message,
             raw_params: emergency.raw_params,
             occurred_at: emergency.occurred_at,
+            recording_fetch,
         },
         deliveries,
     }
@@ -118,8 +135,32 @@ pub async fn raise(state: &AppState, planned: &Planned) -> anyhow::Result<Create
             caller = %incident.caller.as_deref().map(mask).unwrap_or_default(),
             has_recording = incident.recording_url.is_some(),
             deliveries = created.deliveries,
+            recording_fetched = incident.recording_fetch.is_some(),
             "incident stored"
         );
+        if let Some(why) = &planned.not_fetched {
+            // Expected for an API trigger's own audio; for an Exotel recording, a settings mistake.
+            if incident.source == Source::Exotel {
+                tracing::warn!(reason = %why, "the recording is not fetched: its URL is used as it is");
+            } else {
+                tracing::info!(reason = %why, "the audio URL is used as it is");
+            }
+            let detail = format!("not fetched, its URL is used as it is: {why}");
+            if let Err(e) = state
+                .store
+                .record_incident_event(
+                    &created.incident_id,
+                    crate::store::recordings::event::NOT_FETCHED,
+                    &detail,
+                )
+                .await
+            {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not record why the recording is not fetched"
+                );
+            }
+        }
         state.wake.notify_one();
         state
             .metrics

@@ -5,6 +5,7 @@
 pub mod housekeeping;
 pub mod incidents;
 pub mod optin;
+pub mod recordings;
 
 use std::sync::Arc;
 
@@ -34,6 +35,8 @@ pub struct AppState {
     /// fails and the process exits non-zero, so a supervisor restarts it.
     pub dispatcher_dead: Arc<std::sync::atomic::AtomicBool>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Recording links opened lately, so a player's range requests are recorded as one open.
+    pub recording_opens: Arc<crate::recordings::opens::OpenThrottle>,
 }
 
 impl AppState {

@@ -13,7 +13,8 @@ use super::{recorder, Dispatcher, IncidentLookup, Lane};
 use crate::domain::{mask, mask_numbers, now_ms, Channel, DeliveryState};
 use crate::messages::{self, MessageKind, Style, Vars};
 use crate::providers::{self, Job, Outcome, Prepared};
-use crate::settings::RecordingLink;
+use crate::settings::{RecordingLink, RecordingMode};
+use crate::store::recordings::status;
 use crate::store::{DeliveryRow, Finish, IncidentRow};
 
 impl Dispatcher {
@@ -104,7 +105,9 @@ impl Dispatcher {
         incident: &IncidentRow,
         lease_deadline: tokio::time::Instant,
     ) -> Finish {
-        let (text, dlt_template_id) = self.text_for(lane.channel(), d, incident);
+        let recording = self.recording_status(lane.channel(), incident).await;
+        let (text, dlt_template_id) =
+            self.text_for(lane.channel(), d, incident, recording.as_deref());
         let job = Job {
             delivery_id: d.id.clone(),
             channel: lane.channel(),
@@ -272,6 +275,28 @@ impl Dispatcher {
         }
     }
 
+    /// In proxy mode, the status of the recording we fetch for this incident (`None`: none is fetched,
+    /// the recording URL, if any, is used as it is). Only messages need it. A failed read counts as
+    /// still being fetched: the message then carries our link, which works once the recording is in.
+    async fn recording_status(&self, channel: Channel, incident: &IncidentRow) -> Option<String> {
+        if channel == Channel::Call
+            || incident.recording_url.is_none()
+            || self.settings.recording_mode() != RecordingMode::Proxy
+        {
+            return None;
+        }
+        match self.store.recording(&incident.id).await {
+            Ok(job) => job.map(|j| j.status),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cannot read the recording's status"
+                );
+                Some(status::PENDING.to_owned())
+            }
+        }
+    }
+
     /// The SMS or WhatsApp text from the template of the incident's message kind (a Passthru alert or
     /// an alert from the API), and the DLT template id it is registered under (SMS only). It lives here
     /// rather than in `messages`, which knows nothing of the store's rows.
@@ -280,6 +305,7 @@ impl Dispatcher {
         channel: Channel,
         d: &DeliveryRow,
         incident: &IncidentRow,
+        recording: Option<&str>,
     ) -> (String, String) {
         let m = &self.settings.messages;
         let kind = self
@@ -291,17 +317,24 @@ impl Dispatcher {
             Channel::Whatsapp => (&kind.whatsapp, Style::Exact, String::new()),
         };
         let base = self.settings.public_base();
-        let short = format!("{base}/r/{}", d.greeting_ref);
-        let link = incident
-            .recording_url
-            .as_ref()
-            .map(|url| match (m.recording_link, channel) {
+        // Links sent before per-link references existed use the greeting reference.
+        let reference = d.link_ref.as_deref().unwrap_or(&d.greeting_ref);
+        let short = format!("{base}/r/{reference}");
+        let link = match (&incident.recording_url, recording) {
+            (None, _) => None,
+            // Proxy mode: our own link, which a phone can open (Exotel's needs the account's
+            // credentials); none once the recording is known never to come.
+            (Some(_), Some(status)) => {
+                (status == status::PENDING || status == status::STORED).then(|| short.clone())
+            }
+            (Some(url), None) => Some(match (m.recording_link, channel) {
                 (RecordingLink::Short, _) => short.clone(),
                 // A URL too long for a DLT link variable would be refused: the short link leads to
                 // the same recording.
                 (RecordingLink::Direct, Channel::Sms) => messages::sms_link(url, &short),
                 (RecordingLink::Direct, _) => url.clone(),
-            });
+            }),
+        };
         let vars = Vars {
             emergency_type: &incident.emergency_type,
             source: &incident.source,
@@ -311,7 +344,7 @@ impl Dispatcher {
             recording: link.as_deref(),
             message: incident.message.as_deref(),
             incident: &incident.id,
-            reference: &d.greeting_ref,
+            reference,
             brand: m.brand.trim(),
             public_url: base,
         };

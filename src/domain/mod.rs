@@ -146,6 +146,33 @@ pub fn storable(s: &str) -> std::borrow::Cow<'_, str> {
     without_controls(s, &['\n', '\t'])
 }
 
+/// A duration for people: `45s`, `3m 12s`, `2h 5m`.
+pub fn human_duration_ms(ms: i64) -> String {
+    let secs = ms.max(0) / 1000;
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m {}s", secs / 60, secs % 60),
+        _ => format!("{}h {}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+/// Exotel's timestamps: `2024-07-31 16:42:56` and `Wed, 31 Jul 2024 16:42:56`, both local time without
+/// a zone; read in the configured offset.
+pub fn exotel_time(raw: &str, utc_offset_minutes: i32) -> Option<i64> {
+    let naive = chrono::NaiveDateTime::parse_from_str(raw.trim(), "%Y-%m-%d %H:%M:%S")
+        .or_else(|_| chrono::NaiveDateTime::parse_from_str(raw.trim(), "%a, %d %b %Y %H:%M:%S"))
+        .ok()?;
+    // The epoch placeholder Exotel sends for EndTime (1970-01-01 05:30:00) means "unknown".
+    if naive.and_utc().timestamp() < 86_400 {
+        return None;
+    }
+    let offset = chrono::FixedOffset::east_opt(utc_offset_minutes * 60)?;
+    naive
+        .and_local_timezone(offset)
+        .single()
+        .map(|t| t.timestamp_millis())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

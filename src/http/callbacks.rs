@@ -3,11 +3,10 @@
 //! idempotent, never a step back.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
-use super::edge::{public_read, PublicDb};
 use super::params::{strip_json_controls, strip_raw_controls, Params};
 use super::AppState;
 use crate::domain::Channel;
@@ -215,37 +214,4 @@ pub async fn gupshup_dlr(
     Err(AppError::NotFound(
         "no message has this externalId".to_owned(),
     ))
-}
-
-/// `GET /r/{reference}`: the short recording link for SMS templates whose DLT variables are too short
-/// for Exotel's URLs. Redirects to the stored recording only.
-pub async fn recording_link(
-    State(state): State<AppState>,
-    limits: PublicDb,
-    Path(reference): Path<String>,
-) -> Response {
-    // References are generated ids: a long one or one with control characters (which PostgreSQL would
-    // refuse as text) names nothing.
-    if reference.len() > 128 || reference.chars().any(char::is_control) {
-        return (StatusCode::NOT_FOUND, "no such recording").into_response();
-    }
-    // Anyone can ask: the look-up runs within the unauthenticated share of the database, so a flood of
-    // guesses cannot take the Passthru's connections.
-    let store = state.store.clone();
-    let found = public_read(&limits, std::time::Duration::from_secs(2), async move {
-        store.greeting(&reference).await
-    })
-    .await;
-    match found {
-        None => (StatusCode::SERVICE_UNAVAILABLE, "busy; try again").into_response(),
-        Some(Ok(Some(view))) => match view.recording_url {
-            Some(url) => (StatusCode::FOUND, [(header::LOCATION, url)]).into_response(),
-            None => (StatusCode::NOT_FOUND, "this alert has no recording").into_response(),
-        },
-        Some(Ok(None)) => (StatusCode::NOT_FOUND, "no such recording").into_response(),
-        Some(Err(e)) => {
-            tracing::error!(error = format!("{e:#}"), "recording link lookup failed");
-            (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
-        }
-    }
 }

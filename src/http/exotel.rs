@@ -15,6 +15,8 @@ use crate::app::incidents::{self, Emergency, Planned};
 use crate::domain::{truncate, CallSid, Phone, Source};
 use crate::error::AppError;
 use crate::messages::{self, Vars};
+use crate::settings::RecordingMode;
+use crate::store::recordings::status;
 
 /// How long the Passthru waits for the database before answering 302, so the caller on the line is
 /// moved to the flow's fallback branch instead of waiting on a stuck disk.
@@ -100,6 +102,46 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
         }
     };
     tracing::Span::current().record("delivery_id", view.delivery_id.as_str());
+    let settings = &state.settings;
+    let msg = &settings.messages;
+    let proxied = settings.recording_mode() == RecordingMode::Proxy;
+    // In proxy mode, with a recording we fetch: our own link once it is in, text until then (a URL
+    // that cannot play yet would leave the doctor listening to nothing).
+    let fetched = view.recording_status.as_deref().filter(|_| proxied);
+    let vars = Vars {
+        emergency_type: &view.emergency_type,
+        source: &view.source,
+        caller: view.caller.as_deref(),
+        time_ms: view.occurred_at.unwrap_or(view.received_at),
+        recording: if fetched.is_some() {
+            None
+        } else {
+            view.recording_url.as_deref()
+        },
+        message: view.message.as_deref(),
+        incident: &view.incident_id,
+        ..Vars::default()
+    };
+    let (body, played) = match fetched {
+        Some(status::STORED) => {
+            let link = format!(
+                "{}/r/{}",
+                settings.public_base(),
+                view.link_ref.as_deref().unwrap_or_default()
+            );
+            (messages::greeting_body(msg, Some(&link), &vars), Some(true))
+        }
+        Some(status::PENDING) => (
+            messages::greeting_spoken(msg, &vars, Some(&msg.greeting_recording_pending)),
+            Some(false),
+        ),
+        // Unavailable or deleted: the text alone.
+        Some(_) => (messages::greeting_spoken(msg, &vars, None), None),
+        None => (
+            messages::greeting_body(msg, view.recording_url.as_deref(), &vars),
+            None,
+        ),
+    };
     if method == Method::GET {
         // Recorded beside the answer, not before it: a doctor is listening to silence until this
         // request returns, and a busy writer must not add to it.
@@ -107,7 +149,7 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
         let delivery_id = view.delivery_id.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = store.record_greeting_play(&delivery_id).await {
+                if let Err(e) = store.record_greeting_play(&delivery_id, played).await {
                     tracing::error!(
                         error = format!("{e:#}"),
                         "could not record the greeting play"
@@ -117,21 +159,7 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
             .in_current_span(),
         );
     }
-    let vars = Vars {
-        emergency_type: &view.emergency_type,
-        source: &view.source,
-        caller: view.caller.as_deref(),
-        time_ms: view.occurred_at.unwrap_or(view.received_at),
-        recording: view.recording_url.as_deref(),
-        message: view.message.as_deref(),
-        incident: &view.incident_id,
-        ..Vars::default()
-    };
-    Some(messages::greeting_body(
-        &state.settings.messages,
-        view.recording_url.as_deref(),
-        &vars,
-    ))
+    Some(body)
 }
 
 /// The emergency a Passthru describes. EmergencyType wins; else the IVR digits through the `[ivr]`
@@ -170,6 +198,9 @@ fn emergency(state: &AppState, params: &Params, call_sid: &CallSid) -> Emergency
         requested_type: requested,
         caller,
         recording_url: recording,
+        recording_available_by: params
+            .get("RecordingAvailableBy")
+            .and_then(|t| crate::recordings::fetch::parse_available_by(&t, offset)),
         message: None,
         raw_params: params.audit_json(&["token"]),
         occurred_at,

@@ -6,6 +6,7 @@ pub mod edge;
 pub mod exotel;
 pub mod health;
 pub mod params;
+pub mod recording;
 pub mod serve;
 
 use std::time::Duration;
@@ -50,7 +51,10 @@ pub fn router(state: AppState) -> Router {
         .route("/exotel/call-status", post(callbacks::call_status))
         .route("/exotel/sms-status", post(callbacks::sms_status))
         .route("/gupshup/dlr", post(callbacks::gupshup_dlr))
-        .route("/r/{reference}", get(callbacks::recording_link))
+        .route(
+            "/r/{reference}",
+            get(recording::recording).head(recording::recording),
+        )
         .route("/healthz", get(health::healthz))
         .merge(api::routes())
         .merge(health::routes())

@@ -214,22 +214,7 @@ pub fn http_url(raw: &str) -> Option<String> {
         .then(|| url.to_string())
 }
 
-/// Exotel's timestamps: `2024-07-31 16:42:56` and `Wed, 31 Jul 2024 16:42:56`, both local time without
-/// a zone; read in the configured offset.
-pub fn exotel_time(raw: &str, utc_offset_minutes: i32) -> Option<i64> {
-    let naive = chrono::NaiveDateTime::parse_from_str(raw.trim(), "%Y-%m-%d %H:%M:%S")
-        .or_else(|_| chrono::NaiveDateTime::parse_from_str(raw.trim(), "%a, %d %b %Y %H:%M:%S"))
-        .ok()?;
-    // The epoch placeholder Exotel sends for EndTime (1970-01-01 05:30:00) means "unknown".
-    if naive.and_utc().timestamp() < 86_400 {
-        return None;
-    }
-    let offset = chrono::FixedOffset::east_opt(utc_offset_minutes * 60)?;
-    naive
-        .and_local_timezone(offset)
-        .single()
-        .map(|t| t.timestamp_millis())
-}
+pub use crate::domain::exotel_time;
 
 #[cfg(test)]
 mod tests {

@@ -8,16 +8,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tower_http::add_extension::AddExtension;
 
 /// One accepted HTTP/1.1 connection, serving the router.
 type Connection = hyper::server::conn::http1::Connection<
     TokioIo<tokio::net::TcpStream>,
-    TowerToHyperService<Router>,
+    TowerToHyperService<AddExtension<Router, ConnectInfo<SocketAddr>>>,
 >;
 
 /// The server's connection limits, from `server.*`.
@@ -56,9 +60,9 @@ pub async fn serve(
             },
             _ = stopped(&mut stop) => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     if !is_connection_error(&e) {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -71,7 +75,9 @@ pub async fn serve(
             _ = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        // The peer's address, for the rare handler that records who asked (a recording link opened).
+        let service =
+            TowerToHyperService::new(AddExtension::new(router.clone(), ConnectInfo(peer)));
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(serve_connection(conn, slot, stop.clone()));
     }

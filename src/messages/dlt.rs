@@ -12,7 +12,7 @@ use crate::settings::{RecordingLink, Settings};
 pub const VAR: &str = "{#var#}";
 
 /// The length of a delivery reference ([`super::new_reference`]).
-pub const REF_CHARS: usize = 26;
+pub const REF_CHARS: usize = 22;
 /// The length of an incident id (a UUID).
 const INCIDENT_CHARS: usize = 36;
 /// `2024-07-31 16:42`.

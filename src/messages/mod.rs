@@ -239,26 +239,43 @@ pub fn sms_link(direct: &str, short: &str) -> String {
     }
 }
 
-/// A new delivery reference: 128 random bits as 26 lower-case base-32 characters, short enough for
-/// one DLT variable and for a link read on a phone, and free of characters a phone might change.
+/// A new delivery reference (the call's `CustomField`): 128 random bits as 26 lower-case base-32
+/// characters, free of characters a phone might change.
 pub fn new_reference() -> String {
+    random_chars(b"abcdefghijklmnopqrstuvwxyz234567", 5)
+}
+
+/// A new recording link reference (`/r/<ref>`): 128 random bits as 22 base64url characters, so a whole
+/// link fits one DLT link variable. Its own value, never the call's `CustomField`, which Exotel sees.
+pub fn new_link_ref() -> String {
+    random_chars(
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+        6,
+    )
+}
+
+/// 128 random bits written `bits` at a time in `alphabet` (of `2^bits` characters), the last partial
+/// group padded with zero bits.
+fn random_chars(alphabet: &[u8], bits_per_char: u32) -> String {
     use rand::RngCore;
-    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
     let mut bytes = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let mask = (1u32 << bits_per_char) - 1;
     let mut out = String::with_capacity(26);
     let (mut acc, mut bits) = (0u32, 0u32);
     for b in bytes {
         acc = (acc << 8) | u32::from(b);
         bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+        while bits >= bits_per_char {
+            bits -= bits_per_char;
+            out.push(char::from(alphabet[((acc >> bits) & mask) as usize]));
         }
         acc &= (1 << bits) - 1;
     }
     if bits > 0 {
-        out.push(ALPHABET[((acc << (5 - bits)) & 31) as usize] as char);
+        out.push(char::from(
+            alphabet[((acc << (bits_per_char - bits)) & mask) as usize],
+        ));
     }
     out
 }
@@ -294,6 +311,21 @@ pub fn greeting_body(
             settings.utc_offset_minutes,
             Style::Spoken,
         )),
+    }
+}
+
+/// The spoken alert (`greeting_text`), followed by `then` when given: what a call says while the
+/// recording is not in yet, or when it never came.
+pub fn greeting_spoken(settings: &MessageSettings, vars: &Vars<'_>, then: Option<&str>) -> String {
+    let text = render(
+        &settings.greeting_text,
+        vars,
+        settings.utc_offset_minutes,
+        Style::Spoken,
+    );
+    match then {
+        Some(more) => speakable(&format!("{text} {more}")),
+        None => speakable(&text),
     }
 }
 
@@ -440,6 +472,21 @@ mod tests {
             "{a}"
         );
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn link_references_are_22_base64url_characters_and_differ() {
+        let refs: Vec<String> = (0..200).map(|_| new_link_ref()).collect();
+        for r in &refs {
+            assert_eq!(r.len(), 22, "{r}");
+            assert!(
+                r.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "{r}"
+            );
+        }
+        let distinct: std::collections::HashSet<_> = refs.iter().collect();
+        assert_eq!(distinct.len(), refs.len());
     }
 
     #[test]

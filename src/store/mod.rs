@@ -12,6 +12,7 @@
 mod incidents;
 mod optins;
 mod queue;
+pub mod recordings;
 pub mod retention;
 mod rows;
 mod sql;
@@ -20,7 +21,8 @@ pub use crate::domain::RedialPolicy;
 pub use queue::{CallbackEffect, Finish, Moved};
 
 pub use incidents::{IncidentFilter, QueueStats, Resolved};
-pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow};
+pub use recordings::{AttemptFailed, IncidentEventRow, LinkView, RecordingFetch, RecordingRow};
+pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow, FOLLOWUP};
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -81,6 +83,8 @@ pub struct NewIncident {
     /// Every parameter as received (secrets removed), JSON, for audit.
     pub raw_params: String,
     pub occurred_at: Option<i64>,
+    /// Set when the recording is to be fetched and served by us (proxy mode, an allowed host).
+    pub recording_fetch: Option<RecordingFetch>,
 }
 
 /// One delivery to queue with a new incident: a contact on one channel, sent by one provider lane.
@@ -280,6 +284,17 @@ impl Store {
         for d in deliveries {
             insert_delivery(&mut tx, &id, d, now).await?;
         }
+        if let (Some(url), Some(fetch)) = (&incident.recording_url, incident.recording_fetch) {
+            recordings::insert_recording(
+                &mut tx,
+                &id,
+                url,
+                incident.call_sid.as_deref(),
+                fetch,
+                now,
+            )
+            .await?;
+        }
         if let Some(wake) = self.engine.wake_on_commit() {
             sqlx::query(wake).execute(&mut *tx).await?;
         }
@@ -295,8 +310,10 @@ impl Store {
     pub async fn greeting(&self, greeting_ref: &str) -> anyhow::Result<Option<GreetingView>> {
         let view = sqlx::query_as(
             "SELECT d.id AS delivery_id, i.id AS incident_id, i.source, i.emergency_type, \
-             i.recording_url, i.message, i.caller, i.occurred_at, i.received_at \
-             FROM deliveries d JOIN incidents i ON i.id = d.incident_id WHERE d.greeting_ref = $1",
+             i.recording_url, i.message, i.caller, i.occurred_at, i.received_at, d.link_ref, \
+             d.created_at AS issued_at, r.status AS recording_status \
+             FROM deliveries d JOIN incidents i ON i.id = d.incident_id \
+             LEFT JOIN recordings r ON r.incident_id = i.id WHERE d.greeting_ref = $1",
         )
         .bind(greeting_ref)
         .fetch_optional(&self.pool)
@@ -405,13 +422,24 @@ async fn stored_repeat(
     let incident_id =
         existing.context("the incident conflicted with one that can no longer be found")?;
     if let Some(url) = &incident.recording_url {
-        sqlx::query(
+        let kept = sqlx::query(
             "UPDATE incidents SET recording_url = $1 WHERE id = $2 AND recording_url IS NULL",
         )
         .bind(url)
         .bind(&incident_id)
         .execute(&mut **tx)
         .await?;
+        if let (1, Some(fetch)) = (kept.rows_affected(), incident.recording_fetch) {
+            recordings::insert_recording(
+                tx,
+                &incident_id,
+                url,
+                incident.call_sid.as_deref(),
+                fetch,
+                now_ms(),
+            )
+            .await?;
+        }
     }
     Ok(incident_id)
 }
@@ -425,8 +453,8 @@ async fn insert_delivery(
 ) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, provider, \
-         priority, greeting_ref, status, due_at, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10)",
+         priority, greeting_ref, link_ref, status, due_at, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $11)",
     )
     .bind(uuid::Uuid::new_v4().to_string())
     .bind(incident_id)
@@ -436,6 +464,7 @@ async fn insert_delivery(
     .bind(&d.provider)
     .bind(d.channel.priority())
     .bind(crate::messages::new_reference())
+    .bind(crate::messages::new_link_ref())
     .bind(DeliveryState::Queued.as_str())
     .bind(now)
     .execute(&mut **tx)

@@ -124,6 +124,14 @@ macro_rules! this_attempt {
     };
 }
 
+const GREETING_FETCHED: &str =
+    "UPDATE deliveries SET played_at = COALESCE(played_at, $2), updated_at = $2 WHERE id = $1";
+const GREETING_PLAYED_RECORDING: &str =
+    "UPDATE deliveries SET played_at = COALESCE(played_at, $2), \
+     played_recording_at = COALESCE(played_recording_at, $2), updated_at = $2 WHERE id = $1";
+const GREETING_SPOKE_TEXT: &str = "UPDATE deliveries SET played_at = COALESCE(played_at, $2), \
+     spoke_text_at = COALESCE(spoke_text_at, $2), updated_at = $2 WHERE id = $1";
+
 const CLAIM: Dialect = per_engine!(
     "UPDATE deliveries SET status = 'sending', lease_owner = $1, lease_token = $2, \
      lease_until = " NOW " + $3, attempts = attempts + 1, updated_at = $4 \
@@ -422,6 +430,7 @@ impl Store {
         why: &str,
     ) -> anyhow::Result<CallbackEffect> {
         let now = now_ms();
+        let policy = d.redial_policy(policy);
         let is_call = d.channel == Channel::Call;
         let redial = is_call && (d.redials as u32) < policy.max_redials;
         // The reasons say "no status report", which a late success report looks for.
@@ -585,6 +594,7 @@ impl Store {
             return Ok(CallbackEffect::Pending);
         }
         let now = now_ms();
+        let policy = d.redial_policy(policy);
         let mut tx = self.pool.begin().await?;
         let applied = report_transition(&mut tx, &d, report, policy, now).await?;
         let (result, note) = match applied {
@@ -632,23 +642,33 @@ impl Store {
     }
 
     /// The greeting GET: the moment the alert started playing to this contact (the first one counts).
-    pub async fn record_greeting_play(&self, delivery_id: &str) -> anyhow::Result<()> {
+    /// Records that Exotel fetched the call's greeting, and whether it played the caller's recording
+    /// (`Some(true)`) or could only speak text because the recording was not in yet (`Some(false)`):
+    /// the follow-up call is decided from that.
+    pub async fn record_greeting_play(
+        &self,
+        delivery_id: &str,
+        recording: Option<bool>,
+    ) -> anyhow::Result<()> {
         let now = now_ms();
+        let (sql, what) = match recording {
+            None => (GREETING_FETCHED, "greeting fetched by Exotel"),
+            Some(true) => (
+                GREETING_PLAYED_RECORDING,
+                "greeting fetched by Exotel: plays the caller's recording",
+            ),
+            Some(false) => (
+                GREETING_SPOKE_TEXT,
+                "greeting fetched by Exotel: spoke the text alert; the recording was not in yet",
+            ),
+        };
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE deliveries SET played_at = COALESCE(played_at, $2), updated_at = $2 WHERE id = $1")
+        sqlx::query(sql)
             .bind(delivery_id)
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        insert_event(
-            &mut *tx,
-            delivery_id,
-            "greeting_played",
-            None,
-            "greeting fetched by Exotel",
-            now,
-        )
-        .await?;
+        insert_event(&mut *tx, delivery_id, "greeting_played", None, what, now).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -34,8 +34,8 @@ macro_rules! chunk_ids {
     };
 }
 
-/// Children first: events, deliveries, then the incidents themselves.
-const PRUNE: [&str; 3] = [
+/// Children first: events, deliveries, the recording, then the incidents themselves.
+const PRUNE: [&str; 6] = [
     concat!(
         "DELETE FROM delivery_events WHERE delivery_id IN \
          (SELECT id FROM deliveries WHERE incident_id IN (",
@@ -44,6 +44,21 @@ const PRUNE: [&str; 3] = [
     ),
     concat!(
         "DELETE FROM deliveries WHERE incident_id IN (",
+        chunk_ids!(),
+        ")"
+    ),
+    concat!(
+        "DELETE FROM recording_chunks WHERE incident_id IN (",
+        chunk_ids!(),
+        ")"
+    ),
+    concat!(
+        "DELETE FROM recordings WHERE incident_id IN (",
+        chunk_ids!(),
+        ")"
+    ),
+    concat!(
+        "DELETE FROM incident_events WHERE incident_id IN (",
         chunk_ids!(),
         ")"
     ),
@@ -98,7 +113,7 @@ impl Store {
         // Up to CHUNK incidents per statement (a short chunk repeats its last id), all in one
         // transaction: few round trips while SQLite's one writer is held, one commit per batch.
         let mut tx = self.pool.begin().await?;
-        let mut counts = [0u64; 3];
+        let mut counts = [0u64; PRUNE.len()];
         for chunk in ids.chunks(CHUNK) {
             for (sql, count) in PRUNE.iter().zip(counts.iter_mut()) {
                 let mut query = sqlx::query(sql);
@@ -116,7 +131,7 @@ impl Store {
         Ok(Pruned {
             events: counts[0],
             deliveries: counts[1],
-            incidents: counts[2],
+            incidents: counts[PRUNE.len() - 1],
         })
     }
 

@@ -21,7 +21,7 @@ macro_rules! delivery_columns {
         "id, incident_id, contact_name, phone, channel, provider, greeting_ref, status, attempts, \
          redials, due_at, lease_owner, lease_until, provider_id, provider_status, last_error, \
          last_request, created_at, updated_at, finished_at, played_at, lease_token, report_due_at, \
-         report_checks, lease_losses"
+         report_checks, lease_losses, link_ref, purpose, spoke_text_at, played_recording_at"
     };
 }
 pub(crate) use delivery_columns;
@@ -82,6 +82,35 @@ pub struct DeliveryRow {
     pub report_checks: i64,
     /// How often the lease ran out before an outcome was recorded.
     pub lease_losses: i64,
+    /// This delivery's recording link reference (`/r/<link_ref>`).
+    #[serde(skip)]
+    pub link_ref: Option<String>,
+    /// `alert`, or `followup` (the one call that plays a recording that came late: never redialled).
+    pub purpose: String,
+    /// When this call's greeting spoke text because the recording was not in yet.
+    pub spoke_text_at: Option<i64>,
+    /// When this call's greeting played the recording.
+    pub played_recording_at: Option<i64>,
+}
+
+/// A follow-up call's purpose.
+pub const FOLLOWUP: &str = "followup";
+
+impl DeliveryRow {
+    /// The redial policy for this delivery: a follow-up call is one attempt, never redialled.
+    pub fn redial_policy(
+        &self,
+        policy: crate::domain::RedialPolicy,
+    ) -> crate::domain::RedialPolicy {
+        if self.purpose == FOLLOWUP {
+            crate::domain::RedialPolicy {
+                max_redials: 0,
+                ..policy
+            }
+        } else {
+            policy
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -106,4 +135,9 @@ pub struct GreetingView {
     pub caller: Option<String>,
     pub occurred_at: Option<i64>,
     pub received_at: i64,
+    pub link_ref: Option<String>,
+    /// When the delivery (and so its link) was created.
+    pub issued_at: i64,
+    /// The fetched recording's status, when it is fetched by us (proxy mode).
+    pub recording_status: Option<String>,
 }

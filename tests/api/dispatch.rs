@@ -116,7 +116,10 @@ async fn each_client_sends_exactly_the_documented_request(db: Db) {
         .find(|d| d.channel == "sms" && d.phone == "+919800000005")
         .unwrap();
     assert!(
-        body.contains(&format!("http://127.0.0.1:8080/r/{}", lab_sms.greeting_ref)),
+        body.contains(&format!(
+            "http://127.0.0.1:8080/r/{}",
+            lab_sms.link_ref.as_deref().unwrap()
+        )),
         "{body}"
     );
     assert!(body.chars().count() <= 2000);
@@ -704,11 +707,12 @@ async fn short_recording_links_redirect_to_the_stored_recording() {
         .into_iter()
         .find(|(f, _)| field(f, "CustomField") == Some(sms.greeting_ref.as_str()))
         .unwrap();
-    let link = format!("http://127.0.0.1:8080/r/{}", sms.greeting_ref);
+    let link_ref = sms.link_ref.as_deref().unwrap();
+    let link = format!("http://127.0.0.1:8080/r/{link_ref}");
     assert!(field(&form, "Body").unwrap().contains(&link));
     let res = app
         .client
-        .get(format!("{}/r/{}", app.base, sms.greeting_ref))
+        .get(format!("{}/r/{link_ref}", app.base))
         .send()
         .await
         .unwrap();

@@ -27,6 +27,7 @@ mod multipart;
 mod passthru;
 mod passthru_head;
 mod properties;
+mod recordings;
 mod reload;
 mod resilience;
 mod server_settings;

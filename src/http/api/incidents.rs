@@ -93,7 +93,34 @@ pub struct IncidentView {
 pub struct IncidentDetail {
     #[serde(flatten)]
     pub incident: IncidentView,
+    /// The caller's recording as this server fetched it (proxy mode); absent when it is not fetched.
+    pub recording: Option<RecordingView>,
+    /// What happened to the incident as a whole (its recording fetched, unavailable, deleted, a
+    /// follow-up call queued), oldest first.
+    pub events: Vec<IncidentEventView>,
     pub deliveries: Vec<DeliveryView>,
+}
+
+/// The fetched recording.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RecordingView {
+    /// `pending` (being fetched), `stored`, `unavailable` or `deleted`.
+    pub status: String,
+    pub attempts: i64,
+    pub content_type: Option<String>,
+    pub bytes: Option<i64>,
+    pub last_error: Option<String>,
+    /// Tries stop at this time.
+    pub deadline_at: String,
+    pub stored_at: Option<String>,
+}
+
+/// One entry of an incident's own audit trail.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IncidentEventView {
+    pub at: String,
+    pub kind: String,
+    pub detail: String,
 }
 
 /// One contact on one channel.
@@ -225,8 +252,30 @@ async fn incident_detail(state: &AppState, id: &str) -> Result<IncidentDetail, A
         .ok_or_else(|| AppError::NotFound(format!("no incident {id}")))?;
     let deliveries = state.store.deliveries(id).await?;
     let mut events = state.store.incident_events(id).await?;
+    let recording = state.store.recording(id).await?.map(|r| RecordingView {
+        status: r.status,
+        attempts: r.attempts,
+        content_type: r.content_type,
+        bytes: r.bytes,
+        last_error: r.last_error,
+        deadline_at: iso(r.deadline_at),
+        stored_at: r.stored_at.map(iso),
+    });
+    let timeline = state
+        .store
+        .incident_timeline(id)
+        .await?
+        .into_iter()
+        .map(|e| IncidentEventView {
+            at: iso(e.at),
+            kind: e.kind,
+            detail: e.detail,
+        })
+        .collect();
     Ok(IncidentDetail {
         incident: incident.into(),
+        recording,
+        events: timeline,
         deliveries: deliveries
             .into_iter()
             .map(|d| {
@@ -595,6 +644,7 @@ impl Trigger {
             requested_type: self.emergency_type,
             caller: None,
             recording_url: self.recording_url,
+            recording_available_by: None,
             message: Some(self.message),
             raw_params: self.raw_params,
             occurred_at: self.occurred_at,
@@ -628,6 +678,8 @@ fn stored_detail(incident: &NewIncident, id: &str) -> IncidentDetail {
             received_at: iso(crate::domain::now_ms()),
             resolved_at: None,
         },
+        recording: None,
+        events: Vec::new(),
         deliveries: Vec::new(),
     }
 }

@@ -1,0 +1,5 @@
+//! The caller's recording: fetched from Exotel, kept in the database, served at `/r/<ref>`.
+
+pub mod fetch;
+pub mod opens;
+pub mod range;
