@@ -151,6 +151,15 @@ impl App {
                 ));
             }
         }
+        out.push_str(&match self.state.settings.recording_mode() {
+            settings::RecordingMode::Proxy => format!(
+                "Recordings: proxy mode: fetched from {} with the Exotel credentials, kept in the database, served at {base}/r/<ref>\n",
+                self.state.settings.recordings.allowed_hosts
+            ),
+            settings::RecordingMode::Direct => {
+                "Recordings: direct mode: Exotel's recording URLs are passed on as they are\n".to_owned()
+            }
+        });
         for warning in self.warnings() {
             out.push_str(&format!("WARNING: {warning}\n"));
         }

@@ -336,17 +336,73 @@ impl RecordingsSettings {
     pub fn keep_ms(&self) -> Option<i64> {
         (self.keep_days > 0).then(|| i64::from(self.keep_days).saturating_mul(86_400_000))
     }
+}
 
-    /// What the fetcher may request.
-    pub fn fetch_config(&self) -> Result<crate::recordings::fetch::FetchConfig, String> {
-        Ok(crate::recordings::fetch::FetchConfig {
-            allowed_hosts: crate::recordings::fetch::FetchConfig::parse_hosts(&self.allowed_hosts)
-                .map_err(|e| format!("recordings.allowed_hosts: {e}"))?,
-            allow_http: self.allow_http,
-            max_bytes: self.max_bytes,
-            timeout: std::time::Duration::from_secs(60),
-        })
+/// Parses `recordings.allowed_hosts`, a comma-separated string: trims, lower-cases, drops empties;
+/// an entry with a scheme or path is an `Err` naming it.
+pub fn parse_hosts(raw: &str) -> Result<Vec<String>, String> {
+    let mut hosts = Vec::new();
+    for entry in raw.split(',') {
+        let entry = entry.trim().to_ascii_lowercase();
+        if entry.is_empty() {
+            continue;
+        }
+        if entry.contains("://") {
+            return Err(format!(
+                "recordings.allowed_hosts entry {entry:?} has a scheme: give the host only, e.g. recordings.exotel.com"
+            ));
+        }
+        if entry.contains(['/', '\\', '?', '#']) {
+            return Err(format!(
+                "recordings.allowed_hosts entry {entry:?} has a path: give the host only, e.g. recordings.exotel.com"
+            ));
+        }
+        if entry.contains('@') || entry.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "recordings.allowed_hosts entry {entry:?} is not a host or host:port"
+            ));
+        }
+        let (host, _) = split_host_entry(&entry).ok_or_else(|| {
+            format!("recordings.allowed_hosts entry {entry:?} has a port that is not a number from 1 to 65535")
+        })?;
+        // The URL parser is the judge of what a host is, so the list and `check` agree.
+        let valid = reqwest::Url::parse(&format!("http://{host}/"))
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .is_some_and(|h| !h.is_empty());
+        if !valid {
+            return Err(format!(
+                "recordings.allowed_hosts entry {entry:?} is not a valid host name"
+            ));
+        }
+        if !hosts.contains(&entry) {
+            hosts.push(entry);
+        }
     }
+    Ok(hosts)
+}
+
+/// `host` or `host:port` (IPv6 as `[::1]:8080`) into its parts; `None` when the port is not a port.
+pub fn split_host_entry(entry: &str) -> Option<(&str, Option<u16>)> {
+    let port_at = if entry.starts_with('[') {
+        // `[::1]` or `[::1]:8080`: only a colon after the bracket separates a port.
+        let close = entry.find(']')?;
+        match &entry[close + 1..] {
+            "" => return Some((entry, None)),
+            rest if rest.starts_with(':') => close + 1,
+            _ => return None,
+        }
+    } else {
+        match entry.rfind(':') {
+            Some(i) => i,
+            None => return Some((entry, None)),
+        }
+    };
+    let port = entry[port_at + 1..]
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)?;
+    Some((&entry[..port_at], Some(port)))
 }
 
 fn duration_ms(key: &str, raw: &str) -> Result<i64, String> {
@@ -713,7 +769,7 @@ impl Settings {
         {
             problems.push(e);
         }
-        if let Err(e) = r.fetch_config() {
+        if let Err(e) = parse_hosts(&r.allowed_hosts) {
             problems.push(e);
         }
         if r.max_bytes == 0 {

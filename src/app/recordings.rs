@@ -37,7 +37,7 @@ pub fn fetch_for(
     if settings.recording_mode() != RecordingMode::Proxy {
         return Ok(None);
     }
-    let config = settings.recordings.fetch_config()?;
+    let config = FetchConfig::from_settings(&settings.recordings)?;
     config.check(url)?;
     Ok(Some(RecordingFetch {
         available_by,
@@ -49,7 +49,7 @@ pub fn fetch_for(
 /// turns true. Errors are logged and retried on the next round.
 pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let settings = state.settings.clone();
-    let config = match settings.recordings.fetch_config() {
+    let config = match FetchConfig::from_settings(&settings.recordings) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "recordings: invalid settings; nothing will be fetched");

@@ -34,48 +34,19 @@ pub struct FetchConfig {
 }
 
 impl FetchConfig {
-    /// Parses `recordings.allowed_hosts`, a comma-separated string: trims, lower-cases, drops empties;
-    /// an entry with a scheme or path is an `Err` naming it.
+    /// Parses `recordings.allowed_hosts` (see [`crate::settings::parse_hosts`]).
     pub fn parse_hosts(raw: &str) -> Result<Vec<String>, String> {
-        let mut hosts = Vec::new();
-        for entry in raw.split(',') {
-            let entry = entry.trim().to_ascii_lowercase();
-            if entry.is_empty() {
-                continue;
-            }
-            if entry.contains("://") {
-                return Err(format!(
-                    "recordings.allowed_hosts entry {entry:?} has a scheme: give the host only, e.g. recordings.exotel.com"
-                ));
-            }
-            if entry.contains(['/', '\\', '?', '#']) {
-                return Err(format!(
-                    "recordings.allowed_hosts entry {entry:?} has a path: give the host only, e.g. recordings.exotel.com"
-                ));
-            }
-            if entry.contains('@') || entry.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(format!(
-                    "recordings.allowed_hosts entry {entry:?} is not a host or host:port"
-                ));
-            }
-            let (host, _) = split_entry(&entry).ok_or_else(|| {
-                format!("recordings.allowed_hosts entry {entry:?} has a port that is not a number from 1 to 65535")
-            })?;
-            // The URL parser is the judge of what a host is, so the list and `check` agree.
-            let valid = reqwest::Url::parse(&format!("http://{host}/"))
-                .ok()
-                .and_then(|u| u.host_str().map(str::to_owned))
-                .is_some_and(|h| !h.is_empty());
-            if !valid {
-                return Err(format!(
-                    "recordings.allowed_hosts entry {entry:?} is not a valid host name"
-                ));
-            }
-            if !hosts.contains(&entry) {
-                hosts.push(entry);
-            }
-        }
-        Ok(hosts)
+        crate::settings::parse_hosts(raw)
+    }
+
+    /// What `recordings.*` allows.
+    pub fn from_settings(settings: &crate::settings::RecordingsSettings) -> Result<Self, String> {
+        Ok(FetchConfig {
+            allowed_hosts: Self::parse_hosts(&settings.allowed_hosts)?,
+            allow_http: settings.allow_http,
+            max_bytes: settings.max_bytes,
+            timeout: std::time::Duration::from_secs(60),
+        })
     }
 
     /// `Ok(parsed URL)` when the URL may be requested: scheme https (or http when `allow_http`), no
@@ -114,14 +85,14 @@ impl FetchConfig {
         };
         let explicit = parsed.port();
         let effective = parsed.port_or_known_default();
-        let allowed = self
-            .allowed_hosts
-            .iter()
-            .any(|entry| match split_entry(entry) {
-                Some((h, None)) => h.eq_ignore_ascii_case(&host) && explicit.is_none(),
-                Some((h, Some(p))) => h.eq_ignore_ascii_case(&host) && effective == Some(p),
-                None => false,
-            });
+        let allowed =
+            self.allowed_hosts
+                .iter()
+                .any(|entry| match crate::settings::split_host_entry(entry) {
+                    Some((h, None)) => h.eq_ignore_ascii_case(&host) && explicit.is_none(),
+                    Some((h, Some(p))) => h.eq_ignore_ascii_case(&host) && effective == Some(p),
+                    None => false,
+                });
         if allowed {
             Ok(parsed)
         } else {
@@ -131,29 +102,6 @@ impl FetchConfig {
             ))
         }
     }
-}
-
-/// `host` or `host:port` (IPv6 as `[::1]:8080`) into its parts; `None` when the port is not a port.
-fn split_entry(entry: &str) -> Option<(&str, Option<u16>)> {
-    let port_at = if entry.starts_with('[') {
-        // `[::1]` or `[::1]:8080`: only a colon after the bracket separates a port.
-        let close = entry.find(']')?;
-        match &entry[close + 1..] {
-            "" => return Some((entry, None)),
-            rest if rest.starts_with(':') => close + 1,
-            _ => return None,
-        }
-    } else {
-        match entry.rfind(':') {
-            Some(i) => i,
-            None => return Some((entry, None)),
-        }
-    };
-    let port = entry[port_at + 1..]
-        .parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)?;
-    Some((&entry[..port_at], Some(port)))
 }
 
 /// `host` or `host:port` of a URL, the port only when given explicitly.
