@@ -327,6 +327,11 @@ impl Dispatcher {
             (Some(_), Some(status)) => {
                 (status == status::PENDING || status == status::STORED).then(|| short.clone())
             }
+            // Proxy mode, a recording we may not fetch: still our link (it redirects), never Exotel's
+            // URL in a message.
+            (Some(_), None) if self.settings.recording_mode() == RecordingMode::Proxy => {
+                Some(short.clone())
+            }
             (Some(url), None) => Some(match (m.recording_link, channel) {
                 (RecordingLink::Short, _) => short.clone(),
                 // A URL too long for a DLT link variable would be refused: the short link leads to

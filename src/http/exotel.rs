@@ -131,8 +131,16 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
             );
             (messages::greeting_body(msg, Some(&link), &vars), Some(true))
         }
+        // The promise of the recording only when a follow-up call will keep it.
         Some(status::PENDING) => (
-            messages::greeting_spoken(msg, &vars, Some(&msg.greeting_recording_pending)),
+            messages::greeting_spoken(
+                msg,
+                &vars,
+                settings
+                    .recordings
+                    .followup_call
+                    .then_some(msg.greeting_recording_pending.as_str()),
+            ),
             Some(false),
         ),
         // Unavailable or deleted: the text alone.

@@ -63,7 +63,7 @@ pub async fn recording(
     let settings = &state.settings;
     let proxied = settings.recording_mode() == RecordingMode::Proxy && view.status.is_some();
     if !proxied {
-        return match &view.recording_url {
+        return match view.recording_url.as_deref().filter(|u| !has_userinfo(u)) {
             Some(url) => match HeaderValue::from_str(url) {
                 Ok(location) => (StatusCode::FOUND, [(header::LOCATION, location)]).into_response(),
                 Err(_) => text(
@@ -298,6 +298,11 @@ pub fn masked(ip: IpAddr) -> String {
             }
         },
     }
+}
+
+/// A URL carrying a user name or password is never handed to a phone.
+fn has_userinfo(url: &str) -> bool {
+    reqwest::Url::parse(url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
 }
 
 fn text(status: StatusCode, message: &'static str) -> Response {

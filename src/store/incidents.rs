@@ -68,7 +68,7 @@ impl Store {
         .bind(cursor.as_ref().map(|(_, id)| id.as_str()))
         .bind(filter.limit)
         .bind(filter.offset)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         Ok(Some(rows))
     }
@@ -84,7 +84,7 @@ impl Store {
              WHERE d.incident_id = $1 ORDER BY e.id",
         )
         .bind(incident_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         let mut out: HashMap<String, Vec<EventRow>> = HashMap::new();
         for e in rows {
@@ -104,7 +104,7 @@ impl Store {
             " FROM incidents WHERE dedup_key = $1 AND status <> 'resolved'"
         ))
         .bind(dedup_key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reader)
         .await?;
         Ok(row)
     }
@@ -119,7 +119,7 @@ impl Store {
         reason: &str,
     ) -> anyhow::Result<Option<Resolved>> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         // The UPDATE comes first so that SQLite takes its write lock at once, and a concurrent resolve
         // of the same incident waits here instead of cancelling twice.
         let changed = sqlx::query(
@@ -176,7 +176,7 @@ impl Store {
              ORDER BY received_at",
         )
         .bind(cutoff_ms)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         Ok(ids)
     }
@@ -186,14 +186,14 @@ impl Store {
         let row = sqlx::query(
             "SELECT COUNT(*) AS depth, MIN(due_at) AS oldest FROM deliveries WHERE status = 'queued'",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&self.reader)
         .await?;
         let unconfirmed: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM deliveries WHERE status = 'accepted' \
              AND (report_checks > 0 OR report_due_at < $1)",
         )
         .bind(crate::domain::now_ms())
-        .fetch_one(&self.pool)
+        .fetch_one(&self.reader)
         .await?;
         Ok(QueueStats {
             depth: row.try_get("depth")?,
@@ -207,7 +207,7 @@ impl Store {
     pub async fn existing_secret(&self, name: &str) -> anyhow::Result<Option<String>> {
         let value = sqlx::query_scalar("SELECT value FROM app_secrets WHERE name = $1")
             .bind(name)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reader)
             .await?;
         Ok(value)
     }

@@ -10,6 +10,7 @@
 //! migration, and the database refuses anything else. Times are milliseconds since the Unix epoch.
 
 mod incidents;
+mod intake;
 mod optins;
 mod queue;
 pub mod recordings;
@@ -63,9 +64,21 @@ impl Engine {
 }
 
 /// The one handle to the database; cheap to clone.
+///
+/// Writes and reads go through separate pools. On SQLite, which allows one writer at a time, the
+/// writer pool has exactly one connection: writers queue for it in order (a fair, async wait) instead
+/// of each taking a connection and sleeping in SQLite's busy handler, which backs off for up to
+/// hundreds of milliseconds while an emergency waits. The read pool's connections are `query_only`,
+/// so a write sent down the wrong path fails loudly instead of competing for the lock. On PostgreSQL
+/// both are the same pool.
 #[derive(Clone)]
 pub struct Store {
-    pool: AnyPool,
+    /// Reads.
+    reader: AnyPool,
+    /// Writes, and every transaction.
+    writer: AnyPool,
+    /// New incidents, group-committed through `writer`.
+    intake: intake::Intake,
     engine: Engine,
 }
 
@@ -115,36 +128,59 @@ impl Store {
         let engine = Engine::of_url(url)?;
         let options =
             AnyConnectOptions::from_str(url).context("database.url is not a valid URL")?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    for statement in engine.on_connect() {
-                        sqlx::query(statement).execute(&mut *conn).await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await
-            .with_context(|| format!("cannot open the {} database", engine.as_str()))?;
-        Ok(Store { pool, engine })
+        let open = |max: u32, read_only: bool| {
+            let options = options.clone();
+            async move {
+                AnyPoolOptions::new()
+                    .max_connections(max)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .after_connect(move |conn, _meta| {
+                        Box::pin(async move {
+                            for statement in engine.on_connect(read_only) {
+                                sqlx::query(statement).execute(&mut *conn).await?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .connect_with(options)
+                    .await
+                    .with_context(|| format!("cannot open the {} database", engine.as_str()))
+            }
+        };
+        let (reader, writer) = match engine {
+            Engine::Postgres => {
+                let pool = open(max_connections, false).await?;
+                (pool.clone(), pool)
+            }
+            // The writer first: it creates the file and switches it to WAL before readers open it.
+            Engine::Sqlite => {
+                let writer = open(1, false).await?;
+                let readers = open(max_connections.saturating_sub(1).max(1), true).await?;
+                (readers, writer)
+            }
+        };
+        Ok(Store {
+            reader,
+            intake: intake::Intake::start(writer.clone(), engine),
+            writer,
+            engine,
+        })
     }
 
     pub fn engine(&self) -> Engine {
         self.engine
     }
 
+    /// The pool that writes (on SQLite its one connection).
     pub fn pool(&self) -> &AnyPool {
-        &self.pool
+        &self.writer
     }
 
     /// Applies the embedded migrations of this engine.
     pub async fn migrate(&self) -> anyhow::Result<()> {
         self.engine
             .migrations()
-            .run(&self.pool)
+            .run(&self.writer)
             .await
             .context("applying migrations")?;
         self.write_lifecycle().await
@@ -155,7 +191,7 @@ impl Store {
     /// adds: a replica still running an older build keeps the moves it knows, so a move taken out of
     /// the code stays allowed in existing databases until a migration removes it.
     async fn write_lifecycle(&self) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         for state in DeliveryState::ALL {
             sqlx::query("INSERT INTO delivery_states (name) VALUES ($1) ON CONFLICT DO NOTHING")
                 .bind(state.as_str())
@@ -203,18 +239,19 @@ impl Store {
             .unwrap_or(0);
         let applied: Option<i64> =
             sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE")
-                .fetch_one(&self.pool)
+                .fetch_one(&self.reader)
                 .await?;
         Ok(applied.unwrap_or(0) >= latest)
     }
 
     pub async fn ping(&self) -> anyhow::Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.writer.close().await;
+        self.reader.close().await;
     }
 
     /// The stored secret `name`, creating it with a fresh random value the first time. Safe when several
@@ -226,84 +263,27 @@ impl Store {
         .bind(name)
         .bind(random_token(24))
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         let value: String = sqlx::query_scalar("SELECT value FROM app_secrets WHERE name = $1")
             .bind(name)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.writer)
             .await?;
         Ok(value)
     }
 
-    /// Stores the incident and one queued delivery per target in ONE transaction. A repeat of a stored
-    /// CallSid, or of the dedup key of an incident still open, writes nothing and returns the first one.
+    /// Stores the incident and one queued delivery per target in ONE transaction, which it may share
+    /// with incidents arriving at the same time (one durable commit for all: see [`intake`]). Answers
+    /// once its rows are durable. A repeat of a stored CallSid, or of the dedup key of an incident
+    /// still open, writes nothing and returns the first one.
     pub async fn create_incident(
         &self,
         incident: &NewIncident,
         deliveries: &[NewDelivery],
     ) -> anyhow::Result<Created> {
-        let now = now_ms();
-        let id = uuid::Uuid::new_v4().to_string();
-        let mut tx = self.pool.begin().await?;
-        // The insert comes first so that SQLite takes its write lock at once (no upgrade deadlock), and a
-        // concurrent repeat waits on the unique index instead of racing a read.
-        let inserted: Option<String> = sqlx::query_scalar(
-            "INSERT INTO incidents (id, source, call_sid, dedup_key, emergency_type, route, caller, \
-             recording_url, message, raw_params, status, occurred_at, received_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $13, $11, $12) \
-             ON CONFLICT DO NOTHING RETURNING id",
-        )
-        .bind(&id)
-        .bind(incident.source.as_str())
-        .bind(incident.call_sid.as_deref())
-        .bind(incident.dedup_key.as_deref())
-        // Names come from the operators' file and the request: stored without control characters, so
-        // a stray NUL in either can never make an emergency unstorable.
-        .bind(crate::domain::storable(&incident.emergency_type).into_owned())
-        .bind(crate::domain::storable(&incident.route).into_owned())
-        .bind(incident.caller.as_deref())
-        .bind(incident.recording_url.as_deref())
-        .bind(incident.message.as_deref())
-        .bind(&incident.raw_params)
-        .bind(incident.occurred_at)
-        .bind(now)
-        .bind(IncidentState::Open.as_str())
-        .fetch_optional(&mut *tx)
-        .await
-        .context("inserting the incident")?;
-
-        if inserted.is_none() {
-            let incident_id = stored_repeat(&mut tx, incident).await?;
-            tx.commit().await?;
-            return Ok(Created {
-                incident_id,
-                is_new: false,
-                deliveries: 0,
-            });
-        }
-        for d in deliveries {
-            insert_delivery(&mut tx, &id, d, now).await?;
-        }
-        if let (Some(url), Some(fetch)) = (&incident.recording_url, incident.recording_fetch) {
-            recordings::insert_recording(
-                &mut tx,
-                &id,
-                url,
-                incident.call_sid.as_deref(),
-                fetch,
-                now,
-            )
-            .await?;
-        }
-        if let Some(wake) = self.engine.wake_on_commit() {
-            sqlx::query(wake).execute(&mut *tx).await?;
-        }
-        tx.commit().await.context("committing the incident")?;
-        Ok(Created {
-            incident_id: id,
-            is_new: true,
-            deliveries: deliveries.len(),
-        })
+        self.intake
+            .submit(incident.clone(), deliveries.to_vec())
+            .await
     }
 
     /// What the greeting of the delivery with this reference should play or say.
@@ -316,7 +296,7 @@ impl Store {
              LEFT JOIN recordings r ON r.incident_id = i.id WHERE d.greeting_ref = $1",
         )
         .bind(greeting_ref)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reader)
         .await?;
         Ok(view)
     }
@@ -328,7 +308,7 @@ impl Store {
             " FROM incidents WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reader)
         .await?;
         Ok(row)
     }
@@ -343,14 +323,14 @@ impl Store {
             " FROM incidents WHERE call_sid = $1"
         ))
         .bind(call_sid)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reader)
         .await?;
         Ok(row)
     }
 
     pub async fn count_incidents(&self) -> anyhow::Result<i64> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM incidents")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.reader)
             .await?;
         Ok(n)
     }
@@ -363,7 +343,7 @@ impl Store {
             " FROM deliveries WHERE incident_id = $1 ORDER BY priority, contact_name, id"
         ))
         .bind(incident_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         Ok(rows)
     }
@@ -375,7 +355,7 @@ impl Store {
             " FROM deliveries WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reader)
         .await?;
         Ok(row)
     }
@@ -387,7 +367,7 @@ impl Store {
              WHERE delivery_id = $1 ORDER BY id",
         )
         .bind(delivery_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         Ok(rows)
     }
@@ -400,7 +380,15 @@ impl Store {
         provider_id: Option<&str>,
         detail: &str,
     ) -> anyhow::Result<()> {
-        insert_event(&self.pool, delivery_id, kind, provider_id, detail, now_ms()).await
+        insert_event(
+            &self.writer,
+            delivery_id,
+            kind,
+            provider_id,
+            detail,
+            now_ms(),
+        )
+        .await
     }
 }
 
@@ -442,35 +430,6 @@ async fn stored_repeat(
         }
     }
     Ok(incident_id)
-}
-
-/// One queued delivery of a new incident.
-async fn insert_delivery(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    incident_id: &str,
-    d: &NewDelivery,
-    now: i64,
-) -> anyhow::Result<()> {
-    sqlx::query(
-        "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, provider, \
-         priority, greeting_ref, link_ref, status, due_at, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $11)",
-    )
-    .bind(uuid::Uuid::new_v4().to_string())
-    .bind(incident_id)
-    .bind(crate::domain::storable(&d.contact_name).into_owned())
-    .bind(&d.phone)
-    .bind(d.channel.as_str())
-    .bind(&d.provider)
-    .bind(d.channel.priority())
-    .bind(crate::messages::new_reference())
-    .bind(crate::messages::new_link_ref())
-    .bind(DeliveryState::Queued.as_str())
-    .bind(now)
-    .execute(&mut **tx)
-    .await
-    .context("inserting a delivery")?;
-    Ok(())
 }
 
 /// Shared by plain and transactional callers.

@@ -9,7 +9,7 @@ impl Store {
         let found: Option<i64> =
             sqlx::query_scalar("SELECT opted_in_at FROM whatsapp_optins WHERE phone = $1")
                 .bind(phone)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reader)
                 .await?;
         Ok(found.is_some())
     }
@@ -22,7 +22,7 @@ impl Store {
         )
         .bind(phone)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }

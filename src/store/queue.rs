@@ -295,7 +295,7 @@ impl Store {
         }
         let now = now_ms();
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let claimed: Vec<DeliveryRow> = sqlx::query_as(CLAIM.of(self.engine))
             .bind(owner)
             .bind(&token)
@@ -324,7 +324,7 @@ impl Store {
             "gave up: its lease ran out {max_losses} times before an outcome could be recorded \
              (the process died or the database refused the outcome); it may have been sent"
         );
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let moved: Vec<Moved> = sqlx::query_as(REQUEUE_EXPIRED.of(self.engine))
             .bind(now)
             .bind(i64::from(max_losses))
@@ -373,7 +373,7 @@ impl Store {
         &self,
         batch: &[(String, String, Finish)],
     ) -> anyhow::Result<Vec<Option<DeliveryState>>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let mut results = Vec::with_capacity(batch.len());
         for (delivery_id, token, finish) in batch {
             results.push(finish_in(&mut tx, delivery_id, token, finish).await?);
@@ -394,7 +394,7 @@ impl Store {
             .bind(delivery_id)
             .bind(token)
             .bind(lease.as_millis() as i64)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?
             .rows_affected();
         Ok(renewed == 1)
@@ -414,7 +414,7 @@ impl Store {
             .bind(now_ms())
             .bind(wait.as_millis() as i64)
             .bind(limit)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.writer)
             .await?;
         Ok(rows)
     }
@@ -439,7 +439,7 @@ impl Store {
         } else {
             format!("unconfirmed: {why}")
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let moved: Option<String> = if redial {
             sqlx::query_scalar(DEADLINE_REDIAL)
                 .bind(&d.id)
@@ -483,7 +483,7 @@ impl Store {
     /// or cancelled if their incident was resolved meanwhile. Each gets an event.
     pub async fn release(&self, owner: &str) -> anyhow::Result<Vec<Moved>> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let moved: Vec<Moved> = sqlx::query_as(RELEASE)
             .bind(owner)
             .bind(now)
@@ -516,7 +516,7 @@ impl Store {
             .bind(name)
             .bind(burst)
             .bind(per_ms)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.writer)
             .await?;
         if granted.is_some() {
             return Ok(None);
@@ -525,14 +525,14 @@ impl Store {
             .bind(name)
             .bind(burst)
             .bind(per_ms)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.writer)
             .await?;
         let Some(current) = current else {
             // First use of this bucket: create it full, then ask again at once.
             sqlx::query(NEW_RATE_BUCKET.of(self.engine))
                 .bind(name)
                 .bind(burst)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
             return Ok(Some(Duration::ZERO));
         };
@@ -548,7 +548,7 @@ impl Store {
         let found: Option<DeliveryRow> = sqlx::query_as(BY_PROVIDER_ID)
             .bind(channel)
             .bind(&report.provider_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reader)
             .await?;
         if found.is_some() {
             return Ok(found);
@@ -559,7 +559,7 @@ impl Store {
         let found = sqlx::query_as(BY_REFERENCE)
             .bind(channel)
             .bind(reference)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reader)
             .await?;
         Ok(found)
     }
@@ -570,7 +570,7 @@ impl Store {
             "SELECT delivery_id FROM delivery_events WHERE provider_id = $1 ORDER BY id LIMIT 1",
         )
         .bind(provider_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reader)
         .await?;
         Ok(id)
     }
@@ -595,7 +595,7 @@ impl Store {
         }
         let now = now_ms();
         let policy = d.redial_policy(policy);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let applied = report_transition(&mut tx, &d, report, policy, now).await?;
         let (result, note) = match applied {
             Some(state) => (
@@ -662,7 +662,7 @@ impl Store {
                 "greeting fetched by Exotel: spoke the text alert; the recording was not in yet",
             ),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         sqlx::query(sql)
             .bind(delivery_id)
             .bind(now)
@@ -688,7 +688,7 @@ impl Store {
         .bind(lane)
         .bind(channel.as_str())
         .bind(known)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?
         .rows_affected();
         Ok(moved)
@@ -699,7 +699,7 @@ impl Store {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT status, COUNT(*) FROM deliveries GROUP BY status ORDER BY status",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         Ok(rows)
     }

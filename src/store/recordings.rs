@@ -127,6 +127,9 @@ pub enum AttemptFailed {
     GiveUp,
 }
 
+/// The latest a `RecordingAvailableBy` is believed: an hour after the alert arrived.
+const MAX_READY_WAIT_MS: i64 = 3_600_000;
+
 /// A lease on a fetch job: long enough for the slowest download (the fetch's own time limit is 60 s)
 /// plus writing it.
 const LEASE_MS: i64 = 180_000;
@@ -190,7 +193,7 @@ impl Store {
     pub async fn recording_due(&self, now: i64) -> anyhow::Result<bool> {
         let due: Option<i64> =
             sqlx::query_scalar("SELECT MIN(due_at) FROM recordings WHERE status = 'pending'")
-                .fetch_one(&self.pool)
+                .fetch_one(&self.reader)
                 .await?;
         Ok(due.is_some_and(|d| d <= now))
     }
@@ -202,7 +205,7 @@ impl Store {
             .bind(token)
             .bind(LEASE_MS)
             .bind(now_ms())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.writer)
             .await?;
         Ok(row)
     }
@@ -220,7 +223,7 @@ impl Store {
             .bind(seq as i64)
             .bind(data)
             .bind(token)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         anyhow::ensure!(
             done.rows_affected() == 1,
@@ -240,7 +243,7 @@ impl Store {
         chunks: u64,
     ) -> anyhow::Result<bool> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let received: Option<i64> = sqlx::query_scalar(STORED)
             .bind(&job.incident_id)
             .bind(token)
@@ -281,7 +284,7 @@ impl Store {
     ) -> anyhow::Result<()> {
         let now = now_ms();
         let why = storable(why).into_owned();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let attempts: Option<i64> = match next {
             AttemptFailed::Retry {
                 due_at,
@@ -343,7 +346,7 @@ impl Store {
             " FROM recordings WHERE incident_id = $1"
         ))
         .bind(incident_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reader)
         .await?;
         Ok(row)
     }
@@ -352,7 +355,7 @@ impl Store {
     pub async fn recording_link(&self, link_ref: &str) -> anyhow::Result<Option<LinkView>> {
         let row = sqlx::query_as(LINK)
             .bind(link_ref)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reader)
             .await?;
         Ok(row)
     }
@@ -368,7 +371,7 @@ impl Store {
         )
         .bind(incident_id)
         .bind(seq as i64)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reader)
         .await?;
         Ok(data)
     }
@@ -380,7 +383,7 @@ impl Store {
         kind: &str,
         detail: &str,
     ) -> anyhow::Result<()> {
-        insert_incident_event(&self.pool, incident_id, kind, detail, now_ms()).await
+        insert_incident_event(&self.writer, incident_id, kind, detail, now_ms()).await
     }
 
     /// The incident's own events, oldest first.
@@ -392,7 +395,7 @@ impl Store {
             "SELECT id, at, kind, detail FROM incident_events WHERE incident_id = $1 ORDER BY id",
         )
         .bind(incident_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         Ok(rows)
     }
@@ -401,7 +404,7 @@ impl Store {
     /// contact of whom at least one call's greeting spoke text.
     pub async fn followup_candidates(&self) -> anyhow::Result<Vec<FollowupCandidate>> {
         let rows = sqlx::query_as(FOLLOWUP_CANDIDATES)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reader)
             .await?;
         Ok(rows)
     }
@@ -416,7 +419,7 @@ impl Store {
         provider: &str,
     ) -> anyhow::Result<bool> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let id: Option<String> = sqlx::query_scalar(INSERT_FOLLOWUP)
             .bind(uuid::Uuid::new_v4().to_string())
             .bind(incident_id)
@@ -464,12 +467,12 @@ impl Store {
         let ids: Vec<String> = sqlx::query_scalar(EXPIRED)
             .bind(cutoff_ms)
             .bind(i64::from(batch.max(1)))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.writer)
             .await?;
         let mut deleted = 0;
         for id in ids {
             let now = now_ms();
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.writer.begin().await?;
             let changed = sqlx::query(
                 "UPDATE recordings SET status = 'deleted' WHERE incident_id = $1 AND status = 'stored'",
             )
@@ -506,7 +509,13 @@ pub(super) async fn insert_recording(
     fetch: RecordingFetch,
     now: i64,
 ) -> anyhow::Result<()> {
-    let deadline = fetch.available_by.unwrap_or(now).max(now) + fetch.grace_ms;
+    // A RecordingAvailableBy far in the future (misread, or a clock gone wrong) must not keep links
+    // answering "not ready yet" for days: Exotel's recordings take at most about 15 minutes.
+    let ready_by = fetch
+        .available_by
+        .unwrap_or(now)
+        .clamp(now, now + MAX_READY_WAIT_MS);
+    let deadline = ready_by + fetch.grace_ms;
     sqlx::query(
         "INSERT INTO recordings (incident_id, source_url, call_sid, status, received_at, available_by, \
          deadline_at, due_at) VALUES ($1, $2, $3, 'pending', $4, $5, $6, $4) ON CONFLICT DO NOTHING",

@@ -103,16 +103,25 @@ impl Store {
         .bind(cutoff_ms)
         .bind(now_ms())
         .bind(i64::from(batch))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writer)
         .await
         .context("listing incidents to prune")?;
         if ids.is_empty() {
             return Ok(Pruned::default());
         }
+        // Recordings first, one statement each, outside the batch: up to 20 MB of audio per incident
+        // must not be deleted while the batch holds SQLite's only writer.
+        for id in &ids {
+            sqlx::query("DELETE FROM recording_chunks WHERE incident_id = $1")
+                .bind(id)
+                .execute(&self.writer)
+                .await
+                .context("deleting a pruned incident's recording")?;
+        }
         // Every table that references deliveries or incidents must be emptied here, children first.
         // Up to CHUNK incidents per statement (a short chunk repeats its last id), all in one
         // transaction: few round trips while SQLite's one writer is held, one commit per batch.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let mut counts = [0u64; PRUNE.len()];
         for chunk in ids.chunks(CHUNK) {
             for (sql, count) in PRUNE.iter().zip(counts.iter_mut()) {
@@ -154,11 +163,19 @@ impl Store {
         let target = file
             .to_str()
             .context("the backup file name is not valid UTF-8")?;
-        sqlx::query("VACUUM INTO $1")
+        // On a read connection, so the copy never holds the one writer while emergencies wait. `VACUUM
+        // INTO` writes only the new file, but `query_only` refuses it: the connection is let out of
+        // read-only for this and then closed, never handed back to the pool.
+        let mut conn = self.reader.acquire().await?.detach();
+        sqlx::query("PRAGMA query_only = OFF")
+            .execute(&mut conn)
+            .await?;
+        let copied = sqlx::query("VACUUM INTO $1")
             .bind(target)
-            .execute(&self.pool)
-            .await
-            .with_context(|| format!("writing the backup to {}", file.display()))?;
+            .execute(&mut conn)
+            .await;
+        let _ = sqlx::Connection::close(conn).await;
+        copied.with_context(|| format!("writing the backup to {}", file.display()))?;
         Ok(())
     }
 }

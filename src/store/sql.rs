@@ -30,14 +30,21 @@ impl Engine {
 
     /// Run on every new connection. SQLite runs in WAL mode with `synchronous=FULL`, so a commit (and
     /// so a 200 to Exotel) survives a power cut, not only a crash.
-    pub(super) fn on_connect(self) -> &'static [&'static str] {
-        match self {
-            Engine::Postgres => &[],
-            Engine::Sqlite => &[
+    /// `read_only` connections (SQLite's read pool) refuse writes.
+    pub(super) fn on_connect(self, read_only: bool) -> &'static [&'static str] {
+        match (self, read_only) {
+            (Engine::Postgres, _) => &[],
+            (Engine::Sqlite, false) => &[
                 "PRAGMA journal_mode = WAL",
                 "PRAGMA synchronous = FULL",
                 "PRAGMA foreign_keys = ON",
                 "PRAGMA busy_timeout = 10000",
+            ],
+            // The busy timeout stays: a checkpoint can briefly hold readers too.
+            (Engine::Sqlite, true) => &[
+                "PRAGMA foreign_keys = ON",
+                "PRAGMA busy_timeout = 10000",
+                "PRAGMA query_only = ON",
             ],
         }
     }

@@ -430,9 +430,10 @@ impl Providers {
             // Attempts alone bound retries here; the outage tests set a time budget themselves.
             ("SOS_DISPATCH__RETRY_FOR", "0s".into()),
             ("SOS_DISPATCH__POLL_INTERVAL_MS", "50".into()),
-            // Live credentials turn proxy mode on: no test may fetch from Exotel's real recording host.
-            // Its URLs are then used as they are; the recordings suite lists its own stand-in.
-            ("SOS_RECORDINGS__ALLOWED_HOSTS", "recordings.invalid".into()),
+            // Live credentials would turn proxy mode on, and no test may fetch from Exotel's real
+            // recording host: recordings are passed on as they are unless a test (the recordings
+            // suite, with its own stand-in) turns proxy mode on.
+            ("SOS_RECORDINGS__MODE", "direct".into()),
         ]
     }
 

@@ -21,6 +21,7 @@ mod greeting;
 mod gupshup;
 mod hardening;
 mod health;
+mod intake;
 mod lifecycle;
 mod metrics;
 mod multipart;

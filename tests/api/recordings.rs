@@ -92,6 +92,7 @@ fn encoded(url: &str) -> String {
 /// A live app (every channel against the stand-ins) in proxy mode, fetching from `stand`.
 async fn proxy_app(db: Db, p: &Providers, stand: &Stand, extra: &[(&str, String)]) -> TestApp {
     let mut env: Vec<(&str, String)> = p.env();
+    env.push(("SOS_RECORDINGS__MODE", "proxy".into()));
     env.push(("SOS_RECORDINGS__ALLOWED_HOSTS", stand.host()));
     env.push(("SOS_RECORDINGS__ALLOW_HTTP", "true".into()));
     env.extend(extra.iter().cloned());
@@ -423,6 +424,28 @@ async fn a_recording_that_never_comes_and_an_expired_link_answer_410(db: Db) {
     let res = get(&app, call.link_ref.as_deref().unwrap(), None).await;
     assert_eq!(res.status(), 410);
     assert!(res.text().await.unwrap().contains("never became available"));
+
+    // RecordingAvailableBy (Exotel's local time) later than arrival moves the deadline with it; one
+    // absurdly far away is held to an hour.
+    let ist = chrono::FixedOffset::east_opt(330 * 60).unwrap();
+    for (sid, ahead_min, expected_min) in [("recby1", 30, 30), ("recby2", 60 * 24 * 10, 60)] {
+        let at = (chrono::Utc::now() + chrono::Duration::minutes(ahead_min)).with_timezone(&ist);
+        let stamp = at.format("%Y-%m-%d %H:%M:%S").to_string();
+        app.passthru(&format!(
+            "CallSid={sid}&EmergencyType=Heart&RecordingUrl={}&RecordingAvailableBy={}",
+            encoded(&never.url()),
+            encoded(&stamp)
+        ))
+        .await;
+        let incident = app.store.incident_by_call_sid(sid).await.unwrap().unwrap();
+        let job = app.store.recording(&incident.id).await.unwrap().unwrap();
+        let expected = incident.received_at + expected_min * 60_000 + 2_000;
+        assert!(
+            (job.deadline_at - expected).abs() < 5_000,
+            "{sid}: deadline {} expected about {expected}",
+            job.deadline_at
+        );
+    }
     app.stop().await;
 
     let ready = Stand::start(Duration::ZERO, audio(1000), "audio/mpeg").await;
@@ -465,9 +488,10 @@ async fn hosts_off_the_list_and_direct_mode_are_never_requested(db: Db) {
     let p = Providers::start().await;
     let stand = Stand::start(Duration::ZERO, audio(1000), "audio/mpeg").await;
     let mut env = p.env();
+    env.push(("SOS_RECORDINGS__MODE", "".into()));
     env.push(("SOS_RECORDINGS__ALLOW_HTTP", "true".into()));
     env.push(("SOS_DISPATCH__ENABLED", "false".into()));
-    // The default list: Exotel's recording host only.
+    // The default mode with credentials set (proxy), and the default list: Exotel's recording host only.
     let app = spawn_app_with(db, &env).await;
     app.passthru(&format!(
         "CallSid=recoff1&EmergencyType=Heart&RecordingUrl={}",
@@ -617,6 +641,7 @@ async fn a_restart_while_waiting_still_fetches_the_recording(db: Db) {
         Some("pending")
     );
     let mut env = p.env();
+    env.push(("SOS_RECORDINGS__MODE", "proxy".into()));
     env.push(("SOS_RECORDINGS__ALLOWED_HOSTS", stand.host()));
     env.push(("SOS_RECORDINGS__ALLOW_HTTP", "true".into()));
     env.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
@@ -728,10 +753,107 @@ async fn refused_credentials_fall_back_to_the_call_details_url(db: Db) {
         .unwrap();
     assert_eq!(detail["recording"]["status"], "stored");
     assert_eq!(detail["events"][0]["kind"], "recording_fetched");
+
+    // Past recordings.keep_days: the audio is deleted, with an event, and the links answer 410.
+    let later = exotel_sos::domain::now_ms() + 1000;
+    assert_eq!(
+        app.store
+            .delete_recordings_stored_before(later, 10)
+            .await
+            .unwrap(),
+        2
+    );
+    let link_ref = app.store.deliveries(&id).await.unwrap()[0]
+        .link_ref
+        .clone()
+        .unwrap();
+    let res = get(&app, &link_ref, None).await;
+    assert_eq!(res.status(), 410);
+    assert!(res.text().await.unwrap().contains("deleted"));
+    assert!(timeline(&app, &id)
+        .await
+        .iter()
+        .any(|(k, _)| k == "recording_deleted"));
+    let chunks: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM recording_chunks")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(chunks, 0);
     app.stop().await;
 }
 
+/// With `recordings.followup_call = false` the greeting promises nothing and no follow-up is placed;
+/// with it on, none is placed for a resolved incident.
+async fn no_followup_when_turned_off_or_resolved(db: Db) {
+    for (followup, resolve) in [(false, false), (true, true)] {
+        let p = Providers::start().await;
+        let stand = Stand::start(Duration::from_millis(1500), audio(1000), "audio/mpeg").await;
+        let app = proxy_app(
+            db,
+            &p,
+            &stand,
+            &[("SOS_RECORDINGS__FOLLOWUP_CALL", followup.to_string())],
+        )
+        .await;
+        let sid = format!("recnofollow{followup}");
+        app.passthru(&format!(
+            "CallSid={sid}&EmergencyType=Heart&RecordingUrl={}",
+            encoded(&stand.url())
+        ))
+        .await;
+        let incident = app.store.incident_by_call_sid(&sid).await.unwrap().unwrap();
+        assert!(
+            app.deliveries_until(&sid, Duration::from_secs(20), |ds| ds
+                .iter()
+                .all(|d| d.status != "queued" && d.status != "sending"))
+                .await
+        );
+        let call = app
+            .deliveries_of(&sid)
+            .await
+            .into_iter()
+            .find(|d| d.channel == "call" && d.phone == "+919800000001")
+            .unwrap();
+        let spoken = greeting_text(&app, &call.greeting_ref).await;
+        assert_eq!(spoken.contains("will follow"), followup, "{spoken}");
+        let res = app
+            .post_form(
+                "/exotel/call-status",
+                &[
+                    ("CallSid", call.provider_id.as_deref().unwrap()),
+                    ("Status", "completed"),
+                ],
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+        if resolve {
+            let res = app
+                .client
+                .post(format!(
+                    "{}/api/v1/incidents/{}/resolve",
+                    app.base, incident.id
+                ))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert!(res.status().is_success(), "{}", res.status());
+        }
+        wait_for_status(&app, &incident.id, "stored", Duration::from_secs(20)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let followups = app
+            .deliveries_of(&sid)
+            .await
+            .into_iter()
+            .filter(|d| d.purpose == "followup")
+            .count();
+        assert_eq!(followups, 0, "followup_call {followup}, resolved {resolve}");
+        app.stop().await;
+    }
+}
+
 both_engines!(
+    no_followup_when_turned_off_or_resolved,
     the_recording_is_fetched_served_and_followed_up,
     a_recording_that_never_comes_and_an_expired_link_answer_410,
     hosts_off_the_list_and_direct_mode_are_never_requested,
