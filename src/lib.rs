@@ -87,6 +87,10 @@ impl App {
             &settings,
             secrecy::ExposeSecret::expose_secret(&webhook_token),
         ));
+        let console = Arc::new(app::console::Hub::new(app::console::Hub::max_streams(
+            settings.server.max_connections,
+            settings.server.reserved_for_exotel,
+        )));
         Ok(App {
             state: AppState {
                 settings: Arc::new(settings),
@@ -100,6 +104,7 @@ impl App {
                 dispatcher_dead: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 metrics: Arc::new(metrics::Metrics::new()),
                 recording_opens: Arc::default(),
+                console,
             },
             generated_webhook_token,
             generated_admin_token,
@@ -240,6 +245,10 @@ impl App {
             stop_rx.clone(),
         ));
         tokio::spawn(app::recordings::run(self.state.clone(), stop_rx.clone()));
+        tokio::spawn(app::console::watch_changes(
+            self.state.clone(),
+            stop_rx.clone(),
+        ));
         tokio::spawn(app::housekeeping::prune_old_incidents(
             self.state.clone(),
             stop_rx.clone(),
