@@ -8,7 +8,6 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use super::{token_matches, AppState};
@@ -76,10 +75,7 @@ pub fn role_of(state: &AppState, token: &str) -> Option<Role> {
 
 /// The stored form of a session id: its SHA-256, hex.
 pub fn hash_id(id: &str) -> String {
-    Sha256::digest(id.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::domain::digest(id)
 }
 
 /// Starts a session for `name`; returns the raw session id (for the cookie only: the database keeps
