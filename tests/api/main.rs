@@ -9,6 +9,7 @@ mod api;
 mod check_config;
 mod cli;
 mod cli_dedup;
+mod console;
 mod control_chars;
 mod corpus;
 mod deadline;
