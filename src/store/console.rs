@@ -121,7 +121,7 @@ impl Store {
             delivery_columns!(),
             " FROM deliveries WHERE incident_id IN (SELECT id FROM incidents \
              WHERE status <> 'resolved' ORDER BY received_at DESC, id DESC LIMIT $1) \
-             ORDER BY created_at, id"
+             ORDER BY created_at, contact_name, id"
         ))
         .bind(limit)
         .fetch_all(&self.pool)

@@ -6,6 +6,7 @@ mod raw;
 
 mod alertmanager;
 mod api;
+mod browser;
 mod check_config;
 mod cli;
 mod cli_dedup;
