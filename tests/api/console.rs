@@ -15,6 +15,8 @@ both_engines!(
     the_console_never_shows_a_token,
     the_console_token_can_resolve,
     wrong_tokens_are_rate_limited,
+    the_incident_list_summarises_each_contacts_channels,
+    the_start_banner_names_the_console_and_a_first_passthru,
 );
 
 pub const CONSOLE_TOKEN: &str = "test-console-token-0123456789";
@@ -361,5 +363,68 @@ async fn wrong_tokens_are_rate_limited(db: Db) {
         try_token(ADMIN_TOKEN).await.status(),
         StatusCode::TOO_MANY_REQUESTS
     );
+    app.stop().await;
+}
+
+async fn the_incident_list_summarises_each_contacts_channels(db: Db) {
+    let app = spawn_app_with(db, &[without_dispatcher()]).await;
+    let id = incident(&app, "CA-console-5").await;
+    let list: serde_json::Value = app
+        .client
+        .get(format!("{}/api/v1/incidents", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let first = &list["incidents"][0];
+    assert_eq!(first["id"], id.as_str());
+    let contacts = first["contacts"].as_array().expect("a per-contact summary");
+    let cells: usize = contacts
+        .iter()
+        .map(|c| c["channels"].as_object().unwrap().len())
+        .sum();
+    assert_eq!(cells, HEART_DELIVERIES, "{contacts:?}");
+    for c in contacts {
+        assert!(c["phone"].as_str().unwrap().contains("******"), "masked");
+        for state in c["channels"].as_object().unwrap().values() {
+            assert_eq!(state, "queued");
+        }
+    }
+    app.stop().await;
+}
+
+async fn the_start_banner_names_the_console_and_a_first_passthru(db: Db) {
+    // A generated webhook token, every channel dry-run: a ready-to-paste test Passthru.
+    let app = spawn_app_with(db, &[("SOS_SERVER__WEBHOOK_TOKEN", String::new())]).await;
+    let built = exotel_sos::App::build((*app.state.settings).clone())
+        .await
+        .unwrap();
+    let banner = built.banner();
+    let base = app.state.settings.public_base().to_owned();
+    assert!(banner.contains(&format!("{base}/console")), "{banner}");
+    let curl = banner
+        .lines()
+        .find(|l| l.trim_start().starts_with("curl "))
+        .unwrap_or_else(|| panic!("no curl line: {banner}"));
+    let token = secrecy::ExposeSecret::expose_secret(&*built.state.webhook_token).to_owned();
+    assert!(curl.contains(&format!("{base}/exotel/passthru?token={token}&CallSid=")));
+    assert!(curl.contains("&EmergencyType=Heart"));
+    assert!(!banner.contains("drill --contact"));
+    built.state.store.close().await;
+    app.stop().await;
+
+    // A token given in settings is never printed: no curl line then.
+    let app = spawn_app(db).await;
+    let built = exotel_sos::App::build((*app.state.settings).clone())
+        .await
+        .unwrap();
+    let banner = built.banner();
+    assert!(banner.contains("/console"));
+    assert!(!banner.contains("curl "), "{banner}");
+    assert!(!banner.contains(WEBHOOK_TOKEN));
+    built.state.store.close().await;
     app.stop().await;
 }
