@@ -17,6 +17,7 @@ both_engines!(
     wrong_tokens_are_rate_limited,
     the_incident_list_summarises_each_contacts_channels,
     the_start_banner_names_the_console_and_a_first_passthru,
+    event_streams_are_capped_and_end_when_the_server_stops,
 );
 
 pub const CONSOLE_TOKEN: &str = "test-console-token-0123456789";
@@ -427,4 +428,58 @@ async fn the_start_banner_names_the_console_and_a_first_passthru(db: Db) {
     assert!(!banner.contains(WEBHOOK_TOKEN));
     built.state.store.close().await;
     app.stop().await;
+}
+
+async fn event_streams_are_capped_and_end_when_the_server_stops(db: Db) {
+    // 8 connections, 4 kept for Exotel: the other routes share 4 slots, event streams at most 1 of them.
+    let app = spawn_app_with(
+        db,
+        &[
+            ("SOS_SERVER__MAX_CONNECTIONS", "8".to_owned()),
+            ("SOS_SERVER__RESERVED_FOR_EXOTEL", "4".to_owned()),
+        ],
+    )
+    .await;
+    let cookie = sign_in(&app, ADMIN_TOKEN, "Asha").await;
+    let mut stream = get(&app, "/console/events", Some(&cookie)).await;
+    assert_eq!(stream.status(), StatusCode::OK);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    assert_eq!(stream.headers()["x-accel-buffering"], "no");
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
+        .await
+        .expect("the first event at once")
+        .unwrap()
+        .unwrap();
+    let first = String::from_utf8_lossy(&first).into_owned();
+    assert!(
+        first.contains("event: change") && first.contains("retry:"),
+        "{first}"
+    );
+
+    let second = get(&app, "/console/events", Some(&cookie)).await;
+    assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(second.headers().contains_key("retry-after"));
+    // The pages and the API still have their share.
+    assert_eq!(
+        get(&app, "/console", Some(&cookie)).await.status(),
+        StatusCode::OK
+    );
+
+    // A change reaches the open stream.
+    incident(&app, "CA-console-6").await;
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
+        .await
+        .expect("a change event within the watcher's poll")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&next).contains("event: change"));
+
+    // Stopping does not wait for the open stream.
+    let started = std::time::Instant::now();
+    app.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the stop waited {:?} for an event stream",
+        started.elapsed()
+    );
 }
