@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use std::os::unix::process::CommandExt as _;
+
 use base64::Engine as _;
 use serde_json::{json, Value};
 
@@ -25,7 +27,9 @@ struct Browser {
 impl Browser {
     async fn start() -> Browser {
         let port = free_port();
+        // A process group of its own, so that the browser it starts can be stopped with it.
         let driver = std::process::Command::new(CHROMEDRIVER)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -184,9 +188,21 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// Ends the session (the driver closes Chromium).
+    async fn quit(&self) {
+        let _ = self.http.delete(&self.session).send().await;
+    }
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
-        // The session ends with its driver; the child is ours alone.
+        // Whatever happened (a failed assertion included), the driver's whole group goes: the driver
+        // and the browser it started, and nothing else.
+        let group = format!("-{}", self.driver.id());
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -318,6 +334,7 @@ async fn the_board_updates_live_in_a_browser() {
         json!(42),
         "the board was reloaded"
     );
+    b.quit().await;
     drop(b);
     app.stop().await;
 }
