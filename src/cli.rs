@@ -1,5 +1,5 @@
 //! `exotel-sos trigger` and `exotel-sos drill`: raise an incident through the running server's API, as
-//! an operator would; `exotel-sos optin`: opts the stakeholder file's WhatsApp contacts in with GupShup.
+//! an operator would; `exotel-sos resolve`: close one the same way; `exotel-sos optin`: opts the stakeholder file's WhatsApp contacts in with GupShup.
 //!
 //! Exit codes tell scripts what went wrong without parsing text: see the `EXIT_*` constants.
 
@@ -23,6 +23,8 @@ pub const EXIT_UNAUTHORIZED: u8 = 4;
 pub const EXIT_INVALID: u8 = 5;
 /// A drill ran, but some channel did not reach its contact in time.
 pub const EXIT_NOT_REACHED: u8 = 6;
+/// `resolve` named an incident the server does not have (404).
+pub const EXIT_NOT_FOUND: u8 = 7;
 
 /// How long to wait for the server: it answers as soon as the incident is committed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -250,6 +252,86 @@ async fn admin_token(settings: &Settings, flag: Option<&str>) -> Option<String> 
     })
     .await;
     stored.ok().flatten()
+}
+
+/// `exotel-sos resolve`'s arguments.
+#[derive(Debug, Clone)]
+pub struct ResolveArgs {
+    pub incident_id: String,
+    /// Base URL of the server; `server.public_url` when absent.
+    pub server: Option<String>,
+    /// Admin token; `server.admin_token`, else the token stored in the database, when absent.
+    pub token: Option<String>,
+}
+
+/// Resolves an incident through the running server's API (deliveries that have not gone out are
+/// cancelled), printing the outcome; returns the exit code. Resolving is idempotent, so a lost answer
+/// is simply asked again.
+pub async fn resolve(settings: &Settings, args: ResolveArgs) -> u8 {
+    let Server {
+        base,
+        token,
+        client,
+    } = match Server::of(settings, args.server.as_deref(), args.token.as_deref()).await {
+        Ok(server) => server,
+        Err(code) => return code,
+    };
+    let id = args.incident_id.trim();
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        eprintln!("error: {id:?} is not an incident id");
+        return EXIT_INVALID;
+    }
+    let url = format!("{base}/api/v1/incidents/{id}/resolve");
+    let mut attempt = 0;
+    let res = loop {
+        let sent = client
+            .post(&url)
+            .bearer_auth(&token)
+            .header(SOURCE_HEADER, "cli")
+            .send()
+            .await;
+        let retry = match &sent {
+            Err(_) => true,
+            Ok(r) => matches!(r.status().as_u16(), 408 | 429 | 502 | 503 | 504),
+        };
+        match RETRY_PAUSES.get(attempt) {
+            Some(pause) if retry => {
+                attempt += 1;
+                tokio::time::sleep(*pause).await;
+            }
+            _ => break sent,
+        }
+    };
+    let res = match res {
+        Ok(r) => r,
+        Err(e) => return unreachable(&base, &e),
+    };
+    match res.status().as_u16() {
+        200 => {
+            let body: serde_json::Value = res.json().await.unwrap_or_default();
+            if body["already_resolved"] == true {
+                println!("incident {id} was already resolved; nothing changed");
+            } else {
+                println!(
+                    "incident {id} resolved; {} delivery(ies) that had not gone out cancelled",
+                    body["cancelled"].as_u64().unwrap_or(0)
+                );
+            }
+            EXIT_OK
+        }
+        401 => {
+            eprintln!("error: the server refused the admin token");
+            EXIT_UNAUTHORIZED
+        }
+        404 => {
+            eprintln!("error: the server has no incident {id}");
+            EXIT_NOT_FOUND
+        }
+        other => {
+            eprintln!("error: the server answered {other}");
+            EXIT_OTHER
+        }
+    }
 }
 
 /// A fire drill's arguments.

@@ -87,6 +87,10 @@ impl App {
             &settings,
             secrecy::ExposeSecret::expose_secret(&webhook_token),
         ));
+        let console = Arc::new(app::console::Hub::new(app::console::Hub::max_streams(
+            settings.server.max_connections,
+            settings.server.reserved_for_exotel,
+        )));
         Ok(App {
             state: AppState {
                 settings: Arc::new(settings),
@@ -100,6 +104,7 @@ impl App {
                 dispatcher_dead: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 metrics: Arc::new(metrics::Metrics::new()),
                 recording_opens: Arc::default(),
+                console,
             },
             generated_webhook_token,
             generated_admin_token,
@@ -165,9 +170,27 @@ impl App {
         }
         if self.generated_admin_token {
             out.push_str(&format!(
-                "Admin API bearer token (for /api/*):\n    {}\n",
+                "Admin API bearer token (for /api/*, and to sign in to the console):\n    {}\n",
                 self.state.admin_token.expose_secret()
             ));
+        }
+        out.push_str(&format!(
+            "Ops console (live incident board):\n    {base}/console\n"
+        ));
+        let all_dry_run = domain::Channel::ALL
+            .into_iter()
+            .all(|c| !self.state.settings.channel_live(c));
+        if all_dry_run && self.generated_webhook_token {
+            // A first incident on the board within a minute of the first start, nothing sent.
+            out.push_str(&format!(
+                "Try it: send a test Passthru (every channel is dry-run, nothing is sent), then watch the console:\n    \
+                 curl '{base}/exotel/passthru?token={token}&CallSid=test-{}&EmergencyType=Heart'\n",
+                domain::random_token(4)
+            ));
+        } else if !all_dry_run {
+            out.push_str(
+                "Try it: `exotel-sos drill --contact NAME` reaches one contact on each of their channels (a marked test incident)\n",
+            );
         }
         out
     }
@@ -240,6 +263,10 @@ impl App {
             stop_rx.clone(),
         ));
         tokio::spawn(app::recordings::run(self.state.clone(), stop_rx.clone()));
+        tokio::spawn(app::console::watch_changes(
+            self.state.clone(),
+            stop_rx.clone(),
+        ));
         tokio::spawn(app::housekeeping::prune_old_incidents(
             self.state.clone(),
             stop_rx.clone(),

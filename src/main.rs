@@ -39,6 +39,9 @@ enum Command {
     /// on every channel they have, and print each channel's outcome (exit codes as for trigger, and 6
     /// when a channel did not reach the contact in time).
     Drill(DrillCmd),
+    /// Resolve an incident through the running server's API: what has not gone out is cancelled
+    /// (exit codes as for trigger, and 7 when the server has no such incident).
+    Resolve(ResolveCmd),
     /// Opt every WhatsApp contact of the stakeholder file in with GupShup (OPT_IN), once per number;
     /// exits 1 if any failed.
     Optin,
@@ -66,6 +69,19 @@ struct TriggerCmd {
     /// key per run, so that the command's own retries never alert twice.
     #[arg(long, value_name = "KEY")]
     dedup_key: Option<String>,
+    /// Server base URL (default: server.public_url).
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// Admin token (default: server.admin_token, else the one stored in the database).
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ResolveCmd {
+    /// The incident's id (as the API, the console and `trigger` show it).
+    #[arg(value_name = "INCIDENT_ID")]
+    incident_id: String,
     /// Server base URL (default: server.public_url).
     #[arg(long, value_name = "URL")]
     server: Option<String>,
@@ -113,6 +129,14 @@ async fn main() -> ExitCode {
                 token: d.token,
             };
             return ExitCode::from(exotel_sos::cli::drill(&settings, args).await);
+        }
+        Command::Resolve(r) => {
+            let args = exotel_sos::cli::ResolveArgs {
+                incident_id: r.incident_id,
+                server: r.server,
+                token: r.token,
+            };
+            return ExitCode::from(exotel_sos::cli::resolve(&settings, args).await);
         }
         Command::Optin => return ExitCode::from(exotel_sos::cli::optin(&settings).await),
         Command::Backup { file } => backup(settings, &file).await,

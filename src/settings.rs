@@ -33,6 +33,8 @@ pub struct ServerSettings {
     pub public_url: String,
     pub webhook_token: SecretString,
     pub admin_token: SecretString,
+    /// Console sign-in that can only view, acknowledge and resolve (the front desk); empty: none.
+    pub console_token: SecretString,
     pub request_timeout_secs: u64,
     pub max_body_bytes: usize,
     pub max_uri_bytes: usize,
@@ -531,6 +533,13 @@ impl Settings {
         if !(self.database.url.starts_with("sqlite:") || self.database.url.starts_with("postgres"))
         {
             problems.push("database.url must start with sqlite:// or postgres://".to_owned());
+        }
+        // A console token is typed on phones at the front desk, but it still guards the board: a short
+        // one would fall to guessing despite the sign-in rate limit.
+        if let Some(t) = non_empty(&self.server.console_token) {
+            if t.chars().count() < 16 {
+                problems.push("server.console_token must be at least 16 characters".to_owned());
+            }
         }
         if self.database.max_connections == 0 {
             problems.push("database.max_connections must be at least 1".to_owned());

@@ -179,6 +179,9 @@ pub async fn raise(state: &AppState, planned: &Planned) -> anyhow::Result<Create
     Ok(created)
 }
 
+/// The incident event recording a resolution, with its reason (who, through which door).
+pub const RESOLVED_EVENT: &str = "resolved";
+
 /// Resolves one incident, cancelling its deliveries that have not gone out, and counts and logs what
 /// happened. `None` when no incident has this id.
 #[tracing::instrument(skip_all, fields(incident_id = %id))]
@@ -187,6 +190,18 @@ pub async fn resolve(state: &AppState, id: &str, reason: &str) -> anyhow::Result
     if let Some(r) = &resolved {
         if r.changed {
             tracing::info!(reason, cancelled = r.cancelled.len(), "incident resolved");
+            // Who resolved it, and how, stays on the incident's own trail: the cancelled deliveries'
+            // events carry the reason only when something was still queued.
+            if let Err(e) = state
+                .store
+                .record_incident_event(id, RESOLVED_EVENT, reason)
+                .await
+            {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not record who resolved the incident"
+                );
+            }
             for m in &r.cancelled {
                 state
                     .metrics

@@ -2,6 +2,7 @@
 //! ([`incidents::raise`], [`incidents::resolve`]) and the housekeeping tasks. It sits between the doors
 //! (`http`, the CLI) and the machinery (`store`, `dispatch`, `providers`): imports point down only.
 
+pub mod console;
 pub mod housekeeping;
 pub mod incidents;
 pub mod optin;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Recording links opened lately, so a player's range requests are recorded as one open.
     pub recording_opens: Arc<crate::recordings::opens::OpenThrottle>,
+    /// The ops console's change signal, event-stream cap and sign-in limiter.
+    pub console: Arc<console::Hub>,
 }
 
 impl AppState {

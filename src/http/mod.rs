@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod callbacks;
+pub mod console;
 pub mod edge;
 pub mod exotel;
 pub mod health;
@@ -57,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .merge(api::routes())
+        .merge(console::routes())
         .merge(health::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

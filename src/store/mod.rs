@@ -9,6 +9,7 @@
 //! [`crate::domain::state`]; their vocabulary and allowed moves are filled into lookup tables at each
 //! migration, and the database refuses anything else. Times are milliseconds since the Unix epoch.
 
+pub mod console;
 mod incidents;
 mod intake;
 mod optins;

@@ -11,6 +11,7 @@ use crate::helpers::*;
 both_engines!(
     trigger_reports_each_outcome_with_its_exit_code,
     trigger_reads_the_generated_token_from_the_database,
+    resolve_closes_an_incident_by_id,
 );
 
 const BIN: &str = env!("CARGO_BIN_EXE_exotel-sos");
@@ -44,6 +45,70 @@ fn env_for(app: &TestApp) -> Vec<(&'static str, String)> {
         ("SOS_DATABASE__URL", app.db.url.clone()),
         ("SOS_SERVER__PUBLIC_URL", app.base.clone()),
     ]
+}
+
+async fn resolve_closes_an_incident_by_id(db: Db) {
+    let app = spawn_app_with(db, &[without_dispatcher()]).await;
+    let env = env_for(&app);
+    assert_eq!(
+        app.passthru("CallSid=CA-resolve-1&EmergencyType=Heart")
+            .await
+            .status(),
+        200
+    );
+    let id = app
+        .store
+        .incident_by_call_sid("CA-resolve-1")
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    let r = run(&env, &["resolve", &id, "--token", ADMIN_TOKEN]).await;
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("resolved") && r.stdout.contains(&id),
+        "{}",
+        r.stdout
+    );
+    let row = app.store.incident(&id).await.unwrap().unwrap();
+    assert_eq!(row.status.as_str(), "resolved");
+    let trail = app.store.incident_timeline(&id).await.unwrap();
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.detail == "resolved with the resolve command"),
+        "{trail:?}"
+    );
+    // Nothing had gone out: every queued delivery was cancelled.
+    assert!(app
+        .store
+        .deliveries(&id)
+        .await
+        .unwrap()
+        .iter()
+        .all(|d| d.status.as_str() == "cancelled"));
+
+    let again = run(&env, &["resolve", &id, "--token", ADMIN_TOKEN]).await;
+    assert_eq!(again.code, 0);
+    assert!(
+        again.stdout.contains("already resolved"),
+        "{}",
+        again.stdout
+    );
+    let missing = run(
+        &env,
+        &[
+            "resolve",
+            "00000000-0000-0000-0000-000000000000",
+            "--token",
+            ADMIN_TOKEN,
+        ],
+    )
+    .await;
+    assert_eq!(missing.code, 7, "{}", missing.stderr);
+    let refused = run(&env, &["resolve", &id, "--token", "wrong"]).await;
+    assert_eq!(refused.code, 4, "{}", refused.stderr);
+    app.stop().await;
 }
 
 async fn trigger_reports_each_outcome_with_its_exit_code(db: Db) {

@@ -6,9 +6,11 @@ mod raw;
 
 mod alertmanager;
 mod api;
+mod browser;
 mod check_config;
 mod cli;
 mod cli_dedup;
+mod console;
 mod control_chars;
 mod corpus;
 mod deadline;

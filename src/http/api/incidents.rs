@@ -159,9 +159,59 @@ pub struct EventView {
 /// A page of incidents, newest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct IncidentList {
-    pub incidents: Vec<IncidentView>,
+    pub incidents: Vec<IncidentSummary>,
     /// Pass as `before` for the next page; absent on the last page.
     pub next_before: Option<String>,
+}
+
+/// An incident in the list: the incident and, per contact, the state of each channel's delivery.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IncidentSummary {
+    #[serde(flatten)]
+    pub incident: IncidentView,
+    /// One entry per contact, in the order their deliveries were created.
+    pub contacts: Vec<ContactSummary>,
+}
+
+/// One contact's deliveries of an incident, by channel.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactSummary {
+    pub contact_name: String,
+    /// Masked, e.g. `+91******0001`.
+    pub phone: String,
+    /// Channel (`call`, `sms`, `whatsapp`) → the state of its delivery (the latest, when a follow-up
+    /// call was added).
+    #[schema(example = json!({"call": "answered", "sms": "delivered", "whatsapp": "read"}))]
+    pub channels: std::collections::BTreeMap<String, String>,
+}
+
+/// Per contact, the state of each channel's delivery.
+fn contact_summaries(deliveries: Vec<DeliveryRow>) -> Vec<ContactSummary> {
+    let mut out: Vec<(String, ContactSummary)> = Vec::new();
+    for d in deliveries {
+        let i = match out
+            .iter()
+            .position(|(phone, c)| *phone == d.phone && c.contact_name == d.contact_name)
+        {
+            Some(i) => i,
+            None => {
+                out.push((
+                    d.phone.clone(),
+                    ContactSummary {
+                        contact_name: d.contact_name.clone(),
+                        phone: mask(&d.phone),
+                        channels: Default::default(),
+                    },
+                ));
+                out.len() - 1
+            }
+        };
+        out[i]
+            .1
+            .channels
+            .insert(d.channel.to_string(), d.status.to_string());
+    }
+    out.into_iter().map(|(_, c)| c).collect()
 }
 
 /// Filters and paging of `GET /api/v1/incidents`. Use `before` (keyset, stable while incidents
@@ -527,7 +577,7 @@ fn non_empty(pairs: &HashMap<String, String>, name: &str) -> Option<String> {
     pairs.get(name).filter(|s| !s.is_empty()).cloned()
 }
 
-/// Lists incidents, newest first.
+/// Lists incidents, newest first, each with its per-contact, per-channel delivery states.
 #[utoipa::path(
     get,
     path = "/api/v1/incidents",
@@ -554,8 +604,17 @@ pub async fn list_incidents(
     let next_before = (rows.len() as i64 == filter.limit)
         .then(|| rows.last().map(|r| r.id.clone()))
         .flatten();
+    let mut incidents = Vec::with_capacity(rows.len());
+    for row in rows {
+        // One small indexed read per incident: a page holds at most MAX_PAGE of them.
+        let contacts = contact_summaries(state.store.deliveries(&row.id).await?);
+        incidents.push(IncidentSummary {
+            incident: row.into(),
+            contacts,
+        });
+    }
     Ok(Json(IncidentList {
-        incidents: rows.into_iter().map(IncidentView::from).collect(),
+        incidents,
         next_before,
     }))
 }
@@ -588,7 +647,10 @@ pub async fn get_incident(
     post,
     path = "/api/v1/incidents/{id}/resolve",
     tag = "incidents",
-    params(("id" = String, Path, description = "Incident id")),
+    params(
+        ("id" = String, Path, description = "Incident id"),
+        ("X-Sos-Source" = Option<String>, Header, description = "`cli` marks a resolve by the resolve command"),
+    ),
     responses(
         (status = 200, description = "Resolved (or already resolved)", body = ResolveOutcome),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
@@ -601,9 +663,14 @@ pub async fn resolve_incident(
     State(state): State<AppState>,
     Path(id): Path<String>,
     _admin: Admin,
+    headers: HeaderMap,
 ) -> Result<Json<ResolveOutcome>, AppError> {
     known_id(&id)?;
-    let resolved = incidents::resolve(&state, &id, "resolved through the API")
+    let reason = match source_of(&headers) {
+        Source::Cli => "resolved with the resolve command",
+        _ => "resolved through the API",
+    };
+    let resolved = incidents::resolve(&state, &id, reason)
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no incident {id}")))?;
     Ok(Json(ResolveOutcome {

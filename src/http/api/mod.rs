@@ -25,8 +25,8 @@ use crate::error::AppError;
 pub use alertmanager::{alertmanager, AlertmanagerAlert, AlertmanagerOutcome, AlertmanagerPayload};
 pub use incidents::{
     create_incident, get_incident, list_incidents, parse_new_incident, resolve_incident,
-    DeliveryView, EventView, IncidentDetail, IncidentList, IncidentView, ListQuery,
-    NewIncidentRequest, ResolveOutcome,
+    ContactSummary, DeliveryView, EventView, IncidentDetail, IncidentList, IncidentSummary,
+    IncidentView, ListQuery, NewIncidentRequest, ResolveOutcome,
 };
 pub use openapi::{openapi_json, ApiDoc};
 
