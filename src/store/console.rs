@@ -44,7 +44,7 @@ impl Store {
     ) -> anyhow::Result<()> {
         sqlx::query("DELETE FROM console_sessions WHERE expires_at < $1")
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         sqlx::query(
             "INSERT INTO console_sessions (id_hash, name, role, csrf, created_at, expires_at) \
@@ -56,7 +56,7 @@ impl Store {
         .bind(csrf)
         .bind(now)
         .bind(expires_at)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -73,7 +73,7 @@ impl Store {
         )
         .bind(id_hash)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reader)
         .await?;
         Ok(row)
     }
@@ -82,7 +82,7 @@ impl Store {
     pub async fn delete_console_session(&self, id_hash: &str) -> anyhow::Result<()> {
         sqlx::query("DELETE FROM console_sessions WHERE id_hash = $1")
             .bind(id_hash)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -95,7 +95,7 @@ impl Store {
              CAST((SELECT MAX(received_at) FROM incidents) AS BIGINT) AS received, \
              CAST((SELECT MAX(resolved_at) FROM incidents) AS BIGINT) AS resolved",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&self.reader)
         .await?;
         Ok(f)
     }
@@ -109,7 +109,7 @@ impl Store {
              ORDER BY received_at DESC, id DESC LIMIT $1"
         ))
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         Ok(rows)
     }
@@ -124,7 +124,7 @@ impl Store {
              ORDER BY created_at, contact_name, id"
         ))
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         Ok(rows)
     }
