@@ -3,10 +3,10 @@
 //!
 //! A burst (a power cut trips every sensor, an Alertmanager storm, two wards calling at once) is where a
 //! commit per request hurts: each waits for its own fsync, and on SQLite for the one write lock too. Here
-//! one task takes every incident waiting, writes each inside its own savepoint, commits once, and only
-//! then answers each caller, so nobody is told "stored" before their rows are durable. An incident whose
-//! statements fail is rolled back to its savepoint and answered with its error; the others still commit.
-//! If the commit itself fails, each incident is tried again alone, so one bad row cannot fail a batch.
+//! one task takes every incident waiting, writes them in one transaction, commits once, and only then
+//! answers each caller, so nobody is told "stored" before their rows are durable. If any incident's
+//! statements fail, or the commit does, the batch is rolled back and each incident is stored alone: the
+//! failing one is answered with its error, the others are stored.
 
 use anyhow::Context;
 use sqlx::AnyPool;
@@ -84,7 +84,7 @@ async fn commit(writer: &AnyPool, engine: Engine, batch: Vec<Job>) {
         Ok(results) => results,
         Err(e) if batch.len() == 1 => vec![Err(e)],
         Err(e) => {
-            tracing::warn!(
+            tracing::info!(
                 error = format!("{e:#}"),
                 incidents = batch.len(),
                 "a batch of incidents could not be committed; storing each alone"
@@ -106,8 +106,9 @@ async fn commit(writer: &AnyPool, engine: Engine, batch: Vec<Job>) {
     }
 }
 
-/// One transaction for the whole batch; each incident in a savepoint of its own (when there are
-/// several). `Err` only when the transaction itself failed (begin or commit): nothing is stored.
+/// One transaction for the whole batch. `Err` when the transaction could not be committed, or when an
+/// incident of a batch of several failed: then nothing is stored and the caller stores each alone. A
+/// failure is rare, so the common path pays for no savepoints (two more round trips per incident).
 async fn write(
     writer: &AnyPool,
     engine: Engine,
@@ -115,29 +116,20 @@ async fn write(
 ) -> anyhow::Result<Vec<anyhow::Result<Created>>> {
     let now = now_ms();
     let mut tx = writer.begin().await?;
-    let alone = batch.len() == 1;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
-        if alone {
-            results.push(insert(&mut tx, job, now).await);
-            continue;
+        match insert(&mut tx, job, now).await {
+            Ok(created) => results.push(Ok(created)),
+            Err(e) if batch.len() > 1 => {
+                tx.rollback().await?;
+                return Err(e.context("an incident of the batch failed"));
+            }
+            Err(e) => {
+                // Nothing of a failed incident may commit.
+                tx.rollback().await?;
+                return Ok(vec![Err(e)]);
+            }
         }
-        sqlx::query("SAVEPOINT incident").execute(&mut *tx).await?;
-        let result = insert(&mut tx, job, now).await;
-        if result.is_err() {
-            sqlx::query("ROLLBACK TO SAVEPOINT incident")
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query("RELEASE SAVEPOINT incident")
-            .execute(&mut *tx)
-            .await?;
-        results.push(result);
-    }
-    if alone && results.iter().any(Result::is_err) {
-        // Nothing of a failed incident may commit.
-        tx.rollback().await?;
-        return Ok(results);
     }
     let queued = results
         .iter()
