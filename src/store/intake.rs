@@ -8,16 +8,20 @@
 //! statements fail, or the commit does, the batch is rolled back and each incident is stored alone: the
 //! failing one is answered with its error, the others are stored.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use anyhow::Context;
 use sqlx::AnyPool;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{recordings, stored_repeat, Created, Engine, NewDelivery, NewIncident};
 use crate::domain::{now_ms, storable, DeliveryState, IncidentState};
 
 /// Incidents in one transaction at most: a batch holds SQLite's writer for its whole length.
 const MAX_BATCH: usize = 64;
-/// Deliveries per multi-row insert (8 placeholders each, well under both engines' limits).
+/// Deliveries per multi-row insert (9 placeholders each, well under both engines' limits).
 const ROWS_PER_INSERT: usize = 200;
 /// Incidents waiting for the writer at most; beyond that callers wait to queue (back-pressure).
 const QUEUE: usize = 1024;
@@ -33,14 +37,50 @@ struct Job {
 #[derive(Clone)]
 pub(super) struct Intake {
     jobs: mpsc::Sender<Job>,
+    /// Incidents of the batch being written now (0: none).
+    writing: Arc<AtomicUsize>,
+    /// Told after every batch.
+    written: Arc<Notify>,
 }
+
+/// The longest background work (the dispatcher's claims and outcomes) waits for waiting incidents
+/// before taking SQLite's writer anyway, so it is never starved by a long burst.
+const LONGEST_YIELD: Duration = Duration::from_millis(25);
 
 impl Intake {
     /// Starts the task that writes incidents through `writer`. It ends when every handle is dropped.
     pub(super) fn start(writer: AnyPool, engine: Engine) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(writer, engine, rx));
-        Intake { jobs }
+        let writing = Arc::new(AtomicUsize::new(0));
+        let written = Arc::new(Notify::new());
+        tokio::spawn(run(writer, engine, rx, writing.clone(), written.clone()));
+        Intake {
+            jobs,
+            writing,
+            written,
+        }
+    }
+
+    /// Whether incidents are waiting or being written.
+    fn busy(&self) -> bool {
+        self.writing.load(Ordering::Acquire) > 0 || self.jobs.capacity() < self.jobs.max_capacity()
+    }
+
+    /// Waits, up to [`LONGEST_YIELD`], until no incident is waiting or being written: on SQLite,
+    /// whose one writer everything queues for, an emergency goes before the dispatcher's bookkeeping.
+    pub(super) async fn yield_to(&self) {
+        let deadline = tokio::time::Instant::now() + LONGEST_YIELD;
+        loop {
+            let written = self.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            if !self.busy() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, written).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Stores one incident with its deliveries; answers once they are durable.
@@ -64,7 +104,13 @@ impl Intake {
     }
 }
 
-async fn run(writer: AnyPool, engine: Engine, mut rx: mpsc::Receiver<Job>) {
+async fn run(
+    writer: AnyPool,
+    engine: Engine,
+    mut rx: mpsc::Receiver<Job>,
+    writing: Arc<AtomicUsize>,
+    written: Arc<Notify>,
+) {
     while let Some(first) = rx.recv().await {
         // Whatever arrived while the last batch was being committed goes in this one.
         let mut batch = vec![first];
@@ -74,7 +120,10 @@ async fn run(writer: AnyPool, engine: Engine, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        writing.store(batch.len(), Ordering::Release);
         commit(&writer, engine, batch).await;
+        writing.store(0, Ordering::Release);
+        written.notify_waiters();
     }
 }
 
@@ -106,9 +155,11 @@ async fn commit(writer: &AnyPool, engine: Engine, batch: Vec<Job>) {
     }
 }
 
-/// One transaction for the whole batch. `Err` when the transaction could not be committed, or when an
-/// incident of a batch of several failed: then nothing is stored and the caller stores each alone. A
-/// failure is rare, so the common path pays for no savepoints (two more round trips per incident).
+/// One transaction for the whole batch, and few statements: every incident of the batch in one
+/// multi-row insert, every delivery of the new ones in another (SQLite runs each statement on its own
+/// thread, so a round trip per row would cost more than the rows). `Err` when the transaction could not
+/// be committed, or when a statement of a batch of several failed: then nothing is stored and the caller
+/// stores each incident alone.
 async fn write(
     writer: &AnyPool,
     engine: Engine,
@@ -116,95 +167,102 @@ async fn write(
 ) -> anyhow::Result<Vec<anyhow::Result<Created>>> {
     let now = now_ms();
     let mut tx = writer.begin().await?;
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch {
-        match insert(&mut tx, job, now).await {
-            Ok(created) => results.push(Ok(created)),
-            Err(e) if batch.len() > 1 => {
-                tx.rollback().await?;
-                return Err(e.context("an incident of the batch failed"));
+    match insert_all(&mut tx, batch, now).await {
+        Ok(results) => {
+            if results.iter().any(|c| c.is_new && c.deliveries > 0) {
+                if let Some(wake) = engine.wake_on_commit() {
+                    sqlx::query(wake).execute(&mut *tx).await?;
+                }
             }
-            Err(e) => {
-                // Nothing of a failed incident may commit.
-                tx.rollback().await?;
-                return Ok(vec![Err(e)]);
+            tx.commit().await.context("committing incidents")?;
+            Ok(results.into_iter().map(Ok).collect())
+        }
+        Err(e) => {
+            // Nothing of a failed incident may commit.
+            tx.rollback().await?;
+            if batch.len() > 1 {
+                Err(e.context("an incident of the batch failed"))
+            } else {
+                Ok(vec![Err(e)])
             }
         }
     }
-    let queued = results
+}
+
+/// The statements of a batch. The incidents are inserted first, so a repeat (a stored CallSid, or the
+/// dedup key of an unresolved incident, even one earlier in the same batch) is found by the unique
+/// indexes rather than by a read that could race; only repeats are then read back, one by one.
+async fn insert_all(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    batch: &[Job],
+    now: i64,
+) -> anyhow::Result<Vec<Created>> {
+    let ids: Vec<String> = batch
         .iter()
-        .any(|r| r.as_ref().is_ok_and(|c| c.is_new && c.deliveries > 0));
-    if queued {
-        if let Some(wake) = engine.wake_on_commit() {
-            sqlx::query(wake).execute(&mut *tx).await?;
-        }
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    let sql = incidents_insert(batch.len());
+    let mut query = sqlx::query_scalar::<_, String>(&sql)
+        .bind(now)
+        .bind(IncidentState::Open.as_str());
+    for (job, id) in batch.iter().zip(&ids) {
+        let incident = &job.incident;
+        query = query
+            .bind(id.clone())
+            .bind(incident.source.as_str())
+            .bind(incident.call_sid.clone())
+            .bind(incident.dedup_key.clone())
+            // Names come from the operators' file and the request: stored without control
+            // characters, so a stray NUL in either can never make an emergency unstorable.
+            .bind(storable(&incident.emergency_type).into_owned())
+            .bind(storable(&incident.route).into_owned())
+            .bind(incident.caller.clone())
+            .bind(incident.recording_url.clone())
+            .bind(incident.message.clone())
+            .bind(incident.raw_params.clone())
+            .bind(incident.occurred_at);
     }
-    tx.commit().await.context("committing incidents")?;
+    let inserted: std::collections::HashSet<String> = query
+        .fetch_all(&mut **tx)
+        .await
+        .context("inserting the incidents")?
+        .into_iter()
+        .collect();
+
+    let mut results = Vec::with_capacity(batch.len());
+    let mut rows: Vec<(&str, &NewDelivery)> = Vec::new();
+    for (job, id) in batch.iter().zip(&ids) {
+        let incident = &job.incident;
+        if !inserted.contains(id) {
+            let incident_id = stored_repeat(tx, incident).await?;
+            results.push(Created {
+                incident_id,
+                is_new: false,
+                deliveries: 0,
+            });
+            continue;
+        }
+        rows.extend(job.deliveries.iter().map(|d| (id.as_str(), d)));
+        if let (Some(url), Some(fetch)) = (&incident.recording_url, incident.recording_fetch) {
+            recordings::insert_recording(tx, id, url, incident.call_sid.as_deref(), fetch, now)
+                .await?;
+        }
+        results.push(Created {
+            incident_id: id.clone(),
+            is_new: true,
+            deliveries: job.deliveries.len(),
+        });
+    }
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        insert_deliveries(tx, chunk, now).await?;
+    }
     Ok(results)
 }
 
-/// The statements of one incident. The insert comes first, so a repeat (a stored CallSid, or the dedup
-/// key of an unresolved incident, even one earlier in the same batch) is found by the unique index
-/// rather than by a read that could race.
-async fn insert(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    job: &Job,
-    now: i64,
-) -> anyhow::Result<Created> {
-    let incident = &job.incident;
-    let id = uuid::Uuid::new_v4().to_string();
-    let inserted: Option<String> = sqlx::query_scalar(
-        "INSERT INTO incidents (id, source, call_sid, dedup_key, emergency_type, route, caller, \
-         recording_url, message, raw_params, status, occurred_at, received_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $13, $11, $12) \
-         ON CONFLICT DO NOTHING RETURNING id",
-    )
-    .bind(&id)
-    .bind(incident.source.as_str())
-    .bind(incident.call_sid.as_deref())
-    .bind(incident.dedup_key.as_deref())
-    // Names come from the operators' file and the request: stored without control characters, so a
-    // stray NUL in either can never make an emergency unstorable.
-    .bind(storable(&incident.emergency_type).into_owned())
-    .bind(storable(&incident.route).into_owned())
-    .bind(incident.caller.as_deref())
-    .bind(incident.recording_url.as_deref())
-    .bind(incident.message.as_deref())
-    .bind(&incident.raw_params)
-    .bind(incident.occurred_at)
-    .bind(now)
-    .bind(IncidentState::Open.as_str())
-    .fetch_optional(&mut **tx)
-    .await
-    .context("inserting the incident")?;
-
-    if inserted.is_none() {
-        let incident_id = stored_repeat(tx, incident).await?;
-        return Ok(Created {
-            incident_id,
-            is_new: false,
-            deliveries: 0,
-        });
-    }
-    for rows in job.deliveries.chunks(ROWS_PER_INSERT) {
-        insert_deliveries(tx, &id, rows, now).await?;
-    }
-    if let (Some(url), Some(fetch)) = (&incident.recording_url, incident.recording_fetch) {
-        recordings::insert_recording(tx, &id, url, incident.call_sid.as_deref(), fetch, now)
-            .await?;
-    }
-    Ok(Created {
-        incident_id: id,
-        is_new: true,
-        deliveries: job.deliveries.len(),
-    })
-}
-
-/// The queued deliveries of one incident in one statement.
+/// Queued deliveries, of any incidents of the batch, in one statement.
 async fn insert_deliveries(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    incident_id: &str,
-    rows: &[NewDelivery],
+    rows: &[(&str, &NewDelivery)],
     now: i64,
 ) -> anyhow::Result<()> {
     if rows.is_empty() {
@@ -212,12 +270,12 @@ async fn insert_deliveries(
     }
     let sql = deliveries_insert(rows.len());
     let mut query = sqlx::query(&sql)
-        .bind(incident_id)
         .bind(now)
         .bind(DeliveryState::Queued.as_str());
-    for d in rows {
+    for (incident_id, d) in rows {
         query = query
             .bind(uuid::Uuid::new_v4().to_string())
+            .bind(incident_id.to_string())
             .bind(storable(&d.contact_name).into_owned())
             .bind(d.phone.clone())
             .bind(d.channel.as_str())
@@ -233,11 +291,43 @@ async fn insert_deliveries(
     Ok(())
 }
 
-/// Placeholders per delivery row after the three shared ones (incident, time, status).
-const PER_ROW: usize = 8;
+/// Placeholders per incident row after the two shared ones (time, status).
+const INCIDENT_ROW: usize = 11;
+/// Placeholders per delivery row after the two shared ones (time, status).
+const DELIVERY_ROW: usize = 9;
 
-/// `INSERT INTO deliveries … VALUES (…), (…), …` for `rows` rows. Only the number of placeholders
-/// varies with the row count; no value is ever written into the text.
+/// `$a, $a+1, …` for `n` placeholders from `first`.
+fn numbered(sql: &mut String, first: usize, n: usize) {
+    for i in 0..n {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('$');
+        sql.push_str(&(first + i).to_string());
+    }
+}
+
+/// `INSERT INTO incidents … VALUES (…), (…) ON CONFLICT DO NOTHING RETURNING id` for `rows` rows. Only
+/// the number of placeholders varies with the row count; no value is ever written into the text.
+fn incidents_insert(rows: usize) -> String {
+    const HEAD: &str =
+        "INSERT INTO incidents (id, source, call_sid, dedup_key, emergency_type, route, \
+         caller, recording_url, message, raw_params, occurred_at, status, received_at) VALUES ";
+    let mut sql = String::with_capacity(HEAD.len() + rows * 80 + 40);
+    sql.push_str(HEAD);
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        numbered(&mut sql, 3 + row * INCIDENT_ROW, INCIDENT_ROW);
+        sql.push_str(", $2, $1)");
+    }
+    sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
+    sql
+}
+
+/// `INSERT INTO deliveries … VALUES (…), (…)` for `rows` rows.
 fn deliveries_insert(rows: usize) -> String {
     const HEAD: &str =
         "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, provider, \
@@ -245,21 +335,12 @@ fn deliveries_insert(rows: usize) -> String {
     let mut sql = String::with_capacity(HEAD.len() + rows * 64);
     sql.push_str(HEAD);
     for row in 0..rows {
-        let p = 4 + row * PER_ROW;
         if row > 0 {
             sql.push_str(", ");
         }
-        sql.push_str(&format!(
-            "(${}, $1, ${}, ${}, ${}, ${}, ${}, ${}, ${}, $3, $2, $2, $2)",
-            p,
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6,
-            p + 7
-        ));
+        sql.push('(');
+        numbered(&mut sql, 3 + row * DELIVERY_ROW, DELIVERY_ROW);
+        sql.push_str(", $2, $1, $1, $1)");
     }
     sql
 }
@@ -269,11 +350,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_multi_row_insert_numbers_its_placeholders_in_order() {
-        let sql = deliveries_insert(2);
-        assert!(sql.ends_with(
-            "($4, $1, $5, $6, $7, $8, $9, $10, $11, $3, $2, $2, $2), \
-             ($12, $1, $13, $14, $15, $16, $17, $18, $19, $3, $2, $2, $2)"
+    fn multi_row_inserts_number_their_placeholders_in_order() {
+        assert!(incidents_insert(2).ends_with(
+            "($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $2, $1), \
+             ($14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $2, $1) \
+             ON CONFLICT DO NOTHING RETURNING id"
+        ));
+        assert!(deliveries_insert(2).ends_with(
+            "($3, $4, $5, $6, $7, $8, $9, $10, $11, $2, $1, $1, $1), \
+             ($12, $13, $14, $15, $16, $17, $18, $19, $20, $2, $1, $1, $1)"
         ));
     }
 }

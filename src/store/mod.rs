@@ -168,6 +168,14 @@ impl Store {
         })
     }
 
+    /// Background writers (the dispatcher) call this first: on SQLite they let waiting incidents take
+    /// the one writer before them, for a moment at most.
+    async fn yield_to_intake(&self) {
+        if self.engine == Engine::Sqlite {
+            self.intake.yield_to().await;
+        }
+    }
+
     pub fn engine(&self) -> Engine {
         self.engine
     }

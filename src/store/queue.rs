@@ -290,6 +290,7 @@ impl Store {
         lease: Duration,
         limit: i64,
     ) -> anyhow::Result<Vec<DeliveryRow>> {
+        self.yield_to_intake().await;
         if limit <= 0 {
             return Ok(Vec::new());
         }
@@ -319,6 +320,7 @@ impl Store {
     /// `max_losses` times, so a delivery whose outcome can never be recorded still ends. Each gets an
     /// event.
     pub async fn requeue_expired_leases(&self, max_losses: u32) -> anyhow::Result<Vec<Moved>> {
+        self.yield_to_intake().await;
         let now = now_ms();
         let gave_up = format!(
             "gave up: its lease ran out {max_losses} times before an outcome could be recorded \
@@ -373,6 +375,7 @@ impl Store {
         &self,
         batch: &[(String, String, Finish)],
     ) -> anyhow::Result<Vec<Option<DeliveryState>>> {
+        self.yield_to_intake().await;
         let mut tx = self.writer.begin().await?;
         let mut results = Vec::with_capacity(batch.len());
         for (delivery_id, token, finish) in batch {
@@ -409,6 +412,7 @@ impl Store {
         wait: Duration,
         limit: i64,
     ) -> anyhow::Result<Vec<DeliveryRow>> {
+        self.yield_to_intake().await;
         let rows = sqlx::query_as(OVERDUE_REPORTS.of(self.engine))
             .bind(provider)
             .bind(now_ms())
