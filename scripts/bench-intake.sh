@@ -105,17 +105,9 @@ run_server() {
 
 sqlite_url() { echo "sqlite://$WORK/bench-$RANDOM$RANDOM.db?mode=rwc"; }
 
-echo "| run | connections | throughput | p50 | p99 | peak RSS |"
-echo "|---|---|---|---|---|---|"
-for conns in 2 8; do
-    for dispatch in false true; do
-        run_server "SQLite" "$(sqlite_url)" "$dispatch" "$conns"
-        run_server "PostgreSQL" "$(new_pg_db)" "$dispatch" "$conns"
-    done
-done
-
 # Baselines: the same rows, written by the schema the server migrates.
-for conns in 2 8; do
+naive_pg() {
+    local conns="$1" url out
     url="$(new_pg_db)"
     SOS_DATABASE__URL="$url" SOS_STAKEHOLDERS__FILE="$WORK/stakeholders.toml" "$BIN" migrate >/dev/null 2>&1
     cat >"$WORK/naive.sql" <<'EOF'
@@ -132,11 +124,12 @@ EOF
     out="$(pgbench -n -c "$conns" -j 2 -T "$SECONDS_EACH" -r -f "$WORK/naive.sql" "$url" 2>/dev/null |
         awk '/^tps/ {tps=$3} /latency average/ {avg=$4} END {printf "%.0f txn/s | avg %s ms | -", tps, avg}')"
     echo "| naive PostgreSQL client (pgbench) | $conns | $out | - |"
-done
+}
 
-url_file="$WORK/bare.db"
-SOS_DATABASE__URL="sqlite://$url_file?mode=rwc" SOS_STAKEHOLDERS__FILE="$WORK/stakeholders.toml" "$BIN" migrate >/dev/null 2>&1
-python3 - "$url_file" "$SECONDS_EACH" <<'EOF'
+bare_sqlite() {
+    local url_file="$WORK/bare-$RANDOM$RANDOM.db"
+    SOS_DATABASE__URL="sqlite://$url_file?mode=rwc" SOS_STAKEHOLDERS__FILE="$WORK/stakeholders.toml" "$BIN" migrate >/dev/null 2>&1
+    python3 - "$url_file" "$SECONDS_EACH" <<'EOF'
 import sqlite3, sys, time, uuid
 path, seconds = sys.argv[1], float(sys.argv[2])
 db = sqlite3.connect(path, isolation_level=None)
@@ -158,3 +151,19 @@ lat.sort()
 n = len(lat)
 print("| bare SQLite loop (one connection, synchronous=FULL) | 1 | %.0f txn/s | %.2fms | %.2fms | - |" % (n / seconds, lat[n // 2] * 1000, lat[int(n * 0.99)] * 1000))
 EOF
+}
+
+# Each group runs its baseline right beside the server runs it is compared with: these machines are
+# noisy, and a baseline measured minutes apart would compare different machines.
+echo "| run | connections | throughput | p50 | p99 | peak RSS |"
+echo "|---|---|---|---|---|---|"
+for conns in 2 8; do
+    bare_sqlite
+    for dispatch in false true; do
+        run_server "SQLite" "$(sqlite_url)" "$dispatch" "$conns"
+    done
+    naive_pg "$conns"
+    for dispatch in false true; do
+        run_server "PostgreSQL" "$(new_pg_db)" "$dispatch" "$conns"
+    done
+done
