@@ -78,7 +78,18 @@ pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<boo
         if *shutdown.borrow() {
             return;
         }
-        if let Err(e) = fetch_due(&state, &client, &config, &token).await {
+        // A stop cuts a fetch short and hands its job back at once, so the next process (or another
+        // replica) fetches it without waiting out the lease.
+        let round = tokio::select! {
+            r = fetch_due(&state, &client, &config, &token) => r,
+            _ = shutdown.changed() => {
+                if let Err(e) = state.store.release_recordings(&token).await {
+                    tracing::warn!(error = format!("{e:#}"), "recordings: could not hand back a fetch on stopping");
+                }
+                return;
+            }
+        };
+        if let Err(e) = round {
             tracing::warn!(error = format!("{e:#}"), "recordings: fetch round failed");
         }
         if settings.recordings.followup_call {

@@ -121,32 +121,66 @@ async fn run(
             }
         }
         writing.store(batch.len(), Ordering::Release);
-        commit(&writer, engine, batch).await;
+        // In a task of its own: should a batch ever panic, its callers are answered with an error
+        // (their reply channels close) and the intake goes on with the next one.
+        if let Err(e) = tokio::spawn(commit(writer.clone(), engine, batch)).await {
+            tracing::error!(error = %e, "a batch of incidents failed unexpectedly; its callers were answered with an error");
+        }
         writing.store(0, Ordering::Release);
         written.notify_waiters();
     }
 }
 
+/// Why a batch was not stored.
+enum Failed {
+    /// A statement of the batch failed: some incident may be at fault, so each is tried alone.
+    Statement(anyhow::Error),
+    /// The transaction could not be begun or committed (the database is unreachable, or a commit's
+    /// outcome is unknown): trying again one by one would keep every later emergency waiting behind
+    /// timeouts, and could store a batch twice whose commit did land. Every caller gets the error and
+    /// the Exotel flow its fallback branch.
+    Transaction(anyhow::Error),
+}
+
 /// Writes and commits `batch`, answering every caller.
-async fn commit(writer: &AnyPool, engine: Engine, batch: Vec<Job>) {
-    let results = match write(writer, engine, &batch).await {
+async fn commit(writer: AnyPool, engine: Engine, batch: Vec<Job>) {
+    let results = match write(&writer, engine, &batch).await {
         Ok(results) => results,
-        Err(e) if batch.len() == 1 => vec![Err(e)],
-        Err(e) => {
+        Err(Failed::Statement(e)) if batch.len() > 1 => {
             tracing::info!(
                 error = format!("{e:#}"),
                 incidents = batch.len(),
-                "a batch of incidents could not be committed; storing each alone"
+                "a batch of incidents was refused; storing each alone"
             );
             let mut results = Vec::with_capacity(batch.len());
+            let mut down: Option<String> = None;
             for job in &batch {
-                let one = write(writer, engine, std::slice::from_ref(job))
-                    .await
-                    .and_then(|mut r| r.pop().context("nothing written"))
-                    .and_then(|r| r);
-                results.push(one);
+                if let Some(why) = &down {
+                    results.push(Err(anyhow::anyhow!("{why}")));
+                    continue;
+                }
+                results.push(
+                    match write(&writer, engine, std::slice::from_ref(job)).await {
+                        Ok(mut r) => r
+                            .pop()
+                            .unwrap_or_else(|| Err(anyhow::anyhow!("nothing written"))),
+                        Err(Failed::Statement(e)) => Err(e),
+                        Err(Failed::Transaction(e)) => {
+                            let why = format!("{e:#}");
+                            down = Some(why.clone());
+                            Err(anyhow::anyhow!("{why}"))
+                        }
+                    },
+                );
             }
             results
+        }
+        Err(Failed::Statement(e) | Failed::Transaction(e)) => {
+            let why = format!("{e:#}");
+            batch
+                .iter()
+                .map(|_| Err(anyhow::anyhow!("{why}")))
+                .collect()
         }
     };
     for (job, result) in batch.into_iter().zip(results) {
@@ -164,24 +198,38 @@ async fn write(
     writer: &AnyPool,
     engine: Engine,
     batch: &[Job],
-) -> anyhow::Result<Vec<anyhow::Result<Created>>> {
+) -> Result<Vec<anyhow::Result<Created>>, Failed> {
     let now = now_ms();
-    let mut tx = writer.begin().await?;
+    let transaction = |e: sqlx::Error, what: &str| {
+        Failed::Transaction(anyhow::Error::new(e).context(what.to_owned()))
+    };
+    let mut tx = writer
+        .begin()
+        .await
+        .map_err(|e| transaction(e, "beginning a transaction"))?;
     match insert_all(&mut tx, batch, now).await {
         Ok(results) => {
             if results.iter().any(|c| c.is_new && c.deliveries > 0) {
                 if let Some(wake) = engine.wake_on_commit() {
-                    sqlx::query(wake).execute(&mut *tx).await?;
+                    sqlx::query(wake)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| Failed::Statement(e.into()))?;
                 }
             }
-            tx.commit().await.context("committing incidents")?;
+            tx.commit()
+                .await
+                .map_err(|e| transaction(e, "committing incidents"))?;
             Ok(results.into_iter().map(Ok).collect())
         }
         Err(e) => {
-            // Nothing of a failed incident may commit.
-            tx.rollback().await?;
+            // Nothing of a failed incident may commit. A rollback that fails leaves nothing
+            // committed either: the connection is dropped with its transaction.
+            let _ = tx.rollback().await;
             if batch.len() > 1 {
-                Err(e.context("an incident of the batch failed"))
+                Err(Failed::Statement(
+                    e.context("an incident of the batch failed"),
+                ))
             } else {
                 Ok(vec![Err(e)])
             }

@@ -210,6 +210,18 @@ impl Store {
         Ok(row)
     }
 
+    /// Hands back the fetch jobs leased under `token` (a stopping process): due again at once.
+    pub async fn release_recordings(&self, token: &str) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE recordings SET lease_token = NULL, lease_until = NULL \
+             WHERE lease_token = $1 AND status = 'pending'",
+        )
+        .bind(token)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
     /// Writes one chunk of the recording being fetched under `token` (its own short statement).
     pub async fn put_recording_chunk(
         &self,
