@@ -73,7 +73,10 @@ pub fn registered_text(template: &str, brand: &str, public_url: &str) -> String 
 /// The most characters a placeholder's value can hold in an SMS.
 fn longest_value(p: Placeholder, settings: &Settings) -> usize {
     match p.value_kind() {
-        ValueKind::Text if p == Placeholder::Time => TIME_CHARS,
+        ValueKind::Text if matches!(p, Placeholder::Time | Placeholder::AckTime) => TIME_CHARS,
+        ValueKind::Url if p == Placeholder::Ack => {
+            settings.public_base().chars().count() + "/a/".len() + REF_CHARS
+        }
         ValueKind::Text => DLT_VAR_MAX,
         ValueKind::Url => match settings.messages.recording_link {
             RecordingLink::Short => short_link_chars(settings),
@@ -145,6 +148,14 @@ pub fn check(settings: &Settings) -> Report {
             report
                 .text
                 .push_str(&format!("    whitelist the URL: {base}/r/\n"));
+        }
+        if parts(&texts.sms)
+            .iter()
+            .any(|p| matches!(p, Part::Var(Placeholder::Ack | Placeholder::AckRef)))
+        {
+            report
+                .text
+                .push_str(&format!("    whitelist the URL: {base}/a/\n"));
         }
         if texts.dlt_template_id.trim().is_empty() {
             report.warnings.push(format!(
@@ -277,7 +288,12 @@ fn check_template(template: &str, settings: &Settings) -> TemplateFindings {
         summary,
         links: vars
             .iter()
-            .any(|p| matches!(p, Placeholder::Recording | Placeholder::Ref))
+            .any(|p| {
+                matches!(
+                    p,
+                    Placeholder::Recording | Placeholder::Ref | Placeholder::Ack | Placeholder::AckRef
+                )
+            })
             || pieces
                 .iter()
                 .any(|p| matches!(p, Part::Var(Placeholder::PublicUrl))),
