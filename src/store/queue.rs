@@ -248,14 +248,14 @@ const REPORTED_ANSWERED: &str = "UPDATE deliveries SET status = 'answered', prov
        OR (status = 'failed' AND provider_id = $2 AND last_error LIKE '%no status report%')) \
      RETURNING status";
 
-/// An answered call without the keypress counts as not reached: redialled while redials are left.
+/// An answered call without the keypress counts as not reached: redialled while redials are left and
+/// its incident is open. Once someone acknowledged it stays `answered`: that is what it was.
 const REDIAL_ANSWERED: &str = concat!(
-    "UPDATE deliveries SET status = ",
-    redial_status!(),
-    ", finished_at = ",
-    finished_if_not_redialled!("$2"),
-    ", redials = redials + 1, due_at = $3, updated_at = $2, last_error = $4 \
-     WHERE id = $1 AND status = 'answered' AND redials = $5 RETURNING status"
+    "UPDATE deliveries SET status = 'queued', finished_at = NULL, redials = redials + 1, \
+     due_at = $3, updated_at = $2, last_error = $4 \
+     WHERE id = $1 AND status = 'answered' AND redials = $5 AND ",
+    incident_open!(),
+    " RETURNING status"
 );
 
 /// Read: a delivered (or still unsettled) message of this provider id was read.
