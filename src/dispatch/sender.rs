@@ -358,17 +358,19 @@ impl Dispatcher {
             }),
         };
         let ack_link = d.ack_ref.as_deref().map(|r| format!("{base}/a/{r}"));
-        // A notice without a text of its own uses the alert's: its {message} then tells the news.
-        let news = notice.then(|| {
-            format!(
-                "{} acknowledged the {} emergency at {}",
-                incident.acknowledged_by.as_deref().unwrap_or("someone"),
+        // A notice without a text of its own uses the alert's: its {message} then tells the news. In
+        // SMS a DLT variable holds 30 characters, so there it is the short form.
+        let by = incident.acknowledged_by.as_deref().unwrap_or("someone");
+        let news = notice.then(|| match channel {
+            Channel::Sms => format!("Acknowledged by {by}"),
+            _ => format!(
+                "{by} acknowledged the {} emergency at {}",
                 incident.emergency_type,
                 messages::format_time(
                     incident.acknowledged_at.unwrap_or_else(now_ms),
                     m.utc_offset_minutes
                 )
-            )
+            ),
         });
         let vars = Vars {
             emergency_type: &incident.emergency_type,

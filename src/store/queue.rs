@@ -651,13 +651,25 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let applied = report_transition(&mut tx, &d, report, policy, now).await?;
         let (result, note) = match applied {
-            Some(state) => (
-                CallbackEffect::Applied {
-                    from: d.status,
-                    to: state,
-                },
-                format!("{}; now {state}", report.detail),
-            ),
+            Some(state) => {
+                // Why an answered call is not reached, on the trail (its last_error is cleared by
+                // the redial's next attempt).
+                let why = match report.outcome {
+                    ReportOutcome::Answered
+                        if policy.keypress && state != DeliveryState::Acknowledged =>
+                    {
+                        format!("; {}", not_reached("answered, not acknowledged", &d, policy))
+                    }
+                    _ => String::new(),
+                };
+                (
+                    CallbackEffect::Applied {
+                        from: d.status,
+                        to: state,
+                    },
+                    format!("{}{why}; now {state}", report.detail),
+                )
+            }
             None => {
                 let why = format!("delivery is {}; report changes nothing", d.status);
                 let note = format!("{}; ignored: {why}", report.detail);
