@@ -411,7 +411,9 @@ pub async fn ack(settings: &Settings, args: AckArgs) -> u8 {
             if body["already_acknowledged"] == true {
                 println!(
                     "incident {id} was already acknowledged by {}; yours is recorded",
-                    body["incident"]["acknowledged_by"].as_str().unwrap_or("someone")
+                    body["incident"]["acknowledged_by"]
+                        .as_str()
+                        .unwrap_or("someone")
                 );
             } else {
                 println!(
@@ -434,7 +436,9 @@ pub async fn ack(settings: &Settings, args: AckArgs) -> u8 {
             let body: serde_json::Value = res.json().await.unwrap_or_default();
             eprintln!(
                 "error: {}",
-                body["error"].as_str().unwrap_or("the server refused the input")
+                body["error"]
+                    .as_str()
+                    .unwrap_or("the server refused the input")
             );
             EXIT_INVALID
         }

@@ -683,7 +683,11 @@ impl Settings {
         }
         problems.extend(self.recording_problems());
         let digit = self.ack.digit.trim();
-        if digit.len() > 8 || !digit.chars().all(|c| c.is_ascii_digit() || c == '*' || c == '#') {
+        if digit.len() > 8
+            || !digit
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '*' || c == '#')
+        {
             problems.push("ack.digit must be empty or up to 8 keys of 0-9, * and #".to_owned());
         }
         if parse_duration_secs(&self.ack.deadline).is_none() {

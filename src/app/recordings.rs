@@ -287,8 +287,7 @@ pub async fn queue_followups(state: &AppState) -> anyhow::Result<usize> {
         // A call left `answered` (picked up, no keypress) is over: its redial, if one was due, was
         // queued at once.
         let finished = c.status.is_final() || c.status == crate::domain::DeliveryState::Answered;
-        if c.played_recording_at.is_some() || !finished || c.purpose == crate::store::FOLLOWUP
-        {
+        if c.played_recording_at.is_some() || !finished || c.purpose == crate::store::FOLLOWUP {
             entry.1 = false;
         }
     }

@@ -202,7 +202,12 @@ pub async fn link_page(
         (Some(by), _) => format!("{by} has acknowledged the {what}. You can acknowledge it too."),
         (None, _) => format!("Acknowledge the {what}: everyone else is told that you have it."),
     };
-    page(StatusCode::OK, "Acknowledge the alert", &text, Some(&reference))
+    page(
+        StatusCode::OK,
+        "Acknowledge the alert",
+        &text,
+        Some(&reference),
+    )
 }
 
 /// `POST /a/{reference}`: the confirm page's form. The reference in the path is the credential.

@@ -286,17 +286,14 @@ fn check_template(template: &str, settings: &Settings) -> TemplateFindings {
     );
     TemplateFindings {
         summary,
-        links: vars
+        links: vars.iter().any(|p| {
+            matches!(
+                p,
+                Placeholder::Recording | Placeholder::Ref | Placeholder::Ack | Placeholder::AckRef
+            )
+        }) || pieces
             .iter()
-            .any(|p| {
-                matches!(
-                    p,
-                    Placeholder::Recording | Placeholder::Ref | Placeholder::Ack | Placeholder::AckRef
-                )
-            })
-            || pieces
-                .iter()
-                .any(|p| matches!(p, Part::Var(Placeholder::PublicUrl))),
+            .any(|p| matches!(p, Part::Var(Placeholder::PublicUrl))),
         refusals,
         warnings,
     }

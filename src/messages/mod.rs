@@ -386,7 +386,33 @@ mod tests {
             reference: "q3kx2m",
             brand: "City Hospital",
             public_url: "https://sos.example.org",
+            ack: Some("https://sos.example.org/a/Zk3"),
+            ack_ref: Some("Zk3"),
+            by: Some("Dr. Vikram Iyer"),
+            ack_time_ms: Some(1_722_424_496_000),
         }
+    }
+
+    #[test]
+    fn acknowledgement_placeholders_render() {
+        let s = render(
+            "{by} acknowledged at {ack_time}. Yours: {ack} ({ack_ref})",
+            &vars(),
+            330,
+            Style::Dlt,
+        );
+        assert_eq!(
+            s,
+            "Dr. Vikram Iyer acknowledged at 2024-07-31 16:44. Yours: \
+             https://sos.example.org/a/Zk3 (Zk3)"
+        );
+        let none = Vars {
+            ack: None,
+            by: None,
+            ack_time_ms: None,
+            ..vars()
+        };
+        assert_eq!(render("{ack}|{by}", &none, 0, Style::Exact), "NA|NA");
     }
 
     #[test]

@@ -60,7 +60,8 @@ const ACK_DELIVERY: &str = "UPDATE deliveries SET status = 'acknowledged', \
 
 /// Calls not placed yet (queued or held), except the delivery acknowledged through. A follow-up call
 /// to the person who acknowledged is queued later, never here.
-const CANCEL_UNPLACED_CALLS: &str = "UPDATE deliveries SET status = 'cancelled', finished_at = $1, \
+const CANCEL_UNPLACED_CALLS: &str =
+    "UPDATE deliveries SET status = 'cancelled', finished_at = $1, \
      updated_at = $1, lease_owner = NULL, lease_until = NULL \
      WHERE incident_id = $2 AND channel = 'call' AND status IN ('queued', 'held') \
        AND id <> $3 RETURNING id, channel, status";
@@ -76,7 +77,8 @@ const NOTICE_RECIPIENTS: &str = "SELECT DISTINCT m.contact_name, m.phone, m.chan
            'unconfirmed', 'simulated') OR s.redials > 0)) \
      ORDER BY m.contact_name, m.phone, m.channel";
 
-const INSERT_NOTICE: &str = "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, \
+const INSERT_NOTICE: &str =
+    "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, \
      provider, priority, greeting_ref, link_ref, purpose, status, due_at, created_at, updated_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ack_notice', 'queued', $10, $10, $10) \
      ON CONFLICT DO NOTHING RETURNING id";
@@ -233,8 +235,14 @@ impl Store {
                 req.via,
                 cancelled.len()
             );
-            insert_incident_event(&mut *tx, &req.incident_id, event::ACKNOWLEDGED, &detail, now)
-                .await?;
+            insert_incident_event(
+                &mut *tx,
+                &req.incident_id,
+                event::ACKNOWLEDGED,
+                &detail,
+                now,
+            )
+            .await?;
             if notices > 0 {
                 if let Some(wake) = self.engine.wake_on_commit() {
                     sqlx::query(wake).execute(&mut *tx).await?;

@@ -658,7 +658,10 @@ impl Store {
                     ReportOutcome::Answered
                         if policy.keypress && state != DeliveryState::Acknowledged =>
                     {
-                        format!("; {}", not_reached("answered, not acknowledged", &d, policy))
+                        format!(
+                            "; {}",
+                            not_reached("answered, not acknowledged", &d, policy)
+                        )
                     }
                     _ => String::new(),
                 };

@@ -87,7 +87,12 @@ async fn keypress_acknowledges_once_committed_and_repeats_change_nothing(db: Db)
     let res = keypress(&app, &asha.greeting_ref, Some("1")).await;
     assert_eq!(res.status(), 200);
     // Committed before the 200: read at once, no waiting.
-    let inc = app.store.incident(&asha.incident_id).await.unwrap().unwrap();
+    let inc = app
+        .store
+        .incident(&asha.incident_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(inc.status, "acknowledged");
     assert_eq!(inc.acknowledged_by.as_deref(), Some("Dr. Asha Rao"));
     assert_eq!(inc.acknowledged_via.as_deref(), Some("call"));
@@ -134,9 +139,8 @@ async fn keypress_acknowledges_once_committed_and_repeats_change_nothing(db: Db)
     assert!(told, "the desk got no acknowledgement notice");
     let told = eventually(Duration::from_secs(20), || async {
         p.requests(GUPSHUP_PATH).await.iter().any(|(f, _)| {
-            field(f, "msg").is_some_and(|b| {
-                b.contains("Dr. Asha Rao acknowledged the Heart emergency at")
-            })
+            field(f, "msg")
+                .is_some_and(|b| b.contains("Dr. Asha Rao acknowledged the Heart emergency at"))
         })
     })
     .await;
@@ -199,7 +203,9 @@ async fn another_or_no_key_an_unknown_reference_answer_302_and_are_recorded(db: 
     );
     assert_eq!(keypress(&app, &asha.greeting_ref, None).await.status(), 302);
     assert_eq!(
-        keypress(&app, "no-such-reference", Some("1")).await.status(),
+        keypress(&app, "no-such-reference", Some("1"))
+            .await
+            .status(),
         302
     );
     let bad_token = app
@@ -221,7 +227,12 @@ async fn another_or_no_key_an_unknown_reference_answer_302_and_are_recorded(db: 
     assert_eq!(refused.len(), 2, "{events:?}");
     assert!(refused[0].detail.contains("\"2\""), "{:?}", refused[0]);
     assert!(refused[1].detail.contains("no key"), "{:?}", refused[1]);
-    let inc = app.store.incident(&asha.incident_id).await.unwrap().unwrap();
+    let inc = app
+        .store
+        .incident(&asha.incident_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(inc.status, "open");
     assert!(notices(&app.deliveries_of(sid).await).is_empty());
     // A POST form works as the GET does.
@@ -262,7 +273,12 @@ async fn with_acknowledgement_off_an_answered_call_is_reached(db: Db) {
         keypress(&app, &asha.greeting_ref, Some("1")).await.status(),
         302
     );
-    let inc = app.store.incident(&asha.incident_id).await.unwrap().unwrap();
+    let inc = app
+        .store
+        .incident(&asha.incident_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(inc.status, "open");
     app.stop().await;
 }
@@ -301,9 +317,9 @@ async fn an_answered_call_without_the_keypress_is_redialled(db: Db) {
     assert!(redialled, "the answered call was not redialled");
     let events = app.store.events(&asha.id).await.unwrap();
     assert!(
-        events
-            .iter()
-            .any(|e| e.detail.contains("answered, not acknowledged (call 1 of 2)")),
+        events.iter().any(|e| e
+            .detail
+            .contains("answered, not acknowledged (call 1 of 2)")),
         "{events:?}"
     );
     // The redial is answered too, without the key, and no redials are left: answered, not reached.
@@ -413,7 +429,12 @@ async fn a_link_preview_acknowledges_nothing_its_form_does(db: Db) {
     }
     let head = app.client.head(&link).send().await.unwrap();
     assert_eq!(head.status(), 200);
-    let inc = app.store.incident(&lab_sms.incident_id).await.unwrap().unwrap();
+    let inc = app
+        .store
+        .incident(&lab_sms.incident_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(inc.status, "open");
     assert!(app
         .store
@@ -436,17 +457,30 @@ async fn a_link_preview_acknowledges_nothing_its_form_does(db: Db) {
     let done = app.client.post(&link).send().await.unwrap();
     assert_eq!(done.status(), 200);
     assert!(done.text().await.unwrap().contains("Thank you"));
-    let inc = app.store.incident(&lab_sms.incident_id).await.unwrap().unwrap();
+    let inc = app
+        .store
+        .incident(&lab_sms.incident_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(inc.status, "acknowledged");
     assert_eq!(inc.acknowledged_by.as_deref(), Some("Central lab"));
     assert_eq!(inc.acknowledged_via.as_deref(), Some("sms"));
     assert_eq!(
-        app.store.delivery(&lab_sms.id).await.unwrap().unwrap().status,
+        app.store
+            .delivery(&lab_sms.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
         "acknowledged"
     );
     // The lab is not told about its own acknowledgement; Asha and the desk are.
     let told = notices(&app.deliveries_of(sid).await);
-    assert!(told.iter().all(|(name, _)| name != "Central lab"), "{told:?}");
+    assert!(
+        told.iter().all(|(name, _)| name != "Central lab"),
+        "{told:?}"
+    );
     assert!(told.contains(&("Dr. Asha Rao".to_owned(), "whatsapp".to_owned())));
     // The link keeps working: a second press is recorded only.
     assert_eq!(app.client.post(&link).send().await.unwrap().status(), 200);
@@ -506,12 +540,16 @@ async fn api_and_command_acknowledge_and_later_ones_are_only_recorded(db: Db) {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("already acknowledged by Dr. Ops"), "{stdout}");
+    assert!(
+        stdout.contains("already acknowledged by Dr. Ops"),
+        "{stdout}"
+    );
     assert_eq!(notices(&app.deliveries_of(sid).await), first_notices);
     let trail = app.store.incident_timeline(&id).await.unwrap();
     assert!(
-        trail.iter().any(|e| e.kind == "acknowledged_again"
-            && e.detail.contains("Night nurse (cli)")),
+        trail
+            .iter()
+            .any(|e| e.kind == "acknowledged_again" && e.detail.contains("Night nurse (cli)")),
         "{trail:?}"
     );
     let inc = app.store.incident(&id).await.unwrap().unwrap();

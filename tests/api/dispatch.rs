@@ -803,7 +803,11 @@ async fn overdue_reports_are_looked_up_when_callbacks_never_come() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_that_beats_our_own_record_waits_for_it() {
     // Acknowledgement by keypress off, so that "completed" settles the call at once.
-    let app = spawn_app_with(Db::Sqlite, &[without_dispatcher(), ("SOS_ACK__DIGIT", String::new())]).await;
+    let app = spawn_app_with(
+        Db::Sqlite,
+        &[without_dispatcher(), ("SOS_ACK__DIGIT", String::new())],
+    )
+    .await;
     app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
         .await;
     let call = app.delivery_of(SID, "call").await;

@@ -442,7 +442,11 @@ both_engines!(
 /// the new call's report, found by its CustomField, waits for that record instead of getting 404.
 async fn a_report_for_a_redial_still_being_recorded_waits_for_it(db: Db) {
     // Keypress off, so that "completed" settles the redial at once.
-    let app = spawn_app_with(db, &[without_dispatcher(), ("SOS_ACK__DIGIT", String::new())]).await;
+    let app = spawn_app_with(
+        db,
+        &[without_dispatcher(), ("SOS_ACK__DIGIT", String::new())],
+    )
+    .await;
     app.passthru(&format!("CallSid={SID}&EmergencyType=default"))
         .await;
     let call = app.delivery_of(SID, "call").await;

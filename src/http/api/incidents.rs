@@ -812,7 +812,11 @@ pub async fn acknowledge_incident(
     let done = match tokio::time::timeout(crate::app::ack::STORE_BUDGET, write).await {
         Ok(Ok(done)) => done?,
         Ok(Err(e)) => return Err(AppError::Internal(anyhow::anyhow!("the write failed: {e}"))),
-        Err(_) => return Err(AppError::Unavailable("the database did not answer in time".to_owned())),
+        Err(_) => {
+            return Err(AppError::Unavailable(
+                "the database did not answer in time".to_owned(),
+            ))
+        }
     }
     .ok_or_else(|| AppError::NotFound(format!("no incident {id}")))?;
     Ok(Json(AckOutcome {
