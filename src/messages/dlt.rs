@@ -226,11 +226,19 @@ fn check_template(template: &str, settings: &Settings) -> TemplateFindings {
     for p in &vars {
         let longest = longest_value(*p, settings);
         match p.value_kind() {
-            ValueKind::Url if longest > DLT_URL_MAX => refusals.push(format!(
-                "{} can hold {longest} characters ({base}/r/ and a reference), over the {DLT_URL_MAX} \
-                 a DLT link variable holds; write the fixed part as static text: {{public_url}}/r/{{ref}}",
-                p.token()
-            )),
+            ValueKind::Url if longest > DLT_URL_MAX => {
+                let (path, reference) = if *p == Placeholder::Ack {
+                    ("a", "{ack_ref}")
+                } else {
+                    ("r", "{ref}")
+                };
+                refusals.push(format!(
+                    "{} can hold {longest} characters ({base}/{path}/ and a reference), over the \
+                     {DLT_URL_MAX} a DLT link variable holds; write the fixed part as static text: \
+                     {{public_url}}/{path}/{reference}",
+                    p.token()
+                ))
+            }
             ValueKind::Id if longest > DLT_VAR_MAX => refusals.push(format!(
                 "{} holds {longest} characters, over the {DLT_VAR_MAX} a DLT variable holds, and an id \
                  is never cut; leave it out of SMS templates",
