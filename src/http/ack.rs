@@ -13,7 +13,7 @@ use super::edge::{public_read, Deadline, PublicDb};
 use super::params::Params;
 use super::AppState;
 use crate::app::ack::{self, event};
-use crate::domain::mask;
+use crate::domain::{mask, DeliveryState};
 use crate::error::AppError;
 use crate::store::DeliveryRow;
 
@@ -77,6 +77,17 @@ pub async fn keypress(
         tracing::info!(reason = %why, "keypress does not acknowledge; answering 302");
         record(&state, &delivery.id, event::NOT_ACK_DIGIT, &why).await;
         return Ok(again(&why));
+    }
+    // The call's own record may still be on its way (outcomes are committed in groups): give it a
+    // moment, so the delivery itself can become `acknowledged` rather than only the incident.
+    if delivery.status == DeliveryState::Sending {
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match state.store.delivery(&delivery.id).await {
+                Ok(Some(d)) if d.status == DeliveryState::Sending => {}
+                _ => break,
+            }
+        }
     }
     // The write runs in a task of its own: once started it is never cut off half-way, and its 200 is
     // left with the deadline the moment it commits.
