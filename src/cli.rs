@@ -1,5 +1,5 @@
 //! `exotel-sos trigger` and `exotel-sos drill`: raise an incident through the running server's API, as
-//! an operator would; `exotel-sos resolve`: close one the same way; `exotel-sos optin`: opts the stakeholder file's WhatsApp contacts in with GupShup.
+//! an operator would; `exotel-sos resolve` and `exotel-sos ack`: close or acknowledge one the same way; `exotel-sos optin`: opts the stakeholder file's WhatsApp contacts in with GupShup.
 //!
 //! Exit codes tell scripts what went wrong without parsing text: see the `EXIT_*` constants.
 
@@ -326,6 +326,121 @@ pub async fn resolve(settings: &Settings, args: ResolveArgs) -> u8 {
         404 => {
             eprintln!("error: the server has no incident {id}");
             EXIT_NOT_FOUND
+        }
+        other => {
+            eprintln!("error: the server answered {other}");
+            EXIT_OTHER
+        }
+    }
+}
+
+/// `exotel-sos ack`'s arguments.
+#[derive(Debug, Clone)]
+pub struct AckArgs {
+    pub incident_id: String,
+    /// Who acknowledges; `user@host` when absent.
+    pub by: Option<String>,
+    /// Base URL of the server; `server.public_url` when absent.
+    pub server: Option<String>,
+    /// Admin token; `server.admin_token`, else the token stored in the database, when absent.
+    pub token: Option<String>,
+}
+
+/// `user@host` of whoever runs the command, for an acknowledgement that names nobody.
+pub fn default_acknowledger() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("USERNAME"))
+        .unwrap_or_else(|_| "operator".to_owned());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{}@{host}", user.trim())
+}
+
+/// Acknowledges an incident through the running server's API (calls not yet placed are cancelled,
+/// everyone already alerted is told), printing the outcome; returns the exit code. A repeat is only
+/// recorded, so a lost answer is simply asked again.
+pub async fn ack(settings: &Settings, args: AckArgs) -> u8 {
+    let Server {
+        base,
+        token,
+        client,
+    } = match Server::of(settings, args.server.as_deref(), args.token.as_deref()).await {
+        Ok(server) => server,
+        Err(code) => return code,
+    };
+    let id = args.incident_id.trim();
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        eprintln!("error: {id:?} is not an incident id");
+        return EXIT_INVALID;
+    }
+    let by = args.by.unwrap_or_else(default_acknowledger);
+    let url = format!("{base}/api/v1/incidents/{id}/ack");
+    let body = serde_json::json!({ "by": by });
+    let mut attempt = 0;
+    let res = loop {
+        let sent = client
+            .post(&url)
+            .bearer_auth(&token)
+            .header(SOURCE_HEADER, "cli")
+            .json(&body)
+            .send()
+            .await;
+        let retry = match &sent {
+            Err(_) => true,
+            Ok(r) => matches!(r.status().as_u16(), 408 | 429 | 502 | 503 | 504),
+        };
+        match RETRY_PAUSES.get(attempt) {
+            Some(pause) if retry => {
+                attempt += 1;
+                tokio::time::sleep(*pause).await;
+            }
+            _ => break sent,
+        }
+    };
+    let res = match res {
+        Ok(r) => r,
+        Err(e) => return unreachable(&base, &e),
+    };
+    match res.status().as_u16() {
+        200 => {
+            let body: serde_json::Value = res.json().await.unwrap_or_default();
+            if body["already_acknowledged"] == true {
+                println!(
+                    "incident {id} was already acknowledged by {}; yours is recorded",
+                    body["incident"]["acknowledged_by"]
+                        .as_str()
+                        .unwrap_or("someone")
+                );
+            } else {
+                println!(
+                    "incident {id} acknowledged by {by}; {} call(s) not yet placed cancelled, {} notice(s) queued",
+                    body["cancelled"].as_u64().unwrap_or(0),
+                    body["notices"].as_u64().unwrap_or(0)
+                );
+            }
+            EXIT_OK
+        }
+        401 => {
+            eprintln!("error: the server refused the admin token");
+            EXIT_UNAUTHORIZED
+        }
+        404 => {
+            eprintln!("error: the server has no incident {id}");
+            EXIT_NOT_FOUND
+        }
+        422 => {
+            let body: serde_json::Value = res.json().await.unwrap_or_default();
+            eprintln!(
+                "error: {}",
+                body["error"]
+                    .as_str()
+                    .unwrap_or("the server refused the input")
+            );
+            EXIT_INVALID
         }
         other => {
             eprintln!("error: the server answered {other}");

@@ -149,6 +149,11 @@ impl App {
             "Passthru applet URL (inbound flow, after the recording):\n    {base}/exotel/passthru?token={token}\n\
              Greeting applet URL (outbound flow, \"read text from URL\"):\n    {base}/exotel/greeting?token={token}\n"
         );
+        if let Some(digit) = self.state.settings.ack.digit() {
+            out.push_str(&format!(
+                "Acknowledge Passthru URL (outbound flow, after the Gather \"press {digit} to acknowledge\"):\n    {base}/exotel/ack?token={token}\n"
+            ));
+        }
         for channel in domain::Channel::ALL {
             if !self.state.settings.channel_live(channel) {
                 out.push_str(&format!(

@@ -42,6 +42,9 @@ enum Command {
     /// Resolve an incident through the running server's API: what has not gone out is cancelled
     /// (exit codes as for trigger, and 7 when the server has no such incident).
     Resolve(ResolveCmd),
+    /// Acknowledge an incident through the running server's API: calls not yet placed are cancelled
+    /// and everyone already alerted is told who has it (exit codes as for resolve).
+    Ack(AckCmd),
     /// Opt every WhatsApp contact of the stakeholder file in with GupShup (OPT_IN), once per number;
     /// exits 1 if any failed.
     Optin,
@@ -82,6 +85,22 @@ struct ResolveCmd {
     /// The incident's id (as the API, the console and `trigger` show it).
     #[arg(value_name = "INCIDENT_ID")]
     incident_id: String,
+    /// Server base URL (default: server.public_url).
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// Admin token (default: server.admin_token, else the one stored in the database).
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct AckCmd {
+    /// The incident's id (as the API, the console and `trigger` show it).
+    #[arg(value_name = "INCIDENT_ID")]
+    incident_id: String,
+    /// Who acknowledges (default: user@host).
+    #[arg(long, value_name = "NAME")]
+    by: Option<String>,
     /// Server base URL (default: server.public_url).
     #[arg(long, value_name = "URL")]
     server: Option<String>,
@@ -137,6 +156,15 @@ async fn main() -> ExitCode {
                 token: r.token,
             };
             return ExitCode::from(exotel_sos::cli::resolve(&settings, args).await);
+        }
+        Command::Ack(a) => {
+            let args = exotel_sos::cli::AckArgs {
+                incident_id: a.incident_id,
+                by: a.by,
+                server: a.server,
+                token: a.token,
+            };
+            return ExitCode::from(exotel_sos::cli::ack(&settings, args).await);
         }
         Command::Optin => return ExitCode::from(exotel_sos::cli::optin(&settings).await),
         Command::Backup { file } => backup(settings, &file).await,

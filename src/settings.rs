@@ -25,6 +25,24 @@ pub struct Settings {
     pub housekeeping: HousekeepingSettings,
     pub retention: RetentionSettings,
     pub recordings: RecordingsSettings,
+    pub ack: AckSettings,
+}
+
+/// Acknowledgement: how a person says they have the emergency.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AckSettings {
+    /// The key pressed in the call's Gather to acknowledge (`1`); empty turns acknowledgement by
+    /// keypress off: an answered call then counts as reached.
+    pub digit: String,
+    /// Nobody acknowledged by then: the incident is unreached (`15m`).
+    pub deadline: String,
+}
+
+impl AckSettings {
+    /// The acknowledging digits, when acknowledgement by keypress is on.
+    pub fn digit(&self) -> Option<&str> {
+        Some(self.digit.trim()).filter(|d| !d.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -238,6 +256,7 @@ impl DispatchSettings {
         crate::domain::RedialPolicy {
             delay: std::time::Duration::from_secs_f64(self.redial_delay_secs),
             max_redials: self.max_redials,
+            keypress: false,
         }
     }
 
@@ -663,10 +682,32 @@ impl Settings {
             problems.push("exotel.ring_timeout_secs must be 1 to 60".to_owned());
         }
         problems.extend(self.recording_problems());
+        let digit = self.ack.digit.trim();
+        if digit.len() > 8
+            || !digit
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '*' || c == '#')
+        {
+            problems.push("ack.digit must be empty or up to 8 keys of 0-9, * and #".to_owned());
+        }
+        if parse_duration_secs(&self.ack.deadline).is_none() {
+            problems.push(format!(
+                "ack.deadline: {:?} is not a duration (15m, 90s, 1h)",
+                self.ack.deadline
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
             anyhow::bail!("invalid settings:\n  - {}", problems.join("\n  - "))
+        }
+    }
+
+    /// The redial policy of calls, with acknowledgement by keypress as `ack.digit` sets it.
+    pub fn redial_policy(&self) -> crate::domain::RedialPolicy {
+        crate::domain::RedialPolicy {
+            keypress: self.ack.digit().is_some(),
+            ..self.dispatch.redial_policy()
         }
     }
 

@@ -2,6 +2,7 @@
 //! ([`incidents::raise`], [`incidents::resolve`]) and the housekeeping tasks. It sits between the doors
 //! (`http`, the CLI) and the machinery (`store`, `dispatch`, `providers`): imports point down only.
 
+pub mod ack;
 pub mod console;
 pub mod housekeeping;
 pub mod incidents;

@@ -279,7 +279,8 @@ impl ChunkSink for StoreSink<'_> {
 
 /// Queues the one follow-up call for each contact whose call could only speak text (the recording was
 /// not in yet), none of whose calls played the recording, and whose calls are all finished (a redial
-/// still to come plays the recording itself). Open incidents only.
+/// still to come plays the recording itself). Open incidents; once acknowledged, only the person who
+/// acknowledged.
 pub async fn queue_followups(state: &AppState) -> anyhow::Result<usize> {
     let candidates = state.store.followup_candidates().await?;
     if candidates.is_empty() {
@@ -294,10 +295,10 @@ pub async fn queue_followups(state: &AppState) -> anyhow::Result<usize> {
         let entry = contacts
             .entry((c.incident_id.as_str(), c.phone.as_str()))
             .or_insert((c.contact_name.as_str(), true));
-        if c.played_recording_at.is_some()
-            || !c.status.is_final()
-            || c.purpose == crate::store::FOLLOWUP
-        {
+        // A call left `answered` (picked up, no keypress) is over: its redial, if one was due, was
+        // queued at once.
+        let finished = c.status.is_final() || c.status == crate::domain::DeliveryState::Answered;
+        if c.played_recording_at.is_some() || !finished || c.purpose == crate::store::FOLLOWUP {
             entry.1 = false;
         }
     }

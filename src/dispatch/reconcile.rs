@@ -99,7 +99,7 @@ impl Dispatcher {
         };
         let applied = self
             .store
-            .apply_report(&report, self.settings.dispatch.redial_policy())
+            .apply_report(&report, self.settings.redial_policy())
             .await;
         self.count_effect(lane, &applied);
         match applied {
@@ -118,7 +118,7 @@ impl Dispatcher {
     async fn give_up(&self, lane: &Lane, d: &DeliveryRow, why: &str) {
         let applied = self
             .store
-            .report_deadline_passed(d, self.settings.dispatch.redial_policy(), why)
+            .report_deadline_passed(d, self.settings.redial_policy(), why)
             .await;
         self.count_effect(lane, &applied);
         match applied {

@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::limits::Ready;
 use super::{recorder, Dispatcher, IncidentLookup, Lane};
-use crate::domain::{mask, mask_numbers, now_ms, Channel, DeliveryState};
+use crate::domain::{mask, mask_numbers, now_ms, Channel, DeliveryState, IncidentState};
 use crate::messages::{self, MessageKind, Style, Vars};
 use crate::providers::{self, Job, Outcome, Prepared};
 use crate::settings::{RecordingLink, RecordingMode};
@@ -121,6 +121,20 @@ impl Dispatcher {
         if !incident.status.sends() {
             return Finish::Cancelled {
                 reason: format!("incident {} before this was sent", incident.status),
+            };
+        }
+        // Someone acknowledged: nobody else is called (a retry or a lease expiry can bring a call
+        // back to the queue after the acknowledgement cancelled the queued ones). Only the follow-up
+        // call that plays the recording to the person who acknowledged still goes.
+        if lane.channel() == Channel::Call
+            && incident.status == IncidentState::Acknowledged
+            && d.purpose != crate::store::FOLLOWUP
+        {
+            return Finish::Cancelled {
+                reason: format!(
+                    "incident acknowledged by {} before this call was placed",
+                    incident.acknowledged_by.as_deref().unwrap_or("someone")
+                ),
             };
         }
         if !lane.live {
@@ -308,9 +322,12 @@ impl Dispatcher {
         recording: Option<&str>,
     ) -> (String, String) {
         let m = &self.settings.messages;
-        let kind = self
-            .settings
-            .message_kind(MessageKind::for_source(&incident.source));
+        let notice = d.purpose == crate::store::ACK_NOTICE;
+        let kind = self.settings.message_kind(if notice {
+            MessageKind::AckNotice
+        } else {
+            MessageKind::for_source(&incident.source)
+        });
         let (template, style, dlt_template_id) = match channel {
             Channel::Call => return (String::new(), String::new()),
             Channel::Sms => (&kind.sms, Style::Dlt, kind.dlt_template_id.clone()),
@@ -340,6 +357,21 @@ impl Dispatcher {
                 (RecordingLink::Direct, _) => url.clone(),
             }),
         };
+        let ack_link = d.ack_ref.as_deref().map(|r| format!("{base}/a/{r}"));
+        // A notice without a text of its own uses the alert's: its {message} then tells the news. In
+        // SMS a DLT variable holds 30 characters, so there it is the short form.
+        let by = incident.acknowledged_by.as_deref().unwrap_or("someone");
+        let news = notice.then(|| match channel {
+            Channel::Sms => format!("Acknowledged by {by}"),
+            _ => format!(
+                "{by} acknowledged the {} emergency at {}",
+                incident.emergency_type,
+                messages::format_time(
+                    incident.acknowledged_at.unwrap_or_else(now_ms),
+                    m.utc_offset_minutes
+                )
+            ),
+        });
         let vars = Vars {
             emergency_type: &incident.emergency_type,
             source: &incident.source,
@@ -347,11 +379,15 @@ impl Dispatcher {
             name: &d.contact_name,
             time_ms: incident.occurred_at.unwrap_or(incident.received_at),
             recording: link.as_deref(),
-            message: incident.message.as_deref(),
+            message: news.as_deref().or(incident.message.as_deref()),
             incident: &incident.id,
             reference,
             brand: m.brand.trim(),
             public_url: base,
+            ack: ack_link.as_deref(),
+            ack_ref: d.ack_ref.as_deref(),
+            by: incident.acknowledged_by.as_deref(),
+            ack_time_ms: incident.acknowledged_at,
         };
         let text = messages::render(template, &vars, m.utc_offset_minutes, style);
         (text, dlt_template_id)

@@ -144,6 +144,9 @@ impl DeliveryState {
 pub struct RedialPolicy {
     pub delay: std::time::Duration,
     pub max_redials: u32,
+    /// Acknowledgement by keypress is on: a call answered without the keypress is `answered`, not
+    /// reached (a voicemail box answers calls too), and is redialled like an unanswered one.
+    pub keypress: bool,
 }
 
 /// Where one incident stands. Whether anybody was reached is not a state but a flag with a time

@@ -87,7 +87,7 @@ pub async fn call_status(
     let p = read(&uri, &headers, body, &state).await?;
     let report = exotel_call::callback_report(|k| p.get(k)).map_err(AppError::BadRequest)?;
     tracing::Span::current().record("call_sid", report.provider_id.as_str());
-    let policy = state.settings.dispatch.redial_policy();
+    let policy = state.settings.redial_policy();
     let effect = until_recorded(|| state.store.apply_report(&report, policy)).await?;
     tracing::info!(status = %report.provider_status, effect = ?effect, "call status");
     answer(&state, Channel::Call, effect, "CallSid")
@@ -104,7 +104,7 @@ pub async fn sms_status(
     let p = read(&uri, &headers, body, &state).await?;
     let report = exotel_sms::callback_report(|k| p.get(k)).map_err(AppError::BadRequest)?;
     tracing::Span::current().record("sms_sid", report.provider_id.as_str());
-    let policy = state.settings.dispatch.redial_policy();
+    let policy = state.settings.redial_policy();
     let effect = until_recorded(|| state.store.apply_report(&report, policy)).await?;
     tracing::info!(status = %report.provider_status, effect = ?effect, "sms status");
     answer(&state, Channel::Sms, effect, "SmsSid")
@@ -157,7 +157,7 @@ pub async fn gupshup_dlr(
             "no delivery report with an externalId".to_owned(),
         ));
     }
-    let policy = state.settings.dispatch.redial_policy();
+    let policy = state.settings.redial_policy();
     let (mut known, mut pending, mut lines) = (0, 0, Vec::new());
     for report in &reports {
         // One wait per batch: once an item has waited in vain, the rest are tried once each, so a

@@ -1,5 +1,6 @@
 //! The HTTP surface: router, shared state and the layers every request passes through.
 
+pub mod ack;
 pub mod api;
 pub mod callbacks;
 pub mod console;
@@ -48,6 +49,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/exotel/greeting",
             get(exotel::greeting).head(exotel::greeting),
+        )
+        .route("/exotel/ack", get(ack::keypress).post(ack::keypress))
+        .route(
+            "/a/{reference}",
+            get(ack::link_page).post(ack::link_confirm),
         )
         .route("/exotel/call-status", post(callbacks::call_status))
         .route("/exotel/sms-status", post(callbacks::sms_status))

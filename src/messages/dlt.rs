@@ -73,7 +73,10 @@ pub fn registered_text(template: &str, brand: &str, public_url: &str) -> String 
 /// The most characters a placeholder's value can hold in an SMS.
 fn longest_value(p: Placeholder, settings: &Settings) -> usize {
     match p.value_kind() {
-        ValueKind::Text if p == Placeholder::Time => TIME_CHARS,
+        ValueKind::Text if matches!(p, Placeholder::Time | Placeholder::AckTime) => TIME_CHARS,
+        ValueKind::Url if p == Placeholder::Ack => {
+            settings.public_base().chars().count() + "/a/".len() + REF_CHARS
+        }
         ValueKind::Text => DLT_VAR_MAX,
         ValueKind::Url => match settings.messages.recording_link {
             RecordingLink::Short => short_link_chars(settings),
@@ -146,6 +149,14 @@ pub fn check(settings: &Settings) -> Report {
                 .text
                 .push_str(&format!("    whitelist the URL: {base}/r/\n"));
         }
+        if parts(&texts.sms)
+            .iter()
+            .any(|p| matches!(p, Part::Var(Placeholder::Ack | Placeholder::AckRef)))
+        {
+            report
+                .text
+                .push_str(&format!("    whitelist the URL: {base}/a/\n"));
+        }
         if texts.dlt_template_id.trim().is_empty() {
             report.warnings.push(format!(
                 "messages kind {key}: no DLT template id (exotel.dlt_template_id for the alert, \
@@ -215,11 +226,19 @@ fn check_template(template: &str, settings: &Settings) -> TemplateFindings {
     for p in &vars {
         let longest = longest_value(*p, settings);
         match p.value_kind() {
-            ValueKind::Url if longest > DLT_URL_MAX => refusals.push(format!(
-                "{} can hold {longest} characters ({base}/r/ and a reference), over the {DLT_URL_MAX} \
-                 a DLT link variable holds; write the fixed part as static text: {{public_url}}/r/{{ref}}",
-                p.token()
-            )),
+            ValueKind::Url if longest > DLT_URL_MAX => {
+                let (path, reference) = if *p == Placeholder::Ack {
+                    ("a", "{ack_ref}")
+                } else {
+                    ("r", "{ref}")
+                };
+                refusals.push(format!(
+                    "{} can hold {longest} characters ({base}/{path}/ and a reference), over the \
+                     {DLT_URL_MAX} a DLT link variable holds; write the fixed part as static text: \
+                     {{public_url}}/{path}/{reference}",
+                    p.token()
+                ))
+            }
             ValueKind::Id if longest > DLT_VAR_MAX => refusals.push(format!(
                 "{} holds {longest} characters, over the {DLT_VAR_MAX} a DLT variable holds, and an id \
                  is never cut; leave it out of SMS templates",
@@ -275,12 +294,14 @@ fn check_template(template: &str, settings: &Settings) -> TemplateFindings {
     );
     TemplateFindings {
         summary,
-        links: vars
+        links: vars.iter().any(|p| {
+            matches!(
+                p,
+                Placeholder::Recording | Placeholder::Ref | Placeholder::Ack | Placeholder::AckRef
+            )
+        }) || pieces
             .iter()
-            .any(|p| matches!(p, Placeholder::Recording | Placeholder::Ref))
-            || pieces
-                .iter()
-                .any(|p| matches!(p, Part::Var(Placeholder::PublicUrl))),
+            .any(|p| matches!(p, Part::Var(Placeholder::PublicUrl))),
         refusals,
         warnings,
     }

@@ -36,6 +36,14 @@ pub enum Placeholder {
     Brand,
     /// `server.public_url` without a trailing slash: static text to DLT.
     PublicUrl,
+    /// This recipient's acknowledge link, `<public_url>/a/<ack_ref>`.
+    Ack,
+    /// The acknowledge link's reference alone, so a template can write the fixed part as static text.
+    AckRef,
+    /// Who acknowledged (an acknowledgement notice).
+    By,
+    /// When it was acknowledged (an acknowledgement notice).
+    AckTime,
 }
 
 /// What kind of value a placeholder holds, for DLT's limits.
@@ -52,7 +60,7 @@ pub enum ValueKind {
 }
 
 impl Placeholder {
-    pub const ALL: [Placeholder; 11] = [
+    pub const ALL: [Placeholder; 15] = [
         Placeholder::Type,
         Placeholder::Source,
         Placeholder::Caller,
@@ -64,6 +72,10 @@ impl Placeholder {
         Placeholder::Ref,
         Placeholder::Brand,
         Placeholder::PublicUrl,
+        Placeholder::AckRef,
+        Placeholder::AckTime,
+        Placeholder::Ack,
+        Placeholder::By,
     ];
 
     /// As written in a template, braces included.
@@ -80,13 +92,17 @@ impl Placeholder {
             Placeholder::Ref => "{ref}",
             Placeholder::Brand => "{brand}",
             Placeholder::PublicUrl => "{public_url}",
+            Placeholder::Ack => "{ack}",
+            Placeholder::AckRef => "{ack_ref}",
+            Placeholder::By => "{by}",
+            Placeholder::AckTime => "{ack_time}",
         }
     }
 
     pub fn value_kind(self) -> ValueKind {
         match self {
-            Placeholder::Recording => ValueKind::Url,
-            Placeholder::Incident | Placeholder::Ref => ValueKind::Id,
+            Placeholder::Recording | Placeholder::Ack => ValueKind::Url,
+            Placeholder::Incident | Placeholder::Ref | Placeholder::AckRef => ValueKind::Id,
             Placeholder::Brand | Placeholder::PublicUrl => ValueKind::Static,
             _ => ValueKind::Text,
         }
@@ -147,6 +163,12 @@ pub struct Vars<'a> {
     pub reference: &'a str,
     pub brand: &'a str,
     pub public_url: &'a str,
+    /// This recipient's acknowledge link and its reference.
+    pub ack: Option<&'a str>,
+    pub ack_ref: Option<&'a str>,
+    /// Who acknowledged, and when (acknowledgement notices).
+    pub by: Option<&'a str>,
+    pub ack_time_ms: Option<i64>,
 }
 
 /// How a template is filled.
@@ -164,6 +186,10 @@ pub enum Style {
 /// text exactly, so nothing is trimmed or collapsed.
 pub fn render(template: &str, vars: &Vars<'_>, utc_offset_minutes: i32, style: Style) -> String {
     let time = format_time(vars.time_ms, utc_offset_minutes);
+    let ack_time = vars
+        .ack_time_ms
+        .map(|ms| format_time(ms, utc_offset_minutes))
+        .unwrap_or_default();
     let mut out = String::with_capacity(template.len() + 64);
     for part in parts(template) {
         match part {
@@ -181,6 +207,10 @@ pub fn render(template: &str, vars: &Vars<'_>, utc_offset_minutes: i32, style: S
                     Placeholder::Ref => vars.reference,
                     Placeholder::Brand => vars.brand,
                     Placeholder::PublicUrl => vars.public_url,
+                    Placeholder::Ack => vars.ack.unwrap_or(""),
+                    Placeholder::AckRef => vars.ack_ref.unwrap_or(""),
+                    Placeholder::By => vars.by.unwrap_or(""),
+                    Placeholder::AckTime => ack_time.as_str(),
                 };
                 let blank = value.trim().is_empty();
                 match style {
@@ -356,7 +386,33 @@ mod tests {
             reference: "q3kx2m",
             brand: "City Hospital",
             public_url: "https://sos.example.org",
+            ack: Some("https://sos.example.org/a/Zk3"),
+            ack_ref: Some("Zk3"),
+            by: Some("Dr. Vikram Iyer"),
+            ack_time_ms: Some(1_722_424_496_000),
         }
+    }
+
+    #[test]
+    fn acknowledgement_placeholders_render() {
+        let s = render(
+            "{by} acknowledged at {ack_time}. Yours: {ack} ({ack_ref})",
+            &vars(),
+            330,
+            Style::Dlt,
+        );
+        assert_eq!(
+            s,
+            "Dr. Vikram Iyer acknowledged at 2024-07-31 16:44. Yours: \
+             https://sos.example.org/a/Zk3 (Zk3)"
+        );
+        let none = Vars {
+            ack: None,
+            by: None,
+            ack_time_ms: None,
+            ..vars()
+        };
+        assert_eq!(render("{ack}|{by}", &none, 0, Style::Exact), "NA|NA");
     }
 
     #[test]

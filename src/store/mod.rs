@@ -9,6 +9,7 @@
 //! [`crate::domain::state`]; their vocabulary and allowed moves are filled into lookup tables at each
 //! migration, and the database refuses anything else. Times are milliseconds since the Unix epoch.
 
+mod ack;
 pub mod console;
 mod incidents;
 mod intake;
@@ -20,11 +21,12 @@ mod rows;
 mod sql;
 
 pub use crate::domain::RedialPolicy;
+pub use ack::{event as ack_event, AckRequest, Acknowledged};
 pub use queue::{CallbackEffect, Finish, Moved};
 
 pub use incidents::{IncidentFilter, QueueStats, Resolved};
 pub use recordings::{AttemptFailed, IncidentEventRow, LinkView, RecordingFetch, RecordingRow};
-pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow, FOLLOWUP};
+pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow, ACK_NOTICE, FOLLOWUP};
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -103,6 +103,39 @@ macro_rules! finished_if_cancelled {
     };
 }
 
+/// Whether the delivery's incident is still open (nobody acknowledged it, nor resolved it), inside an
+/// `UPDATE deliveries`: only then is a call redialled.
+macro_rules! incident_open {
+    () => {
+        "EXISTS (SELECT 1 FROM incidents i WHERE i.id = deliveries.incident_id AND i.status = 'open')"
+    };
+}
+
+/// A redial is due again while its incident is open; once someone acknowledged it (or it was
+/// resolved) the redial is cancelled.
+macro_rules! redial_status {
+    () => {
+        concat!(
+            "CASE WHEN ",
+            incident_open!(),
+            " THEN 'queued' ELSE 'cancelled' END"
+        )
+    };
+}
+
+/// `finished_at` for a row set to [`redial_status!`].
+macro_rules! finished_if_not_redialled {
+    ($param:literal) => {
+        concat!(
+            "CASE WHEN ",
+            incident_open!(),
+            " THEN NULL ELSE ",
+            $param,
+            " END"
+        )
+    };
+}
+
 /// Which rows a success report (`$2` = its provider id) may finish: the accepted attempt it names, and
 /// also one that was waiting for this very report when its deadline passed (a redial still queued, a
 /// delivery failed or left unconfirmed for want of a report): a late "answered" or "delivered" is the
@@ -180,9 +213,9 @@ const NEW_RATE_BUCKET: Dialect = per_engine!(
 /// A redial: due again after the policy's delay, one redial more; only from this very attempt.
 const REDIAL: &str = concat!(
     "UPDATE deliveries SET status = ",
-    retry_status!(),
+    redial_status!(),
     ", finished_at = ",
-    finished_if_cancelled!("$4"),
+    finished_if_not_redialled!("$4"),
     ", provider_id = $2, provider_status = $3, redials = redials + 1, due_at = $5, updated_at = $4, \
      last_error = $6, report_due_at = NULL ",
     this_attempt!(),
@@ -206,6 +239,25 @@ const REPORTED_REACHED: &str = concat!(
     " RETURNING status"
 );
 
+/// Answered without the acknowledging keypress (acknowledgement by keypress on): `answered`, with why
+/// in `last_error` (`$5`). From the attempt the report names, or from a guess made for want of it.
+const REPORTED_ANSWERED: &str = "UPDATE deliveries SET status = 'answered', provider_id = $2, \
+     provider_status = $3, finished_at = $4, updated_at = $4, last_error = $5, report_due_at = NULL \
+     WHERE id = $1 AND ((status = 'accepted' AND (provider_id = $2 OR provider_id IS NULL)) \
+       OR (status = 'unconfirmed' AND provider_id = $2) \
+       OR (status = 'failed' AND provider_id = $2 AND last_error LIKE '%no status report%')) \
+     RETURNING status";
+
+/// An answered call without the keypress counts as not reached: redialled while redials are left and
+/// its incident is open. Once someone acknowledged it stays `answered`: that is what it was.
+const REDIAL_ANSWERED: &str = concat!(
+    "UPDATE deliveries SET status = 'queued', finished_at = NULL, redials = redials + 1, \
+     due_at = $3, updated_at = $2, last_error = $4 \
+     WHERE id = $1 AND status = 'answered' AND redials = $5 AND ",
+    incident_open!(),
+    " RETURNING status"
+);
+
 /// Read: a delivered (or still unsettled) message of this provider id was read.
 const REPORTED_READ: &str = "UPDATE deliveries SET status = 'read', provider_id = $2, \
      provider_status = $3, finished_at = COALESCE(finished_at, $4), updated_at = $4, last_error = NULL, \
@@ -222,9 +274,9 @@ const REPORTED_PROGRESS: &str = concat!(
 
 const DEADLINE_REDIAL: &str = concat!(
     "UPDATE deliveries SET status = ",
-    retry_status!(),
+    redial_status!(),
     ", finished_at = ",
-    finished_if_cancelled!("$2"),
+    finished_if_not_redialled!("$2"),
     ", redials = redials + 1, due_at = $3, updated_at = $2, last_error = $4, report_due_at = NULL \
      WHERE id = $1 AND status = 'accepted' AND redials = $5 RETURNING status"
 );
@@ -297,7 +349,7 @@ impl Store {
         let now = now_ms();
         let token = uuid::Uuid::new_v4().simple().to_string();
         let mut tx = self.writer.begin().await?;
-        let claimed: Vec<DeliveryRow> = sqlx::query_as(CLAIM.of(self.engine))
+        let mut claimed: Vec<DeliveryRow> = sqlx::query_as(CLAIM.of(self.engine))
             .bind(owner)
             .bind(&token)
             .bind(lease.as_millis() as i64)
@@ -306,9 +358,10 @@ impl Store {
             .bind(limit)
             .fetch_all(&mut *tx)
             .await?;
-        for d in &claimed {
+        for d in &mut claimed {
             let detail = format!("attempt {} by {owner}", d.attempts);
             insert_event(&mut *tx, &d.id, "attempt", None, &detail, now).await?;
+            Store::issue_ack_ref(&mut tx, d).await?;
         }
         tx.commit().await?;
         Ok(claimed)
@@ -602,13 +655,28 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let applied = report_transition(&mut tx, &d, report, policy, now).await?;
         let (result, note) = match applied {
-            Some(state) => (
-                CallbackEffect::Applied {
-                    from: d.status,
-                    to: state,
-                },
-                format!("{}; now {state}", report.detail),
-            ),
+            Some(state) => {
+                // Why an answered call is not reached, on the trail (its last_error is cleared by
+                // the redial's next attempt).
+                let why = match report.outcome {
+                    ReportOutcome::Answered
+                        if policy.keypress && state != DeliveryState::Acknowledged =>
+                    {
+                        format!(
+                            "; {}",
+                            not_reached("answered, not acknowledged", &d, policy)
+                        )
+                    }
+                    _ => String::new(),
+                };
+                (
+                    CallbackEffect::Applied {
+                        from: d.status,
+                        to: state,
+                    },
+                    format!("{}{why}; now {state}", report.detail),
+                )
+            }
             None => {
                 let why = format!("delivery is {}; report changes nothing", d.status);
                 let note = format!("{}; ignored: {why}", report.detail);
@@ -747,7 +815,31 @@ async fn report_transition(
             .bind(word.clone())
     };
     let moved = match &report.outcome {
-        // A call picked up counts as reached while acknowledgement by keypress does not exist.
+        // With acknowledgement by keypress on, a call picked up is only answered: a person is reached
+        // when they press the key (which moves the delivery to `acknowledged` before the call ends,
+        // so this report then finds it settled and changes nothing).
+        ReportOutcome::Answered if policy.keypress && d.channel == Channel::Call => {
+            let why = not_reached("answered, not acknowledged", d, policy);
+            let answered: Option<String> = q(REPORTED_ANSWERED)
+                .bind(now)
+                .bind(storable(&why).into_owned())
+                .fetch_optional(&mut **tx)
+                .await?;
+            if answered.is_some() && (d.redials as u32) < policy.max_redials {
+                sqlx::query_scalar(REDIAL_ANSWERED)
+                    .bind(id)
+                    .bind(now)
+                    .bind(now + policy.delay.as_millis() as i64)
+                    .bind(storable(&why).into_owned())
+                    .bind(d.redials)
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .or(answered)
+            } else {
+                answered
+            }
+        }
+        // A call picked up counts as reached while acknowledgement by keypress is off.
         ReportOutcome::Answered | ReportOutcome::Delivered => {
             q(REPORTED_REACHED)
                 .bind(now)

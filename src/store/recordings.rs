@@ -167,21 +167,43 @@ const LINK: &str = "SELECT d.id AS delivery_id, d.incident_id, d.created_at AS i
      FROM deliveries d JOIN incidents i ON i.id = d.incident_id \
      LEFT JOIN recordings r ON r.incident_id = d.incident_id WHERE d.link_ref = $1";
 
-/// Calls of open incidents whose recording is stored and that have no follow-up yet for their contact.
-const FOLLOWUP_CANDIDATES: &str =
+/// Whether incident `i` may still have a follow-up call to `$phone`: while it is open, to anyone; once
+/// acknowledged, only to the person who acknowledged through a delivery of theirs (the others were
+/// told someone has it, and are not called again).
+macro_rules! followup_allowed {
+    ($phone:literal) => {
+        concat!(
+            "(i.status = 'open' OR (i.status = 'acknowledged' AND EXISTS (SELECT 1 FROM deliveries a \
+             WHERE a.id = i.acknowledged_delivery AND a.phone = ",
+            $phone,
+            ")))"
+        )
+    };
+}
+
+/// Calls of incidents whose recording is stored, of contacts who may still get a follow-up.
+const FOLLOWUP_CANDIDATES: &str = concat!(
     "SELECT d.incident_id, d.contact_name, d.phone, d.purpose, d.status, \
      d.spoke_text_at, d.played_recording_at FROM deliveries d \
      JOIN recordings r ON r.incident_id = d.incident_id JOIN incidents i ON i.id = d.incident_id \
-     WHERE r.status = 'stored' AND i.status = 'open' AND d.channel = 'call' \
+     WHERE r.status = 'stored' AND ",
+    followup_allowed!("d.phone"),
+    " AND d.channel = 'call' \
        AND EXISTS (SELECT 1 FROM deliveries s WHERE s.incident_id = d.incident_id \
          AND s.phone = d.phone AND s.channel = 'call' AND s.spoke_text_at IS NOT NULL) \
-     ORDER BY d.incident_id, d.phone";
+     ORDER BY d.incident_id, d.phone"
+);
 
-const INSERT_FOLLOWUP: &str =
+/// The follow-up, only while its incident still allows it (an acknowledgement may have come since the
+/// candidates were read).
+const INSERT_FOLLOWUP: &str = concat!(
     "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, \
      provider, priority, greeting_ref, link_ref, purpose, status, due_at, created_at, updated_at) \
-     VALUES ($1, $2, $3, $4, 'call', $5, $6, $7, $8, 'followup', 'queued', $9, $9, $9) \
-     ON CONFLICT DO NOTHING RETURNING id";
+     SELECT $1, $2, $3, $4, 'call', $5, $6, $7, $8, 'followup', 'queued', $9, $9, $9 \
+     FROM incidents i WHERE i.id = $2 AND ",
+    followup_allowed!("$4"),
+    " ON CONFLICT DO NOTHING RETURNING id"
+);
 
 /// Stored recordings past their keep time, oldest first.
 const EXPIRED: &str =

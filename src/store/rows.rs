@@ -10,7 +10,8 @@ use crate::domain::{Channel, DeliveryState, IncidentState};
 macro_rules! incident_columns {
     () => {
         "id, source, call_sid, dedup_key, emergency_type, route, caller, recording_url, message, \
-         raw_params, status, occurred_at, received_at, resolved_at, unreached_at"
+         raw_params, status, occurred_at, received_at, resolved_at, unreached_at, acknowledged_at, \
+         acknowledged_by, acknowledged_via, acknowledged_delivery"
     };
 }
 pub(crate) use incident_columns;
@@ -21,7 +22,7 @@ macro_rules! delivery_columns {
         "id, incident_id, contact_name, phone, channel, provider, greeting_ref, status, attempts, \
          redials, due_at, lease_owner, lease_until, provider_id, provider_status, last_error, \
          last_request, created_at, updated_at, finished_at, played_at, lease_token, report_due_at, \
-         report_checks, lease_losses, link_ref, purpose, spoke_text_at, played_recording_at"
+         report_checks, lease_losses, link_ref, purpose, spoke_text_at, played_recording_at, ack_ref"
     };
 }
 pub(crate) use delivery_columns;
@@ -45,6 +46,15 @@ pub struct IncidentRow {
     pub resolved_at: Option<i64>,
     /// When it was found that nobody could be reached (a flag with a time, not a state).
     pub unreached_at: Option<i64>,
+    /// When the first person acknowledged it.
+    pub acknowledged_at: Option<i64>,
+    /// Who acknowledged it: a contact's name, or the operator named by the API, CLI or console.
+    pub acknowledged_by: Option<String>,
+    /// How: `call` (keypress), `sms` or `whatsapp` (the message's link), `api`, `cli` or `console`.
+    pub acknowledged_via: Option<String>,
+    /// The delivery acknowledged through (keypress or link); none for an operator's acknowledgement.
+    #[serde(skip)]
+    pub acknowledged_delivery: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -85,16 +95,22 @@ pub struct DeliveryRow {
     /// This delivery's recording link reference (`/r/<link_ref>`).
     #[serde(skip)]
     pub link_ref: Option<String>,
-    /// `alert`, or `followup` (the one call that plays a recording that came late: never redialled).
+    /// `alert`, `followup` (the one call that plays a recording that came late: never redialled) or
+    /// `ack_notice` (someone else acknowledged).
     pub purpose: String,
     /// When this call's greeting spoke text because the recording was not in yet.
     pub spoke_text_at: Option<i64>,
     /// When this call's greeting played the recording.
     pub played_recording_at: Option<i64>,
+    /// This message's acknowledge link reference (`/a/<ack_ref>`), given when it is first claimed.
+    #[serde(skip)]
+    pub ack_ref: Option<String>,
 }
 
 /// A follow-up call's purpose.
 pub const FOLLOWUP: &str = "followup";
+/// The purpose of a message telling a contact that someone else acknowledged.
+pub const ACK_NOTICE: &str = "ack_notice";
 
 impl DeliveryRow {
     /// The redial policy for this delivery: a follow-up call is one attempt, never redialled.

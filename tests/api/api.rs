@@ -544,6 +544,7 @@ async fn openapi_document_is_valid_and_covers_every_route() {
         ("/api/v1/incidents", "get"),
         ("/api/v1/incidents/{id}", "get"),
         ("/api/v1/incidents/{id}/resolve", "post"),
+        ("/api/v1/incidents/{id}/ack", "post"),
         ("/api/v1/alertmanager", "post"),
         ("/api/v1/openapi.json", "get"),
     ];

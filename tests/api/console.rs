@@ -14,6 +14,7 @@ both_engines!(
     the_session_cookie_has_its_flags_and_only_its_hash_is_stored,
     the_console_never_shows_a_token,
     the_console_token_can_resolve,
+    the_console_token_can_acknowledge,
     wrong_tokens_are_rate_limited,
     the_incident_list_summarises_each_contacts_channels,
     the_start_banner_names_the_console_and_a_first_passthru,
@@ -332,6 +333,57 @@ async fn the_console_token_can_resolve(db: Db) {
         .await
         .unwrap();
     assert!(!board.contains(&id), "a resolved incident leaves the board");
+    app.stop().await;
+}
+
+async fn the_console_token_can_acknowledge(db: Db) {
+    let app = spawn_app_with(
+        db,
+        &[
+            ("SOS_SERVER__CONSOLE_TOKEN", CONSOLE_TOKEN.to_owned()),
+            without_dispatcher(),
+        ],
+    )
+    .await;
+    let id = incident(&app, "CA-console-ack").await;
+    let cookie = sign_in(&app, CONSOLE_TOKEN, "Front desk").await;
+    let page = get(&app, &format!("/console/incidents/{id}"), Some(&cookie)).await;
+    let html = page.text().await.unwrap();
+    assert!(html.contains(r#"id="acknowledge""#), "{html}");
+    let path = format!("/console/incidents/{id}/ack");
+    let forged = post_form(&app, &path, &cookie, &[("csrf", "0123456789abcdef")]).await;
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        app.store
+            .incident(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .as_str(),
+        "open"
+    );
+    let res = post_form(&app, &path, &cookie, &[("csrf", &csrf_of(&html))]).await;
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let row = app.store.incident(&id).await.unwrap().unwrap();
+    assert_eq!(row.status.as_str(), "acknowledged");
+    assert_eq!(row.acknowledged_by.as_deref(), Some("Front desk"));
+    assert_eq!(row.acknowledged_via.as_deref(), Some("console"));
+    // Still on the board (unresolved), now with who acknowledged; no second Acknowledge button.
+    let board = get(&app, "/console/board", Some(&cookie))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(board.contains(&id));
+    assert!(board.contains("Acknowledged by: Front desk"), "{board}");
+    let html = get(&app, &format!("/console/incidents/{id}"), Some(&cookie))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!html.contains(r#"id="acknowledge""#));
+    assert!(html.contains(r#"id="resolve""#));
     app.stop().await;
 }
 

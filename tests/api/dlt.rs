@@ -358,3 +358,53 @@ fn an_unknown_kind_or_sms_type_is_a_settings_error() {
     );
     assert!(text.contains("exotel.sms_type \"urgent\""), "{text}");
 }
+
+#[test]
+fn acknowledge_links_are_dlt_variables_like_the_recording_link() {
+    let mut env = LIVE_SMS.to_vec();
+    env.extend([
+        ("SOS_SERVER__PUBLIC_URL", "https://sos.example.org"),
+        ("SOS_MESSAGES__BRAND", "City Hospital"),
+        ("SOS_EXOTEL__DLT_TEMPLATE_ID", "1107000000000000002"),
+        (
+            "SOS_MESSAGES__SMS",
+            "{brand} SOS: {type} at {time}. Acknowledge: {public_url}/a/{ack_ref}",
+        ),
+        (
+            "SOS_MESSAGES__KINDS__ACK_NOTICE__SMS",
+            "{brand}: {by} acknowledged the {type} emergency at {ack_time}.",
+        ),
+        (
+            "SOS_MESSAGES__KINDS__ACK_NOTICE__DLT_TEMPLATE_ID",
+            "1107000000000000004",
+        ),
+    ]);
+    let (ok, text) = check_config(&env);
+    assert!(ok, "{text}");
+    for needle in [
+        "register: City Hospital SOS: {#var#} at {#var#}. Acknowledge: https://sos.example.org/a/{#var#}",
+        "whitelist the URL: https://sos.example.org/a/",
+        "register: City Hospital: {#var#} acknowledged the {#var#} emergency at {#var#}.",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(!text.contains("is no placeholder"), "{text}");
+
+    // The whole link as one variable must fit DLT's 50 characters: a long public_url does not.
+    env.extend([
+        (
+            "SOS_SERVER__PUBLIC_URL",
+            "https://emergency-alerts.city-hospital.example.org",
+        ),
+        (
+            "SOS_MESSAGES__SMS",
+            "{brand} SOS: {type}. Acknowledge: {ack}",
+        ),
+    ]);
+    let (ok, text) = check_config(&env);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("error: messages kind alert: {ack} can hold"),
+        "{text}"
+    );
+}

@@ -135,6 +135,8 @@ async fn a_redial_answered_in_xml_is_matched_by_its_own_call_sid(db: Db) {
         &[
             ("SOS_DISPATCH__REDIAL_DELAY_SECS", "0.1".into()),
             ("SOS_DISPATCH__MAX_REDIALS", "2".into()),
+            // Keypress off: the redial's "completed" is final (the keypress is tested in `ack`).
+            ("SOS_ACK__DIGIT", String::new()),
         ],
     )
     .await;
@@ -439,7 +441,12 @@ both_engines!(
 /// While a redial's outcome is still on its way to the database, its row holds the previous call's id;
 /// the new call's report, found by its CustomField, waits for that record instead of getting 404.
 async fn a_report_for_a_redial_still_being_recorded_waits_for_it(db: Db) {
-    let app = spawn_app_with(db, &[without_dispatcher()]).await;
+    // Keypress off, so that "completed" settles the redial at once.
+    let app = spawn_app_with(
+        db,
+        &[without_dispatcher(), ("SOS_ACK__DIGIT", String::new())],
+    )
+    .await;
     app.passthru(&format!("CallSid={SID}&EmergencyType=default"))
         .await;
     let call = app.delivery_of(SID, "call").await;
@@ -592,8 +599,9 @@ async fn a_delivery_whose_lease_keeps_running_out_ends_failed(db: Db) {
     app.stop().await;
 }
 
-/// A redial waits after a no-answer; if Exotel's "completed" for that same call comes meanwhile, the
-/// doctor did answer: the delivery is delivered and the redial never dialled.
+/// With acknowledgement by keypress off, a redial waits after a no-answer; if Exotel's "completed" for
+/// that same call comes meanwhile, the doctor did answer: the delivery is delivered and the redial
+/// never dialled. (With the keypress on, an answer without it does not stop the redial: see `ack`.)
 async fn a_late_answer_stops_a_redial_that_is_still_queued(db: Db) {
     let p = Providers::start().await;
     mount_happy(&p).await;
@@ -604,6 +612,7 @@ async fn a_late_answer_stops_a_redial_that_is_still_queued(db: Db) {
             // Long enough that both reports surely come before the redial would be dialled.
             ("SOS_DISPATCH__REDIAL_DELAY_SECS", "300".into()),
             ("SOS_DISPATCH__MAX_REDIALS", "2".into()),
+            ("SOS_ACK__DIGIT", String::new()),
         ],
     )
     .await;

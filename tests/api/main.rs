@@ -4,6 +4,7 @@ mod helpers;
 mod op;
 mod raw;
 
+mod ack;
 mod alertmanager;
 mod api;
 mod browser;

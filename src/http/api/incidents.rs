@@ -24,7 +24,7 @@ use super::{
     MAX_MESSAGE_CHARS, MAX_TYPE_CHARS,
 };
 use crate::app::incidents::{self, Emergency, PlanError, Planned};
-use crate::domain::{mask, IncidentState, Source, SOURCE_HEADER};
+use crate::domain::{mask, Channel, DeliveryState, IncidentState, Source, SOURCE_HEADER};
 use crate::error::AppError;
 use crate::http::edge::Deadline;
 use crate::http::params::{http_url, strip_all_controls};
@@ -81,11 +81,16 @@ pub struct IncidentView {
     pub caller: Option<String>,
     pub recording_url: Option<String>,
     pub message: Option<String>,
-    /// `open` or `resolved`.
+    /// `open`, `acknowledged` or `resolved`.
     pub status: String,
     pub occurred_at: Option<String>,
     pub received_at: String,
     pub resolved_at: Option<String>,
+    /// Who acknowledged it first: a contact's name, or the operator named.
+    pub acknowledged_by: Option<String>,
+    pub acknowledged_at: Option<String>,
+    /// How: `call` (keypress), `sms` or `whatsapp` (the message's link), `api`, `cli` or `console`.
+    pub acknowledged_via: Option<String>,
 }
 
 /// An incident with every delivery and each delivery's history.
@@ -98,6 +103,9 @@ pub struct IncidentDetail {
     /// What happened to the incident as a whole (its recording fetched, unavailable, deleted, a
     /// follow-up call queued), oldest first.
     pub events: Vec<IncidentEventView>,
+    /// Per contact: whether they acknowledged, were answered, or were never reached, and the state of
+    /// each channel's delivery.
+    pub contacts: Vec<ContactSummary>,
     pub deliveries: Vec<DeliveryView>,
 }
 
@@ -183,11 +191,31 @@ pub struct ContactSummary {
     /// call was added).
     #[schema(example = json!({"call": "answered", "sms": "delivered", "whatsapp": "read"}))]
     pub channels: std::collections::BTreeMap<String, String>,
+    /// `acknowledged` (they pressed the key, followed the link, or a delivery of theirs was
+    /// acknowledged), `answered` (a call was picked up, and nobody pressed the key; with
+    /// acknowledgement by keypress off, a call answered is reached and shows here too) or
+    /// `not_reached`. Messages delivered or read are in `channels`; they do not make a contact reached.
+    #[schema(example = "answered")]
+    pub reached: String,
+}
+
+/// A contact's standing from their deliveries' states.
+fn reached(states: &[DeliveryState], channels: &[Channel]) -> &'static str {
+    if states.contains(&DeliveryState::Acknowledged) {
+        "acknowledged"
+    } else if states.iter().zip(channels).any(|(s, c)| {
+        *c == Channel::Call && matches!(s, DeliveryState::Answered | DeliveryState::Delivered)
+    }) {
+        "answered"
+    } else {
+        "not_reached"
+    }
 }
 
 /// Per contact, the state of each channel's delivery.
 fn contact_summaries(deliveries: Vec<DeliveryRow>) -> Vec<ContactSummary> {
     let mut out: Vec<(String, ContactSummary)> = Vec::new();
+    let mut seen: Vec<(Vec<DeliveryState>, Vec<Channel>)> = Vec::new();
     for d in deliveries {
         let i = match out
             .iter()
@@ -201,17 +229,30 @@ fn contact_summaries(deliveries: Vec<DeliveryRow>) -> Vec<ContactSummary> {
                         contact_name: d.contact_name.clone(),
                         phone: mask(&d.phone),
                         channels: Default::default(),
+                        reached: String::new(),
                     },
                 ));
+                seen.push(Default::default());
                 out.len() - 1
             }
         };
-        out[i]
-            .1
-            .channels
-            .insert(d.channel.to_string(), d.status.to_string());
+        seen[i].0.push(d.status);
+        seen[i].1.push(d.channel);
+        // A notice says someone else has it: it is not this contact's alert.
+        if d.purpose != crate::store::ACK_NOTICE {
+            out[i]
+                .1
+                .channels
+                .insert(d.channel.to_string(), d.status.to_string());
+        }
     }
-    out.into_iter().map(|(_, c)| c).collect()
+    out.into_iter()
+        .zip(seen)
+        .map(|((_, mut c), (states, channels))| {
+            c.reached = reached(&states, &channels).to_owned();
+            c
+        })
+        .collect()
 }
 
 /// Filters and paging of `GET /api/v1/incidents`. Use `before` (keyset, stable while incidents
@@ -257,6 +298,9 @@ impl From<IncidentRow> for IncidentView {
             occurred_at: r.occurred_at.map(iso),
             received_at: iso(r.received_at),
             resolved_at: r.resolved_at.map(iso),
+            acknowledged_by: r.acknowledged_by,
+            acknowledged_at: r.acknowledged_at.map(iso),
+            acknowledged_via: r.acknowledged_via,
         }
     }
 }
@@ -322,10 +366,12 @@ async fn incident_detail(state: &AppState, id: &str) -> Result<IncidentDetail, A
             detail: e.detail,
         })
         .collect();
+    let contacts = contact_summaries(deliveries.clone());
     Ok(IncidentDetail {
         incident: incident.into(),
         recording,
         events: timeline,
+        contacts,
         deliveries: deliveries
             .into_iter()
             .map(|d| {
@@ -680,6 +726,107 @@ pub async fn resolve_incident(
     }))
 }
 
+/// `POST /api/v1/incidents/{id}/ack` body.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AckIncidentRequest {
+    /// Who acknowledges (default `operator`).
+    #[schema(max_length = 128, example = "Dr. Asha Rao")]
+    pub by: Option<String>,
+}
+
+/// What `POST /api/v1/incidents/{id}/ack` did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AckOutcome {
+    /// True when someone had acknowledged it before (or it was resolved): this one is recorded, not
+    /// broadcast.
+    pub already_acknowledged: bool,
+    /// Calls not yet placed, cancelled.
+    pub cancelled: usize,
+    /// Acknowledgement notices queued to those already alerted.
+    pub notices: usize,
+    pub incident: IncidentDetail,
+}
+
+/// Longest name an acknowledgement may give.
+const MAX_BY_CHARS: usize = 128;
+
+/// Acknowledges an incident: the calls not yet placed are cancelled, redials stop, and everyone
+/// already alerted is told by SMS and WhatsApp who has it. Later acknowledgements are recorded only.
+#[utoipa::path(
+    post,
+    path = "/api/v1/incidents/{id}/ack",
+    tag = "incidents",
+    params(
+        ("id" = String, Path, description = "Incident id"),
+        ("X-Sos-Source" = Option<String>, Header, description = "`cli` marks an acknowledgement by the ack command"),
+    ),
+    request_body = AckIncidentRequest,
+    responses(
+        (status = 200, description = "Acknowledged (or recorded again)", body = AckOutcome),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such incident", body = ErrorBody),
+        (status = 422, description = "Invalid body", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(incident_id = %id))]
+pub async fn acknowledge_incident(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    _admin: Admin,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<AckOutcome>, AppError> {
+    known_id(&id)?;
+    let request: AckIncidentRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        AckIncidentRequest::default()
+    } else {
+        let value = clean_json(&body).map_err(|e| unprocessable("body", e.to_string()))?;
+        serde_json::from_value(value).map_err(|e| unprocessable("by", e.to_string()))?
+    };
+    let by = request
+        .by
+        .as_deref()
+        .map(|b| strip_all_controls(b.trim().to_owned()))
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "operator".to_owned());
+    if by.chars().count() > MAX_BY_CHARS {
+        return Err(unprocessable(
+            "by",
+            format!("at most {MAX_BY_CHARS} characters"),
+        ));
+    }
+    let via = match source_of(&headers) {
+        Source::Cli => "cli",
+        _ => "api",
+    };
+    let write = {
+        let state = state.clone();
+        let id = id.clone();
+        tokio::spawn(
+            async move { crate::app::ack::acknowledge(&state, &id, None, &by, via).await }
+                .in_current_span(),
+        )
+    };
+    let done = match tokio::time::timeout(crate::app::ack::STORE_BUDGET, write).await {
+        Ok(Ok(done)) => done?,
+        Ok(Err(e)) => return Err(AppError::Internal(anyhow::anyhow!("the write failed: {e}"))),
+        Err(_) => {
+            return Err(AppError::Unavailable(
+                "the database did not answer in time".to_owned(),
+            ))
+        }
+    }
+    .ok_or_else(|| AppError::NotFound(format!("no incident {id}")))?;
+    Ok(Json(AckOutcome {
+        already_acknowledged: !done.first,
+        cancelled: done.cancelled.len(),
+        notices: done.notices,
+        incident: incident_detail(&state, &id).await?,
+    }))
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Storing a trigger. `store_trigger` is the one way a trigger, from either door, becomes an incident;
 // the items below serve it and the answers built from what it stored.
@@ -744,9 +891,13 @@ fn stored_detail(incident: &NewIncident, id: &str) -> IncidentDetail {
             occurred_at: incident.occurred_at.map(iso),
             received_at: iso(crate::domain::now_ms()),
             resolved_at: None,
+            acknowledged_by: None,
+            acknowledged_at: None,
+            acknowledged_via: None,
         },
         recording: None,
         events: Vec::new(),
+        contacts: Vec::new(),
         deliveries: Vec::new(),
     }
 }

@@ -24,9 +24,10 @@ use crate::error::AppError;
 
 pub use alertmanager::{alertmanager, AlertmanagerAlert, AlertmanagerOutcome, AlertmanagerPayload};
 pub use incidents::{
-    create_incident, get_incident, list_incidents, parse_new_incident, resolve_incident,
-    ContactSummary, DeliveryView, EventView, IncidentDetail, IncidentList, IncidentSummary,
-    IncidentView, ListQuery, NewIncidentRequest, ResolveOutcome,
+    acknowledge_incident, create_incident, get_incident, list_incidents, parse_new_incident,
+    resolve_incident, AckIncidentRequest, AckOutcome, ContactSummary, DeliveryView, EventView,
+    IncidentDetail, IncidentList, IncidentSummary, IncidentView, ListQuery, NewIncidentRequest,
+    ResolveOutcome,
 };
 pub use openapi::{openapi_json, ApiDoc};
 
@@ -47,6 +48,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/api/v1/incidents/{id}", get(get_incident))
         .route("/api/v1/incidents/{id}/resolve", post(resolve_incident))
+        .route("/api/v1/incidents/{id}/ack", post(acknowledge_incident))
         .route("/api/v1/alertmanager", post(alertmanager))
         .route("/api/v1/openapi.json", get(openapi_json))
 }

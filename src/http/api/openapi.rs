@@ -20,6 +20,7 @@ use super::incidents;
         incidents::list_incidents,
         incidents::get_incident,
         incidents::resolve_incident,
+        incidents::acknowledge_incident,
         alertmanager::alertmanager,
         openapi_json
     ),

@@ -50,6 +50,7 @@ pub fn routes() -> Router<AppState> {
         .route("/console/incidents/{id}", get(incident_page))
         .route("/console/incidents/{id}/live", get(incident_fragment))
         .route("/console/incidents/{id}/resolve", post(resolve))
+        .route("/console/incidents/{id}/ack", post(acknowledge))
 }
 
 /// A rendered template as a secured HTML answer.
@@ -294,6 +295,32 @@ async fn resolve(
     known_id(&id)?;
     let reason = resolved_by(&s);
     crate::app::incidents::resolve(&state, &id, &reason)
+        .await?
+        .ok_or_else(|| AppError::NotFound("no such incident".to_owned()))?;
+    state.console.poke();
+    Ok(secured(
+        Redirect::to(&format!("/console/incidents/{id}")).into_response(),
+        None,
+    ))
+}
+
+/// `POST /console/incidents/{id}/ack`: acknowledges through the application layer in the name of the
+/// signed-in person (the console token may acknowledge); back to the incident page.
+async fn acknowledge(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
+    let Some((_, s)) = current(&state, &headers).await? else {
+        return Ok(to_sign_in());
+    };
+    if !csrf_ok(&s, form.csrf.as_deref()) {
+        tracing::warn!("console form without a valid CSRF token refused");
+        return Ok(forbidden());
+    }
+    known_id(&id)?;
+    crate::app::ack::acknowledge(&state, &id, None, &s.name, "console")
         .await?
         .ok_or_else(|| AppError::NotFound("no such incident".to_owned()))?;
     state.console.poke();

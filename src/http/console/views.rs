@@ -232,7 +232,7 @@ pub fn board_incident(
         source: incident.source.clone(),
         status: incident.status.to_string(),
         unreached: incident.unreached_at.is_some(),
-        acknowledged_by: String::new(),
+        acknowledged_by: incident.acknowledged_by.clone().unwrap_or_default(),
         received: when(incident.received_at),
         age: human_duration_ms(now - incident.received_at),
         channels: Channel::ALL.iter().map(|c| c.as_str()).collect(),

@@ -1,0 +1,314 @@
+//! Acknowledgement by the person alerted: the call's keypress (`/exotel/ack`, Exotel's Passthru after
+//! the outbound flow's Gather) and the message's link (`/a/{reference}`: a confirm page, and its form).
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+
+use super::edge::{public_read, Deadline, PublicDb};
+use super::params::Params;
+use super::AppState;
+use crate::app::ack::{self, event};
+use crate::domain::{mask, DeliveryState};
+use crate::error::AppError;
+use crate::store::DeliveryRow;
+
+/// The look-up of a link waits this long for a share of the database.
+const LOOKUP_WAIT: Duration = Duration::from_secs(2);
+
+/// 302: Exotel's flow takes the branch that can repeat the menu.
+fn again(why: &str) -> Response {
+    (StatusCode::FOUND, format!("not acknowledged: {why}")).into_response()
+}
+
+/// `GET` (or `POST` form) `/exotel/ack?token=`: Exotel's Passthru after the Gather, with the call's
+/// `CustomField` (the delivery's greeting reference) and `digits` (quoted, as Exotel sends them). 200
+/// only once the acknowledgement is committed (a repeat too); 302 for another key or none, an unknown
+/// reference, or a failure to store, recorded on the delivery when it is known; 401 for a bad token.
+#[tracing::instrument(skip_all, fields(delivery_id))]
+pub async fn keypress(
+    State(state): State<AppState>,
+    deadline: Deadline,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    let mut params = Params::from_query(uri.query());
+    params
+        .extend_body(&headers, body)
+        .await
+        .map_err(AppError::BadRequest)?;
+    if !state.webhook_token_ok(params.get("token").as_deref()) {
+        tracing::warn!("acknowledge keypress with a missing or wrong token");
+        return Err(AppError::Unauthorized);
+    }
+    let Some(reference) = params.get("CustomField").filter(|r| r.len() <= 128) else {
+        tracing::warn!("acknowledge keypress without a CustomField; answering 302");
+        return Ok(again("no CustomField"));
+    };
+    let delivery = match state.store.delivery_by_greeting_ref(&reference).await {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            tracing::warn!("acknowledge keypress for an unknown CustomField; answering 302");
+            return Ok(again("unknown CustomField"));
+        }
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "ACKNOWLEDGEMENT NOT STORED: the delivery could not be read; answering 302"
+            );
+            return Ok(again("could not be stored"));
+        }
+    };
+    tracing::Span::current().record("delivery_id", delivery.id.as_str());
+    let pressed = params.get("digits");
+    let wanted = state.settings.ack.digit().map(str::to_owned);
+    let refused = match (&wanted, pressed.as_deref()) {
+        (None, _) => Some("acknowledgement by keypress is off (ack.digit is empty)".to_owned()),
+        (Some(_), None) => Some("no key pressed".to_owned()),
+        (Some(w), Some(p)) if w != p => Some(format!("pressed {p:?}, not the acknowledge key")),
+        _ => None,
+    };
+    if let Some(why) = refused {
+        tracing::info!(reason = %why, "keypress does not acknowledge; answering 302");
+        record(&state, &delivery.id, event::NOT_ACK_DIGIT, &why).await;
+        return Ok(again(&why));
+    }
+    // The call's own record may still be on its way (outcomes are committed in groups): give it a
+    // moment, so the delivery itself can become `acknowledged` rather than only the incident.
+    if delivery.status == DeliveryState::Sending {
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match state.store.delivery(&delivery.id).await {
+                Ok(Some(d)) if d.status == DeliveryState::Sending => {}
+                _ => break,
+            }
+        }
+    }
+    // The write runs in a task of its own: once started it is never cut off half-way, and its 200 is
+    // left with the deadline the moment it commits.
+    let budget = deadline.budget(ack::STORE_BUDGET);
+    let write = tokio::spawn(
+        {
+            let state = state.clone();
+            let delivery = delivery.clone();
+            async move {
+                let done = ack::acknowledge(
+                    &state,
+                    &delivery.incident_id,
+                    Some(&delivery),
+                    &delivery.contact_name,
+                    delivery.channel.as_str(),
+                )
+                .await?;
+                deadline.commit(acknowledged_answer());
+                Ok::<_, anyhow::Error>(done)
+            }
+        }
+        .in_current_span(),
+    );
+    let reason = match tokio::time::timeout(budget, write).await {
+        Ok(Ok(Ok(Some(_)))) => return Ok(acknowledged_answer()),
+        Ok(Ok(Ok(None))) => "its incident is gone".to_owned(),
+        Ok(Ok(Err(e))) => format!("{e:#}"),
+        Ok(Err(e)) => format!("the write failed: {e}"),
+        Err(_) => format!("no answer from the database within {budget:?}"),
+    };
+    tracing::error!(
+        error = %reason,
+        phone = %mask(&delivery.phone),
+        "ACKNOWLEDGEMENT NOT STORED: answering 302 so the flow can ask again"
+    );
+    record(&state, &delivery.id, event::NOT_STORED, &reason).await;
+    Ok(again("could not be stored"))
+}
+
+fn acknowledged_answer() -> Response {
+    (StatusCode::OK, "acknowledged").into_response()
+}
+
+/// Best effort: the event of a keypress that did not acknowledge (the store may be what failed).
+async fn record(state: &AppState, delivery_id: &str, kind: &str, detail: &str) {
+    if let Err(e) = state
+        .store
+        .record_event(delivery_id, kind, None, detail)
+        .await
+    {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "could not record the refused keypress"
+        );
+    }
+}
+
+/// The message whose link this is, looked up within the unauthenticated share of the database.
+async fn linked(
+    state: &AppState,
+    limits: &PublicDb,
+    reference: &str,
+) -> Result<DeliveryRow, Response> {
+    // References are generated ids: a long one or one with control characters names nothing.
+    if reference.len() > 128 || reference.chars().any(char::is_control) {
+        return Err(page(StatusCode::NOT_FOUND, "No such alert", NO_SUCH, None));
+    }
+    let store = state.store.clone();
+    let wanted = reference.to_owned();
+    let found = public_read(limits, LOOKUP_WAIT, async move {
+        store.delivery_by_ack_ref(&wanted).await
+    })
+    .await;
+    match found {
+        Some(Ok(Some(d))) => Ok(d),
+        Some(Ok(None)) => Err(page(StatusCode::NOT_FOUND, "No such alert", NO_SUCH, None)),
+        Some(Err(e)) => {
+            tracing::error!(error = format!("{e:#}"), "acknowledge link look-up failed");
+            Err(busy())
+        }
+        None => Err(busy()),
+    }
+}
+
+const NO_SUCH: &str = "This link names no alert. Call the emergency desk.";
+
+fn busy() -> Response {
+    let mut res = page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Busy",
+        "The server is busy. Try again in a moment, or call the emergency desk.",
+        None,
+    );
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    res
+}
+
+/// `GET /a/{reference}`: the confirm page. It changes nothing: phones and chat apps fetch links to
+/// show previews, and a preview must never acknowledge.
+pub async fn link_page(
+    State(state): State<AppState>,
+    limits: PublicDb,
+    Path(reference): Path<String>,
+) -> Response {
+    let d = match linked(&state, &limits, &reference).await {
+        Ok(d) => d,
+        Err(res) => return res,
+    };
+    let incident = match state.store.incident(&d.incident_id).await {
+        Ok(Some(i)) => i,
+        Ok(None) => return page(StatusCode::NOT_FOUND, "No such alert", NO_SUCH, None),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "acknowledge page look-up failed");
+            return busy();
+        }
+    };
+    let what = format!("{} emergency", incident.emergency_type);
+    let text = match (&incident.acknowledged_by, incident.status) {
+        (_, crate::domain::IncidentState::Resolved) => {
+            format!("The {what} is resolved. You can still confirm that you saw it.")
+        }
+        (Some(by), _) => format!("{by} has acknowledged the {what}. You can acknowledge it too."),
+        (None, _) => format!("Acknowledge the {what}: everyone else is told that you have it."),
+    };
+    page(
+        StatusCode::OK,
+        "Acknowledge the alert",
+        &text,
+        Some(&reference),
+    )
+}
+
+/// `POST /a/{reference}`: the confirm page's form. The reference in the path is the credential.
+pub async fn link_confirm(
+    State(state): State<AppState>,
+    limits: PublicDb,
+    Path(reference): Path<String>,
+) -> Response {
+    let d = match linked(&state, &limits, &reference).await {
+        Ok(d) => d,
+        Err(res) => return res,
+    };
+    let write = {
+        let state = state.clone();
+        let d = d.clone();
+        tokio::spawn(async move {
+            ack::acknowledge(
+                &state,
+                &d.incident_id,
+                Some(&d),
+                &d.contact_name,
+                d.channel.as_str(),
+            )
+            .await
+        })
+    };
+    match tokio::time::timeout(ack::STORE_BUDGET, write).await {
+        Ok(Ok(Ok(Some(_)))) => page(
+            StatusCode::OK,
+            "Thank you",
+            "Thank you: your acknowledgement is recorded, and the others are told that you have it.",
+            None,
+        ),
+        Ok(Ok(Ok(None))) => page(StatusCode::NOT_FOUND, "No such alert", NO_SUCH, None),
+        other => {
+            let why = match other {
+                Ok(Ok(Err(e))) => format!("{e:#}"),
+                Ok(Err(e)) => format!("the write failed: {e}"),
+                _ => "no answer from the database in time".to_owned(),
+            };
+            tracing::error!(error = %why, "ACKNOWLEDGEMENT NOT STORED through a link");
+            record(&state, &d.id, event::NOT_STORED, &why).await;
+            busy()
+        }
+    }
+}
+
+/// A small self-contained page (no scripts, nothing fetched), with the acknowledge form when
+/// `form_ref` is given.
+fn page(status: StatusCode, title: &str, text: &str, form_ref: Option<&str>) -> Response {
+    let form = form_ref
+        .map(|r| {
+            format!(
+                "<form method=\"post\" action=\"/a/{}\"><button type=\"submit\">Acknowledge</button></form>",
+                escape(r)
+            )
+        })
+        .unwrap_or_default();
+    let body = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <meta name=\"robots\" content=\"noindex\"><title>{t}</title>\
+         <style>body{{font-family:sans-serif;max-width:30em;margin:2em auto;padding:0 1em}}\
+         button{{font-size:1.4em;padding:.6em 1.4em}}</style></head>\
+         <body><h1>{t}</h1><p>{x}</p>{form}</body></html>",
+        t = escape(title),
+        x = escape(text),
+    );
+    let mut res = (status, body).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// HTML-escapes text (names and types come from the stakeholder file and the caller).
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
