@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use askama::Template;
 
 use crate::app::AppState;
-use crate::domain::{human_duration_ms, mask, now_ms, Channel, DeliveryState};
+use crate::domain::{human_duration_ms, mask, mask_numbers, now_ms, Channel, DeliveryState};
 use crate::settings::non_empty;
 use crate::store::{DeliveryRow, EventRow, IncidentEventRow, IncidentRow};
 
@@ -200,11 +200,19 @@ pub fn board_incident(
     let mut order: Vec<(String, String)> = Vec::new();
     let mut latest: BTreeMap<(String, String, Channel), &DeliveryRow> = BTreeMap::new();
     for d in deliveries {
+        // An acknowledgement notice says nothing of whether this contact was reached.
+        if d.purpose == "ack_notice" {
+            continue;
+        }
         let who = (d.contact_name.clone(), d.phone.clone());
         if !order.contains(&who) {
             order.push(who.clone());
         }
-        latest.insert((who.0, who.1, d.channel), d);
+        let cell = latest.entry((who.0, who.1, d.channel)).or_insert(d);
+        // The newest delivery of a cell wins, whatever order the rows came in.
+        if d.created_at > cell.created_at {
+            *cell = d;
+        }
     }
     let contacts = order
         .into_iter()
@@ -314,7 +322,7 @@ pub async fn incident(state: &AppState, id: &str) -> anyhow::Result<Option<Incid
         head,
         caller: incident.caller.as_deref().map(mask).unwrap_or_default(),
         route: incident.route.clone(),
-        message: incident.message.clone().unwrap_or_default(),
+        message: mask_numbers(incident.message.as_deref().unwrap_or_default()),
         resolved_at: incident.resolved_at.map(when).unwrap_or_default(),
         recording_src,
         deliveries: views,
@@ -339,7 +347,7 @@ fn delivery_view(state: &AppState, d: &DeliveryRow, events: Vec<EventRow>) -> De
         redials: d.redials,
         provider: d.provider.clone(),
         provider_id: d.provider_id.clone().unwrap_or_default(),
-        provider_status: d.provider_status.clone().unwrap_or_default(),
+        provider_status: mask_numbers(d.provider_status.as_deref().unwrap_or_default()),
         last_error: d
             .last_error
             .as_deref()
