@@ -6,6 +6,9 @@ CREATE TABLE console_sessions (
     name        TEXT NOT NULL,
     role        TEXT NOT NULL,
     csrf        TEXT NOT NULL,
+    -- SHA-256 of the token that signed the session in: when that token is changed in the settings,
+    -- its sessions end.
+    token_digest TEXT NOT NULL,
     created_at  BIGINT NOT NULL,
     expires_at  BIGINT NOT NULL,
     CONSTRAINT console_sessions_role_known CHECK (role IN ('admin', 'console'))

@@ -92,12 +92,15 @@ pub async fn sign_in(
     state
         .store
         .create_console_session(
-            &hash_id(&id),
-            name,
-            role.as_str(),
-            &csrf,
+            &crate::store::console::NewConsoleSession {
+                id_hash: &hash_id(&id),
+                name,
+                role: role.as_str(),
+                csrf: &csrf,
+                token_digest: &token_digest(state, role),
+                expires_at: now.saturating_add(ttl),
+            },
             now,
-            now.saturating_add(ttl),
         )
         .await?;
     tracing::info!(role = role.as_str(), "console sign-in");
@@ -111,12 +114,27 @@ pub async fn sign_in(
     ))
 }
 
-/// The unexpired session with this raw id.
+/// SHA-256 of the token `role` signs in with now. Stored with a session, so that changing the token
+/// in the settings (a revocation) ends every session it opened.
+fn token_digest(state: &AppState, role: Role) -> String {
+    use secrecy::ExposeSecret;
+    let token = match role {
+        Role::Admin => state.admin_token.expose_secret(),
+        Role::Console => state.settings.server.console_token.expose_secret(),
+    };
+    crate::domain::digest(token)
+}
+
+/// The unexpired session with this raw id, signed in with a token that is still the one in force.
 pub async fn session(state: &AppState, id: &str) -> anyhow::Result<Option<Session>> {
     let row = state.store.console_session(&hash_id(id), now_ms()).await?;
     Ok(row.and_then(|r| {
+        let role = Role::parse(&r.role)?;
+        if r.token_digest != token_digest(state, role) {
+            return None;
+        }
         Some(Session {
-            role: Role::parse(&r.role)?,
+            role,
             name: r.name,
             csrf: r.csrf,
         })

@@ -13,6 +13,21 @@ pub struct ConsoleSessionRow {
     pub role: String,
     /// The token every state-changing form of this session must carry.
     pub csrf: String,
+    /// SHA-256 of the token that signed the session in.
+    pub token_digest: String,
+    pub expires_at: i64,
+}
+
+/// A session to store.
+#[derive(Debug, Clone, Copy)]
+pub struct NewConsoleSession<'a> {
+    /// SHA-256 of the session id; the raw id is only ever in the browser's cookie.
+    pub id_hash: &'a str,
+    pub name: &'a str,
+    pub role: &'a str,
+    pub csrf: &'a str,
+    /// SHA-256 of the token that signed it in.
+    pub token_digest: &'a str,
     pub expires_at: i64,
 }
 
@@ -35,27 +50,24 @@ impl Store {
     /// Stores a new session under the hash of its id, and forgets sessions that have expired.
     pub async fn create_console_session(
         &self,
-        id_hash: &str,
-        name: &str,
-        role: &str,
-        csrf: &str,
+        new: &NewConsoleSession<'_>,
         now: i64,
-        expires_at: i64,
     ) -> anyhow::Result<()> {
         sqlx::query("DELETE FROM console_sessions WHERE expires_at < $1")
             .bind(now)
             .execute(&self.writer)
             .await?;
         sqlx::query(
-            "INSERT INTO console_sessions (id_hash, name, role, csrf, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO console_sessions (id_hash, name, role, csrf, token_digest, created_at, \
+             expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
-        .bind(id_hash)
-        .bind(name)
-        .bind(role)
-        .bind(csrf)
+        .bind(new.id_hash)
+        .bind(new.name)
+        .bind(new.role)
+        .bind(new.csrf)
+        .bind(new.token_digest)
         .bind(now)
-        .bind(expires_at)
+        .bind(new.expires_at)
         .execute(&self.writer)
         .await?;
         Ok(())
@@ -68,7 +80,7 @@ impl Store {
         now: i64,
     ) -> anyhow::Result<Option<ConsoleSessionRow>> {
         let row = sqlx::query_as(
-            "SELECT name, role, csrf, expires_at FROM console_sessions \
+            "SELECT name, role, csrf, token_digest, expires_at FROM console_sessions \
              WHERE id_hash = $1 AND expires_at > $2",
         )
         .bind(id_hash)

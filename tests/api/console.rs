@@ -19,7 +19,44 @@ both_engines!(
     the_incident_list_summarises_each_contacts_channels,
     the_start_banner_names_the_console_and_a_first_passthru,
     event_streams_are_capped_and_end_when_the_server_stops,
+    changing_a_token_ends_the_sessions_it_opened,
 );
+
+/// A token changed in the settings (revoked) ends the sessions it opened, on every replica; sessions
+/// of the other token stay.
+async fn changing_a_token_ends_the_sessions_it_opened(db: Db) {
+    let first = [("SOS_SERVER__CONSOLE_TOKEN", CONSOLE_TOKEN.to_owned())];
+    let app = spawn_app_with(db, &first).await;
+    let desk = sign_in(&app, CONSOLE_TOKEN, "Front desk").await;
+    let admin = sign_in(&app, ADMIN_TOKEN, "Asha").await;
+    assert_eq!(
+        get(&app, "/console", Some(&desk)).await.status(),
+        StatusCode::OK
+    );
+    let stakeholders = app.stakeholders.clone();
+    let test_db = app.stop().await;
+    let changed = [(
+        "SOS_SERVER__CONSOLE_TOKEN",
+        "another-console-token-98765".to_owned(),
+    )];
+    let settings = test_settings(&test_db, &stakeholders, &changed);
+    let app = start(test_db, stakeholders, settings).await;
+    assert_eq!(
+        get(&app, "/console", Some(&desk)).await.status(),
+        StatusCode::SEE_OTHER,
+        "the old console token's session has ended"
+    );
+    assert_eq!(
+        get(&app, "/console/events", Some(&desk)).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(&app, "/console", Some(&admin)).await.status(),
+        StatusCode::OK,
+        "the admin token did not change"
+    );
+    app.stop().await;
+}
 
 pub const CONSOLE_TOKEN: &str = "test-console-token-0123456789";
 
