@@ -178,7 +178,62 @@ async fn one_refused_incident_fails_alone(db: Db) {
     store.close().await;
 }
 
+/// The same over HTTP: a burst of Passthrus, one of which the database refuses. That one is answered
+/// 302 (the Exotel flow's fallback branch); every other is answered 200 and stored with its deliveries.
+async fn a_refused_passthru_in_a_burst_gets_302_and_the_rest_200(db: Db) {
+    let engine = db;
+    let app = spawn_app_with(db, &[without_dispatcher()]).await;
+    let statements: &[&str] = match engine {
+        Db::Sqlite => &["CREATE TRIGGER refuse_poison BEFORE INSERT ON deliveries \
+             WHEN (SELECT emergency_type FROM incidents WHERE id = NEW.incident_id) = 'Poison' \
+             BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"],
+        Db::Postgres => &[
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF (SELECT emergency_type FROM incidents WHERE id = NEW.incident_id) = 'Poison' THEN \
+             RAISE EXCEPTION 'poisoned row'; END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON deliveries \
+             FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+        ],
+    };
+    for sql in statements {
+        sqlx::query(sql).execute(app.store.pool()).await.unwrap();
+    }
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        let client = app.client.clone();
+        let kind = if i == 11 { "Poison" } else { "Heart" };
+        let url = format!(
+            "{}/exotel/passthru?token={WEBHOOK_TOKEN}&CallSid=burst{i}&EmergencyType={kind}",
+            app.base
+        );
+        calls.push(tokio::spawn(async move {
+            (i, client.get(url).send().await.unwrap().status().as_u16())
+        }));
+    }
+    for c in calls {
+        let (i, status) = c.await.unwrap();
+        let sid = format!("burst{i}");
+        let stored = app.store.incident_by_call_sid(&sid).await.unwrap();
+        if i == 11 {
+            assert_eq!(
+                status, 302,
+                "the refused Passthru takes the fallback branch"
+            );
+            assert!(stored.is_none());
+        } else {
+            assert_eq!(status, 200, "{sid}");
+            let stored = stored.expect("stored");
+            assert_eq!(
+                app.store.deliveries(&stored.id).await.unwrap().len(),
+                HEART_DELIVERIES
+            );
+        }
+    }
+    app.stop().await;
+}
+
 both_engines!(
     repeats_in_one_batch_store_one_incident,
     one_refused_incident_fails_alone,
+    a_refused_passthru_in_a_burst_gets_302_and_the_rest_200,
 );
