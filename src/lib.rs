@@ -268,6 +268,10 @@ impl App {
             stop_rx.clone(),
         ));
         tokio::spawn(app::recordings::run(self.state.clone(), stop_rx.clone()));
+        tokio::spawn(app::housekeeping::channel_fallback(
+            self.state.clone(),
+            stop_rx.clone(),
+        ));
         tokio::spawn(app::console::watch_changes(
             self.state.clone(),
             stop_rx.clone(),

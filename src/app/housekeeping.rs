@@ -47,6 +47,26 @@ pub async fn auto_resolve(state: AppState, mut shutdown: tokio::sync::watch::Rec
     }
 }
 
+/// Sends a contact's SMS and WhatsApp once more, with the fallback text, when every call to them
+/// ended unanswered or failed: looked for every second (one read), until `shutdown` turns true.
+pub async fn channel_fallback(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while next_round(&mut ticker, &mut shutdown).await {
+        match state.store.queue_fallbacks().await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(
+                    messages = n,
+                    "no call reached a contact: their SMS and WhatsApp go again with the fallback text"
+                );
+                state.wake.notify_one();
+            }
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "channel fallback round failed"),
+        }
+    }
+}
+
 /// Deletes resolved incidents older than `retention.keep_days`, every `retention.every_ms`, until
 /// `shutdown` turns true. Does nothing while `keep_days` is 0 (keep forever). Errors are logged and
 /// retried on the next round.

@@ -323,8 +323,11 @@ impl Dispatcher {
     ) -> (String, String) {
         let m = &self.settings.messages;
         let notice = d.purpose == crate::store::ACK_NOTICE;
+        let fallback = d.purpose == crate::store::FALLBACK;
         let kind = self.settings.message_kind(if notice {
             MessageKind::AckNotice
+        } else if fallback {
+            MessageKind::Fallback
         } else {
             MessageKind::for_source(&incident.source)
         });
@@ -361,6 +364,13 @@ impl Dispatcher {
         // A notice without a text of its own uses the alert's: its {message} then tells the news. In
         // SMS a DLT variable holds 30 characters, so there it is the short form.
         let by = incident.acknowledged_by.as_deref().unwrap_or("someone");
+        let not_reached = fallback.then(|| match channel {
+            Channel::Sms => "Could not reach you by phone".to_owned(),
+            _ => match incident.message.as_deref() {
+                Some(said) => format!("We could not reach you by phone: {said}"),
+                None => "We could not reach you by phone.".to_owned(),
+            },
+        });
         let news = notice.then(|| match channel {
             Channel::Sms => format!("Acknowledged by {by}"),
             _ => format!(
@@ -379,7 +389,10 @@ impl Dispatcher {
             name: &d.contact_name,
             time_ms: incident.occurred_at.unwrap_or(incident.received_at),
             recording: link.as_deref(),
-            message: news.as_deref().or(incident.message.as_deref()),
+            message: news
+                .as_deref()
+                .or(not_reached.as_deref())
+                .or(incident.message.as_deref()),
             incident: &incident.id,
             reference,
             brand: m.brand.trim(),

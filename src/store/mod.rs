@@ -11,6 +11,7 @@
 
 mod ack;
 pub mod console;
+mod fallback;
 mod incidents;
 mod intake;
 mod optins;
@@ -26,7 +27,7 @@ pub use queue::{CallbackEffect, Finish, Moved};
 
 pub use incidents::{IncidentFilter, QueueStats, Resolved};
 pub use recordings::{AttemptFailed, IncidentEventRow, LinkView, RecordingFetch, RecordingRow};
-pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow, ACK_NOTICE, FOLLOWUP};
+pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow, ACK_NOTICE, FALLBACK, FOLLOWUP};
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -111,6 +111,8 @@ pub struct DeliveryRow {
 pub const FOLLOWUP: &str = "followup";
 /// The purpose of a message telling a contact that someone else acknowledged.
 pub const ACK_NOTICE: &str = "ack_notice";
+/// A message sent again because no call reached its contact.
+pub const FALLBACK: &str = "fallback";
 
 impl DeliveryRow {
     /// The redial policy for this delivery: a follow-up call is one attempt, never redialled.

@@ -1,0 +1,80 @@
+//! Channel fallback: a contact no call reached gets their SMS and WhatsApp once more, with the fallback
+//! text ("We could not reach you by phone: …").
+
+use super::{insert_event, Store};
+use crate::domain::{now_ms, storable, Channel};
+
+/// The message deliveries of open incidents' contacts whose every call has ended unanswered or failed
+/// (`answered` without the keypress counts as not reached: voicemail answers calls), and who have no
+/// fallback yet: one row per message channel to send again, with the lane that sent it.
+const CANDIDATES: &str = "SELECT DISTINCT m.incident_id, m.contact_name, m.phone, m.channel, m.provider \
+     FROM deliveries m JOIN incidents i ON i.id = m.incident_id \
+     WHERE i.status = 'open' AND m.purpose = 'alert' AND m.channel IN ('sms', 'whatsapp') \
+       AND EXISTS (SELECT 1 FROM deliveries c WHERE c.incident_id = m.incident_id AND c.phone = m.phone \
+         AND c.channel = 'call') \
+       AND NOT EXISTS (SELECT 1 FROM deliveries c WHERE c.incident_id = m.incident_id \
+         AND c.phone = m.phone AND c.channel = 'call' AND c.status NOT IN ('failed', 'answered')) \
+       AND NOT EXISTS (SELECT 1 FROM deliveries f WHERE f.incident_id = m.incident_id \
+         AND f.phone = m.phone AND f.purpose = 'fallback') \
+     ORDER BY m.incident_id, m.phone, m.channel";
+
+/// Only while the incident is open, checked in the same statement.
+const INSERT: &str =
+    "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, provider, \
+     priority, greeting_ref, link_ref, purpose, status, due_at, created_at, updated_at) \
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'fallback', 'queued', $10, $10, $10 \
+     WHERE EXISTS (SELECT 1 FROM incidents WHERE id = $2 AND status = 'open') \
+     ON CONFLICT DO NOTHING RETURNING id";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Candidate {
+    incident_id: String,
+    contact_name: String,
+    phone: String,
+    #[sqlx(try_from = "String")]
+    channel: Channel,
+    provider: String,
+}
+
+impl Store {
+    /// Queues the fallback messages that are due; how many. Each at most once (a unique index), so
+    /// replicas running this together queue each once.
+    pub async fn queue_fallbacks(&self) -> anyhow::Result<usize> {
+        let candidates: Vec<Candidate> = sqlx::query_as(CANDIDATES).fetch_all(&self.reader).await?;
+        let mut queued = 0;
+        for c in candidates {
+            let now = now_ms();
+            let mut tx = self.writer.begin().await?;
+            let id: Option<String> = sqlx::query_scalar(INSERT)
+                .bind(uuid::Uuid::new_v4().to_string())
+                .bind(&c.incident_id)
+                .bind(storable(&c.contact_name).into_owned())
+                .bind(&c.phone)
+                .bind(c.channel.as_str())
+                .bind(&c.provider)
+                .bind(c.channel.priority())
+                .bind(crate::messages::new_reference())
+                .bind(crate::messages::new_link_ref())
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(id) = id {
+                insert_event(
+                    &mut *tx,
+                    &id,
+                    "queued",
+                    None,
+                    "fallback: no call reached this contact; the message goes again",
+                    now,
+                )
+                .await?;
+                if let Some(wake) = self.engine.wake_on_commit() {
+                    sqlx::query(wake).execute(&mut *tx).await?;
+                }
+                queued += 1;
+            }
+            tx.commit().await?;
+        }
+        Ok(queued)
+    }
+}
