@@ -179,34 +179,62 @@ async fn post_incident(
     token: &str,
     body: &serde_json::Value,
 ) -> Result<(reqwest::Response, usize), reqwest::Error> {
+    post_again(
+        client,
+        url,
+        token,
+        Some(body),
+        Some("same dedup key, nothing is sent twice"),
+    )
+    .await
+}
+
+/// POSTs `body` (or nothing) with the admin token, asking again (up to [`RETRY_PAUSES`]) when the
+/// answer is lost or the server is busy, timed out or behind a proxy whose upstream is away. Only for
+/// requests that are safe to repeat. With `warn`, each repeat is announced on stderr with that reason
+/// it is safe. The answer and how many attempts were repeats.
+async fn post_again(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: Option<&serde_json::Value>,
+    warn: Option<&str>,
+) -> Result<(reqwest::Response, usize), reqwest::Error> {
     let mut attempt = 0;
     loop {
-        let sent = client
+        let mut request = client
             .post(url)
             .bearer_auth(token)
-            .header(SOURCE_HEADER, "cli")
-            .json(body)
-            .send()
-            .await;
+            .header(SOURCE_HEADER, "cli");
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let sent = request.send().await;
         let retry = match &sent {
             Err(_) => true,
-            // Busy, timed out or behind a proxy whose upstream is away: the incident may or may not be
-            // stored; the same key makes asking again safe.
             Ok(r) => matches!(r.status().as_u16(), 408 | 429 | 502 | 503 | 504),
         };
         match RETRY_PAUSES.get(attempt) {
             Some(pause) if retry => {
-                let why = match &sent {
-                    Ok(r) => format!("the server answered {}", r.status().as_u16()),
-                    Err(e) => describe(e),
-                };
-                eprintln!("warning: {why}; trying again (same dedup key, nothing is sent twice)");
+                if let Some(safe) = warn {
+                    let why = match &sent {
+                        Ok(r) => format!("the server answered {}", r.status().as_u16()),
+                        Err(e) => describe(e),
+                    };
+                    eprintln!("warning: {why}; trying again ({safe})");
+                }
                 attempt += 1;
                 tokio::time::sleep(*pause).await;
             }
             _ => return sent.map(|r| (r, attempt)),
         }
     }
+}
+
+/// The incident id given on the command line, or `None` when it cannot be one.
+fn incident_id(raw: &str) -> Option<&str> {
+    let id = raw.trim();
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')).then_some(id)
 }
 
 /// Says the server cannot be reached; the exit code for it.
@@ -276,34 +304,13 @@ pub async fn resolve(settings: &Settings, args: ResolveArgs) -> u8 {
         Ok(server) => server,
         Err(code) => return code,
     };
-    let id = args.incident_id.trim();
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        eprintln!("error: {id:?} is not an incident id");
+    let Some(id) = incident_id(&args.incident_id) else {
+        eprintln!("error: {:?} is not an incident id", args.incident_id.trim());
         return EXIT_INVALID;
-    }
-    let url = format!("{base}/api/v1/incidents/{id}/resolve");
-    let mut attempt = 0;
-    let res = loop {
-        let sent = client
-            .post(&url)
-            .bearer_auth(&token)
-            .header(SOURCE_HEADER, "cli")
-            .send()
-            .await;
-        let retry = match &sent {
-            Err(_) => true,
-            Ok(r) => matches!(r.status().as_u16(), 408 | 429 | 502 | 503 | 504),
-        };
-        match RETRY_PAUSES.get(attempt) {
-            Some(pause) if retry => {
-                attempt += 1;
-                tokio::time::sleep(*pause).await;
-            }
-            _ => break sent,
-        }
     };
-    let res = match res {
-        Ok(r) => r,
+    let url = format!("{base}/api/v1/incidents/{id}/resolve");
+    let res = match post_again(&client, &url, &token, None, None).await {
+        Ok((r, _)) => r,
         Err(e) => return unreachable(&base, &e),
     };
     match res.status().as_u16() {
@@ -372,37 +379,15 @@ pub async fn ack(settings: &Settings, args: AckArgs) -> u8 {
         Ok(server) => server,
         Err(code) => return code,
     };
-    let id = args.incident_id.trim();
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        eprintln!("error: {id:?} is not an incident id");
+    let Some(id) = incident_id(&args.incident_id) else {
+        eprintln!("error: {:?} is not an incident id", args.incident_id.trim());
         return EXIT_INVALID;
-    }
+    };
     let by = args.by.unwrap_or_else(default_acknowledger);
     let url = format!("{base}/api/v1/incidents/{id}/ack");
     let body = serde_json::json!({ "by": by });
-    let mut attempt = 0;
-    let res = loop {
-        let sent = client
-            .post(&url)
-            .bearer_auth(&token)
-            .header(SOURCE_HEADER, "cli")
-            .json(&body)
-            .send()
-            .await;
-        let retry = match &sent {
-            Err(_) => true,
-            Ok(r) => matches!(r.status().as_u16(), 408 | 429 | 502 | 503 | 504),
-        };
-        match RETRY_PAUSES.get(attempt) {
-            Some(pause) if retry => {
-                attempt += 1;
-                tokio::time::sleep(*pause).await;
-            }
-            _ => break sent,
-        }
-    };
-    let res = match res {
-        Ok(r) => r,
+    let res = match post_again(&client, &url, &token, Some(&body), None).await {
+        Ok((r, _)) => r,
         Err(e) => return unreachable(&base, &e),
     };
     match res.status().as_u16() {

@@ -277,6 +277,23 @@ async fn incident_fragment(
     )
 }
 
+/// The session a state-changing form acts in: `Err` with the answer when there is none (to the sign-in
+/// page) or the form lacks the session's CSRF token (403).
+async fn acting(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: &CsrfForm,
+) -> Result<Result<Session, Response>, AppError> {
+    let Some((_, s)) = current(state, headers).await? else {
+        return Ok(Err(to_sign_in()));
+    };
+    if !csrf_ok(&s, form.csrf.as_deref()) {
+        tracing::warn!("console form without a valid CSRF token refused");
+        return Ok(Err(forbidden()));
+    }
+    Ok(Ok(s))
+}
+
 /// `POST /console/incidents/{id}/resolve`: resolves through the application layer, recording who from
 /// the session; back to the incident page.
 async fn resolve(
@@ -285,13 +302,10 @@ async fn resolve(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, AppError> {
-    let Some((_, s)) = current(&state, &headers).await? else {
-        return Ok(to_sign_in());
+    let s = match acting(&state, &headers, &form).await? {
+        Ok(s) => s,
+        Err(refused) => return Ok(refused),
     };
-    if !csrf_ok(&s, form.csrf.as_deref()) {
-        tracing::warn!("console form without a valid CSRF token refused");
-        return Ok(forbidden());
-    }
     known_id(&id)?;
     let reason = resolved_by(&s);
     crate::app::incidents::resolve(&state, &id, &reason)
@@ -312,13 +326,10 @@ async fn acknowledge(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, AppError> {
-    let Some((_, s)) = current(&state, &headers).await? else {
-        return Ok(to_sign_in());
+    let s = match acting(&state, &headers, &form).await? {
+        Ok(s) => s,
+        Err(refused) => return Ok(refused),
     };
-    if !csrf_ok(&s, form.csrf.as_deref()) {
-        tracing::warn!("console form without a valid CSRF token refused");
-        return Ok(forbidden());
-    }
     known_id(&id)?;
     crate::app::ack::acknowledge(&state, &id, None, &s.name, "console")
         .await?
