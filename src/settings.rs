@@ -26,6 +26,32 @@ pub struct Settings {
     pub retention: RetentionSettings,
     pub recordings: RecordingsSettings,
     pub ack: AckSettings,
+    pub alarms: AlarmSettings,
+    pub auditor: AuditorSettings,
+}
+
+/// Where alarms go besides the `[unreached]` teams of the stakeholder file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AlarmSettings {
+    /// Each alarm (nobody reached, an account problem) is POSTed here as JSON, retried until taken;
+    /// empty: none.
+    pub webhook_url: String,
+}
+
+/// The auditor: checks that every open incident is moving.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuditorSettings {
+    /// How often (`30s`).
+    pub every: String,
+    /// Called (GET) after each clean pass, for an outside dead-man's switch; empty: none.
+    pub heartbeat_url: String,
+}
+
+impl AuditorSettings {
+    /// `every`, validated at start-up.
+    pub fn every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(parse_duration_secs(&self.every).unwrap_or(30).max(1))
+    }
 }
 
 /// Acknowledgement: how a person says they have the emergency.
@@ -39,6 +65,11 @@ pub struct AckSettings {
 }
 
 impl AckSettings {
+    /// `deadline` in seconds (validated at start-up; 15 minutes stands in for a value that cannot occur).
+    pub fn deadline_secs(&self) -> u64 {
+        parse_duration_secs(&self.deadline).unwrap_or(900)
+    }
+
     /// The acknowledging digits, when acknowledgement by keypress is on.
     pub fn digit(&self) -> Option<&str> {
         Some(self.digit.trim()).filter(|d| !d.is_empty())
@@ -200,6 +231,9 @@ pub struct DispatchSettings {
     pub sms_per_minute: u32,
     pub whatsapp_concurrency: u32,
     pub whatsapp_per_minute: u32,
+    /// Calls to one number in any hour, across incidents, counting redials, repeats and follow-ups;
+    /// the first call of an incident to a contact is never held back by it.
+    pub max_calls_per_number_per_hour: u32,
 }
 
 /// The longest retry wait accepted in `dispatch.retry_schedule_secs`: a day.
@@ -695,6 +729,23 @@ impl Settings {
                 "ack.deadline: {:?} is not a duration (15m, 90s, 1h)",
                 self.ack.deadline
             ));
+        }
+        if parse_duration_secs(&self.auditor.every).is_none_or(|s| s == 0) {
+            problems.push(format!(
+                "auditor.every: {:?} is not a duration (30s, 1m)",
+                self.auditor.every
+            ));
+        }
+        for (key, url) in [
+            ("alarms.webhook_url", &self.alarms.webhook_url),
+            ("auditor.heartbeat_url", &self.auditor.heartbeat_url),
+        ] {
+            let url = url.trim();
+            if !url.is_empty()
+                && !reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+            {
+                problems.push(format!("{key} must be empty or an http(s) URL"));
+            }
         }
         if problems.is_empty() {
             Ok(())

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use super::incidents::resolve;
 use super::AppState;
-use crate::domain::now_ms;
 
 /// Resolves unresolved incidents older than `incidents.auto_resolve_after`, every
 /// `housekeeping.auto_resolve_every_ms`, until `shutdown` turns true. Errors are logged and retried on
@@ -24,7 +23,7 @@ pub async fn auto_resolve(state: AppState, mut shutdown: tokio::sync::watch::Rec
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while next_round(&mut ticker, &mut shutdown).await {
-        let cutoff = now_ms().saturating_sub(after_ms);
+        let cutoff = state.store.now_ms().saturating_sub(after_ms);
         let ids = match state.store.open_incidents_received_before(cutoff).await {
             Ok(ids) => ids,
             Err(e) => {
@@ -81,7 +80,7 @@ pub async fn prune_old_incidents(
     let mut ticker = tokio::time::interval(Duration::from_millis(retention.every_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while next_round(&mut ticker, &mut shutdown).await {
-        let cutoff = now_ms().saturating_sub(keep_ms);
+        let cutoff = state.store.now_ms().saturating_sub(keep_ms);
         match state
             .store
             .prune_resolved_before(cutoff, retention.batch)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 use super::AppState;
-use crate::domain::{mask, now_ms, Channel};
+use crate::domain::{mask, Channel};
 use crate::recordings::fetch::{self, ChunkSink, Credentials, FetchConfig, FetchError};
 use crate::settings::RecordingMode;
 use crate::store::{AttemptFailed, RecordingFetch, RecordingRow, Store};
@@ -105,7 +105,7 @@ pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<boo
             if let Some(keep_ms) = settings.recordings.keep_ms() {
                 match state
                     .store
-                    .delete_recordings_stored_before(now_ms() - keep_ms, 100)
+                    .delete_recordings_stored_before(state.store.now_ms() - keep_ms, 100)
                     .await
                 {
                     Ok(0) => {}
@@ -126,7 +126,7 @@ async fn fetch_due(
     config: &FetchConfig,
     token: &str,
 ) -> anyhow::Result<()> {
-    if !state.store.recording_due(now_ms()).await? {
+    if !state.store.recording_due(state.store.now_ms()).await? {
         return Ok(());
     }
     while let Some(job) = state.store.claim_recording(token).await? {
@@ -217,7 +217,7 @@ async fn attempt(
             }
         }
         Err(e) => {
-            let now = now_ms();
+            let now = state.store.now_ms();
             let why = e.to_string();
             let next = match &e {
                 FetchError::Refused(_) => AttemptFailed::GiveUp,

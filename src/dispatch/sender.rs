@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::limits::Ready;
 use super::{recorder, Dispatcher, IncidentLookup, Lane};
-use crate::domain::{mask, mask_numbers, now_ms, Channel, DeliveryState, IncidentState};
+use crate::domain::{mask, mask_numbers, Channel, DeliveryState, IncidentState};
 use crate::messages::{self, MessageKind, Style, Vars};
 use crate::providers::{self, Job, Outcome, Prepared};
 use crate::settings::{RecordingLink, RecordingMode};
@@ -46,7 +46,7 @@ impl Dispatcher {
                 // attempt, so the retry policy bounds it.
                 Err(reason) => self.after_transient(&d, reason, None),
             };
-            log_finish(&finish);
+            log_finish(&finish, self.store.now_ms());
             self.record_finish(&lane, &d, finish).await;
         }
         .instrument(span)
@@ -148,7 +148,7 @@ impl Dispatcher {
         match lane.limits.ready(latest_start).await {
             Ready::TooLate { retry_in } => {
                 return Finish::Requeue {
-                    due_at: now_ms() + retry_in.as_millis() as i64,
+                    due_at: self.store.now_ms() + retry_in.as_millis() as i64,
                     reason: "the provider's limits would have held it past its lease".to_owned(),
                 };
             }
@@ -203,12 +203,12 @@ impl Dispatcher {
             Ok(true) => None,
             // Another claim owns it now: sending could call twice.
             Ok(false) => Some(Finish::Requeue {
-                due_at: now_ms(),
+                due_at: self.store.now_ms(),
                 reason: "its lease was lost while it waited for the provider's limits".to_owned(),
             }),
             // The database cannot say: hand it back rather than risk a second call.
             Err(e) => Some(Finish::Requeue {
-                due_at: now_ms(),
+                due_at: self.store.now_ms(),
                 reason: format!(
                     "its lease could not be renewed after waiting for the provider's limits: {e:#}"
                 ),
@@ -246,10 +246,9 @@ impl Dispatcher {
             } => Finish::Accepted {
                 provider_id,
                 detail,
-                report_due_at: lane
-                    .client()
-                    .reports_outcome()
-                    .then(|| now_ms() + (self.settings.dispatch.report_wait_secs * 1000.0) as i64),
+                report_due_at: lane.client().reports_outcome().then(|| {
+                    self.store.now_ms() + (self.settings.dispatch.report_wait_secs * 1000.0) as i64
+                }),
             },
             Outcome::Permanent { reason } => Finish::Failed { reason },
             Outcome::Transient {
@@ -277,10 +276,10 @@ impl Dispatcher {
         reason: String,
         retry_after: Option<Duration>,
     ) -> Finish {
-        let age = Duration::from_millis((now_ms() - d.created_at).max(0) as u64);
+        let age = Duration::from_millis((self.store.now_ms() - d.created_at).max(0) as u64);
         match self.retry.next_wait(d.attempts as u32, age, retry_after) {
             Some(wait) => Finish::Retry {
-                due_at: now_ms() + wait.as_millis() as i64,
+                due_at: self.store.now_ms() + wait.as_millis() as i64,
                 reason,
             },
             None => Finish::Failed {
@@ -377,7 +376,9 @@ impl Dispatcher {
                 "{by} acknowledged the {} emergency at {}",
                 incident.emergency_type,
                 messages::format_time(
-                    incident.acknowledged_at.unwrap_or_else(now_ms),
+                    incident
+                        .acknowledged_at
+                        .unwrap_or_else(|| self.store.now_ms()),
                     m.utc_offset_minutes
                 )
             ),
@@ -408,7 +409,7 @@ impl Dispatcher {
 }
 
 /// Logs what the attempt came to, with any phone number in a provider's text masked.
-fn log_finish(finish: &Finish) {
+fn log_finish(finish: &Finish, now: i64) {
     match finish {
         Finish::Accepted { provider_id, .. } => {
             tracing::info!(
@@ -418,7 +419,7 @@ fn log_finish(finish: &Finish) {
         }
         Finish::Simulated { .. } => tracing::info!("dry-run: simulated"),
         Finish::Retry { reason, due_at } | Finish::Requeue { reason, due_at } => {
-            tracing::warn!(reason = %mask_numbers(reason), retry_in_ms = due_at - now_ms(), "not delivered yet; will try again")
+            tracing::warn!(reason = %mask_numbers(reason), retry_in_ms = due_at - now, "not delivered yet; will try again")
         }
         Finish::Failed { reason } => {
             tracing::error!(reason = %mask_numbers(reason), "DELIVERY FAILED")

@@ -1,12 +1,14 @@
 //! Parsed domain values: raw strings become these at the edge, nothing deeper sees a raw query string.
 
 pub mod call_sid;
+pub mod clock;
 pub mod message_kind;
 pub mod phone;
 pub mod report;
 pub mod state;
 
 pub use call_sid::CallSid;
+pub use clock::Clock;
 pub use phone::{mask, mask_numbers, Phone};
 pub use report::{Report, ReportOutcome};
 pub use state::{DeliveryState, IncidentState, RedialPolicy};

@@ -16,7 +16,7 @@ use axum::Extension;
 
 use super::edge::{public_read, PublicDb};
 use super::AppState;
-use crate::domain::{now_ms, truncate};
+use crate::domain::truncate;
 use crate::recordings::fetch::CHUNK_BYTES;
 use crate::recordings::range::{self, Slice};
 use crate::settings::RecordingMode;
@@ -75,7 +75,7 @@ pub async fn recording(
         };
     }
     let ttl = settings.recordings.link_ttl_ms().unwrap_or(7 * 86_400_000);
-    let now = now_ms();
+    let now = state.store.now_ms();
     if now > view.issued_at.saturating_add(ttl) {
         return text(
             StatusCode::GONE,

@@ -5,7 +5,7 @@
 use super::recordings::insert_incident_event;
 use super::rows::delivery_columns;
 use super::{insert_event, DeliveryRow, Moved, Store, ACK_NOTICE};
-use crate::domain::{mask, now_ms, storable, Channel, DeliveryState, IncidentState};
+use crate::domain::{mask, storable, Channel, DeliveryState, IncidentState};
 
 /// Incident event kinds written here.
 pub mod event {
@@ -123,7 +123,7 @@ impl Store {
     /// (or one of a resolved incident) is an event. The delivery acknowledged through becomes
     /// `acknowledged` either way; a repeat changes nothing. `None` when no incident has this id.
     pub async fn acknowledge(&self, req: &AckRequest) -> anyhow::Result<Option<Acknowledged>> {
-        let now = now_ms();
+        let now = self.now_ms();
         let by = storable(&req.by).into_owned();
         let mut tx = self.writer.begin().await?;
         // The UPDATE comes first so that SQLite takes its write lock at once: two first

@@ -2,7 +2,7 @@
 //! text ("We could not reach you by phone: …").
 
 use super::{insert_event, Store};
-use crate::domain::{now_ms, storable, Channel};
+use crate::domain::{storable, Channel};
 
 /// The message deliveries of open incidents' contacts whose every call has ended unanswered or failed
 /// (`answered` without the keypress counts as not reached: voicemail answers calls), and who have no
@@ -43,7 +43,7 @@ impl Store {
         let candidates: Vec<Candidate> = sqlx::query_as(CANDIDATES).fetch_all(&self.reader).await?;
         let mut queued = 0;
         for c in candidates {
-            let now = now_ms();
+            let now = self.now_ms();
             let mut tx = self.writer.begin().await?;
             let id: Option<String> = sqlx::query_scalar(INSERT)
                 .bind(uuid::Uuid::new_v4().to_string())

@@ -8,7 +8,7 @@ use sqlx::Row;
 
 use super::rows::incident_columns;
 use super::{insert_event, EventRow, IncidentRow, Moved, Store};
-use crate::domain::{now_ms, IncidentState};
+use crate::domain::IncidentState;
 
 /// Which incidents to list, newest first.
 #[derive(Debug, Clone, Default)]
@@ -118,7 +118,7 @@ impl Store {
         id: &str,
         reason: &str,
     ) -> anyhow::Result<Option<Resolved>> {
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.writer.begin().await?;
         // The UPDATE comes first so that SQLite takes its write lock at once, and a concurrent resolve
         // of the same incident waits here instead of cancelling twice.
@@ -192,7 +192,7 @@ impl Store {
             "SELECT COUNT(*) FROM deliveries WHERE status = 'accepted' \
              AND (report_checks > 0 OR report_due_at < $1)",
         )
-        .bind(crate::domain::now_ms())
+        .bind(self.now_ms())
         .fetch_one(&self.reader)
         .await?;
         Ok(QueueStats {

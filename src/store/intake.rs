@@ -17,7 +17,7 @@ use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{recordings, stored_repeat, Created, Engine, NewDelivery, NewIncident};
-use crate::domain::{now_ms, storable, DeliveryState, IncidentState};
+use crate::domain::{storable, Clock, DeliveryState, IncidentState};
 
 /// Incidents in one transaction at most: a batch holds SQLite's writer for its whole length.
 const MAX_BATCH: usize = 64;
@@ -49,11 +49,18 @@ const LONGEST_YIELD: Duration = Duration::from_millis(25);
 
 impl Intake {
     /// Starts the task that writes incidents through `writer`. It ends when every handle is dropped.
-    pub(super) fn start(writer: AnyPool, engine: Engine) -> Self {
+    pub(super) fn start(writer: AnyPool, engine: Engine, clock: Clock) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE);
         let writing = Arc::new(AtomicUsize::new(0));
         let written = Arc::new(Notify::new());
-        tokio::spawn(run(writer, engine, rx, writing.clone(), written.clone()));
+        tokio::spawn(run(
+            writer,
+            engine,
+            clock,
+            rx,
+            writing.clone(),
+            written.clone(),
+        ));
         Intake {
             jobs,
             writing,
@@ -107,6 +114,7 @@ impl Intake {
 async fn run(
     writer: AnyPool,
     engine: Engine,
+    clock: Clock,
     mut rx: mpsc::Receiver<Job>,
     writing: Arc<AtomicUsize>,
     written: Arc<Notify>,
@@ -123,7 +131,7 @@ async fn run(
         writing.store(batch.len(), Ordering::Release);
         // In a task of its own: should a batch ever panic, its callers are answered with an error
         // (their reply channels close) and the intake goes on with the next one.
-        if let Err(e) = tokio::spawn(commit(writer.clone(), engine, batch)).await {
+        if let Err(e) = tokio::spawn(commit(writer.clone(), engine, clock.clone(), batch)).await {
             tracing::error!(error = %e, "a batch of incidents failed unexpectedly; its callers were answered with an error");
         }
         writing.store(0, Ordering::Release);
@@ -143,8 +151,8 @@ enum Failed {
 }
 
 /// Writes and commits `batch`, answering every caller.
-async fn commit(writer: AnyPool, engine: Engine, batch: Vec<Job>) {
-    let results = match write(&writer, engine, &batch).await {
+async fn commit(writer: AnyPool, engine: Engine, clock: Clock, batch: Vec<Job>) {
+    let results = match write(&writer, engine, clock.now_ms(), &batch).await {
         Ok(results) => results,
         Err(Failed::Statement(e)) if batch.len() > 1 => {
             tracing::info!(
@@ -160,7 +168,7 @@ async fn commit(writer: AnyPool, engine: Engine, batch: Vec<Job>) {
                     continue;
                 }
                 results.push(
-                    match write(&writer, engine, std::slice::from_ref(job)).await {
+                    match write(&writer, engine, clock.now_ms(), std::slice::from_ref(job)).await {
                         Ok(mut r) => r
                             .pop()
                             .unwrap_or_else(|| Err(anyhow::anyhow!("nothing written"))),
@@ -197,9 +205,9 @@ async fn commit(writer: AnyPool, engine: Engine, batch: Vec<Job>) {
 async fn write(
     writer: &AnyPool,
     engine: Engine,
+    now: i64,
     batch: &[Job],
 ) -> Result<Vec<anyhow::Result<Created>>, Failed> {
-    let now = now_ms();
     let transaction = |e: sqlx::Error, what: &str| {
         Failed::Transaction(anyhow::Error::new(e).context(what.to_owned()))
     };
@@ -282,7 +290,7 @@ async fn insert_all(
     for (job, id) in batch.iter().zip(&ids) {
         let incident = &job.incident;
         if !inserted.contains(id) {
-            let incident_id = stored_repeat(tx, incident).await?;
+            let incident_id = stored_repeat(tx, incident, now).await?;
             results.push(Created {
                 incident_id,
                 is_new: false,

@@ -37,7 +37,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::AnyPool;
 
 use self::rows::{delivery_columns, incident_columns};
-use crate::domain::{now_ms, random_token, Channel, DeliveryState, IncidentState, Source};
+use crate::domain::{random_token, Channel, Clock, DeliveryState, IncidentState, Source};
 
 /// The PostgreSQL NOTIFY channel that wakes every replica's dispatcher when work is committed.
 pub const WAKE_CHANNEL: &str = sql::WAKE_CHANNEL;
@@ -84,6 +84,8 @@ pub struct Store {
     /// New incidents, group-committed through `writer`.
     intake: intake::Intake,
     engine: Engine,
+    /// What every due time and deadline is judged by (see [`Clock`]).
+    clock: Clock,
 }
 
 /// What the caller wants stored for a new incident.
@@ -163,12 +165,24 @@ impl Store {
                 (readers, writer)
             }
         };
+        let clock = Clock::system();
         Ok(Store {
             reader,
-            intake: intake::Intake::start(writer.clone(), engine),
+            intake: intake::Intake::start(writer.clone(), engine, clock.clone()),
+            clock,
             writer,
             engine,
         })
+    }
+
+    /// The clock every due time and deadline is judged by; tests move it forward.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Now, by [`Store::clock`].
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     /// Background writers (the dispatcher) call this first: on SQLite they let waiting incidents take
@@ -274,7 +288,7 @@ impl Store {
         )
         .bind(name)
         .bind(random_token(24))
-        .bind(now_ms())
+        .bind(self.now_ms())
         .execute(&self.writer)
         .await?;
         let value: String = sqlx::query_scalar("SELECT value FROM app_secrets WHERE name = $1")
@@ -398,7 +412,7 @@ impl Store {
             kind,
             provider_id,
             detail,
-            now_ms(),
+            self.now_ms(),
         )
         .await
     }
@@ -410,6 +424,7 @@ impl Store {
 async fn stored_repeat(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     incident: &NewIncident,
+    now: i64,
 ) -> anyhow::Result<String> {
     let existing: Option<String> = sqlx::query_scalar(
         "SELECT id FROM incidents WHERE call_sid = $1 \
@@ -436,7 +451,7 @@ async fn stored_repeat(
                 url,
                 incident.call_sid.as_deref(),
                 fetch,
-                now_ms(),
+                now,
             )
             .await?;
         }

@@ -1,7 +1,6 @@
 //! WhatsApp opt-ins recorded with GupShup, so each number's `OPT_IN` is sent once.
 
 use super::Store;
-use crate::domain::now_ms;
 
 impl Store {
     /// Whether `phone` (E.164) was opted in before.
@@ -21,7 +20,7 @@ impl Store {
              ON CONFLICT (phone) DO NOTHING",
         )
         .bind(phone)
-        .bind(now_ms())
+        .bind(self.now_ms())
         .execute(&self.writer)
         .await?;
         Ok(())

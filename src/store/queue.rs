@@ -16,9 +16,7 @@ use std::time::Duration;
 use super::rows::delivery_columns;
 use super::sql::{per_engine, Dialect};
 use super::{insert_event, DeliveryRow, Store};
-use crate::domain::{
-    now_ms, storable, Channel, DeliveryState, RedialPolicy, Report, ReportOutcome,
-};
+use crate::domain::{storable, Channel, DeliveryState, RedialPolicy, Report, ReportOutcome};
 
 /// How an attempt ended, as the store records it.
 #[derive(Debug, Clone)]
@@ -346,7 +344,7 @@ impl Store {
         if limit <= 0 {
             return Ok(Vec::new());
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let token = uuid::Uuid::new_v4().simple().to_string();
         let mut tx = self.writer.begin().await?;
         let mut claimed: Vec<DeliveryRow> = sqlx::query_as(CLAIM.of(self.engine))
@@ -374,7 +372,7 @@ impl Store {
     /// event.
     pub async fn requeue_expired_leases(&self, max_losses: u32) -> anyhow::Result<Vec<Moved>> {
         self.yield_to_intake().await;
-        let now = now_ms();
+        let now = self.now_ms();
         let gave_up = format!(
             "gave up: its lease ran out {max_losses} times before an outcome could be recorded \
              (the process died or the database refused the outcome); it may have been sent"
@@ -432,7 +430,7 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let mut results = Vec::with_capacity(batch.len());
         for (delivery_id, token, finish) in batch {
-            results.push(finish_in(&mut tx, delivery_id, token, finish).await?);
+            results.push(finish_in(&mut tx, delivery_id, token, finish, self.now_ms()).await?);
         }
         tx.commit().await?;
         Ok(results)
@@ -468,7 +466,7 @@ impl Store {
         self.yield_to_intake().await;
         let rows = sqlx::query_as(OVERDUE_REPORTS.of(self.engine))
             .bind(provider)
-            .bind(now_ms())
+            .bind(self.now_ms())
             .bind(wait.as_millis() as i64)
             .bind(limit)
             .fetch_all(&self.writer)
@@ -486,7 +484,7 @@ impl Store {
         policy: RedialPolicy,
         why: &str,
     ) -> anyhow::Result<CallbackEffect> {
-        let now = now_ms();
+        let now = self.now_ms();
         let policy = d.redial_policy(policy);
         let is_call = d.channel == Channel::Call;
         let redial = is_call && (d.redials as u32) < policy.max_redials;
@@ -539,7 +537,7 @@ impl Store {
     /// Hands back every lease `owner` holds (graceful shutdown): those deliveries are due again at once,
     /// or cancelled if their incident was resolved meanwhile. Each gets an event.
     pub async fn release(&self, owner: &str) -> anyhow::Result<Vec<Moved>> {
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.writer.begin().await?;
         let moved: Vec<Moved> = sqlx::query_as(RELEASE)
             .bind(owner)
@@ -650,7 +648,7 @@ impl Store {
         if d.status == DeliveryState::Sending {
             return Ok(CallbackEffect::Pending);
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let policy = d.redial_policy(policy);
         let mut tx = self.writer.begin().await?;
         let applied = report_transition(&mut tx, &d, report, policy, now).await?;
@@ -722,7 +720,7 @@ impl Store {
         delivery_id: &str,
         recording: Option<bool>,
     ) -> anyhow::Result<()> {
-        let now = now_ms();
+        let now = self.now_ms();
         let (sql, what) = match recording {
             None => (GREETING_FETCHED, "greeting fetched by Exotel"),
             Some(true) => (
@@ -892,8 +890,8 @@ async fn finish_in(
     delivery_id: &str,
     token: &str,
     finish: &Finish,
+    now: i64,
 ) -> anyhow::Result<Option<DeliveryState>> {
-    let now = now_ms();
     let row = FinishRow::of(finish, now);
     let clean = |s: &Option<String>| s.as_deref().map(|v| storable(v).into_owned());
     let recorded: Option<String> = sqlx::query_scalar(FINISH)

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::sql::{per_engine, Dialect};
 use super::Store;
-use crate::domain::{now_ms, storable, Channel, DeliveryState};
+use crate::domain::{storable, Channel, DeliveryState};
 
 /// A recording's status.
 pub mod status {
@@ -226,7 +226,7 @@ impl Store {
         let row = sqlx::query_as(CLAIM.of(self.engine))
             .bind(token)
             .bind(LEASE_MS)
-            .bind(now_ms())
+            .bind(self.now_ms())
             .fetch_optional(&self.writer)
             .await?;
         Ok(row)
@@ -276,7 +276,7 @@ impl Store {
         bytes: u64,
         chunks: u64,
     ) -> anyhow::Result<bool> {
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.writer.begin().await?;
         let received: Option<i64> = sqlx::query_scalar(STORED)
             .bind(&job.incident_id)
@@ -316,7 +316,7 @@ impl Store {
         why: &str,
         next: AttemptFailed,
     ) -> anyhow::Result<()> {
-        let now = now_ms();
+        let now = self.now_ms();
         let why = storable(why).into_owned();
         let mut tx = self.writer.begin().await?;
         let attempts: Option<i64> = match next {
@@ -417,7 +417,7 @@ impl Store {
         kind: &str,
         detail: &str,
     ) -> anyhow::Result<()> {
-        insert_incident_event(&self.writer, incident_id, kind, detail, now_ms()).await
+        insert_incident_event(&self.writer, incident_id, kind, detail, self.now_ms()).await
     }
 
     /// The incident's own events, oldest first.
@@ -452,7 +452,7 @@ impl Store {
         phone: &str,
         provider: &str,
     ) -> anyhow::Result<bool> {
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.writer.begin().await?;
         let id: Option<String> = sqlx::query_scalar(INSERT_FOLLOWUP)
             .bind(uuid::Uuid::new_v4().to_string())
@@ -505,7 +505,7 @@ impl Store {
             .await?;
         let mut deleted = 0;
         for id in ids {
-            let now = now_ms();
+            let now = self.now_ms();
             let mut tx = self.writer.begin().await?;
             let changed = sqlx::query(
                 "UPDATE recordings SET status = 'deleted' WHERE incident_id = $1 AND status = 'stored'",

@@ -6,7 +6,6 @@ use std::path::Path;
 use anyhow::Context;
 
 use super::{Engine, Store};
-use crate::domain::now_ms;
 
 /// What one pruning pass deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -101,7 +100,7 @@ impl Store {
              ORDER BY i.resolved_at, i.id LIMIT $3",
         )
         .bind(cutoff_ms)
-        .bind(now_ms())
+        .bind(self.now_ms())
         .bind(i64::from(batch))
         .fetch_all(&self.writer)
         .await

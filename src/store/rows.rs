@@ -11,7 +11,7 @@ macro_rules! incident_columns {
     () => {
         "id, source, call_sid, dedup_key, emergency_type, route, caller, recording_url, message, \
          raw_params, status, occurred_at, received_at, resolved_at, unreached_at, acknowledged_at, \
-         acknowledged_by, acknowledged_via, acknowledged_delivery"
+         acknowledged_by, acknowledged_via, acknowledged_delivery, escalation, unreached_due_at"
     };
 }
 pub(crate) use incident_columns;
@@ -22,7 +22,8 @@ macro_rules! delivery_columns {
         "id, incident_id, contact_name, phone, channel, provider, greeting_ref, status, attempts, \
          redials, due_at, lease_owner, lease_until, provider_id, provider_status, last_error, \
          last_request, created_at, updated_at, finished_at, played_at, lease_token, report_due_at, \
-         report_checks, lease_losses, link_ref, purpose, spoke_text_at, played_recording_at, ack_ref"
+         report_checks, lease_losses, link_ref, purpose, spoke_text_at, played_recording_at, ack_ref, \
+         tier, run"
     };
 }
 pub(crate) use delivery_columns;
@@ -55,6 +56,11 @@ pub struct IncidentRow {
     /// The delivery acknowledged through (keypress or link); none for an operator's acknowledgement.
     #[serde(skip)]
     pub acknowledged_delivery: Option<String>,
+    /// The escalation policy fixed when it was stored (JSON); none for a one-tier route.
+    #[serde(skip)]
+    pub escalation: Option<String>,
+    /// Nobody acknowledged by then: it is marked unreached.
+    pub unreached_due_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -105,6 +111,10 @@ pub struct DeliveryRow {
     /// This message's acknowledge link reference (`/a/<ack_ref>`), given when it is first claimed.
     #[serde(skip)]
     pub ack_ref: Option<String>,
+    /// The escalation tier this delivery alerts (0: the first).
+    pub tier: i64,
+    /// The pass through the escalation policy (0: the first).
+    pub run: i64,
 }
 
 /// A follow-up call's purpose.
