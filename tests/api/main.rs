@@ -11,6 +11,7 @@ mod browser;
 mod check_config;
 mod cli;
 mod cli_dedup;
+mod clock;
 mod console;
 mod control_chars;
 mod corpus;
