@@ -24,6 +24,53 @@ pub fn rest_exception(body: &str) -> Option<String> {
     Some(body[start..end].trim().to_owned())
 }
 
+/// DLT codes (API-FACTS §5) that block every message of a sender or a template, not one recipient.
+const DLT_SENDER_CODES: &[i64] = &[23080, 23081, 23281];
+const DLT_TEMPLATE_CODES: &[i64] = &[23082, 23181, 23182, 23183, 23184, 23185];
+
+/// Exotel answers that mean every later request on this account fails too: 401 (the API key or
+/// token is refused), 402 (the plan or usage limit is reached; developer.exotel.com/api/http-status-codes),
+/// and a DLT block of the sender or template (SMS; its code in `DetailedStatusCode` or
+/// `RestException.Code`).
+pub fn account_problem(status: u16, body: &str) -> Option<super::AccountProblem> {
+    let said = || error_reason(status, body);
+    match status {
+        401 => {
+            return Some(super::AccountProblem {
+                reason: "auth",
+                detail: said(),
+            })
+        }
+        402 => {
+            return Some(super::AccountProblem {
+                reason: "payment",
+                detail: said(),
+            })
+        }
+        _ => {}
+    }
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let code_of = |v: &serde_json::Value| {
+        v.as_i64()
+            .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+    };
+    let message = &v["SMSMessage"];
+    let code = code_of(&message["DetailedStatusCode"])
+        .or_else(|| code_of(&message[0]["DetailedStatusCode"]))
+        .or_else(|| code_of(&v["RestException"]["Code"]))?;
+    let reason = if DLT_SENDER_CODES.contains(&code) {
+        "dlt_sender"
+    } else if DLT_TEMPLATE_CODES.contains(&code) {
+        "dlt_template"
+    } else {
+        return None;
+    };
+    Some(super::AccountProblem {
+        reason,
+        detail: format!("HTTP {status}: DLT code {code}"),
+    })
+}
+
 /// Longest provider message kept in a reason: enough for Exotel's own words, never a whole page.
 const MAX_MESSAGE_CHARS: usize = 500;
 
