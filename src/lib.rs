@@ -105,7 +105,7 @@ impl App {
                 metrics: Arc::new(metrics::Metrics::new()),
                 recording_opens: Arc::default(),
                 console,
-                token_watch: Arc::default(),
+                alarm_watch: Arc::default(),
             },
             generated_webhook_token,
             generated_admin_token,

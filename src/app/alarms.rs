@@ -2,7 +2,7 @@
 //! `[unreached]` teams, the sender that POSTs every alarm to `alarms.webhook_url` (and alarms the
 //! teams of an account alarm), and the watch on bursts of bad webhook tokens.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -314,14 +314,17 @@ async fn post(
     Err((format!("HTTP {status}"), again, retry_after))
 }
 
-/// Bad tokens seen lately on the webhooks, and whether this burst already raised its alarm.
+/// What this process watches outside the dispatcher: bad webhook tokens seen lately (a burst raises an
+/// account alarm), and the lanes whose account alarm it raised from a status callback (a DLT block is
+/// only reported there), so that the lane's next delivered report clears it with one write.
 #[derive(Debug, Default)]
-pub struct TokenWatch {
+pub struct AlarmWatch {
     failures: Mutex<VecDeque<i64>>,
-    raised: AtomicBool,
+    token_raised: AtomicBool,
+    reported: Mutex<HashSet<String>>,
 }
 
-impl TokenWatch {
+impl AlarmWatch {
     /// Notes a bad token at `now`: true when this one completes a burst not alarmed yet.
     pub fn failed(&self, now: i64) -> bool {
         let Ok(mut f) = self.failures.lock() else {
@@ -331,73 +334,120 @@ impl TokenWatch {
         while f.front().is_some_and(|&t| t <= now - TOKEN_BURST_WINDOW_MS) {
             f.pop_front();
         }
-        f.len() >= TOKEN_BURST && !self.raised.swap(true, Ordering::Relaxed)
+        f.len() >= TOKEN_BURST && !self.token_raised.swap(true, Ordering::Relaxed)
     }
 
     /// Notes a good token: true when a burst had been alarmed (the caller clears the alarm).
     pub fn succeeded(&self) -> bool {
-        if !self.raised.load(Ordering::Relaxed) {
+        if !self.token_raised.load(Ordering::Relaxed) {
             return false;
         }
         if let Ok(mut f) = self.failures.lock() {
             f.clear();
         }
-        self.raised.swap(false, Ordering::Relaxed)
+        self.token_raised.swap(false, Ordering::Relaxed)
     }
 }
 
-/// Called with each webhook token check: a burst of bad ones raises the `webhook_token` account alarm
-/// once; the next good one clears it. The writes run beside the request, never in its way.
-pub fn token_checked(state: &AppState, ok: bool) {
-    let watch = &state.token_watch;
-    if ok {
-        if watch.succeeded() {
-            let store = state.store.clone();
-            tokio::spawn(async move {
-                if let Err(e) = store.clear_account_alarms(WEBHOOK_LANE).await {
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        "could not clear the webhook token alarm"
-                    );
-                }
-            });
-        }
-        return;
-    }
-    if !watch.failed(state.store.now_ms()) {
-        return;
-    }
-    let problem = AccountProblem {
-        reason: "webhook_token",
-        detail: format!(
-            "{TOKEN_BURST} or more requests with a missing or wrong token within {}s: was \
-             server.webhook_token changed without updating the Exotel flow's URLs?",
-            TOKEN_BURST_WINDOW_MS / 1000
-        ),
-    };
+/// Raises the account alarm of `problem` on `lane` (once per lane and reason, across replicas), beside
+/// the caller: the write never holds up a webhook's answer.
+pub fn raise_account(state: &AppState, lane: &str, problem: AccountProblem) {
     let alarm = crate::dispatch::account::account_alarm(
-        WEBHOOK_LANE,
+        lane,
         &problem,
         state.settings.public_base(),
         state.store.now_ms(),
     );
     let webhook = !state.settings.alarms.webhook_url.trim().is_empty();
     let state = state.clone();
+    let lane = lane.to_owned();
     tokio::spawn(async move {
         match state.store.raise_account_alarm(&alarm, webhook).await {
             Ok(true) => {
-                state.metrics.account_alarm(WEBHOOK_LANE, problem.reason);
+                state.metrics.account_alarm(&lane, problem.reason);
                 tracing::error!(
-                    "ACCOUNT ALARM: a burst of requests with a wrong webhook token; Exotel's callbacks and keypresses may be refused"
+                    lane = %lane,
+                    reason = problem.reason,
+                    detail = %crate::domain::mask_numbers(&problem.detail),
+                    "ACCOUNT ALARM: every later alert on this lane will fail too"
                 );
             }
             Ok(false) => {}
             Err(e) => tracing::error!(
                 error = format!("{e:#}"),
-                "could not record the webhook token alarm"
+                lane = %lane,
+                reason = problem.reason,
+                "could not record the account alarm"
             ),
         }
     });
+}
+
+/// Clears `lane`'s account alarms beside the caller.
+fn clear_account(state: &AppState, lane: &str) {
+    let store = state.store.clone();
+    let lane = lane.to_owned();
+    tokio::spawn(async move {
+        match store.clear_account_alarms(&lane).await {
+            Ok(0) => {}
+            Ok(_) => tracing::warn!(lane = %lane, "account alarm cleared: the lane works again"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                lane = %lane,
+                "could not clear the account alarm"
+            ),
+        }
+    });
+}
+
+/// Called with each SMS status report of `lane`: a DLT block of the sender or template raises the
+/// account alarm; a delivered SMS clears one this process raised that way.
+pub fn sms_reported(state: &AppState, lane: &str, detailed_code: Option<&str>, delivered: bool) {
+    let watch = &state.alarm_watch;
+    if delivered {
+        let raised = watch.reported.lock().is_ok_and(|mut r| r.remove(lane));
+        if raised {
+            clear_account(state, lane);
+        }
+        return;
+    }
+    let Some(problem) = detailed_code
+        .and_then(|c| c.trim().parse::<i64>().ok())
+        .and_then(crate::providers::exotel::dlt_problem)
+    else {
+        return;
+    };
+    if let Ok(mut r) = watch.reported.lock() {
+        r.insert(lane.to_owned());
+    }
+    raise_account(state, lane, problem);
+}
+
+/// Called with each webhook token check: a burst of bad ones raises the `webhook_token` account alarm
+/// once; the next good one clears it. The writes run beside the request, never in its way.
+pub fn token_checked(state: &AppState, ok: bool) {
+    let watch = &state.alarm_watch;
+    if ok {
+        if watch.succeeded() {
+            clear_account(state, WEBHOOK_LANE);
+        }
+        return;
+    }
+    if !watch.failed(state.store.now_ms()) {
+        return;
+    }
+    raise_account(
+        state,
+        WEBHOOK_LANE,
+        AccountProblem {
+            reason: "webhook_token",
+            detail: format!(
+                "{TOKEN_BURST} or more requests with a missing or wrong token within {}s: was \
+                 server.webhook_token changed without updating the Exotel flow's URLs?",
+                TOKEN_BURST_WINDOW_MS / 1000
+            ),
+        },
+    );
 }
 
 #[cfg(test)]
@@ -406,7 +456,7 @@ mod tests {
 
     #[test]
     fn a_burst_of_bad_tokens_alarms_once_until_a_good_one() {
-        let w = TokenWatch::default();
+        let w = AlarmWatch::default();
         for i in 0..4 {
             assert!(!w.failed(i * 1000));
         }
@@ -415,7 +465,7 @@ mod tests {
         assert!(w.succeeded());
         assert!(!w.succeeded());
         // Spread over more than a minute: no burst.
-        let w = TokenWatch::default();
+        let w = AlarmWatch::default();
         for i in 0..10 {
             assert!(!w.failed(i * 20_000));
         }

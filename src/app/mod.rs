@@ -42,8 +42,8 @@ pub struct AppState {
     pub recording_opens: Arc<crate::recordings::opens::OpenThrottle>,
     /// The ops console's change signal, event-stream cap and sign-in limiter.
     pub console: Arc<console::Hub>,
-    /// Bad webhook tokens seen lately: a burst raises an account alarm.
-    pub token_watch: Arc<alarms::TokenWatch>,
+    /// Bad webhook tokens seen lately, and account alarms raised from status reports.
+    pub alarm_watch: Arc<alarms::AlarmWatch>,
 }
 
 impl AppState {

@@ -58,6 +58,14 @@ pub fn account_problem(status: u16, body: &str) -> Option<super::AccountProblem>
     let code = code_of(&message["DetailedStatusCode"])
         .or_else(|| code_of(&message[0]["DetailedStatusCode"]))
         .or_else(|| code_of(&v["RestException"]["Code"]))?;
+    let mut problem = dlt_problem(code)?;
+    problem.detail = format!("HTTP {status}: {}", problem.detail);
+    Some(problem)
+}
+
+/// A DLT code that blocks every SMS of the sender or the template (in an answer, or in the SMS
+/// status callback's `DetailedStatusCode`), as an account problem.
+pub fn dlt_problem(code: i64) -> Option<super::AccountProblem> {
     let reason = if DLT_SENDER_CODES.contains(&code) {
         "dlt_sender"
     } else if DLT_TEMPLATE_CODES.contains(&code) {
@@ -67,7 +75,10 @@ pub fn account_problem(status: u16, body: &str) -> Option<super::AccountProblem>
     };
     Some(super::AccountProblem {
         reason,
-        detail: format!("HTTP {status}: DLT code {code}"),
+        detail: format!(
+            "DLT code {code}: operators refuse every SMS of this {}",
+            &reason[4..]
+        ),
     })
 }
 
@@ -171,6 +182,50 @@ pub fn summary(get: &impl Fn(&str) -> Option<String>, keys: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn account_problems_are_told_from_a_refused_request() {
+        let reason = |status, body: &str| account_problem(status, body).map(|p| p.reason);
+        assert_eq!(reason(401, "<html>Unauthorized</html>"), Some("auth"));
+        assert_eq!(
+            reason(
+                402,
+                r#"{"RestException":{"Status":402,"Message":"Plan limit reached"}}"#
+            ),
+            Some("payment")
+        );
+        assert_eq!(
+            reason(
+                200,
+                r#"{"SMSMessage":{"Sid":"x","Status":"failed","DetailedStatusCode":23082}}"#
+            ),
+            Some("dlt_template")
+        );
+        assert_eq!(
+            reason(
+                400,
+                r#"{"RestException":{"Status":400,"Message":"Sender blocked","Code":"23080"}}"#
+            ),
+            Some("dlt_sender")
+        );
+        // One recipient's trouble, an overload, a DND block: not the account's.
+        assert_eq!(
+            reason(
+                403,
+                r#"{"RestException":{"Status":403,"Message":"TRAI NDNC"}}"#
+            ),
+            None
+        );
+        assert_eq!(reason(503, ""), None);
+        assert_eq!(
+            reason(
+                200,
+                r#"{"SMSMessage":{"Sid":"x","DetailedStatusCode":21010}}"#
+            ),
+            None
+        );
+        assert_eq!(dlt_problem(24105), None);
+    }
 
     #[test]
     fn reads_json_and_xml_rest_exceptions() {

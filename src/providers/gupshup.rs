@@ -295,6 +295,38 @@ mod tests {
     }
 
     #[test]
+    fn auth_credit_and_pack_errors_are_account_problems_a_bad_number_is_not() {
+        let reason = |status, body: &str| {
+            client()
+                .account_problem(&answer(status, body))
+                .map(|p| p.reason)
+        };
+        let error = |code: &str| {
+            format!(r#"{{"response":{{"id":"{code}","phone":"","details":"x","status":"error"}}}}"#)
+        };
+        assert_eq!(reason(200, &error("102")), Some("auth"));
+        assert_eq!(reason(200, &error("104")), Some("auth"));
+        assert_eq!(reason(200, &error("123")), Some("credit"));
+        assert_eq!(reason(200, &error("124")), Some("pack_expired"));
+        assert_eq!(reason(200, &error("105")), None, "one recipient's number");
+        assert_eq!(reason(200, &error("100")), None);
+        assert_eq!(
+            reason(
+                401,
+                r#"{"message":"Authentication Failed","status":"error"}"#
+            ),
+            Some("auth")
+        );
+        assert_eq!(
+            reason(
+                200,
+                r#"{"response":{"id":"1","phone":"91","details":"","status":"success"}}"#
+            ),
+            None
+        );
+    }
+
+    #[test]
     fn reads_success_and_error_bodies_whatever_the_http_status() {
         let c = client();
         let ok = r#"{"response":{"id":"4340925846643462155-31668054994359383","phone":"919800000001","details":"","status":"success"}}"#;

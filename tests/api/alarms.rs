@@ -21,6 +21,7 @@ both_engines!(
     exotel_402_raises_the_payment_alarm,
     a_gupshup_credit_error_raises_one_alarm,
     a_burst_of_bad_webhook_tokens_raises_one_alarm,
+    a_dlt_template_block_in_the_sms_report_raises_one_alarm,
 );
 
 /// [`STAKEHOLDERS`] with a duty manager (call and SMS) alarmed when nobody acknowledges.
@@ -640,6 +641,75 @@ async fn a_burst_of_bad_webhook_tokens_raises_one_alarm(db: Db) {
     })
     .await;
     assert!(cleared);
+    app.stop().await;
+}
+
+/// Operators refusing the SMS template (DLT code 23082 in the status callback) raise one
+/// `dlt_template` alarm on the SMS lane for several reports; a delivered SMS clears it.
+async fn a_dlt_template_block_in_the_sms_report_raises_one_alarm(db: Db) {
+    const SID: &str = "dlt1";
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(db, &p, &[]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let ds = app.settled(SID).await;
+    let sms: Vec<String> = ds
+        .iter()
+        .filter(|d| d.channel == "sms")
+        .filter_map(|d| d.provider_id.clone())
+        .collect();
+    assert!(sms.len() >= 2, "{ds:?}");
+    for sid in &sms {
+        let res = app
+            .post_form(
+                "/exotel/sms-status",
+                &[
+                    ("SmsSid", sid.as_str()),
+                    ("Status", "failed"),
+                    ("DetailedStatusCode", "23082"),
+                    ("DetailedStatus", "TEMPLATE_BLOCKED_BY_DLT"),
+                ],
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+    }
+    let raised = eventually(Duration::from_secs(5), || async {
+        !alarms_api(&app).await.is_empty()
+    })
+    .await;
+    assert!(raised);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listed = alarms_api(&app).await;
+    assert_eq!(listed.len(), 1, "once: {listed:?}");
+    assert_eq!(listed[0]["lane"], "exotel:sms");
+    assert_eq!(listed[0]["reason"], "dlt_template");
+    assert_eq!(readyz(&app).await.1["status"], "degraded");
+
+    // The template is fixed: the next delivered SMS clears the mark.
+    app.passthru("CallSid=dlt2&EmergencyType=Heart").await;
+    let ds = app.settled("dlt2").await;
+    let sid = ds
+        .iter()
+        .find(|d| d.channel == "sms")
+        .and_then(|d| d.provider_id.clone())
+        .unwrap();
+    let res = app
+        .post_form(
+            "/exotel/sms-status",
+            &[
+                ("SmsSid", sid.as_str()),
+                ("Status", "sent"),
+                ("DetailedStatusCode", "20005"),
+            ],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let cleared = eventually(Duration::from_secs(5), || async {
+        readyz(&app).await.1["status"] == "ok"
+    })
+    .await;
+    assert!(cleared, "{}", readyz(&app).await.1);
     app.stop().await;
 }
 
