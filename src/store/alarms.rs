@@ -58,6 +58,11 @@ const CLAIM_DUE: Dialect = per_engine!(
      RETURNING id, kind, body, attempts, raised_at"
 );
 
+/// Whether any alarm waits for its POST: read first, so an idle second costs a read, not a write
+/// (on SQLite the one writer belongs to the emergencies).
+const ANY_DUE: &str =
+    "SELECT id FROM alarms WHERE status = 'queued' AND due_at <= $1 LIMIT 1";
+
 const SENT: &str = "UPDATE alarms SET status = 'sent', sent_at = $1, last_error = NULL, \
      lease_owner = NULL, lease_until = NULL WHERE id = $2 AND lease_owner = $3";
 
@@ -421,6 +426,13 @@ impl Store {
         owner: &str,
         lease_ms: i64,
     ) -> anyhow::Result<Vec<DueAlarm>> {
+        let any: Option<String> = sqlx::query_scalar(ANY_DUE)
+            .bind(self.now_ms())
+            .fetch_optional(&self.reader)
+            .await?;
+        if any.is_none() {
+            return Ok(Vec::new());
+        }
         let rows = sqlx::query_as(CLAIM_DUE.of(self.engine))
             .bind(owner)
             .bind(lease_ms)

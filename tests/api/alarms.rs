@@ -252,6 +252,26 @@ async fn an_incident_nobody_acknowledged_is_marked_unreached_after_the_deadline_
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(alarm_deliveries(&app, &inc.id).await.len(), 2);
     assert_eq!(hook_posts(&server).await.len(), 1);
+
+    // Someone acknowledges at last: the duty manager, already alarmed, is told like everyone alerted.
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{}/ack", app.base, inc.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"by": "Dr. Asha Rao"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
+    let notices: Vec<_> = app
+        .store
+        .deliveries(&inc.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.purpose == "ack_notice" && d.phone == DUTY)
+        .collect();
+    assert_eq!(notices.len(), 1, "one notice on SMS: {notices:?}");
     app.stop().await;
 }
 
