@@ -60,8 +60,7 @@ const CLAIM_DUE: Dialect = per_engine!(
 
 /// Whether any alarm waits for its POST: read first, so an idle second costs a read, not a write
 /// (on SQLite the one writer belongs to the emergencies).
-const ANY_DUE: &str =
-    "SELECT id FROM alarms WHERE status = 'queued' AND due_at <= $1 LIMIT 1";
+const ANY_DUE: &str = "SELECT id FROM alarms WHERE status = 'queued' AND due_at <= $1 LIMIT 1";
 
 const SENT: &str = "UPDATE alarms SET status = 'sent', sent_at = $1, last_error = NULL, \
      lease_owner = NULL, lease_until = NULL WHERE id = $2 AND lease_owner = $3";

@@ -785,3 +785,77 @@ fn check_config_warns_when_live_without_unreached() {
         "{text}"
     );
 }
+
+/// Two replicas on one PostgreSQL sweep and send together: each incident is marked once, its duty
+/// manager alarmed once per channel, and the webhook gets one POST per incident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_mark_each_incident_once_and_post_each_alarm_once() {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let extra = [("SOS_ALARMS__WEBHOOK_URL", url)];
+    let a = spawn_alarm_app(Db::Postgres, &p, &extra).await;
+    let mut env = p.env();
+    env.push(("SOS_DISPATCH__MAX_REDIALS", "0".into()));
+    env.push(("SOS_ACK__DEADLINE", format!("{DEADLINE_MINUTES}m")));
+    env.extend(extra.iter().cloned());
+    let settings = test_settings(&a.db, &a.stakeholders, &env);
+    let b = start(TestDb::shared(&a.db.url), a.stakeholders.clone(), settings).await;
+    let sids: Vec<String> = (0..5).map(|i| format!("replicas{i}")).collect();
+    for (i, sid) in sids.iter().enumerate() {
+        let app = if i % 2 == 0 { &a } else { &b };
+        app.passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
+            .await;
+    }
+    for sid in &sids {
+        a.settled(sid).await;
+    }
+    let later = Duration::from_secs(DEADLINE_MINUTES * 60 + 1);
+    a.store.clock().advance(later);
+    b.store.clock().advance(later);
+    for sid in &sids {
+        wait_unreached(&a, sid).await;
+    }
+    let posted = eventually(Duration::from_secs(15), || async {
+        hook_posts(&server).await.len() >= sids.len()
+    })
+    .await;
+    assert!(posted);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for sid in &sids {
+        let inc = incident_of(&a, sid).await;
+        let events = a.store.incident_timeline(&inc.id).await.unwrap();
+        assert_eq!(
+            events.iter().filter(|e| e.kind == "unreached").count(),
+            1,
+            "{sid}: {events:?}"
+        );
+        assert_eq!(alarm_deliveries(&a, &inc.id).await.len(), 2, "{sid}");
+    }
+    let posts = hook_posts(&server).await;
+    let mut ids: Vec<String> = posts
+        .iter()
+        .map(|b| b["incident_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        (posts.len(), ids.len()),
+        (sids.len(), sids.len()),
+        "{posts:?}"
+    );
+    let duty_sms = p
+        .requests(SMS_PATH)
+        .await
+        .into_iter()
+        .filter(|(f, _)| field(f, "To") == Some(DUTY))
+        .count();
+    assert_eq!(duty_sms, sids.len(), "one alarm SMS per incident");
+    b.stop().await;
+    a.stop().await;
+}
