@@ -321,6 +321,9 @@ async fn post(
 pub struct AlarmWatch {
     failures: Mutex<VecDeque<i64>>,
     token_raised: AtomicBool,
+    /// Set by the first good token of this process, which clears a token alarm left open by an
+    /// earlier run.
+    token_seen_good: AtomicBool,
     reported: Mutex<HashSet<String>>,
 }
 
@@ -339,8 +342,9 @@ impl AlarmWatch {
 
     /// Notes a good token: true when a burst had been alarmed (the caller clears the alarm).
     pub fn succeeded(&self) -> bool {
+        let first = !self.token_seen_good.swap(true, Ordering::Relaxed);
         if !self.token_raised.load(Ordering::Relaxed) {
-            return false;
+            return first;
         }
         if let Ok(mut f) = self.failures.lock() {
             f.clear();
@@ -462,6 +466,10 @@ mod tests {
         }
         assert!(w.failed(4_000), "the fifth within a minute");
         assert!(!w.failed(5_000), "once");
+        assert!(w.succeeded());
+        assert!(!w.succeeded());
+        // The first good token of a process clears what an earlier run left open.
+        let w = AlarmWatch::default();
         assert!(w.succeeded());
         assert!(!w.succeeded());
         // Spread over more than a minute: no burst.

@@ -14,12 +14,29 @@ use crate::store::alarms::AccountAlarm;
 #[derive(Debug)]
 pub struct AccountWatch {
     suspect: Mutex<HashSet<String>>,
+    /// (lane, reason) raised (or found raised) by this process since the lane last succeeded: a storm
+    /// of refused requests then costs no write each.
+    raised: Mutex<HashSet<(String, &'static str)>>,
 }
 
 impl AccountWatch {
     pub fn new<'a>(lanes: impl Iterator<Item = &'a str>) -> Self {
         AccountWatch {
             suspect: Mutex::new(lanes.map(str::to_owned).collect()),
+            raised: Mutex::default(),
+        }
+    }
+
+    /// True the first time (lane, reason) is seen since the lane last succeeded.
+    fn first(&self, lane: &str, reason: &'static str) -> bool {
+        self.raised
+            .lock()
+            .map_or(true, |mut r| r.insert((lane.to_owned(), reason)))
+    }
+
+    fn forget(&self, lane: &str) {
+        if let Ok(mut r) = self.raised.lock() {
+            r.retain(|(l, _)| l != lane);
         }
     }
 
@@ -42,6 +59,7 @@ impl Dispatcher {
     pub(super) async fn watch_account(&self, lane: &Lane, answer: &Answer, accepted: bool) {
         if accepted {
             if self.account.take(lane.name()) {
+                self.account.forget(lane.name());
                 match self.store.clear_account_alarms(lane.name()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::warn!(
@@ -65,6 +83,9 @@ impl Dispatcher {
             return;
         };
         self.account.suspect(lane.name());
+        if !self.account.first(lane.name(), problem.reason) {
+            return;
+        }
         let alarm = account_alarm(
             lane.name(),
             &problem,
@@ -83,12 +104,16 @@ impl Dispatcher {
                 );
             }
             Ok(false) => {}
-            Err(e) => tracing::error!(
-                error = format!("{e:#}"),
-                lane = lane.name(),
-                reason = problem.reason,
-                "could not record the account alarm"
-            ),
+            Err(e) => {
+                // Not recorded: the next refused request tries again.
+                self.account.forget(lane.name());
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    lane = lane.name(),
+                    reason = problem.reason,
+                    "could not record the account alarm"
+                );
+            }
         }
     }
 }

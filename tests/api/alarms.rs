@@ -14,6 +14,7 @@ use crate::helpers::*;
 both_engines!(
     an_incident_nobody_acknowledged_is_marked_unreached_after_the_deadline_not_before,
     the_alarm_webhook_failing_twice_is_retried_and_sent_once,
+    an_alarm_webhook_refusing_with_404_is_not_retried,
     an_acknowledged_incident_is_never_marked_unreached,
     a_drill_is_never_marked_unreached,
     a_keypress_on_the_alarm_call_acknowledges_the_incident,
@@ -319,6 +320,43 @@ async fn the_alarm_webhook_failing_twice_is_retried_and_sent_once(db: Db) {
         posts.iter().all(|b| b == &posts[0]),
         "the same alarm each time"
     );
+    app.stop().await;
+}
+
+/// A webhook answering 404 (a wrong URL) refuses the same way every time: the alarm is `failed` after
+/// one POST, with the reason kept, and the people are alarmed all the same.
+async fn an_alarm_webhook_refusing_with_404_is_not_retried(db: Db) {
+    const SID: &str = "unreached404";
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(404).set_body_string("<html>Not Found</html>"))
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app(db, &p, &[("SOS_ALARMS__WEBHOOK_URL", url)]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    app.settled(SID).await;
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 + 1));
+    let inc = wait_unreached(&app, SID).await;
+    let failed = eventually(Duration::from_secs(10), || async {
+        alarms_api(&app)
+            .await
+            .first()
+            .is_some_and(|a| a["status"] == "failed")
+    })
+    .await;
+    let listed = alarms_api(&app).await;
+    assert!(failed, "{listed:?}");
+    assert_eq!(listed[0]["attempts"], 1);
+    assert_eq!(listed[0]["last_error"], "HTTP 404");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(hook_posts(&server).await.len(), 1);
+    assert_eq!(alarm_deliveries(&app, &inc.id).await.len(), 2);
     app.stop().await;
 }
 
