@@ -15,8 +15,10 @@ use crate::store::alarms::{AlarmTarget, DueAlarm, Tried, UnnotifiedAlarm};
 
 /// How long one webhook POST may take.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
-/// The lease on an alarm being POSTed: longer than the POST, so two replicas never send one twice.
-const LEASE_MS: i64 = 60_000;
+/// The lease on the alarms claimed together (at most 10, see `store::alarms`), POSTed one after the
+/// other: longer than ten POSTs that each run into [`WEBHOOK_TIMEOUT`], so a slow receiver never lets
+/// another replica claim and send one again.
+const LEASE_MS: i64 = 120_000;
 /// Bad tokens on the webhooks within [`TOKEN_BURST_WINDOW_MS`] that raise an account alarm: Exotel
 /// answering with an old token after a change looks like this, and every status callback and
 /// keypress is then lost.
