@@ -21,7 +21,7 @@ pub fn news(facts: &AlarmFacts<'_>, short: bool, utc_offset_minutes: i32) -> Str
     match (account, short) {
         (true, true) => "Account alarm: check now".to_owned(),
         (true, false) => format!(
-            "Alarm: {}",
+            "Account alarm: {}",
             facts.message.unwrap_or("a provider refuses the account")
         ),
         (false, true) => "NOT ACKNOWLEDGED: act now".to_owned(),

@@ -15,6 +15,7 @@ both_engines!(
     an_incident_nobody_acknowledged_is_marked_unreached_after_the_deadline_not_before,
     the_alarm_webhook_failing_twice_is_retried_and_sent_once,
     an_alarm_webhook_refusing_with_404_is_not_retried,
+    an_unreached_incident_keeps_its_dedup_key_and_can_be_resolved,
     an_acknowledged_incident_is_never_marked_unreached,
     a_drill_is_never_marked_unreached,
     a_keypress_on_the_alarm_call_acknowledges_the_incident,
@@ -357,6 +358,63 @@ async fn an_alarm_webhook_refusing_with_404_is_not_retried(db: Db) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(hook_posts(&server).await.len(), 1);
     assert_eq!(alarm_deliveries(&app, &inc.id).await.len(), 2);
+    app.stop().await;
+}
+
+/// Unreached is a flag, not a status: the incident's dedup key keeps suppressing repeats, and it
+/// resolves like any open incident.
+async fn an_unreached_incident_keeps_its_dedup_key_and_can_be_resolved(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(db, &p, &[]).await;
+    let trigger = || async {
+        app.client
+            .post(format!("{}/api/v1/incidents", app.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({
+                "emergency_type": "ServerDown", "message": "db1 is down", "dedup_key": "db1-down"
+            }))
+            .send()
+            .await
+            .unwrap()
+    };
+    let res = trigger().await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 + 1));
+    let store = app.store.clone();
+    let marked = eventually(Duration::from_secs(10), || async {
+        store
+            .incident(&id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|i| i.unreached_at.is_some())
+    })
+    .await;
+    assert!(marked);
+    let res = trigger().await;
+    assert_eq!(res.status(), 200, "the repeat finds the unreached incident");
+    assert_eq!(
+        res.json::<serde_json::Value>().await.unwrap()["id"],
+        id.as_str()
+    );
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{id}/resolve", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let inc = app.store.incident(&id).await.unwrap().unwrap();
+    assert_eq!(inc.status, "resolved");
+    assert!(inc.unreached_at.is_some());
     app.stop().await;
 }
 
