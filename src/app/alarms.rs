@@ -141,6 +141,7 @@ pub async fn mark_unreached(state: &AppState) -> anyhow::Result<usize> {
                     );
                 }
                 state.wake.notify_one();
+                state.alarm_watch.wake.notify_one();
             }
             // Acknowledged, resolved or marked by another replica meanwhile.
             Ok(None) => {}
@@ -185,6 +186,7 @@ pub async fn alarm_sender(state: AppState, mut shutdown: tokio::sync::watch::Rec
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            _ = state.alarm_watch.wake.notified() => {}
             _ = shutdown.changed() => return,
         }
         if *shutdown.borrow() {
@@ -327,6 +329,8 @@ pub struct AlarmWatch {
     /// earlier run.
     token_seen_good: AtomicBool,
     reported: Mutex<HashSet<String>>,
+    /// Wakes this process's alarm sender when an alarm is raised, rather than at its next second.
+    pub wake: tokio::sync::Notify,
 }
 
 impl AlarmWatch {
@@ -371,6 +375,7 @@ pub fn raise_account(state: &AppState, lane: &str, problem: AccountProblem) {
         match state.store.raise_account_alarm(&alarm, webhook).await {
             Ok(true) => {
                 state.metrics.account_alarm(&lane, problem.reason);
+                state.alarm_watch.wake.notify_one();
                 tracing::error!(
                     lane = %lane,
                     reason = problem.reason,
