@@ -105,6 +105,7 @@ impl App {
                 metrics: Arc::new(metrics::Metrics::new()),
                 recording_opens: Arc::default(),
                 console,
+                alarm_watch: Arc::default(),
             },
             generated_webhook_token,
             generated_admin_token,
@@ -218,6 +219,9 @@ impl App {
             }
         }
         let routing = self.state.routing.current();
+        if let Some(w) = stakeholders::unreached_warning(&routing, live) {
+            out.push(w);
+        }
         let samples = routing
             .phones()
             .filter(|p| stakeholders::is_sample_number(p))
@@ -269,6 +273,14 @@ impl App {
         ));
         tokio::spawn(app::recordings::run(self.state.clone(), stop_rx.clone()));
         tokio::spawn(app::housekeeping::channel_fallback(
+            self.state.clone(),
+            stop_rx.clone(),
+        ));
+        tokio::spawn(app::alarms::unreached_sweep(
+            self.state.clone(),
+            stop_rx.clone(),
+        ));
+        tokio::spawn(app::alarms::alarm_sender(
             self.state.clone(),
             stop_rx.clone(),
         ));

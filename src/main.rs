@@ -238,6 +238,12 @@ fn check_config(settings: &Settings) -> ExitCode {
             for w in &routing.warnings {
                 println!("warning: {w}");
             }
+            let live = exotel_sos::domain::Channel::ALL
+                .into_iter()
+                .any(|c| settings.channel_live(c));
+            if let Some(w) = exotel_sos::stakeholders::unreached_warning(&routing, live) {
+                println!("warning: {w}");
+            }
             print!("{}", routing.describe());
             true
         }

@@ -43,6 +43,12 @@ struct DeliveryLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountAlarmLabels {
+    lane: String,
+    reason: String,
+}
+
 fn provider_histogram() -> Histogram {
     // 50 ms .. ~25 s: provider APIs answer in tens of milliseconds, a stuck one hits the client timeout.
     Histogram::new(exponential_buckets(0.05, 2.0, 10))
@@ -58,6 +64,8 @@ pub struct Metrics {
     queue_depth: Gauge,
     unconfirmed: Gauge,
     queue_oldest_age: Gauge<f64, AtomicU64>,
+    unreached: Counter,
+    account_alarms: Family<AccountAlarmLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -121,7 +129,21 @@ impl Metrics {
             "Calls and messages accepted by the provider whose status report is overdue (past dispatch.report_wait_secs)",
             unconfirmed.clone(),
         );
+        let unreached = Counter::default();
+        registry.register(
+            "sos_incidents_unreached",
+            "Incidents marked unreached: nobody acknowledged by the end of their escalation or ack.deadline",
+            unreached.clone(),
+        );
+        let account_alarms = Family::<AccountAlarmLabels, Counter>::default();
+        registry.register(
+            "sos_account_alarms",
+            "Account alarms raised by this process: a provider refusing the account (auth, credit, DLT block) or a burst of bad webhook tokens, by lane and reason",
+            account_alarms.clone(),
+        );
         Metrics {
+            unreached,
+            account_alarms,
             unconfirmed,
             registry,
             incidents,
@@ -185,6 +207,21 @@ impl Metrics {
         if to.ends_delivery(provider_reports) && !from.ends_delivery(provider_reports) {
             self.delivery_finished(channel.as_str(), to.as_str());
         }
+    }
+
+    /// An incident was marked unreached.
+    pub fn incident_unreached(&self) {
+        self.unreached.inc();
+    }
+
+    /// An account alarm was raised (lane and reason come from a fixed vocabulary, never from input).
+    pub fn account_alarm(&self, lane: &str, reason: &str) {
+        self.account_alarms
+            .get_or_create(&AccountAlarmLabels {
+                lane: lane.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one finished delivery (`delivered`, `failed`, `simulated`, `cancelled`, ...).

@@ -3,6 +3,7 @@
 //! (`http`, the CLI) and the machinery (`store`, `dispatch`, `providers`): imports point down only.
 
 pub mod ack;
+pub mod alarms;
 pub mod console;
 pub mod housekeeping;
 pub mod incidents;
@@ -41,11 +42,15 @@ pub struct AppState {
     pub recording_opens: Arc<crate::recordings::opens::OpenThrottle>,
     /// The ops console's change signal, event-stream cap and sign-in limiter.
     pub console: Arc<console::Hub>,
+    /// Bad webhook tokens seen lately, and account alarms raised from status reports.
+    pub alarm_watch: Arc<alarms::AlarmWatch>,
 }
 
 impl AppState {
     pub fn webhook_token_ok(&self, given: Option<&str>) -> bool {
-        token_matches(&self.webhook_token, given)
+        let ok = token_matches(&self.webhook_token, given);
+        alarms::token_checked(self, ok);
+        ok
     }
 
     pub fn admin_token_ok(&self, given: Option<&str>) -> bool {

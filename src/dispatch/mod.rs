@@ -5,6 +5,7 @@
 //! `reconcile` looks overdue reports up, `lanes` builds the channels and `listener` relays wake-ups
 //! from other replicas.
 
+pub mod account;
 mod lanes;
 pub mod limits;
 mod listener;
@@ -53,6 +54,8 @@ pub struct Dispatcher {
     /// Outcomes on their way to the recorder, which commits them in batches.
     outcomes: mpsc::UnboundedSender<PendingOutcome>,
     outcomes_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<PendingOutcome>>>,
+    /// Lanes that may have an account alarm open.
+    account: account::AccountWatch,
 }
 
 impl Dispatcher {
@@ -77,7 +80,9 @@ impl Dispatcher {
             .user_agent(concat!("exotel-sos/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
+        let account = account::AccountWatch::new(lanes.iter().map(|l| l.name()));
         Ok(Dispatcher {
+            account,
             outcomes,
             outcomes_rx: std::sync::Mutex::new(Some(outcomes_rx)),
             owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),

@@ -17,6 +17,18 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The dispatch retry policy of these settings (`dispatch.retry_schedule_secs`, `max_attempts`,
+    /// `retry_for`, `retry_after_max_secs`), for anything else retried like a delivery.
+    pub fn from_settings(d: &crate::settings::DispatchSettings) -> anyhow::Result<Self> {
+        Ok(RetryPolicy {
+            schedule: d.retry_schedule().map_err(anyhow::Error::msg)?,
+            max_attempts: d.max_attempts,
+            retry_for: Duration::from_secs(d.retry_for_secs().map_err(anyhow::Error::msg)?),
+            retry_after_max: Duration::from_secs_f64(d.retry_after_max_secs),
+            jitter: 0.2,
+        })
+    }
+
     /// The wait before the next try after attempt number `attempt` (1-based) failed transiently, the
     /// delivery being `age` old, or `None` when both the attempts and the time budget are used up.
     pub fn next_wait(

@@ -220,7 +220,12 @@ impl Dispatcher {
     async fn execute(&self, lane: &Lane, prepared: &Prepared) -> Outcome {
         let started = std::time::Instant::now();
         let outcome = match providers::execute(&self.http, prepared).await {
-            Ok(answer) => lane.client().classify(&answer),
+            Ok(answer) => {
+                let outcome = lane.client().classify(&answer);
+                let accepted = matches!(outcome, Outcome::Accepted { .. });
+                self.watch_account(lane, &answer, accepted).await;
+                outcome
+            }
             Err(transport) => transport,
         };
         let label = match &outcome {
@@ -323,8 +328,11 @@ impl Dispatcher {
         let m = &self.settings.messages;
         let notice = d.purpose == crate::store::ACK_NOTICE;
         let fallback = d.purpose == crate::store::FALLBACK;
+        let alarm = d.purpose == crate::store::alarms::ALARM;
         let kind = self.settings.message_kind(if notice {
             MessageKind::AckNotice
+        } else if alarm {
+            MessageKind::UnreachedAlarm
         } else if fallback {
             MessageKind::Fallback
         } else {
@@ -383,6 +391,19 @@ impl Dispatcher {
                 )
             ),
         });
+        // An alarm (nobody acknowledged; a provider refusing the account) tells its news in {message}.
+        let alarm_news = alarm.then(|| {
+            messages::alarm::news(
+                &messages::alarm::AlarmFacts {
+                    source: &incident.source,
+                    emergency_type: &incident.emergency_type,
+                    received_at: incident.received_at,
+                    message: incident.message.as_deref(),
+                },
+                channel == Channel::Sms,
+                m.utc_offset_minutes,
+            )
+        });
         let vars = Vars {
             emergency_type: &incident.emergency_type,
             source: &incident.source,
@@ -392,6 +413,7 @@ impl Dispatcher {
             recording: link.as_deref(),
             message: news
                 .as_deref()
+                .or(alarm_news.as_deref())
                 .or(not_reached.as_deref())
                 .or(incident.message.as_deref()),
             incident: &incident.id,

@@ -104,6 +104,14 @@ pub async fn sms_status(
     let p = read(&uri, &headers, body, &state).await?;
     let report = exotel_sms::callback_report(|k| p.get(k)).map_err(AppError::BadRequest)?;
     tracing::Span::current().record("sms_sid", report.provider_id.as_str());
+    if let Some(lane) = state.providers.for_channel(Channel::Sms) {
+        crate::app::alarms::sms_reported(
+            &state,
+            &lane.name,
+            p.get("DetailedStatusCode").as_deref(),
+            p.get("Status").is_some_and(|s| s.trim() == "sent"),
+        );
+    }
     let policy = state.settings.redial_policy();
     let effect = until_recorded(|| state.store.apply_report(&report, policy)).await?;
     tracing::info!(status = %report.provider_status, effect = ?effect, "sms status");

@@ -102,6 +102,9 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
         }
     };
     tracing::Span::current().record("delivery_id", view.delivery_id.as_str());
+    if view.purpose == crate::store::alarms::ALARM {
+        return Some(alarm_greeting(state, method, &view));
+    }
     let settings = &state.settings;
     let msg = &settings.messages;
     let proxied = settings.recording_mode() == RecordingMode::Proxy;
@@ -168,6 +171,37 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
         );
     }
     Some(body)
+}
+
+/// An alarm call speaks the alarm (nobody acknowledged; a provider refusing the account) and the key
+/// that acknowledges: its keypress acknowledges the incident like any call's.
+fn alarm_greeting(state: &AppState, method: &Method, view: &crate::store::GreetingView) -> String {
+    let body = messages::alarm::spoken(
+        &messages::alarm::AlarmFacts {
+            source: &view.source,
+            emergency_type: &view.emergency_type,
+            received_at: view.received_at,
+            message: view.message.as_deref(),
+        },
+        state.settings.ack.digit(),
+        state.settings.messages.utc_offset_minutes,
+    );
+    if method == Method::GET {
+        let store = state.store.clone();
+        let delivery_id = view.delivery_id.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = store.record_greeting_play(&delivery_id, None).await {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "could not record the greeting play"
+                    );
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    body
 }
 
 /// The emergency a Passthru describes. EmergencyType wins; else the IVR digits through the `[ivr]`

@@ -28,6 +28,12 @@ pub fn routes() -> Router<AppState> {
 #[derive(Debug, Serialize)]
 struct Readiness {
     ready: bool,
+    /// `ok`; `degraded` while an account alarm is open (a provider refuses the account, or a burst of
+    /// bad webhook tokens): still ready, since taking the only replica out of its load balancer would
+    /// lose the emergencies it can still store, but every later alert on that lane fails; `not_ready`.
+    status: &'static str,
+    /// The open account alarms (lane, reason, summary, when raised); empty when none.
+    degraded: Vec<crate::store::alarms::OpenAccountAlarm>,
     /// `ok`, `unreachable` or `timeout`.
     database: &'static str,
     /// `ok`, `pending` or `unknown` (when the database cannot be read).
@@ -76,17 +82,19 @@ async fn readyz(State(state): State<AppState>, limits: PublicDb) -> Response {
                     Ok(false) => "pending",
                     Err(_) => "unknown",
                 };
-                ("ok", migrations)
+                // Unreadable (e.g. migrations pending): not degraded by what cannot be seen.
+                let degraded = store.open_account_alarms().await.unwrap_or_default();
+                ("ok", migrations, degraded)
             }
             Err(e) => {
                 tracing::warn!(error = format!("{e:#}"), "readyz: database unreachable");
-                ("unreachable", "unknown")
+                ("unreachable", "unknown", Vec::new())
             }
         }
     })
     .await;
     // No share free in time, or no answer in time.
-    let (database, migrations) = checked.unwrap_or(("timeout", "unknown"));
+    let (database, migrations, degraded) = checked.unwrap_or(("timeout", "unknown", Vec::new()));
     let stale_after_secs = state.settings.readyz.heartbeat_stale_secs;
     let beat = state.dispatcher_heartbeat.load(Ordering::Relaxed);
     // 0 means the loop has not started yet: not ready, so traffic waits for a replica that can send.
@@ -107,6 +115,12 @@ async fn readyz(State(state): State<AppState>, limits: PublicDb) -> Response {
     let ready = database == "ok" && migrations == "ok" && (alive || !enabled);
     let body = Readiness {
         ready,
+        status: match (ready, degraded.is_empty()) {
+            (false, _) => "not_ready",
+            (true, true) => "ok",
+            (true, false) => "degraded",
+        },
+        degraded,
         database,
         migrations,
         dispatcher: DispatcherState {

@@ -1,6 +1,7 @@
 //! Message text from the operator's templates: SMS, WhatsApp and the spoken greeting; the kinds of
 //! message the system sends; and the rules India's DLT scrubbing puts on SMS templates.
 
+pub mod alarm;
 pub mod dlt;
 pub mod gsm;
 

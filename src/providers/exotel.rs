@@ -24,6 +24,64 @@ pub fn rest_exception(body: &str) -> Option<String> {
     Some(body[start..end].trim().to_owned())
 }
 
+/// DLT codes (API-FACTS §5) that block every message of a sender or a template, not one recipient.
+const DLT_SENDER_CODES: &[i64] = &[23080, 23081, 23281];
+const DLT_TEMPLATE_CODES: &[i64] = &[23082, 23181, 23182, 23183, 23184, 23185];
+
+/// Exotel answers that mean every later request on this account fails too: 401 (the API key or
+/// token is refused), 402 (the plan or usage limit is reached; developer.exotel.com/api/http-status-codes),
+/// and a DLT block of the sender or template (SMS; its code in `DetailedStatusCode` or
+/// `RestException.Code`).
+pub fn account_problem(status: u16, body: &str) -> Option<super::AccountProblem> {
+    let said = || error_reason(status, body);
+    match status {
+        401 => {
+            return Some(super::AccountProblem {
+                reason: "auth",
+                detail: said(),
+            })
+        }
+        402 => {
+            return Some(super::AccountProblem {
+                reason: "payment",
+                detail: said(),
+            })
+        }
+        _ => {}
+    }
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let code_of = |v: &serde_json::Value| {
+        v.as_i64()
+            .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+    };
+    let message = &v["SMSMessage"];
+    let code = code_of(&message["DetailedStatusCode"])
+        .or_else(|| code_of(&message[0]["DetailedStatusCode"]))
+        .or_else(|| code_of(&v["RestException"]["Code"]))?;
+    let mut problem = dlt_problem(code)?;
+    problem.detail = format!("HTTP {status}: {}", problem.detail);
+    Some(problem)
+}
+
+/// A DLT code that blocks every SMS of the sender or the template (in an answer, or in the SMS
+/// status callback's `DetailedStatusCode`), as an account problem.
+pub fn dlt_problem(code: i64) -> Option<super::AccountProblem> {
+    let reason = if DLT_SENDER_CODES.contains(&code) {
+        "dlt_sender"
+    } else if DLT_TEMPLATE_CODES.contains(&code) {
+        "dlt_template"
+    } else {
+        return None;
+    };
+    Some(super::AccountProblem {
+        reason,
+        detail: format!(
+            "DLT code {code}: operators refuse every SMS of this {}",
+            &reason[4..]
+        ),
+    })
+}
+
 /// Longest provider message kept in a reason: enough for Exotel's own words, never a whole page.
 const MAX_MESSAGE_CHARS: usize = 500;
 
@@ -124,6 +182,50 @@ pub fn summary(get: &impl Fn(&str) -> Option<String>, keys: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn account_problems_are_told_from_a_refused_request() {
+        let reason = |status, body: &str| account_problem(status, body).map(|p| p.reason);
+        assert_eq!(reason(401, "<html>Unauthorized</html>"), Some("auth"));
+        assert_eq!(
+            reason(
+                402,
+                r#"{"RestException":{"Status":402,"Message":"Plan limit reached"}}"#
+            ),
+            Some("payment")
+        );
+        assert_eq!(
+            reason(
+                200,
+                r#"{"SMSMessage":{"Sid":"x","Status":"failed","DetailedStatusCode":23082}}"#
+            ),
+            Some("dlt_template")
+        );
+        assert_eq!(
+            reason(
+                400,
+                r#"{"RestException":{"Status":400,"Message":"Sender blocked","Code":"23080"}}"#
+            ),
+            Some("dlt_sender")
+        );
+        // One recipient's trouble, an overload, a DND block: not the account's.
+        assert_eq!(
+            reason(
+                403,
+                r#"{"RestException":{"Status":403,"Message":"TRAI NDNC"}}"#
+            ),
+            None
+        );
+        assert_eq!(reason(503, ""), None);
+        assert_eq!(
+            reason(
+                200,
+                r#"{"SMSMessage":{"Sid":"x","DetailedStatusCode":21010}}"#
+            ),
+            None
+        );
+        assert_eq!(dlt_problem(24105), None);
+    }
 
     #[test]
     fn reads_json_and_xml_rest_exceptions() {

@@ -59,6 +59,10 @@ impl Client for ExotelCall {
         }
     }
 
+    fn account_problem(&self, answer: &Answer) -> Option<super::AccountProblem> {
+        super::exotel::account_problem(answer.status, &answer.body)
+    }
+
     fn classify(&self, answer: &Answer) -> Outcome {
         if (200..300).contains(&answer.status) {
             let json = serde_json::from_str::<serde_json::Value>(&answer.body).ok();

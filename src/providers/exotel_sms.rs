@@ -71,6 +71,10 @@ impl Client for ExotelSms {
         }
     }
 
+    fn account_problem(&self, answer: &Answer) -> Option<super::AccountProblem> {
+        super::exotel::account_problem(answer.status, &answer.body)
+    }
+
     fn classify(&self, answer: &Answer) -> Outcome {
         if (200..300).contains(&answer.status) {
             // `SMSMessage` is an object, or a list of them (hasgeek/funnel reads both).

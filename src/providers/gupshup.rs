@@ -71,6 +71,39 @@ impl Client for Gupshup {
         }
     }
 
+    /// Error codes of the enterprise gateway (API-FACTS §6a) that refuse the account: 102 auth
+    /// failed, 103 no such userid, 104 user disabled, 123 insufficient credits, 124 WhatsApp pack
+    /// expired; and a 401.
+    fn account_problem(&self, answer: &Answer) -> Option<super::AccountProblem> {
+        let parsed: serde_json::Value = serde_json::from_str(&answer.body).unwrap_or_default();
+        let r = &parsed["response"];
+        let code = match &r["id"] {
+            serde_json::Value::String(s) => s.trim().to_owned(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => String::new(),
+        };
+        let is_error = r["status"]
+            .as_str()
+            .is_some_and(|s| s.eq_ignore_ascii_case("error"));
+        let reason = match (is_error, code.as_str()) {
+            (true, "102" | "103" | "104") => "auth",
+            (true, "123") => "credit",
+            (true, "124") => "pack_expired",
+            _ if answer.status == 401 => "auth",
+            _ => return None,
+        };
+        let details: String = r["details"]
+            .as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect();
+        Some(super::AccountProblem {
+            reason,
+            detail: format!("HTTP {}: GupShup error {code}: {details}", answer.status),
+        })
+    }
+
     fn classify(&self, answer: &Answer) -> Outcome {
         let parsed: Option<serde_json::Value> = serde_json::from_str(&answer.body).ok();
         let response = parsed.as_ref().map(|v| &v["response"]);
@@ -259,6 +292,38 @@ mod tests {
             retry_after: None,
             body: body.into(),
         }
+    }
+
+    #[test]
+    fn auth_credit_and_pack_errors_are_account_problems_a_bad_number_is_not() {
+        let reason = |status, body: &str| {
+            client()
+                .account_problem(&answer(status, body))
+                .map(|p| p.reason)
+        };
+        let error = |code: &str| {
+            format!(r#"{{"response":{{"id":"{code}","phone":"","details":"x","status":"error"}}}}"#)
+        };
+        assert_eq!(reason(200, &error("102")), Some("auth"));
+        assert_eq!(reason(200, &error("104")), Some("auth"));
+        assert_eq!(reason(200, &error("123")), Some("credit"));
+        assert_eq!(reason(200, &error("124")), Some("pack_expired"));
+        assert_eq!(reason(200, &error("105")), None, "one recipient's number");
+        assert_eq!(reason(200, &error("100")), None);
+        assert_eq!(
+            reason(
+                401,
+                r#"{"message":"Authentication Failed","status":"error"}"#
+            ),
+            Some("auth")
+        );
+        assert_eq!(
+            reason(
+                200,
+                r#"{"response":{"id":"1","phone":"91","details":"","status":"success"}}"#
+            ),
+            None
+        );
     }
 
     #[test]

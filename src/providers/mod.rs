@@ -129,6 +129,16 @@ pub enum Outcome {
     Permanent { reason: String },
 }
 
+/// A provider answer that means the account, not the one request, is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountProblem {
+    /// Short and stable (`auth`, `payment`, `credit`, `pack_expired`, `dlt_sender`, `dlt_template`):
+    /// an alarm is raised once per lane and reason.
+    pub reason: &'static str,
+    /// What the provider said, for the alarm's summary.
+    pub detail: String,
+}
+
 /// The answer of a provider, as read off the wire.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -149,6 +159,12 @@ pub trait Client: Send + Sync {
     }
     fn prepare(&self, job: &Job) -> Prepared;
     fn classify(&self, answer: &Answer) -> Outcome;
+    /// Whether this answer means every later request of this lane will fail the same way
+    /// (credentials refused, no credit, a blocked sender or template): it then raises an account
+    /// alarm. Read beside [`Client::classify`], which still decides what becomes of the delivery.
+    fn account_problem(&self, _answer: &Answer) -> Option<AccountProblem> {
+        None
+    }
     /// Where to look up a request's outcome when its status callback never came, if the API has such
     /// a look-up.
     fn status_lookup(&self, _provider_id: &str) -> Option<Prepared> {

@@ -20,6 +20,15 @@ struct File {
     routes: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     ivr: BTreeMap<String, String>,
+    /// Who is alarmed when nobody acknowledged an incident in time, or a provider account fails.
+    unreached: Option<RawUnreached>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnreached {
+    #[serde(default)]
+    teams: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,10 +75,22 @@ pub struct Routing {
     /// lower-cased emergency type -> (spelling in the file, teams)
     routes: HashMap<String, (String, Vec<String>)>,
     ivr: HashMap<String, String>,
+    /// The teams of `[unreached]`, when the file has that table.
+    unreached: Option<Vec<String>>,
     pub warnings: Vec<String>,
 }
 
 pub const DEFAULT_ROUTE: &str = "default";
+
+/// The warning `check-config` and the start banner give when channels are live and the file names
+/// nobody to alarm when an incident goes unacknowledged.
+pub fn unreached_warning(routing: &Routing, live: bool) -> Option<String> {
+    (live && !routing.has_unreached()).then(|| {
+        "the stakeholder file has no [unreached] table: when nobody acknowledges an incident, or a \
+         provider refuses the account, no person is alarmed (add [unreached] teams = [\"...\"])"
+            .to_owned()
+    })
+}
 
 /// Whether an E.164 number is one of the example file's placeholders (`+91 98000 000xx`).
 pub fn is_sample_number(e164: &str) -> bool {
@@ -189,8 +210,27 @@ impl Routing {
                 "{where_}: routes.default is missing; unknown or missing emergency types need it"
             ));
         }
+        let unreached = file.unreached.as_ref().map(|u| {
+            let entry = format!("{where_}: unreached.teams");
+            if u.teams.is_empty() {
+                errors.push(format!(
+                    "{entry}: is empty; name the teams alarmed when nobody acknowledged"
+                ));
+            }
+            for t in &u.teams {
+                if !teams.contains(t.trim()) {
+                    errors.push(format!("{entry}: team {t:?} has no contacts"));
+                }
+            }
+            u.teams
+                .iter()
+                .map(|t| t.trim().to_owned())
+                .collect::<Vec<_>>()
+        });
         for team in &teams {
-            if !file.routes.values().flatten().any(|t| t.trim() == team) {
+            // A team that is only alarmed (a duty manager) is on no route on purpose.
+            let alarmed = unreached.as_ref().is_some_and(|u| u.contains(team));
+            if !alarmed && !file.routes.values().flatten().any(|t| t.trim() == team) {
                 warnings.push(format!("{where_}: team {team:?} is on no route"));
             }
         }
@@ -219,6 +259,7 @@ impl Routing {
                 contacts,
                 routes,
                 ivr,
+                unreached,
                 warnings,
             })
         } else {
@@ -271,6 +312,39 @@ impl Routing {
         }
     }
 
+    /// Whether the file has an `[unreached]` table.
+    pub fn has_unreached(&self) -> bool {
+        self.unreached.is_some()
+    }
+
+    /// Who is alarmed when nobody acknowledged an incident in time (and when a provider account
+    /// fails): every contact of the `[unreached]` teams, each on every channel they have, once.
+    /// `None` without an `[unreached]` table.
+    pub fn unreached_plan(&self) -> Option<Plan> {
+        let teams = self.unreached.as_ref()?;
+        let mut seen: BTreeSet<(String, Channel)> = BTreeSet::new();
+        let mut targets = Vec::new();
+        for contact in &self.contacts {
+            if !contact.teams.iter().any(|t| teams.contains(t)) {
+                continue;
+            }
+            for &channel in &contact.channels {
+                if seen.insert((contact.phone.e164().to_owned(), channel)) {
+                    targets.push(Target {
+                        contact_name: contact.name.clone(),
+                        phone: contact.phone.clone(),
+                        channel,
+                    });
+                }
+            }
+        }
+        Some(Plan {
+            emergency_type: "Unreached".to_owned(),
+            route: "unreached".to_owned(),
+            targets,
+        })
+    }
+
     /// The routing table as `check-config` prints it, numbers masked.
     pub fn describe(&self) -> String {
         let mut out = String::new();
@@ -280,6 +354,25 @@ impl Routing {
             let (spelling, teams) = &self.routes[key];
             out.push_str(&format!("{spelling} -> {}\n", teams.join(", ")));
             let plan = self.plan(Some(spelling));
+            let mut by_contact: BTreeMap<(String, String), Vec<&str>> = BTreeMap::new();
+            for t in &plan.targets {
+                by_contact
+                    .entry((t.contact_name.clone(), t.phone.masked()))
+                    .or_default()
+                    .push(t.channel.as_str());
+            }
+            for ((name, phone), channels) in by_contact {
+                out.push_str(&format!(
+                    "    {name:<28} {phone:<16} {}\n",
+                    channels.join(", ")
+                ));
+            }
+        }
+        if let (Some(teams), Some(plan)) = (&self.unreached, self.unreached_plan()) {
+            out.push_str(&format!(
+                "Unreached alarm (nobody acknowledged in time) -> {}\n",
+                teams.join(", ")
+            ));
             let mut by_contact: BTreeMap<(String, String), Vec<&str>> = BTreeMap::new();
             for t in &plan.targets {
                 by_contact
@@ -439,5 +532,60 @@ Brain = []
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert!(errs.iter().all(|e| e.starts_with("s.toml: ")));
+    }
+
+    #[test]
+    fn unreached_teams_are_validated_and_planned_once_per_channel() {
+        let text = r#"
+[[contact]]
+name = "Duty manager"
+phone = "+919800000009"
+channels = ["call", "sms"]
+teams = ["duty-manager", "night"]
+
+[[contact]]
+name = "Desk"
+phone = "+919800000004"
+teams = ["desk"]
+
+[routes]
+default = ["desk"]
+
+[unreached]
+teams = ["duty-manager", "night"]
+"#;
+        let r = Routing::parse(text, "s.toml", india()).unwrap();
+        assert!(r.has_unreached());
+        assert!(
+            !r.warnings.iter().any(|w| w.contains("duty-manager")),
+            "an alarmed team needs no route: {:?}",
+            r.warnings
+        );
+        let plan = r.unreached_plan().unwrap();
+        let got: Vec<(&str, Channel)> = plan
+            .targets
+            .iter()
+            .map(|t| (t.contact_name.as_str(), t.channel))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("Duty manager", Channel::Call),
+                ("Duty manager", Channel::Sms)
+            ]
+        );
+        assert!(r.describe().contains("Unreached alarm"), "{}", r.describe());
+
+        let table = "[unreached]\nteams = [\"duty-manager\", \"night\"]";
+        assert!(text.contains(table));
+        let unknown = text.replace(table, "[unreached]\nteams = [\"nobody\"]");
+        let errs = Routing::parse(&unknown, "s.toml", india()).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("unreached.teams: team \"nobody\" has no contacts")),
+            "{errs:?}"
+        );
+        let without = Routing::parse(&text.replace(table, ""), "s.toml", india()).unwrap();
+        assert!(without.unreached_plan().is_none());
     }
 }

@@ -168,4 +168,6 @@ pub struct GreetingView {
     pub issued_at: i64,
     /// The fetched recording's status, when it is fetched by us (proxy mode).
     pub recording_status: Option<String>,
+    /// The delivery's purpose: an `alarm` call speaks the alarm, not the alert.
+    pub purpose: String,
 }

@@ -546,6 +546,7 @@ async fn openapi_document_is_valid_and_covers_every_route() {
         ("/api/v1/incidents/{id}/resolve", "post"),
         ("/api/v1/incidents/{id}/ack", "post"),
         ("/api/v1/alertmanager", "post"),
+        ("/api/v1/alarms", "get"),
         ("/api/v1/openapi.json", "get"),
     ];
     let mut documented = Vec::new();

@@ -5,6 +5,7 @@ mod op;
 mod raw;
 
 mod ack;
+mod alarms;
 mod alertmanager;
 mod api;
 mod browser;

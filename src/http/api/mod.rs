@@ -6,6 +6,7 @@
 //! One file per resource: `incidents` (create, list, get, resolve), `alertmanager` (the webhook),
 //! `openapi` (the document) and `auth` (the bearer check). What they share lives here.
 
+mod alarms;
 mod alertmanager;
 mod auth;
 mod incidents;
@@ -50,6 +51,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/incidents/{id}/resolve", post(resolve_incident))
         .route("/api/v1/incidents/{id}/ack", post(acknowledge_incident))
         .route("/api/v1/alertmanager", post(alertmanager))
+        .route("/api/v1/alarms", get(alarms::list_alarms))
         .route("/api/v1/openapi.json", get(openapi_json))
 }
 

@@ -4,6 +4,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use utoipa::OpenApi;
 
+use super::alarms;
 use super::alertmanager::{self, AlertmanagerAlert};
 use super::incidents;
 
@@ -22,6 +23,7 @@ use super::incidents;
         incidents::resolve_incident,
         incidents::acknowledge_incident,
         alertmanager::alertmanager,
+        alarms::list_alarms,
         openapi_json
     ),
     components(schemas(AlertmanagerAlert)),

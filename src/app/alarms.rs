@@ -1,0 +1,488 @@
+//! Alarms: the sweep that marks incidents nobody acknowledged in time as unreached and alarms the
+//! `[unreached]` teams, the sender that POSTs every alarm to `alarms.webhook_url` (and alarms the
+//! teams of an account alarm), and the watch on bursts of bad webhook tokens.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::AppState;
+use crate::dispatch::retry::RetryPolicy;
+use crate::domain::Channel;
+use crate::providers::AccountProblem;
+use crate::store::alarms::{AlarmTarget, DueAlarm, Tried, UnnotifiedAlarm};
+
+/// How long one webhook POST may take.
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// The lease on the alarms claimed together (at most 10, see `store::alarms`), POSTed one after the
+/// other: longer than ten POSTs that each run into [`WEBHOOK_TIMEOUT`], so a slow receiver never lets
+/// another replica claim and send one again.
+const LEASE_MS: i64 = 120_000;
+/// Bad tokens on the webhooks within [`TOKEN_BURST_WINDOW_MS`] that raise an account alarm: Exotel
+/// answering with an old token after a change looks like this, and every status callback and
+/// keypress is then lost.
+pub const TOKEN_BURST: usize = 5;
+/// See [`TOKEN_BURST`].
+pub const TOKEN_BURST_WINDOW_MS: i64 = 60_000;
+/// The lane name of account alarms about our own webhooks.
+pub const WEBHOOK_LANE: &str = "webhook";
+
+/// The `[unreached]` contacts of the current routing, each on every channel they have that a
+/// provider lane sends, leaving out `avoid` (a lane's channel that is failing) unless nothing else is
+/// left.
+pub fn alarm_targets(state: &AppState, avoid: Option<Channel>) -> Vec<AlarmTarget> {
+    let Some(plan) = state.routing.current().unreached_plan() else {
+        return Vec::new();
+    };
+    let all: Vec<AlarmTarget> = plan
+        .targets
+        .iter()
+        .filter_map(|t| {
+            let lane = state.providers.for_channel(t.channel)?;
+            Some(AlarmTarget {
+                contact_name: t.contact_name.clone(),
+                phone: t.phone.e164().to_owned(),
+                channel: t.channel,
+                provider: lane.name.clone(),
+            })
+        })
+        .collect();
+    let others: Vec<AlarmTarget> = all
+        .iter()
+        .filter(|t| Some(t.channel) != avoid)
+        .cloned()
+        .collect();
+    if others.is_empty() {
+        all
+    } else {
+        others
+    }
+}
+
+/// Marks every due incident unreached, every second, until `shutdown` turns true. Errors are logged
+/// and retried on the next round.
+pub async fn unreached_sweep(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(e) = mark_unreached(&state).await {
+            tracing::warn!(error = format!("{e:#}"), "unreached sweep failed");
+        }
+    }
+}
+
+/// One round of the sweep: how many incidents this round marked.
+pub async fn mark_unreached(state: &AppState) -> anyhow::Result<usize> {
+    let deadline_ms = i64::try_from(state.settings.ack.deadline_secs())
+        .unwrap_or(900)
+        .saturating_mul(1000);
+    let due = state.store.due_unreached(deadline_ms).await?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    let webhook = !state.settings.alarms.webhook_url.trim().is_empty();
+    let base = state.settings.public_base().to_owned();
+    let mut marked = 0;
+    for id in due {
+        let Some(incident) = state.store.incident(&id).await? else {
+            continue;
+        };
+        let targets = alarm_targets(state, None);
+        let body = |tried: &[Tried], now: i64| {
+            let summary = format!(
+                "Nobody acknowledged the {} emergency (incident {}) in time: {} delivery(ies) tried",
+                incident.emergency_type,
+                incident.id,
+                tried.len()
+            );
+            let json = serde_json::json!({
+                "type": "unreached",
+                "kind": "unreached",
+                "incident_id": incident.id,
+                "emergency_type": incident.emergency_type,
+                "source": incident.source,
+                "message": incident.message,
+                "received_at": incident.received_at,
+                "unreached_at": now,
+                "summary": summary,
+                "tried": tried,
+                "console": format!("{base}/console/incidents/{}", incident.id),
+                "api": format!("{base}/api/v1/incidents/{}", incident.id),
+            });
+            (summary, json)
+        };
+        match state
+            .store
+            .mark_unreached(&id, &targets, webhook, body)
+            .await
+        {
+            Ok(Some(m)) => {
+                marked += 1;
+                state.metrics.incident_unreached();
+                if targets.is_empty() {
+                    tracing::error!(
+                        incident_id = %id,
+                        "UNREACHED: nobody acknowledged in time, and the stakeholder file has no [unreached] teams to alarm"
+                    );
+                } else {
+                    tracing::error!(
+                        incident_id = %id,
+                        alarms = m.deliveries,
+                        webhook = m.webhook,
+                        "UNREACHED: nobody acknowledged in time; the [unreached] teams are alarmed"
+                    );
+                }
+                state.wake.notify_one();
+                state.alarm_watch.wake.notify_one();
+            }
+            // Acknowledged, resolved or marked by another replica meanwhile.
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                incident_id = %id,
+                error = format!("{e:#}"),
+                "could not mark the incident unreached; trying again next round"
+            ),
+        }
+    }
+    Ok(marked)
+}
+
+/// Sends the alarm outbox, every second, until `shutdown` turns true: account alarms are carried to
+/// the `[unreached]` teams, and every alarm due is POSTed to `alarms.webhook_url` when one is set.
+pub async fn alarm_sender(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let retry = match RetryPolicy::from_settings(&state.settings.dispatch) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "alarm sender not started: bad retry settings"
+            );
+            return;
+        }
+    };
+    let http = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(WEBHOOK_TIMEOUT)
+        .user_agent(concat!("exotel-sos/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "alarm sender not started: no HTTP client");
+            return;
+        }
+    };
+    let owner = format!("alarms-{}", uuid::Uuid::new_v4().simple());
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = state.alarm_watch.wake.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(e) = notify_account_alarms(&state).await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "could not alarm the [unreached] teams of an account alarm"
+            );
+        }
+        if let Err(e) = post_due_alarms(&state, &http, &owner, &retry).await {
+            tracing::warn!(error = format!("{e:#}"), "alarm webhook round failed");
+        }
+    }
+}
+
+/// Carries each new account alarm to the `[unreached]` teams (on the channels not affected, where
+/// possible); how many.
+pub async fn notify_account_alarms(state: &AppState) -> anyhow::Result<usize> {
+    let alarms = state.store.unnotified_account_alarms().await?;
+    let mut done = 0;
+    for alarm in alarms {
+        let avoid = alarm
+            .lane
+            .as_deref()
+            .and_then(|l| state.providers.lane(l))
+            .map(|l| l.channel());
+        let targets = alarm_targets(state, avoid);
+        if let Some(incident_id) = notify_one(state, &alarm, &targets).await? {
+            tracing::warn!(
+                incident_id = %incident_id,
+                alarms = targets.len(),
+                "account alarm carried to the [unreached] teams"
+            );
+            state.wake.notify_one();
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
+async fn notify_one(
+    state: &AppState,
+    alarm: &UnnotifiedAlarm,
+    targets: &[AlarmTarget],
+) -> anyhow::Result<Option<String>> {
+    state.store.notify_account_alarm(alarm, targets).await
+}
+
+/// POSTs the alarms due to the webhook; how many were taken.
+async fn post_due_alarms(
+    state: &AppState,
+    http: &reqwest::Client,
+    owner: &str,
+    retry: &RetryPolicy,
+) -> anyhow::Result<usize> {
+    let url = state.settings.alarms.webhook_url.trim();
+    if url.is_empty() {
+        return Ok(0);
+    }
+    let due = state.store.claim_due_alarms(owner, LEASE_MS).await?;
+    let mut sent = 0;
+    for alarm in due {
+        match post(http, url, &alarm).await {
+            Ok(()) => {
+                state.store.alarm_sent(&alarm.id, owner).await?;
+                tracing::info!(alarm_id = %alarm.id, kind = %alarm.kind, "alarm webhook took the alarm");
+                sent += 1;
+            }
+            Err((error, again, retry_after)) => {
+                let age =
+                    Duration::from_millis((state.store.now_ms() - alarm.raised_at).max(0) as u64);
+                let due_at = again
+                    .then(|| retry.next_wait(alarm.attempts as u32, age, retry_after))
+                    .flatten()
+                    .map(|w| state.store.now_ms() + w.as_millis() as i64);
+                tracing::warn!(
+                    alarm_id = %alarm.id,
+                    attempt = alarm.attempts,
+                    error = %error,
+                    retry = due_at.is_some(),
+                    "alarm webhook did not take the alarm"
+                );
+                state
+                    .store
+                    .alarm_failed(&alarm.id, owner, &error, due_at)
+                    .await?;
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// One POST: `Ok` on 2xx; else the reason, whether another try may help (timeouts, 408, 425, 429,
+/// 5xx; any other 4xx will be refused the same way) and the receiver's `Retry-After`.
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    alarm: &DueAlarm,
+) -> Result<(), (String, bool, Option<Duration>)> {
+    let res = http
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(alarm.body.clone())
+        .send()
+        .await
+        // The error's text holds the URL, which may hold the receiver's secret: keep only its kind.
+        .map_err(|e| {
+            let what = if e.is_timeout() {
+                "no answer in time"
+            } else if e.is_connect() {
+                "connection failed"
+            } else {
+                "request failed"
+            };
+            (what.to_owned(), true, None)
+        })?;
+    let status = res.status().as_u16();
+    if res.status().is_success() {
+        return Ok(());
+    }
+    let retry_after = res
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::providers::parse_retry_after);
+    let again = matches!(status, 408 | 425 | 429 | 500..=599);
+    Err((format!("HTTP {status}"), again, retry_after))
+}
+
+/// What this process watches outside the dispatcher: bad webhook tokens seen lately (a burst raises an
+/// account alarm), and the lanes whose account alarm it raised from a status callback (a DLT block is
+/// only reported there), so that the lane's next delivered report clears it with one write.
+#[derive(Debug, Default)]
+pub struct AlarmWatch {
+    failures: Mutex<VecDeque<i64>>,
+    token_raised: AtomicBool,
+    /// Set by the first good token of this process, which clears a token alarm left open by an
+    /// earlier run.
+    token_seen_good: AtomicBool,
+    reported: Mutex<HashSet<String>>,
+    /// Wakes this process's alarm sender when an alarm is raised, rather than at its next second.
+    pub wake: tokio::sync::Notify,
+}
+
+impl AlarmWatch {
+    /// Notes a bad token at `now`: true when this one completes a burst not alarmed yet.
+    pub fn failed(&self, now: i64) -> bool {
+        let Ok(mut f) = self.failures.lock() else {
+            return false;
+        };
+        f.push_back(now);
+        while f.front().is_some_and(|&t| t <= now - TOKEN_BURST_WINDOW_MS) {
+            f.pop_front();
+        }
+        f.len() >= TOKEN_BURST && !self.token_raised.swap(true, Ordering::Relaxed)
+    }
+
+    /// Notes a good token: true when a burst had been alarmed (the caller clears the alarm).
+    pub fn succeeded(&self) -> bool {
+        let first = !self.token_seen_good.swap(true, Ordering::Relaxed);
+        if !self.token_raised.load(Ordering::Relaxed) {
+            return first;
+        }
+        if let Ok(mut f) = self.failures.lock() {
+            f.clear();
+        }
+        self.token_raised.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// Raises the account alarm of `problem` on `lane` (once per lane and reason, across replicas), beside
+/// the caller: the write never holds up a webhook's answer.
+pub fn raise_account(state: &AppState, lane: &str, problem: AccountProblem) {
+    let alarm = crate::dispatch::account::account_alarm(
+        lane,
+        &problem,
+        state.settings.public_base(),
+        state.store.now_ms(),
+    );
+    let webhook = !state.settings.alarms.webhook_url.trim().is_empty();
+    let state = state.clone();
+    let lane = lane.to_owned();
+    tokio::spawn(async move {
+        match state.store.raise_account_alarm(&alarm, webhook).await {
+            Ok(true) => {
+                state.metrics.account_alarm(&lane, problem.reason);
+                state.alarm_watch.wake.notify_one();
+                tracing::error!(
+                    lane = %lane,
+                    reason = problem.reason,
+                    detail = %crate::domain::mask_numbers(&problem.detail),
+                    "ACCOUNT ALARM: every later alert on this lane will fail too"
+                );
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                lane = %lane,
+                reason = problem.reason,
+                "could not record the account alarm"
+            ),
+        }
+    });
+}
+
+/// Clears `lane`'s account alarms beside the caller.
+fn clear_account(state: &AppState, lane: &str) {
+    let store = state.store.clone();
+    let lane = lane.to_owned();
+    tokio::spawn(async move {
+        match store.clear_account_alarms(&lane).await {
+            Ok(0) => {}
+            Ok(_) => tracing::warn!(lane = %lane, "account alarm cleared: the lane works again"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                lane = %lane,
+                "could not clear the account alarm"
+            ),
+        }
+    });
+}
+
+/// Called with each SMS status report of `lane`: a DLT block of the sender or template raises the
+/// account alarm; a delivered SMS clears one this process raised that way.
+pub fn sms_reported(state: &AppState, lane: &str, detailed_code: Option<&str>, delivered: bool) {
+    let watch = &state.alarm_watch;
+    if delivered {
+        let raised = watch.reported.lock().is_ok_and(|mut r| r.remove(lane));
+        if raised {
+            clear_account(state, lane);
+        }
+        return;
+    }
+    let Some(problem) = detailed_code
+        .and_then(|c| c.trim().parse::<i64>().ok())
+        .and_then(crate::providers::exotel::dlt_problem)
+    else {
+        return;
+    };
+    if let Ok(mut r) = watch.reported.lock() {
+        r.insert(lane.to_owned());
+    }
+    raise_account(state, lane, problem);
+}
+
+/// Called with each webhook token check: a burst of bad ones raises the `webhook_token` account alarm
+/// once; the next good one clears it. The writes run beside the request, never in its way.
+pub fn token_checked(state: &AppState, ok: bool) {
+    let watch = &state.alarm_watch;
+    if ok {
+        if watch.succeeded() {
+            clear_account(state, WEBHOOK_LANE);
+        }
+        return;
+    }
+    if !watch.failed(state.store.now_ms()) {
+        return;
+    }
+    raise_account(
+        state,
+        WEBHOOK_LANE,
+        AccountProblem {
+            reason: "webhook_token",
+            detail: format!(
+                "{TOKEN_BURST} or more requests with a missing or wrong token within {}s: was \
+                 server.webhook_token changed without updating the Exotel flow's URLs?",
+                TOKEN_BURST_WINDOW_MS / 1000
+            ),
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_bad_tokens_alarms_once_until_a_good_one() {
+        let w = AlarmWatch::default();
+        for i in 0..4 {
+            assert!(!w.failed(i * 1000));
+        }
+        assert!(w.failed(4_000), "the fifth within a minute");
+        assert!(!w.failed(5_000), "once");
+        assert!(w.succeeded());
+        assert!(!w.succeeded());
+        // The first good token of a process clears what an earlier run left open.
+        let w = AlarmWatch::default();
+        assert!(w.succeeded());
+        assert!(!w.succeeded());
+        // Spread over more than a minute: no burst.
+        let w = AlarmWatch::default();
+        for i in 0..10 {
+            assert!(!w.failed(i * 20_000));
+        }
+    }
+}

@@ -1,0 +1,964 @@
+//! Alarms: an incident nobody acknowledged by `ack.deadline` is marked unreached and alarmed to the
+//! `[unreached]` teams and the alarm webhook; provider answers that refuse the account, and bursts of
+//! bad webhook tokens, raise one account alarm and mark `/readyz` degraded. Time is moved with the
+//! store's clock.
+
+use std::time::Duration;
+
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::both_engines;
+use crate::helpers::*;
+
+both_engines!(
+    an_incident_nobody_acknowledged_is_marked_unreached_after_the_deadline_not_before,
+    the_alarm_webhook_failing_twice_is_retried_and_sent_once,
+    an_alarm_webhook_refusing_with_404_is_not_retried,
+    an_unreached_incident_keeps_its_dedup_key_and_can_be_resolved,
+    an_acknowledged_incident_is_never_marked_unreached,
+    a_drill_is_never_marked_unreached,
+    a_keypress_on_the_alarm_call_acknowledges_the_incident,
+    exotel_refusing_the_account_raises_one_alarm_and_degrades_readyz,
+    exotel_402_raises_the_payment_alarm,
+    a_gupshup_credit_error_raises_one_alarm,
+    a_burst_of_bad_webhook_tokens_raises_one_alarm,
+    a_dlt_template_block_in_the_sms_report_raises_one_alarm,
+);
+
+/// [`STAKEHOLDERS`] with a duty manager (call and SMS) alarmed when nobody acknowledges.
+fn stakeholders_with_unreached() -> String {
+    let (contacts, rest) = STAKEHOLDERS.split_once("[routes]").unwrap();
+    format!(
+        "{contacts}
+[[contact]]
+name = \"Duty manager\"
+phone = \"+919800000009\"
+channels = [\"call\", \"sms\"]
+teams = [\"duty-manager\"]
+
+[routes]{rest}
+[unreached]
+teams = [\"duty-manager\"]
+"
+    )
+}
+
+const DUTY: &str = "+919800000009";
+const DEADLINE_MINUTES: u64 = 15;
+
+async fn spawn_alarm_app(db: Db, p: &Providers, extra: &[(&'static str, String)]) -> TestApp {
+    let db = TestDb::new(db).await;
+    let stakeholders = db.dir().join("stakeholders.toml");
+    std::fs::write(&stakeholders, stakeholders_with_unreached()).unwrap();
+    let mut env = p.env();
+    env.push(("SOS_DISPATCH__MAX_REDIALS", "0".into()));
+    env.push(("SOS_ACK__DEADLINE", format!("{DEADLINE_MINUTES}m")));
+    env.extend(extra.iter().cloned());
+    let settings = test_settings(&db, &stakeholders, &env);
+    start(db, stakeholders, settings).await
+}
+
+/// A receiver for the alarm webhook at `/hook`.
+async fn hook() -> (MockServer, String) {
+    let server = MockServer::start().await;
+    let url = format!("{}/hook", server.uri());
+    (server, url)
+}
+
+async fn hook_posts(server: &MockServer) -> Vec<serde_json::Value> {
+    server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.url.path() == "/hook")
+        .map(|r| serde_json::from_slice(&r.body).expect("the alarm is JSON"))
+        .collect()
+}
+
+async fn incident_of(app: &TestApp, sid: &str) -> exotel_sos::store::IncidentRow {
+    app.store.incident_by_call_sid(sid).await.unwrap().unwrap()
+}
+
+async fn alarm_deliveries(app: &TestApp, incident_id: &str) -> Vec<exotel_sos::store::DeliveryRow> {
+    app.store
+        .deliveries(incident_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.purpose == "alarm")
+        .collect()
+}
+
+async fn wait_unreached(app: &TestApp, sid: &str) -> exotel_sos::store::IncidentRow {
+    let store = app.store.clone();
+    let sid2 = sid.to_owned();
+    let marked = eventually(Duration::from_secs(10), || {
+        let store = store.clone();
+        let sid = sid2.clone();
+        async move {
+            store
+                .incident_by_call_sid(&sid)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|i| i.unreached_at.is_some())
+        }
+    })
+    .await;
+    assert!(marked, "{sid} is marked unreached");
+    incident_of(app, sid).await
+}
+
+async fn metrics(app: &TestApp) -> String {
+    app.client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn readyz(app: &TestApp) -> (u16, serde_json::Value) {
+    let res = app
+        .client
+        .get(format!("{}/readyz", app.base))
+        .send()
+        .await
+        .unwrap();
+    (res.status().as_u16(), res.json().await.unwrap())
+}
+
+async fn alarms_api(app: &TestApp) -> Vec<serde_json::Value> {
+    let res = app
+        .client
+        .get(format!("{}/api/v1/alarms", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+/// Nothing before the deadline; once it passes: the flag, an `unreached` event, the metric, the duty
+/// manager alarmed on call and SMS (the SMS with the alarm's news) and one webhook POST with the
+/// incident, who was tried and the links. Nothing of the incident's own deliveries is cancelled.
+async fn an_incident_nobody_acknowledged_is_marked_unreached_after_the_deadline_not_before(db: Db) {
+    const SID: &str = "unreached1";
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app(db, &p, &[("SOS_ALARMS__WEBHOOK_URL", url)]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let before = app.settled(SID).await;
+    assert_eq!(before.len(), HEART_DELIVERIES);
+
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 - 60));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let inc = incident_of(&app, SID).await;
+    assert_eq!(inc.unreached_at, None, "not before the deadline");
+    assert!(alarm_deliveries(&app, &inc.id).await.is_empty());
+    assert!(hook_posts(&server).await.is_empty());
+
+    app.store.clock().advance(Duration::from_secs(120));
+    let inc = wait_unreached(&app, SID).await;
+    assert_eq!(inc.status, "open", "a flag, not a status");
+    let timeline = app.store.incident_timeline(&inc.id).await.unwrap();
+    assert_eq!(
+        timeline.iter().filter(|e| e.kind == "unreached").count(),
+        1,
+        "{timeline:?}"
+    );
+    let settled = eventually(Duration::from_secs(15), || async {
+        let ds = alarm_deliveries(&app, &inc.id).await;
+        ds.len() == 2
+            && ds
+                .iter()
+                .all(|d| d.status != "queued" && d.status != "sending")
+    })
+    .await;
+    let alarms = alarm_deliveries(&app, &inc.id).await;
+    assert!(settled, "{alarms:?}");
+    assert!(alarms.iter().all(|d| d.phone == DUTY), "{alarms:?}");
+    let mut channels: Vec<String> = alarms.iter().map(|d| d.channel.to_string()).collect();
+    channels.sort();
+    assert_eq!(channels, ["call", "sms"]);
+    let duty_sms: Vec<String> = p
+        .requests(SMS_PATH)
+        .await
+        .into_iter()
+        .filter(|(f, _)| field(f, "To") == Some(DUTY))
+        .map(|(f, _)| field(&f, "Body").unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(duty_sms.len(), 1, "{duty_sms:?}");
+    assert!(duty_sms[0].contains("NOT ACKNOWLEDGED"), "{duty_sms:?}");
+    // Escalation goes on: nothing of the incident was cancelled by the alarm.
+    let own = app.store.deliveries(&inc.id).await.unwrap();
+    assert!(own.iter().all(|d| d.status != "cancelled"), "{own:?}");
+
+    let posted = eventually(Duration::from_secs(10), || async {
+        !hook_posts(&server).await.is_empty()
+    })
+    .await;
+    assert!(posted, "the webhook is called");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let posts = hook_posts(&server).await;
+    assert_eq!(posts.len(), 1, "once: {posts:?}");
+    let body = &posts[0];
+    assert_eq!(body["type"], "unreached");
+    assert_eq!(body["incident_id"], inc.id.as_str());
+    assert_eq!(body["emergency_type"], "Heart");
+    assert_eq!(body["received_at"], inc.received_at);
+    assert_eq!(
+        body["tried"].as_array().map(Vec::len),
+        Some(HEART_DELIVERIES),
+        "{body}"
+    );
+    assert!(
+        body["console"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/console/incidents/{}", inc.id)),
+        "{body}"
+    );
+    assert!(
+        !body.to_string().contains("9800000001"),
+        "numbers masked: {body}"
+    );
+
+    let text = metrics(&app).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("sos_incidents_unreached_total") && l.ends_with(" 1")),
+        "{text}"
+    );
+    let listed = alarms_api(&app).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["status"], "sent");
+    assert_eq!(listed[0]["dedup_key"], format!("unreached:{}", inc.id));
+
+    // Later rounds mark nothing again.
+    app.store.clock().advance(Duration::from_secs(600));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(alarm_deliveries(&app, &inc.id).await.len(), 2);
+    assert_eq!(hook_posts(&server).await.len(), 1);
+
+    // Someone acknowledges at last: the duty manager, already alarmed, is told like everyone alerted.
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{}/ack", app.base, inc.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"by": "Dr. Asha Rao"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
+    let notices: Vec<_> = app
+        .store
+        .deliveries(&inc.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.purpose == "ack_notice" && d.phone == DUTY)
+        .collect();
+    assert_eq!(notices.len(), 1, "one notice on SMS: {notices:?}");
+    app.stop().await;
+}
+
+/// The webhook answers 500 twice, then 200: three POSTs, the alarm `sent` once.
+async fn the_alarm_webhook_failing_twice_is_retried_and_sent_once(db: Db) {
+    const SID: &str = "unreached2";
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(2)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app(db, &p, &[("SOS_ALARMS__WEBHOOK_URL", url)]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Brain"))
+        .await;
+    app.settled(SID).await;
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 + 1));
+    wait_unreached(&app, SID).await;
+    let sent = eventually(Duration::from_secs(15), || async {
+        alarms_api(&app)
+            .await
+            .first()
+            .is_some_and(|a| a["status"] == "sent")
+    })
+    .await;
+    let listed = alarms_api(&app).await;
+    assert!(sent, "{listed:?}");
+    assert_eq!(listed[0]["attempts"], 3, "{listed:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let posts = hook_posts(&server).await;
+    assert_eq!(posts.len(), 3, "two failures, one success, no more");
+    assert!(
+        posts.iter().all(|b| b == &posts[0]),
+        "the same alarm each time"
+    );
+    app.stop().await;
+}
+
+/// A webhook answering 404 (a wrong URL) refuses the same way every time: the alarm is `failed` after
+/// one POST, with the reason kept, and the people are alarmed all the same.
+async fn an_alarm_webhook_refusing_with_404_is_not_retried(db: Db) {
+    const SID: &str = "unreached404";
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(404).set_body_string("<html>Not Found</html>"))
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app(db, &p, &[("SOS_ALARMS__WEBHOOK_URL", url)]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    app.settled(SID).await;
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 + 1));
+    let inc = wait_unreached(&app, SID).await;
+    let failed = eventually(Duration::from_secs(10), || async {
+        alarms_api(&app)
+            .await
+            .first()
+            .is_some_and(|a| a["status"] == "failed")
+    })
+    .await;
+    let listed = alarms_api(&app).await;
+    assert!(failed, "{listed:?}");
+    assert_eq!(listed[0]["attempts"], 1);
+    assert_eq!(listed[0]["last_error"], "HTTP 404");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(hook_posts(&server).await.len(), 1);
+    assert_eq!(alarm_deliveries(&app, &inc.id).await.len(), 2);
+    app.stop().await;
+}
+
+/// Unreached is a flag, not a status: the incident's dedup key keeps suppressing repeats, and it
+/// resolves like any open incident.
+async fn an_unreached_incident_keeps_its_dedup_key_and_can_be_resolved(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(db, &p, &[]).await;
+    let trigger = || async {
+        app.client
+            .post(format!("{}/api/v1/incidents", app.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({
+                "emergency_type": "ServerDown", "message": "db1 is down", "dedup_key": "db1-down"
+            }))
+            .send()
+            .await
+            .unwrap()
+    };
+    let res = trigger().await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 + 1));
+    let store = app.store.clone();
+    let marked = eventually(Duration::from_secs(10), || async {
+        store
+            .incident(&id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|i| i.unreached_at.is_some())
+    })
+    .await;
+    assert!(marked);
+    let res = trigger().await;
+    assert_eq!(res.status(), 200, "the repeat finds the unreached incident");
+    assert_eq!(
+        res.json::<serde_json::Value>().await.unwrap()["id"],
+        id.as_str()
+    );
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{id}/resolve", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let inc = app.store.incident(&id).await.unwrap().unwrap();
+    assert_eq!(inc.status, "resolved");
+    assert!(inc.unreached_at.is_some());
+    app.stop().await;
+}
+
+/// Acknowledged before the deadline: never marked, nobody alarmed, no webhook.
+async fn an_acknowledged_incident_is_never_marked_unreached(db: Db) {
+    const SID: &str = "unreached3";
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app(db, &p, &[("SOS_ALARMS__WEBHOOK_URL", url)]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    app.settled(SID).await;
+    let inc = incident_of(&app, SID).await;
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{}/ack", app.base, inc.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"by": "Dr. Asha Rao"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 * 3));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let inc = incident_of(&app, SID).await;
+    assert_eq!(inc.unreached_at, None);
+    assert!(alarm_deliveries(&app, &inc.id).await.is_empty());
+    assert!(hook_posts(&server).await.is_empty());
+    assert!(alarms_api(&app).await.is_empty());
+    app.stop().await;
+}
+
+/// A drill never escalates or alarms, however long nobody acknowledges it.
+async fn a_drill_is_never_marked_unreached(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(db, &p, &[]).await;
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({
+            "emergency_type": "Drill", "message": "test", "drill_contact": "Emergency desk"
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let body: serde_json::Value = res.json().await.unwrap();
+    let id = body["id"].as_str().unwrap().to_owned();
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 * 2));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let inc = app.store.incident(&id).await.unwrap().unwrap();
+    assert_eq!(inc.source, "drill");
+    assert_eq!(inc.unreached_at, None);
+    assert!(alarm_deliveries(&app, &id).await.is_empty());
+    assert!(alarms_api(&app).await.is_empty());
+    app.stop().await;
+}
+
+/// The alarm call's greeting speaks the alarm; pressing the acknowledge key on it acknowledges the
+/// incident, by the duty manager, and the incident's calls not yet placed are cancelled.
+async fn a_keypress_on_the_alarm_call_acknowledges_the_incident(db: Db) {
+    const SID: &str = "unreached4";
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(db, &p, &[]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    app.settled(SID).await;
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 + 1));
+    let inc = wait_unreached(&app, SID).await;
+    let placed = eventually(Duration::from_secs(10), || async {
+        alarm_deliveries(&app, &inc.id)
+            .await
+            .iter()
+            .any(|d| d.channel == "call" && d.status != "queued" && d.status != "sending")
+    })
+    .await;
+    assert!(placed);
+    let call = alarm_deliveries(&app, &inc.id)
+        .await
+        .into_iter()
+        .find(|d| d.channel == "call")
+        .unwrap();
+    let res = app.greeting(reqwest::Method::GET, &call.greeting_ref).await;
+    assert_eq!(res.status(), 200);
+    let spoken = res.text().await.unwrap();
+    assert!(
+        spoken.contains("Nobody has acknowledged the Heart emergency")
+            && spoken.contains("Press 1 to acknowledge"),
+        "{spoken}"
+    );
+    let res = app
+        .client
+        .get(format!(
+            "{}/exotel/ack?token={WEBHOOK_TOKEN}&CustomField={}&digits=%221%22",
+            app.base, call.greeting_ref
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
+    let inc = incident_of(&app, SID).await;
+    assert_eq!(inc.status, "acknowledged");
+    assert_eq!(inc.acknowledged_by.as_deref(), Some("Duty manager"));
+    assert_eq!(inc.acknowledged_via.as_deref(), Some("call"));
+    assert!(inc.unreached_at.is_some(), "the flag stays");
+    let call = app.store.delivery(&call.id).await.unwrap().unwrap();
+    assert_eq!(call.status, "acknowledged");
+    app.stop().await;
+}
+
+/// A stand-in for Exotel's calls that refuses the account with `status`.
+async fn mount_refusing_calls(p: &Providers, status: u16, message: &str) {
+    Mock::given(method("POST"))
+        .and(path(CALLS_PATH))
+        .respond_with(ResponseTemplate::new(status).set_body_json(
+            serde_json::json!({"RestException": {"Status": status, "Message": message}}),
+        ))
+        .mount(&p.exotel)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(SMS_PATH))
+        .respond_with(FreshIds::new("sms"))
+        .mount(&p.exotel)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(GUPSHUP_PATH))
+        .respond_with(FreshIds::new("whatsapp"))
+        .mount(&p.gupshup)
+        .await;
+}
+
+/// Several calls refused by the account raise the alarm once: the API lists one, `/readyz` stays 200
+/// but says degraded, the metric counts one, the duty manager is alarmed on the channel not affected
+/// (SMS), and the webhook gets one POST. Once calls are accepted again the mark is cleared.
+async fn account_alarm_for(db: Db, status: u16, reason: &str) {
+    let p = Providers::start().await;
+    mount_refusing_calls(&p, status, "Authentication failed").await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app(db, &p, &[("SOS_ALARMS__WEBHOOK_URL", url)]).await;
+    for sid in ["account1", "account2"] {
+        app.passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
+            .await;
+        app.settled(sid).await;
+    }
+    let failed_calls = app
+        .deliveries_of("account2")
+        .await
+        .into_iter()
+        .filter(|d| d.channel == "call" && d.status == "failed")
+        .count();
+    assert!(failed_calls >= 2, "the calls fail");
+    let listed = alarms_api(&app).await;
+    assert_eq!(listed.len(), 1, "once: {listed:?}");
+    assert_eq!(listed[0]["kind"], "account");
+    assert_eq!(listed[0]["lane"], "exotel:call");
+    assert_eq!(listed[0]["reason"], reason);
+    let (code, body) = readyz(&app).await;
+    assert_eq!(code, 200, "degraded is still ready: {body}");
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["degraded"][0]["lane"], "exotel:call", "{body}");
+    let text = metrics(&app).await;
+    let line = format!("sos_account_alarms_total{{lane=\"exotel:call\",reason=\"{reason}\"}} 1");
+    assert!(text.contains(&line), "{line} in\n{text}");
+
+    let alarmed = eventually(Duration::from_secs(10), || async {
+        let Some(incident) = alarms_api(&app).await[0]["incident_id"]
+            .as_str()
+            .map(str::to_owned)
+        else {
+            return false;
+        };
+        let ds = alarm_deliveries(&app, &incident).await;
+        !ds.is_empty()
+            && ds
+                .iter()
+                .all(|d| d.status != "queued" && d.status != "sending")
+    })
+    .await;
+    assert!(alarmed, "the duty manager is alarmed");
+    let incident = alarms_api(&app).await[0]["incident_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ds = alarm_deliveries(&app, &incident).await;
+    assert!(
+        ds.iter().all(|d| d.channel == "sms" && d.phone == DUTY),
+        "only the channel not affected: {ds:?}"
+    );
+    let posted = eventually(Duration::from_secs(10), || async {
+        hook_posts(&server).await.len() == 1
+    })
+    .await;
+    assert!(posted);
+    let posts = hook_posts(&server).await;
+    assert_eq!(posts[0]["type"], "account");
+    assert_eq!(posts[0]["lane"], "exotel:call");
+    assert_eq!(posts[0]["reason"], reason);
+
+    // The account works again: the next accepted call clears the mark.
+    p.exotel.reset().await;
+    mount_happy(&p).await;
+    app.passthru("CallSid=account3&EmergencyType=Heart").await;
+    app.settled("account3").await;
+    let cleared = eventually(Duration::from_secs(5), || async {
+        readyz(&app).await.1["status"] == "ok"
+    })
+    .await;
+    assert!(cleared, "{}", readyz(&app).await.1);
+    assert!(alarms_api(&app).await[0]["cleared_at"].is_string());
+    app.stop().await;
+}
+
+async fn exotel_refusing_the_account_raises_one_alarm_and_degrades_readyz(db: Db) {
+    account_alarm_for(db, 401, "auth").await;
+}
+
+async fn exotel_402_raises_the_payment_alarm(db: Db) {
+    account_alarm_for(db, 402, "payment").await;
+}
+
+/// GupShup answering "insufficient credits" (123) for several messages raises one `credit` alarm on
+/// its lane.
+async fn a_gupshup_credit_error_raises_one_alarm(db: Db) {
+    let p = Providers::start().await;
+    Mock::given(method("POST"))
+        .and(path(CALLS_PATH))
+        .respond_with(FreshIds::new("call"))
+        .mount(&p.exotel)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(SMS_PATH))
+        .respond_with(FreshIds::new("sms"))
+        .mount(&p.exotel)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(GUPSHUP_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!(
+            {"response": {"id": "123", "phone": "", "details": "Insufficient credits", "status": "error"}}
+        )))
+        .mount(&p.gupshup)
+        .await;
+    let app = spawn_alarm_app(db, &p, &[]).await;
+    for sid in ["credit1", "credit2"] {
+        app.passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
+            .await;
+        app.settled(sid).await;
+    }
+    let listed = alarms_api(&app).await;
+    assert_eq!(listed.len(), 1, "once: {listed:?}");
+    assert_eq!(listed[0]["lane"], "gupshup:whatsapp");
+    assert_eq!(listed[0]["reason"], "credit");
+    assert_eq!(
+        listed[0]["status"], "recorded",
+        "no webhook set: recorded, not sent"
+    );
+    let (code, body) = readyz(&app).await;
+    assert_eq!(
+        (code, &body["status"]),
+        (200, &serde_json::json!("degraded")),
+        "{body}"
+    );
+    let text = metrics(&app).await;
+    assert!(
+        text.contains("sos_account_alarms_total{lane=\"gupshup:whatsapp\",reason=\"credit\"} 1"),
+        "{text}"
+    );
+    app.stop().await;
+}
+
+/// Five requests with a wrong token within a minute raise one `webhook_token` alarm; more raise no
+/// other; a request with the right token clears it.
+async fn a_burst_of_bad_webhook_tokens_raises_one_alarm(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(db, &p, &[]).await;
+    for i in 0..8 {
+        let res = app
+            .client
+            .get(format!(
+                "{}/exotel/passthru?token=old-token&CallSid=badtoken{i}",
+                app.base
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+    }
+    let raised = eventually(Duration::from_secs(5), || async {
+        !alarms_api(&app).await.is_empty()
+    })
+    .await;
+    assert!(raised);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listed = alarms_api(&app).await;
+    assert_eq!(listed.len(), 1, "once: {listed:?}");
+    assert_eq!(listed[0]["reason"], "webhook_token");
+    // Nothing stored from them (the only incident may be the one that carries the alarm to people).
+    for i in 0..8 {
+        let sid = format!("badtoken{i}");
+        assert!(
+            app.store
+                .incident_by_call_sid(&sid)
+                .await
+                .unwrap()
+                .is_none(),
+            "nothing stored"
+        );
+    }
+    let (code, body) = readyz(&app).await;
+    assert_eq!(
+        (code, &body["status"]),
+        (200, &serde_json::json!("degraded")),
+        "{body}"
+    );
+    assert!(metrics(&app)
+        .await
+        .contains("sos_account_alarms_total{lane=\"webhook\",reason=\"webhook_token\"} 1"));
+    // Exotel has the new token: the mark clears.
+    app.passthru("CallSid=goodtoken1&EmergencyType=Heart").await;
+    let cleared = eventually(Duration::from_secs(5), || async {
+        readyz(&app).await.1["status"] == "ok"
+    })
+    .await;
+    assert!(cleared);
+    app.stop().await;
+}
+
+/// Operators refusing the SMS template (DLT code 23082 in the status callback) raise one
+/// `dlt_template` alarm on the SMS lane for several reports; a delivered SMS clears it.
+async fn a_dlt_template_block_in_the_sms_report_raises_one_alarm(db: Db) {
+    const SID: &str = "dlt1";
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(db, &p, &[]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let ds = app.settled(SID).await;
+    let sms: Vec<String> = ds
+        .iter()
+        .filter(|d| d.channel == "sms")
+        .filter_map(|d| d.provider_id.clone())
+        .collect();
+    assert!(sms.len() >= 2, "{ds:?}");
+    for sid in &sms {
+        let res = app
+            .post_form(
+                "/exotel/sms-status",
+                &[
+                    ("SmsSid", sid.as_str()),
+                    ("Status", "failed"),
+                    ("DetailedStatusCode", "23082"),
+                    ("DetailedStatus", "TEMPLATE_BLOCKED_BY_DLT"),
+                ],
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+    }
+    let raised = eventually(Duration::from_secs(5), || async {
+        !alarms_api(&app).await.is_empty()
+    })
+    .await;
+    assert!(raised);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listed = alarms_api(&app).await;
+    assert_eq!(listed.len(), 1, "once: {listed:?}");
+    assert_eq!(listed[0]["lane"], "exotel:sms");
+    assert_eq!(listed[0]["reason"], "dlt_template");
+    assert_eq!(readyz(&app).await.1["status"], "degraded");
+
+    // The template is fixed: the next delivered SMS clears the mark.
+    app.passthru("CallSid=dlt2&EmergencyType=Heart").await;
+    let ds = app.settled("dlt2").await;
+    let sid = ds
+        .iter()
+        .find(|d| d.channel == "sms")
+        .and_then(|d| d.provider_id.clone())
+        .unwrap();
+    let res = app
+        .post_form(
+            "/exotel/sms-status",
+            &[
+                ("SmsSid", sid.as_str()),
+                ("Status", "sent"),
+                ("DetailedStatusCode", "20005"),
+            ],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let cleared = eventually(Duration::from_secs(5), || async {
+        readyz(&app).await.1["status"] == "ok"
+    })
+    .await;
+    assert!(cleared, "{}", readyz(&app).await.1);
+    app.stop().await;
+}
+
+/// `check-config` warns when a channel is live and the stakeholder file has no `[unreached]` table,
+/// and not when it has one; it prints who is alarmed.
+#[test]
+fn check_config_warns_when_live_without_unreached() {
+    let run = |stakeholders: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stakeholders.toml");
+        std::fs::write(&file, stakeholders).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_exotel-sos"))
+            .arg("check-config")
+            .env("SOS_STAKEHOLDERS__FILE", &file)
+            .env(
+                "SOS_DATABASE__URL",
+                format!("sqlite://{}/x.db?mode=rwc", dir.path().display()),
+            )
+            .env("SOS_EXOTEL__ACCOUNT_SID", "acme")
+            .env("SOS_EXOTEL__API_KEY", "key123")
+            .env("SOS_EXOTEL__API_TOKEN", "tok456")
+            .env("SOS_EXOTEL__CALLER_ID", "08069891522")
+            .env(
+                "SOS_EXOTEL__FLOW_URL",
+                "http://my.exotel.com/acme/exoml/start_voice/926",
+            )
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = run(STAKEHOLDERS);
+    assert!(ok, "a warning, not an error: {text}");
+    assert!(
+        text.contains("warning: the stakeholder file has no [unreached] table"),
+        "{text}"
+    );
+    let (ok, text) = run(&stakeholders_with_unreached());
+    assert!(ok, "{text}");
+    assert!(!text.contains("no [unreached] table"), "{text}");
+    assert!(
+        text.contains("Unreached alarm (nobody acknowledged in time) -> duty-manager"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Duty manager") && text.contains("+91******0009"),
+        "{text}"
+    );
+}
+
+/// Two replicas on one PostgreSQL sweep and send together: each incident is marked once, its duty
+/// manager alarmed once per channel, and the webhook gets one POST per incident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_mark_each_incident_once_and_post_each_alarm_once() {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let extra = [("SOS_ALARMS__WEBHOOK_URL", url)];
+    let a = spawn_alarm_app(Db::Postgres, &p, &extra).await;
+    let mut env = p.env();
+    env.push(("SOS_DISPATCH__MAX_REDIALS", "0".into()));
+    env.push(("SOS_ACK__DEADLINE", format!("{DEADLINE_MINUTES}m")));
+    env.extend(extra.iter().cloned());
+    let settings = test_settings(&a.db, &a.stakeholders, &env);
+    let b = start(TestDb::shared(&a.db.url), a.stakeholders.clone(), settings).await;
+    let sids: Vec<String> = (0..5).map(|i| format!("replicas{i}")).collect();
+    for (i, sid) in sids.iter().enumerate() {
+        let app = if i % 2 == 0 { &a } else { &b };
+        app.passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
+            .await;
+    }
+    for sid in &sids {
+        a.settled(sid).await;
+    }
+    let later = Duration::from_secs(DEADLINE_MINUTES * 60 + 1);
+    a.store.clock().advance(later);
+    b.store.clock().advance(later);
+    for sid in &sids {
+        wait_unreached(&a, sid).await;
+    }
+    let posted = eventually(Duration::from_secs(15), || async {
+        hook_posts(&server).await.len() >= sids.len()
+    })
+    .await;
+    assert!(posted);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for sid in &sids {
+        let inc = incident_of(&a, sid).await;
+        let events = a.store.incident_timeline(&inc.id).await.unwrap();
+        assert_eq!(
+            events.iter().filter(|e| e.kind == "unreached").count(),
+            1,
+            "{sid}: {events:?}"
+        );
+        assert_eq!(alarm_deliveries(&a, &inc.id).await.len(), 2, "{sid}");
+    }
+    let posts = hook_posts(&server).await;
+    let mut ids: Vec<String> = posts
+        .iter()
+        .map(|b| b["incident_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        (posts.len(), ids.len()),
+        (sids.len(), sids.len()),
+        "{posts:?}"
+    );
+    let duty_sms = p
+        .requests(SMS_PATH)
+        .await
+        .into_iter()
+        .filter(|(f, _)| field(f, "To") == Some(DUTY))
+        .count();
+    assert_eq!(duty_sms, sids.len(), "one alarm SMS per incident");
+    b.stop().await;
+    a.stop().await;
+}
