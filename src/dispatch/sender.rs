@@ -137,6 +137,20 @@ impl Dispatcher {
                 ),
             };
         }
+        // Likewise a later tier's message that came back to the queue (a retry) after the
+        // acknowledgement stopped the escalation: that tier was never needed.
+        if lane.channel() != Channel::Call
+            && incident.status == IncidentState::Acknowledged
+            && d.purpose == "alert"
+            && (d.tier > 0 || d.run > 0)
+        {
+            return Finish::Cancelled {
+                reason: format!(
+                    "escalation stopped: {} acknowledged the incident before this was sent",
+                    incident.acknowledged_by.as_deref().unwrap_or("someone")
+                ),
+            };
+        }
         if !lane.live {
             return Finish::Simulated {
                 request: prepared.redacted_json(),
