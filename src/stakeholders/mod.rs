@@ -784,4 +784,203 @@ Brain = []
         }
         assert!(errs.iter().all(|e| e.starts_with("s.toml: ")));
     }
+
+    const ESCALATING: &str = r#"
+[[contact]]
+name = "Dr. Asha Rao"
+phone = "+91 98000 00001"
+teams = ["cardiology", "emergency-desk"]
+
+[[contact]]
+name = "Desk"
+phone = "09800000002"
+channels = ["call", "sms"]
+teams = ["emergency-desk"]
+
+[[contact]]
+name = "Lab"
+phone = "+919800000003"
+channels = ["sms", "whatsapp"]
+teams = ["lab"]
+
+[[contact]]
+name = "Surgeon"
+phone = "+919800000004"
+channels = ["call"]
+teams = ["surgery"]
+
+[routes]
+Heart = ["cardiology"]
+default = ["emergency-desk"]
+
+[[escalation]]
+type = "Heart"
+tiers = [["cardiology"], ["emergency-desk"], ["lab"]]
+wait = "2m"
+repeat = 1
+
+[[escalation]]
+type = "Trauma"
+tiers = [["surgery"], ["emergency-desk"]]
+wait = "90s"
+
+[[escalation]]
+type = "default"
+tiers = [["emergency-desk"], ["surgery"]]
+wait = "1m"
+"#;
+
+    fn escalating() -> Routing {
+        Routing::parse(ESCALATING, "s.toml", india()).unwrap()
+    }
+
+    #[test]
+    fn a_policy_replaces_its_route_and_puts_each_target_in_its_tier() {
+        let r = escalating();
+        let plan = r.plan(Some("heart"));
+        assert_eq!(plan.route, "heart");
+        let policy = plan.escalation.clone().unwrap();
+        assert_eq!(policy.tiers.len(), 3);
+        assert_eq!((policy.wait_secs, policy.repeat), (120, 1));
+        let got: Vec<(String, &str, u32)> = plan
+            .targets
+            .iter()
+            .map(|t| (t.contact_name.clone(), t.channel.as_str(), t.tier))
+            .collect();
+        // Asha is in tiers 0 (cardiology) and 1 (desk): a call in each, her messages once, in tier 0.
+        assert_eq!(
+            got,
+            vec![
+                ("Dr. Asha Rao".into(), "call", 0),
+                ("Dr. Asha Rao".into(), "sms", 0),
+                ("Dr. Asha Rao".into(), "whatsapp", 0),
+                ("Dr. Asha Rao".into(), "call", 1),
+                ("Desk".into(), "call", 1),
+                ("Desk".into(), "sms", 1),
+                ("Lab".into(), "sms", 2),
+                ("Lab".into(), "whatsapp", 2),
+            ]
+        );
+        assert_eq!(policy.offset_ms(0, 0), 0);
+        assert_eq!(policy.offset_ms(0, 2), 240_000);
+        assert_eq!(policy.offset_ms(1, 0), 360_000);
+        assert_eq!(policy.total_secs(), 720);
+        assert_eq!(policy.unreached_after_secs(900), 720);
+        assert_eq!(policy.unreached_after_secs(600), 600);
+    }
+
+    #[test]
+    fn a_policy_without_a_route_is_its_route_and_default_covers_only_unknown_types() {
+        let r = escalating();
+        let trauma = r.plan(Some("TRAUMA"));
+        assert_eq!(
+            (trauma.route.as_str(), trauma.emergency_type.as_str()),
+            ("trauma", "Trauma")
+        );
+        assert_eq!(trauma.escalation.unwrap().wait_secs, 90);
+        assert_eq!(trauma.targets[0].contact_name, "Surgeon");
+        let unknown = r.plan(Some("Volcano"));
+        assert_eq!(unknown.route, "default");
+        assert_eq!(unknown.escalation.unwrap().emergency_type, "default");
+        // A type with its own route and no policy keeps one tier, everyone at once.
+        let plain = Routing::parse(GOOD, "s.toml", india()).unwrap();
+        let heart = plain.plan(Some("Heart"));
+        assert!(heart.escalation.is_none());
+        assert!(heart.targets.iter().all(|t| t.tier == 0));
+        // A drill never escalates.
+        let drill = r.drill("desk").unwrap();
+        assert!(drill.escalation.is_none());
+        assert!(drill.targets.iter().all(|t| t.tier == 0));
+    }
+
+    #[test]
+    fn every_policy_problem_is_reported_with_file_and_entry() {
+        let bad = r#"
+[[contact]]
+name = "A"
+phone = "+919800000001"
+teams = ["desk"]
+
+[routes]
+default = ["desk"]
+
+[[escalation]]
+type = "Heart"
+tiers = [["desk"], [], ["nobody"]]
+wait = "0s"
+repeat = -1
+
+[[escalation]]
+type = "heart"
+tiers = [["desk"]]
+wait = "2m"
+
+[[escalation]]
+type = "Brain"
+tiers = []
+wait = "soon"
+
+[[escalation]]
+type = "Lungs"
+tiers = [["desk"]]
+wait = "2m"
+repeat = 500
+"#;
+        let errs = Routing::parse(bad, "s.toml", india()).unwrap_err();
+        let all = errs.join("\n");
+        for needle in [
+            "escalation[0] \"Heart\": tier 2 is empty",
+            "escalation[0] \"Heart\": tier 3: team \"nobody\" has no contacts",
+            "escalation[0] \"Heart\": wait \"0s\" is not a duration above zero",
+            "escalation[0] \"Heart\": repeat -1 is negative",
+            "escalation[1] \"heart\": defined twice",
+            "escalation[2] \"Brain\": tiers is empty",
+            "escalation[2] \"Brain\": wait \"soon\" is not a duration",
+            "escalation[3] \"Lungs\": repeat 500 is more than 20",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(errs.iter().all(|e| e.starts_with("s.toml: ")));
+        let unknown_key = "[[contact]]\nname = \"A\"\nphone = \"+919800000001\"\nteams = [\"d\"]\n\
+            [routes]\ndefault = [\"d\"]\n[[escalation]]\ntype = \"X\"\ntiers = [[\"d\"]]\nwait = \"2m\"\nwiat = 1\n";
+        assert!(Routing::parse(unknown_key, "s.toml", india()).is_err());
+    }
+
+    #[test]
+    fn settings_checks_refuse_a_short_wait_and_warn_of_a_policy_past_the_deadline() {
+        let r = escalating();
+        let bounds = EscalationBounds {
+            ring_timeout_secs: 30,
+            ack_deadline_secs: 600,
+        };
+        let (errors, warnings) = r.check_escalation(&bounds);
+        // default's 1m wait is exactly the 30 s ring time and the 30 s margin: allowed.
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("escalation \"Heart\": lasts 12m")
+                && warnings[0].contains("ack.deadline 10m"),
+            "{warnings:?}"
+        );
+        let slow_ring = EscalationBounds {
+            ring_timeout_secs: 45,
+            ack_deadline_secs: 900,
+        };
+        let (errors, _) = r.check_escalation(&slow_ring);
+        let all = errors.join("\n");
+        assert_eq!(errors.len(), 1, "{all}");
+        assert!(
+            all.starts_with("s.toml: escalation \"default\": wait 1m is shorter than"),
+            "{all}"
+        );
+        assert_eq!(
+            r.describe_escalation(900),
+            "default: emergency-desk → surgery, every 1m, repeat 0 (unreached after 2m)\n\
+             Heart: cardiology → emergency-desk → lab, every 2m, repeat 1 (unreached after 12m)\n\
+             Trauma: surgery → emergency-desk, every 90s, repeat 0 (unreached after 3m)\n"
+        );
+        assert!(r
+            .describe()
+            .contains("Heart -> cardiology → emergency-desk → lab"));
+    }
 }
