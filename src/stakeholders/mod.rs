@@ -120,9 +120,9 @@ impl Escalation {
 
 /// Seconds as the file would write them: `2m`, `1h`, `90s`.
 pub fn human_secs(secs: u64) -> String {
-    if secs > 0 && secs % 3600 == 0 {
+    if secs > 0 && secs.is_multiple_of(3600) {
         format!("{}h", secs / 3600)
-    } else if secs > 0 && secs % 60 == 0 {
+    } else if secs > 0 && secs.is_multiple_of(60) {
         format!("{}m", secs / 60)
     } else {
         format!("{secs}s")

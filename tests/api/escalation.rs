@@ -574,7 +574,38 @@ async fn redials_stay_within_their_tier_and_the_fallback_waits_for_calls_placed(
     app.stop().await;
 }
 
+async fn resolving_cancels_every_tier_still_waiting(db: Db) {
+    const SID: &str = "esc-resolve";
+    let (app, p) = live(db, &[]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    assert!(until_sent(&p, ASHA, (1, 1, 1)).await);
+    let id = app.deliveries_of(SID).await[0].incident_id.clone();
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{id}/resolve", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["cancelled"], 8, "{body}");
+    let ds = app.deliveries_of(SID).await;
+    assert!(ds
+        .iter()
+        .filter(|d| d.tier > 0 || d.run > 0)
+        .all(|d| d.status == "cancelled"));
+    app.store.clock().advance(Duration::from_secs(20 * 60));
+    a_few_rounds().await;
+    assert_eq!(sent_to(&p, DESK).await, (0, 0, 0));
+    assert_eq!(sent_to(&p, LAB).await, (0, 0, 0));
+    assert_eq!(sent_to(&p, ASHA).await, (1, 1, 1));
+    app.stop().await;
+}
+
 both_engines!(
+    resolving_cancels_every_tier_still_waiting,
     tiers_are_alerted_in_turn_and_repeat_runs_call_tier_zero_again,
     the_first_acknowledgement_stops_later_tiers,
     a_type_without_a_policy_is_one_tier_and_default_covers_unknown_types,

@@ -239,6 +239,7 @@ fn reached(states: &[DeliveryState], channels: &[Channel]) -> &'static str {
 fn contact_summaries(deliveries: Vec<DeliveryRow>) -> Vec<ContactSummary> {
     let mut out: Vec<(String, ContactSummary)> = Vec::new();
     let mut seen: Vec<(Vec<DeliveryState>, Vec<Channel>)> = Vec::new();
+    let mut ranks: HashMap<(usize, Channel), (bool, i64)> = HashMap::new();
     for d in deliveries {
         let i = match out
             .iter()
@@ -261,12 +262,24 @@ fn contact_summaries(deliveries: Vec<DeliveryRow>) -> Vec<ContactSummary> {
         };
         seen[i].0.push(d.status);
         seen[i].1.push(d.channel);
-        // A notice says someone else has it: it is not this contact's alert.
+        // A notice says someone else has it: it is not this contact's alert. With escalation a
+        // contact has a call per tier and pass: the channel shows the one that went out last, and a
+        // later tier's call still waiting (or cancelled before it was placed) only when none did.
         if d.purpose != crate::store::ACK_NOTICE {
-            out[i]
-                .1
-                .channels
-                .insert(d.channel.to_string(), d.status.to_string());
+            let went_out = d.attempts > 0
+                || !matches!(
+                    d.status,
+                    DeliveryState::Queued | DeliveryState::Held | DeliveryState::Cancelled
+                );
+            let rank = (went_out, d.updated_at);
+            let key = (i, d.channel);
+            if ranks.get(&key).is_none_or(|best| rank >= *best) {
+                ranks.insert(key, rank);
+                out[i]
+                    .1
+                    .channels
+                    .insert(d.channel.to_string(), d.status.to_string());
+            }
         }
     }
     out.into_iter()
