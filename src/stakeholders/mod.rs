@@ -322,6 +322,21 @@ impl Routing {
                 "{where_}: routes.default is missing; unknown or missing emergency types need it"
             ));
         }
+        // A policy replaces its type's route: a team routed but in none of its tiers is not alerted.
+        for (ty, route_teams) in &file.routes {
+            let Some(policy) = escalations.get(&ty.trim().to_lowercase()) else {
+                continue;
+            };
+            for t in route_teams {
+                if !policy.tiers.iter().flatten().any(|p| p == t.trim()) {
+                    warnings.push(format!(
+                        "{where_}: routes.{ty}: team {t:?} is in no tier of the {:?} escalation \
+                         policy, which replaces this route: it is not alerted",
+                        policy.emergency_type
+                    ));
+                }
+            }
+        }
         for team in &teams {
             let routed = file.routes.values().flatten().any(|t| t.trim() == team)
                 || escalations
@@ -982,5 +997,18 @@ repeat = 500
         assert!(r
             .describe()
             .contains("Heart -> cardiology → emergency-desk → lab"));
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let narrower = ESCALATING.replace(
+            "Heart = [\"cardiology\"]",
+            "Heart = [\"cardiology\", \"surgery\"]",
+        );
+        let r = Routing::parse(&narrower, "s.toml", india()).unwrap();
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.starts_with("s.toml: routes.Heart: team \"surgery\" is in no tier")),
+            "{:?}",
+            r.warnings
+        );
     }
 }

@@ -167,6 +167,14 @@ async fn tiers_are_alerted_in_turn_and_repeat_runs_call_tier_zero_again(db: Db) 
     }
     // Unreached at the end of the policy (3 tiers × 2m × 2 passes = 12m), before ack.deadline (15m).
     assert_eq!(incident.unreached_due_at, Some(received + 720_000));
+    // A repeated Passthru stores nothing new.
+    assert_eq!(
+        app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(app.deliveries_of(SID).await.len(), 11);
 
     // Tier 0 at once; nothing of tier 1 before its wait has passed.
     assert!(
