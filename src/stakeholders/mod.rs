@@ -547,16 +547,22 @@ impl Routing {
                 (None, None) => key.clone(),
             };
             out.push_str(&format!("{spelling} -> {teams}\n"));
-            let mut by_contact: BTreeMap<(String, String), Vec<&str>> = BTreeMap::new();
+            // With a policy, each tier's contacts under its number (a contact in two tiers is listed
+            // in each: called in both, messaged in the first).
+            let mut by_contact: BTreeMap<(u32, String, String), Vec<&str>> = BTreeMap::new();
             for t in &plan.targets {
                 by_contact
-                    .entry((t.contact_name.clone(), t.phone.masked()))
+                    .entry((t.tier, t.contact_name.clone(), t.phone.masked()))
                     .or_default()
                     .push(t.channel.as_str());
             }
-            for ((name, phone), channels) in by_contact {
+            for ((tier, name, phone), channels) in by_contact {
+                let tier = match plan.escalation {
+                    Some(_) => format!("tier {} ", tier + 1),
+                    None => String::new(),
+                };
                 out.push_str(&format!(
-                    "    {name:<28} {phone:<16} {}\n",
+                    "    {tier}{name:<28} {phone:<16} {}\n",
                     channels.join(", ")
                 ));
             }
