@@ -700,3 +700,30 @@ fn check_config_refuses_broken_policies_and_a_wait_shorter_than_a_call() {
     assert!(ok, "{text}");
     assert!(!text.contains("9800000001"), "numbers masked: {text}");
 }
+
+/// A reload checks policies against the settings as start-up does: a wait too short for a call is
+/// refused, and the routing in force stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_wait_too_short_for_a_call_is_refused() {
+    let app = spawn(Db::Sqlite, ESCALATING, None, &[without_dispatcher()]).await;
+    let at = ESCALATING.rfind("wait = \"2m\"").unwrap();
+    std::fs::write(
+        &app.stakeholders,
+        format!("{}wait = \"45s\"\n", &ESCALATING[..at]),
+    )
+    .unwrap();
+    let routing = app.state.routing.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let r = routing.clone();
+            async move { r.rejected_edits() >= 1 }
+        })
+        .await,
+        "the edit was seen and refused"
+    );
+    assert_eq!(
+        routing.current().escalation("default").unwrap().wait_secs,
+        120
+    );
+    app.stop().await;
+}
