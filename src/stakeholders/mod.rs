@@ -1017,4 +1017,28 @@ repeat = 500
             r.warnings
         );
     }
+
+    #[test]
+    fn a_default_policy_stands_in_for_a_missing_default_route() {
+        let text = r#"
+[[contact]]
+name = "Desk"
+phone = "+919800000002"
+teams = ["desk"]
+
+[[escalation]]
+type = "DEFAULT"
+tiers = [["desk"]]
+wait = "5m"
+"#;
+        let r = Routing::parse(text, "s.toml", india()).unwrap();
+        let plan = r.plan(None);
+        assert_eq!(plan.route, "default");
+        assert_eq!(plan.targets.len(), 3);
+        assert_eq!(plan.escalation.unwrap().wait_secs, 300);
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let no_default = text.replace("DEFAULT", "Heart");
+        let errs = Routing::parse(&no_default, "s.toml", india()).unwrap_err();
+        assert!(errs[0].contains("routes.default is missing"), "{errs:?}");
+    }
 }
