@@ -149,6 +149,7 @@ pub struct EscalationBounds {
 }
 
 impl EscalationBounds {
+    /// The bounds the settings set.
     pub fn of(settings: &crate::settings::Settings) -> Self {
         EscalationBounds {
             ring_timeout_secs: settings.exotel.ring_timeout_secs,
