@@ -11,6 +11,7 @@
 
 mod ack;
 pub mod console;
+mod escalation;
 mod fallback;
 mod incidents;
 mod intake;

@@ -582,6 +582,96 @@ async fn redials_stay_within_their_tier_and_the_fallback_waits_for_calls_placed(
     app.stop().await;
 }
 
+/// The provider id of the accepted attempt of `pick`'s delivery, once there is a new one.
+async fn accepted_attempt(
+    app: &TestApp,
+    sid: &str,
+    pick: impl Fn(&DeliveryRow) -> bool,
+    not: &[String],
+) -> String {
+    let found = |ds: &[DeliveryRow]| {
+        ds.iter()
+            .find(|d| pick(d))
+            .filter(|d| d.status == "accepted")
+            .and_then(|d| d.provider_id.clone())
+            .filter(|id| !not.contains(id))
+    };
+    assert!(
+        app.deliveries_until(sid, Duration::from_secs(15), |ds| found(ds).is_some())
+            .await,
+        "a new attempt accepted"
+    );
+    found(&app.deliveries_of(sid).await).unwrap()
+}
+
+async fn a_contact_still_ringing_is_not_rung_again_by_the_next_tier(db: Db) {
+    const SID: &str = "esc-ringing";
+    let (app, p) = live(
+        db,
+        &[
+            ("SOS_DISPATCH__MAX_REDIALS", "1".into()),
+            ("SOS_DISPATCH__REDIAL_DELAY_SECS", "0.05".into()),
+        ],
+    )
+    .await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let tier0 =
+        |d: &DeliveryRow| d.phone == ASHA && d.channel == "call" && d.tier == 0 && d.run == 0;
+    let first = accepted_attempt(&app, SID, tier0, &[]).await;
+    // 100 s on, her first call is not answered: the redial rings from then on.
+    app.store.clock().advance(Duration::from_secs(100));
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[("CallSid", first.as_str()), ("Status", "no-answer")],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let redial = accepted_attempt(&app, SID, tier0, std::slice::from_ref(&first)).await;
+    assert!(until_sent(&p, ASHA, (2, 1, 1)).await);
+
+    // Tier 1 comes while the redial rings: the desk is called, Asha's tier-1 call waits.
+    app.store.clock().advance(Duration::from_secs(21));
+    assert!(
+        until_sent(&p, DESK, (1, 1, 0)).await,
+        "{:?}",
+        sent_to(&p, DESK).await
+    );
+    a_few_rounds().await;
+    assert_eq!(sent_to(&p, ASHA).await.0, 2, "not rung twice at once");
+    let tier1 =
+        |d: &DeliveryRow| d.phone == ASHA && d.channel == "call" && d.tier == 1 && d.run == 0;
+    let waiting = app
+        .deliveries_of(SID)
+        .await
+        .into_iter()
+        .find(|d| tier1(d))
+        .unwrap();
+    assert_eq!(waiting.status, "queued");
+    let events = app.store.events(&waiting.id).await.unwrap();
+    assert!(
+        events.iter().any(|e| e.detail.contains("still ringing")),
+        "{events:?}"
+    );
+
+    // The redial ends unanswered: her tier-1 call goes at its next look.
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[("CallSid", redial.as_str()), ("Status", "no-answer")],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    app.store.clock().advance(Duration::from_secs(6));
+    assert!(
+        until_sent(&p, ASHA, (3, 1, 1)).await,
+        "{:?}",
+        sent_to(&p, ASHA).await
+    );
+    app.stop().await;
+}
+
 async fn resolving_cancels_every_tier_still_waiting(db: Db) {
     const SID: &str = "esc-resolve";
     let (app, p) = live(db, &[]).await;
@@ -613,6 +703,7 @@ async fn resolving_cancels_every_tier_still_waiting(db: Db) {
 }
 
 both_engines!(
+    a_contact_still_ringing_is_not_rung_again_by_the_next_tier,
     resolving_cancels_every_tier_still_waiting,
     tiers_are_alerted_in_turn_and_repeat_runs_call_tier_zero_again,
     the_first_acknowledgement_stops_later_tiers,
