@@ -672,6 +672,80 @@ async fn a_contact_still_ringing_is_not_rung_again_by_the_next_tier(db: Db) {
     app.stop().await;
 }
 
+async fn a_later_tier_message_retried_after_the_acknowledgement_is_not_sent(db: Db) {
+    const SID: &str = "esc-retry";
+    let p = Providers::start().await;
+    // The desk's SMS (tier 1) is slow and then refused for now: it is in flight while someone
+    // acknowledges, and comes back to the queue afterwards.
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path(SMS_PATH))
+        .and(wiremock::matchers::body_string_contains(
+            "To=%2B919800000004",
+        ))
+        .respond_with(wiremock::ResponseTemplate::new(503).set_delay(Duration::from_millis(1500)))
+        .with_priority(1)
+        .mount(&p.exotel)
+        .await;
+    mount_happy(&p).await;
+    let app = spawn(db, ESCALATING, Some(&p), &[]).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    assert!(until_sent(&p, ASHA, (1, 1, 1)).await);
+    app.store.clock().advance(Duration::from_secs(121));
+    let desk_sms = |d: &DeliveryRow| d.phone == DESK && d.channel == "sms" && d.purpose == "alert";
+    assert!(
+        app.deliveries_until(SID, Duration::from_secs(15), |ds| {
+            ds.iter().any(|d| desk_sms(d) && d.status == "sending")
+        })
+        .await
+    );
+    let id = app.deliveries_of(SID).await[0].incident_id.clone();
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{id}/ack", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"by": "Dr. Ops"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        app.deliveries_until(SID, Duration::from_secs(15), |ds| {
+            ds.iter().any(|d| desk_sms(d) && d.status == "cancelled")
+        })
+        .await,
+        "{:?}",
+        app.deliveries_of(SID).await
+    );
+    a_few_rounds().await;
+    // The desk was alerted (its tier-1 call went out), so it gets the acknowledgement notice; its
+    // alert SMS was tried once only.
+    let d = app
+        .deliveries_of(SID)
+        .await
+        .into_iter()
+        .find(|d| desk_sms(d))
+        .unwrap();
+    assert_eq!((d.status.as_str(), d.attempts), ("cancelled", 1), "{d:?}");
+    let alerts = p
+        .requests(SMS_PATH)
+        .await
+        .iter()
+        .filter(|(f, _)| {
+            field(f, "To") == Some(DESK) && !field(f, "Body").unwrap_or("").contains("cknowledged")
+        })
+        .count();
+    assert_eq!(alerts, 1, "the refused attempt only");
+    let events = app.store.events(&d.id).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.detail.contains("escalation stopped")),
+        "{events:?}"
+    );
+    app.stop().await;
+}
+
 async fn resolving_cancels_every_tier_still_waiting(db: Db) {
     const SID: &str = "esc-resolve";
     let (app, p) = live(db, &[]).await;
@@ -703,6 +777,7 @@ async fn resolving_cancels_every_tier_still_waiting(db: Db) {
 }
 
 both_engines!(
+    a_later_tier_message_retried_after_the_acknowledgement_is_not_sent,
     a_contact_still_ringing_is_not_rung_again_by_the_next_tier,
     resolving_cancels_every_tier_still_waiting,
     tiers_are_alerted_in_turn_and_repeat_runs_call_tier_zero_again,
