@@ -746,6 +746,33 @@ async fn a_later_tier_message_retried_after_the_acknowledgement_is_not_sent(db: 
     app.stop().await;
 }
 
+async fn unreached_is_due_at_the_earlier_of_the_policy_end_and_ack_deadline(db: Db) {
+    let app = spawn(
+        db,
+        ESCALATING,
+        None,
+        &[without_dispatcher(), ("SOS_ACK__DEADLINE", "10m".into())],
+    )
+    .await;
+    for (sid, ty, after_ms) in [
+        // 3 tiers × 2m × 2 passes = 12m: the deadline comes first.
+        ("esc-u-heart", "Heart", 600_000),
+        // No policy: the deadline.
+        ("esc-u-brain", "Brain", 600_000),
+        // The default policy: 2 tiers × 2m.
+        ("esc-u-other", "Other", 240_000),
+    ] {
+        app.passthru(&format!("CallSid={sid}&EmergencyType={ty}"))
+            .await;
+        let i = app.store.incident_by_call_sid(sid).await.unwrap().unwrap();
+        assert_eq!(i.unreached_due_at, Some(i.received_at + after_ms), "{ty}");
+    }
+    // Escalation still goes on to the end of the policy: the second pass is stored all the same.
+    let ds = app.deliveries_of("esc-u-heart").await;
+    assert!(ds.iter().any(|d| d.run == 1 && d.tier == 1));
+    app.stop().await;
+}
+
 async fn resolving_cancels_every_tier_still_waiting(db: Db) {
     const SID: &str = "esc-resolve";
     let (app, p) = live(db, &[]).await;
@@ -777,6 +804,7 @@ async fn resolving_cancels_every_tier_still_waiting(db: Db) {
 }
 
 both_engines!(
+    unreached_is_due_at_the_earlier_of_the_policy_end_and_ack_deadline,
     a_later_tier_message_retried_after_the_acknowledgement_is_not_sent,
     a_contact_still_ringing_is_not_rung_again_by_the_next_tier,
     resolving_cancels_every_tier_still_waiting,
