@@ -127,6 +127,20 @@ fn tier_run(ds: &[DeliveryRow], phone: &str, channel: &str) -> Vec<(i64, i64)> {
     v
 }
 
+/// Moves the store's clock on once every attempt of the incident has its outcome recorded: an outcome
+/// recorded after the move would be stamped with the later time (and a call accepted "just now" holds
+/// back the same contact's next tier).
+async fn advance(app: &TestApp, sid: &str, secs: u64) {
+    assert!(
+        app.deliveries_until(sid, Duration::from_secs(15), |ds| {
+            ds.iter().all(|d| d.status != "sending")
+        })
+        .await,
+        "attempts of {sid} recorded"
+    );
+    app.store.clock().advance(Duration::from_secs(secs));
+}
+
 /// The dispatcher polls every 50 ms: a few rounds in which nothing that is not due may go out.
 async fn a_few_rounds() {
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -182,7 +196,7 @@ async fn tiers_are_alerted_in_turn_and_repeat_runs_call_tier_zero_again(db: Db) 
         "{:?}",
         sent_to(&p, ASHA).await
     );
-    app.store.clock().advance(Duration::from_secs(119));
+    advance(&app, SID, 119).await;
     a_few_rounds().await;
     assert_eq!(
         sent_to(&p, DESK).await,
@@ -192,7 +206,7 @@ async fn tiers_are_alerted_in_turn_and_repeat_runs_call_tier_zero_again(db: Db) 
     assert_eq!(sent_to(&p, ASHA).await, (1, 1, 1));
 
     // Past the wait: tier 1 (the desk, and Asha again: she is in it too, called, not messaged).
-    app.store.clock().advance(Duration::from_secs(2));
+    advance(&app, SID, 2).await;
     assert!(
         until_sent(&p, DESK, (1, 1, 0)).await,
         "{:?}",
@@ -206,7 +220,7 @@ async fn tiers_are_alerted_in_turn_and_repeat_runs_call_tier_zero_again(db: Db) 
     assert_eq!(sent_to(&p, LAB).await, (0, 0, 0), "tier 2 not yet");
 
     // Tier 2: the lab's messages.
-    app.store.clock().advance(Duration::from_secs(120));
+    advance(&app, SID, 120).await;
     assert!(
         until_sent(&p, LAB, (0, 1, 1)).await,
         "{:?}",
@@ -214,7 +228,7 @@ async fn tiers_are_alerted_in_turn_and_repeat_runs_call_tier_zero_again(db: Db) 
     );
 
     // The second pass calls tier 0 again, and tier 1 after it; messages never go twice.
-    app.store.clock().advance(Duration::from_secs(120));
+    advance(&app, SID, 120).await;
     assert!(
         until_sent(&p, ASHA, (3, 1, 1)).await,
         "{:?}",
@@ -222,7 +236,7 @@ async fn tiers_are_alerted_in_turn_and_repeat_runs_call_tier_zero_again(db: Db) 
     );
     a_few_rounds().await;
     assert_eq!(sent_to(&p, DESK).await, (1, 1, 0), "pass 2's tier 1 waits");
-    app.store.clock().advance(Duration::from_secs(120));
+    advance(&app, SID, 120).await;
     assert!(
         until_sent(&p, DESK, (2, 1, 0)).await,
         "{:?}",
@@ -305,7 +319,7 @@ async fn the_first_acknowledgement_stops_later_tiers(db: Db) {
     }
     // Nothing of a later tier ever goes out, however long the clock runs on.
     for _ in 0..4 {
-        app.store.clock().advance(Duration::from_secs(121));
+        advance(&app, SID, 121).await;
         a_few_rounds().await;
     }
     assert_eq!(sent_to(&p, DESK).await, (0, 0, 0));
@@ -461,7 +475,7 @@ async fn the_policy_is_fixed_when_the_incident_is_stored(db: Db) {
     // The incident under way keeps its policy: its tier 1 (the desk, and Asha) comes after 2m.
     let incident = app.store.incident_by_call_sid(SID).await.unwrap().unwrap();
     assert!(incident.escalation.as_deref().unwrap().contains("\"lab\""));
-    app.store.clock().advance(Duration::from_secs(121));
+    advance(&app, SID, 121).await;
     assert!(
         until_sent(&p, DESK, (1, 1, 0)).await,
         "{:?}",
@@ -567,7 +581,7 @@ async fn redials_stay_within_their_tier_and_the_fallback_waits_for_calls_placed(
     );
 
     // Her tier-1 call goes when its tier comes, with redials of its own; the fallback does not repeat.
-    app.store.clock().advance(Duration::from_secs(121));
+    advance(&app, SID, 121).await;
     assert!(
         until_sent(&p, ASHA, (3, 2, 2)).await,
         "{:?}",
@@ -622,7 +636,7 @@ async fn a_contact_still_ringing_is_not_rung_again_by_the_next_tier(db: Db) {
         |d: &DeliveryRow| d.phone == ASHA && d.channel == "call" && d.tier == 0 && d.run == 0;
     let first = accepted_attempt(&app, SID, tier0, &[]).await;
     // 100 s on, her first call is not answered: the redial rings from then on.
-    app.store.clock().advance(Duration::from_secs(100));
+    advance(&app, SID, 100).await;
     let res = app
         .post_form(
             "/exotel/call-status",
@@ -634,7 +648,7 @@ async fn a_contact_still_ringing_is_not_rung_again_by_the_next_tier(db: Db) {
     assert!(until_sent(&p, ASHA, (2, 1, 1)).await);
 
     // Tier 1 comes while the redial rings: the desk is called, Asha's tier-1 call waits.
-    app.store.clock().advance(Duration::from_secs(21));
+    advance(&app, SID, 21).await;
     assert!(
         until_sent(&p, DESK, (1, 1, 0)).await,
         "{:?}",
@@ -665,7 +679,7 @@ async fn a_contact_still_ringing_is_not_rung_again_by_the_next_tier(db: Db) {
         )
         .await;
     assert_eq!(res.status(), 200);
-    app.store.clock().advance(Duration::from_secs(6));
+    advance(&app, SID, 6).await;
     assert!(
         until_sent(&p, ASHA, (3, 1, 1)).await,
         "{:?}",
@@ -693,7 +707,7 @@ async fn a_later_tier_message_retried_after_the_acknowledgement_is_not_sent(db: 
     app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
         .await;
     assert!(until_sent(&p, ASHA, (1, 1, 1)).await);
-    app.store.clock().advance(Duration::from_secs(121));
+    advance(&app, SID, 121).await;
     let desk_sms = |d: &DeliveryRow| d.phone == DESK && d.channel == "sms" && d.purpose == "alert";
     assert!(
         app.deliveries_until(SID, Duration::from_secs(15), |ds| {
@@ -797,7 +811,7 @@ async fn resolving_cancels_every_tier_still_waiting(db: Db) {
         .iter()
         .filter(|d| d.tier > 0 || d.run > 0)
         .all(|d| d.status == "cancelled"));
-    app.store.clock().advance(Duration::from_secs(20 * 60));
+    advance(&app, SID, 20 * 60).await;
     a_few_rounds().await;
     assert_eq!(sent_to(&p, DESK).await, (0, 0, 0));
     assert_eq!(sent_to(&p, LAB).await, (0, 0, 0));
