@@ -279,6 +279,9 @@ async fn drain(kind: &str, n: usize, concurrency: u32) {
                 phone: phone.e164().to_owned(),
                 channel,
                 provider: providers.for_channel(channel).unwrap().name.clone(),
+                tier: 0,
+                run: 0,
+                delay_ms: 0,
             })
         })
         .take(n)
@@ -300,6 +303,8 @@ async fn drain(kind: &str, n: usize, concurrency: u32) {
                 raw_params: "[]".into(),
                 occurred_at: None,
                 recording_fetch: None,
+                escalation: None,
+                unreached_after_ms: None,
             },
             &targets,
         )

@@ -359,6 +359,11 @@ pub fn stakeholders(data: &[u8]) {
                 let _ = routing.type_for_digits(digits);
             }
             let _ = routing.describe();
+            let _ = routing.describe_escalation(900);
+            let _ = routing.check_escalation(&exotel_sos::stakeholders::EscalationBounds {
+                ring_timeout_secs: 30,
+                ack_deadline_secs: 900,
+            });
             let _ = routing.contact_count();
         }
         Err(errors) => {

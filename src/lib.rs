@@ -42,7 +42,8 @@ pub struct App {
 pub fn load_routing(settings: &Settings) -> anyhow::Result<Routing> {
     let region = domain::phone::region(&settings.stakeholders.default_country)
         .context("stakeholders.default_country is not a region code")?;
-    Routing::load(&settings.stakeholders.file, region).map_err(|errors| {
+    let bounds = stakeholders::EscalationBounds::of(settings);
+    Routing::load_checked(&settings.stakeholders.file, region, Some(&bounds)).map_err(|errors| {
         anyhow::anyhow!(
             "the stakeholder file has {} problem(s):\n  - {}",
             errors.len(),
@@ -78,11 +79,10 @@ impl App {
 
         let region = domain::phone::region(&settings.stakeholders.default_country)
             .context("stakeholders.default_country is not a region code")?;
-        let routing = Arc::new(RoutingHandle::new(
-            routing,
-            settings.stakeholders.file.clone(),
-            region,
-        ));
+        let routing = Arc::new(
+            RoutingHandle::new(routing, settings.stakeholders.file.clone(), region)
+                .with_bounds(stakeholders::EscalationBounds::of(&settings)),
+        );
         let providers = Arc::new(providers::registry::built_in(
             &settings,
             secrecy::ExposeSecret::expose_secret(&webhook_token),

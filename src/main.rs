@@ -245,6 +245,10 @@ fn check_config(settings: &Settings) -> ExitCode {
                 println!("warning: {w}");
             }
             print!("{}", routing.describe());
+            let policies = routing.describe_escalation(settings.ack.deadline_secs());
+            if !policies.is_empty() {
+                print!("Escalation:\n{policies}");
+            }
             true
         }
         Err(e) => {

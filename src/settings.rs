@@ -487,7 +487,7 @@ impl IncidentSettings {
 }
 
 /// `24h`, `90m`, `45s`, `2d` or plain seconds.
-fn parse_duration_secs(raw: &str) -> Option<u64> {
+pub(crate) fn parse_duration_secs(raw: &str) -> Option<u64> {
     let raw = raw.trim();
     let (number, unit) = match raw.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => raw.split_at(i),

@@ -2,7 +2,7 @@
 //! the CLI through the API), one way out (the API, Alertmanager and auto-resolve).
 
 use super::AppState;
-use crate::domain::{mask, DeliveryState, Source};
+use crate::domain::{mask, Channel, DeliveryState, Source};
 use crate::store::{Created, NewDelivery, NewIncident, Resolved};
 
 /// An emergency as a door brings it, before routing.
@@ -68,17 +68,39 @@ pub fn plan_drill(
     Ok(planned(state, emergency, plan))
 }
 
-/// Gives each target of `plan` to the provider lane that sends its channel.
+/// Gives each target of `plan` to the provider lane that sends its channel, and schedules it by its
+/// escalation tier: every tier and every pass of the policy is stored now, with the incident, each
+/// due when its turn comes (`(run × tiers + tier) × wait` after the incident). A call goes in every
+/// pass; a message goes once, in its contact's first tier. The first acknowledgement cancels what
+/// has not gone out.
 fn planned(state: &AppState, emergency: Emergency, plan: crate::stakeholders::Plan) -> Planned {
+    // A drill reaches one contact to test their channels: never escalated, never unreached.
+    let escalation = plan
+        .escalation
+        .as_ref()
+        .filter(|_| emergency.source != Source::Drill);
+    let passes = escalation.map_or(1, |p| p.repeat.saturating_add(1));
     let mut deliveries = Vec::with_capacity(plan.targets.len());
     for t in &plan.targets {
         match state.providers.for_channel(t.channel) {
-            Some(lane) => deliveries.push(NewDelivery {
-                contact_name: t.contact_name.clone(),
-                phone: t.phone.e164().to_owned(),
-                channel: t.channel,
-                provider: lane.name.clone(),
-            }),
+            Some(lane) => {
+                let runs = if t.channel == Channel::Call {
+                    passes
+                } else {
+                    1
+                };
+                for run in 0..runs {
+                    deliveries.push(NewDelivery {
+                        contact_name: t.contact_name.clone(),
+                        phone: t.phone.e164().to_owned(),
+                        channel: t.channel,
+                        provider: lane.name.clone(),
+                        tier: t.tier,
+                        run,
+                        delay_ms: escalation.map_or(0, |p| p.offset_ms(run, t.tier)),
+                    });
+                }
+            }
             None => tracing::error!(
                 channel = %t.channel,
                 contact = %t.contact_name,
@@ -97,6 +119,21 @@ fn planned(state: &AppState, emergency: Emergency, plan: crate::stakeholders::Pl
         }
         None => (None, None),
     };
+    let deadline_secs = state.settings.ack.deadline_secs();
+    let unreached_after_secs = match escalation {
+        Some(policy) => policy.unreached_after_secs(deadline_secs),
+        None => deadline_secs,
+    };
+    let unreached_after_ms = (emergency.source != Source::Drill)
+        .then(|| i64::try_from(unreached_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 2));
+    // Fixed now, like the contacts: a later edit of the stakeholder file changes only new incidents.
+    let escalation_json = escalation.and_then(|p| match serde_json::to_string(p) {
+        Ok(json) => Some(json),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record the escalation policy on the incident");
+            None
+        }
+    });
     Planned {
         not_fetched,
         incident: NewIncident {
@@ -111,6 +148,8 @@ fn planned(state: &AppState, emergency: Emergency, plan: crate::stakeholders::Pl
             raw_params: emergency.raw_params,
             occurred_at: emergency.occurred_at,
             recording_fetch,
+            escalation: escalation_json,
+            unreached_after_ms,
         },
         deliveries,
     }

@@ -17,6 +17,9 @@ use crate::settings::{RecordingLink, RecordingMode};
 use crate::store::recordings::status;
 use crate::store::{DeliveryRow, Finish, IncidentRow};
 
+/// How soon a call held back by [`Dispatcher::still_ringing`] asks again, milliseconds.
+const STILL_RINGING_RETRY_MS: i64 = 5_000;
+
 impl Dispatcher {
     /// Sends one claimed delivery and records its outcome. Holds `_permit` (a place in the lane's
     /// concurrency) until the outcome is on record, so a freed permit never outruns its work.
@@ -137,10 +140,27 @@ impl Dispatcher {
                 ),
             };
         }
+        // Likewise a later tier's message that came back to the queue (a retry) after the
+        // acknowledgement stopped the escalation: that tier was never needed.
+        if lane.channel() != Channel::Call
+            && incident.status == IncidentState::Acknowledged
+            && d.purpose == "alert"
+            && (d.tier > 0 || d.run > 0)
+        {
+            return Finish::Cancelled {
+                reason: format!(
+                    "escalation stopped: {} acknowledged the incident before this was sent",
+                    incident.acknowledged_by.as_deref().unwrap_or("someone")
+                ),
+            };
+        }
         if !lane.live {
             return Finish::Simulated {
                 request: prepared.redacted_json(),
             };
+        }
+        if let Some(wait) = self.still_ringing(lane, d).await {
+            return wait;
         }
         // The request, and the recording of its outcome, must fit in the lease.
         let needed = prepared.timeout + self.settings.dispatch.lease_margin();
@@ -165,6 +185,44 @@ impl Dispatcher {
         }
         let outcome = self.execute(lane, &prepared).await;
         self.finish_for(lane, d, outcome)
+    }
+
+    /// A later tier's (or pass's) call to a contact whose earlier call, or its redial, still rings:
+    /// handed back for a few seconds instead of ringing the same phone twice at once. Bounded: a call
+    /// accepted longer ago than the ring time and the margin no longer counts. Should the question
+    /// fail, the call goes (a duplicate call is better than a missed one).
+    async fn still_ringing(&self, lane: &Lane, d: &DeliveryRow) -> Option<Finish> {
+        if lane.channel() != Channel::Call || (d.tier == 0 && d.run == 0) {
+            return None;
+        }
+        let ring_ms = i64::try_from(
+            self.settings
+                .exotel
+                .ring_timeout_secs
+                .saturating_add(crate::stakeholders::CALL_MARGIN_SECS)
+                .saturating_mul(1000),
+        )
+        .unwrap_or(i64::MAX / 2);
+        match self
+            .store
+            .call_in_flight(&d.incident_id, &d.phone, &d.id, (d.tier, d.run), ring_ms)
+            .await
+        {
+            Ok(true) => Some(Finish::Requeue {
+                due_at: self.store.now_ms() + STILL_RINGING_RETRY_MS,
+                reason: "an earlier call to this contact is still ringing; placed once it ends"
+                    .to_owned(),
+            }),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::warn!(
+                    delivery_id = %d.id,
+                    error = format!("{e:#}"),
+                    "cannot tell whether an earlier call still rings; calling"
+                );
+                None
+            }
+        }
     }
 
     /// After waiting for the provider's limits: `Cancelled` when the incident was resolved meanwhile.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use notify::Watcher;
 use tokio::sync::mpsc;
 
-use super::Routing;
+use super::{EscalationBounds, Routing};
 
 /// The current routing, shared by every request; replaced whole so a request never sees half an edit.
 pub struct RoutingHandle {
@@ -19,6 +19,8 @@ pub struct RoutingHandle {
     rejected: AtomicU64,
     /// Counts accepted reloads; tasks that follow the file (WhatsApp opt-in) watch it.
     loaded: tokio::sync::watch::Sender<u64>,
+    /// What escalation policies must fit in (from the settings); `None`: the file alone is checked.
+    bounds: Option<EscalationBounds>,
 }
 
 impl RoutingHandle {
@@ -29,7 +31,14 @@ impl RoutingHandle {
             region,
             rejected: AtomicU64::new(0),
             loaded: tokio::sync::watch::Sender::new(0),
+            bounds: None,
         }
+    }
+
+    /// Reloads check escalation policies against these settings, as start-up does.
+    pub fn with_bounds(mut self, bounds: EscalationBounds) -> Self {
+        self.bounds = Some(bounds);
+        self
     }
 
     /// Changes each time a reload is accepted (the routing at start counts as seen already).
@@ -52,7 +61,7 @@ impl RoutingHandle {
 
     /// Re-reads the file. On errors every one is logged and the previous routing stays in force.
     pub fn reload(&self) -> Result<(), Vec<String>> {
-        match Routing::load(&self.path, self.region) {
+        match Routing::load_checked(&self.path, self.region, self.bounds.as_ref()) {
             Ok(routing) => {
                 for w in &routing.warnings {
                     tracing::warn!(warning = %w, "stakeholder file");

@@ -40,7 +40,7 @@ pub struct Acknowledged {
     pub by: Option<String>,
     /// The delivery's move to `acknowledged`, when it moved now.
     pub delivery_moved: Option<(Channel, DeliveryState)>,
-    /// Calls not yet placed, cancelled.
+    /// Calls not yet placed and later tiers' messages not yet sent, cancelled.
     pub cancelled: Vec<Moved>,
     /// Acknowledgement notices queued.
     pub notices: usize,
@@ -65,6 +65,16 @@ const CANCEL_UNPLACED_CALLS: &str =
      updated_at = $1, lease_owner = NULL, lease_until = NULL \
      WHERE incident_id = $2 AND channel = 'call' AND status IN ('queued', 'held') \
        AND id <> $3 RETURNING id, channel, status";
+
+/// Escalation messages not sent yet: a later tier's SMS and WhatsApp alerts, queued (or held) for when
+/// their tier comes. Once someone has the emergency, the tiers that were never reached need not hear
+/// of it; a tier already alerted gets the acknowledgement notice instead.
+const CANCEL_ESCALATION_MESSAGES: &str =
+    "UPDATE deliveries SET status = 'cancelled', finished_at = $1, \
+     updated_at = $1, lease_owner = NULL, lease_until = NULL \
+     WHERE incident_id = $2 AND channel <> 'call' AND purpose = 'alert' \
+       AND status IN ('queued', 'held') AND (tier > 0 OR run > 0) AND id <> $3 \
+     RETURNING id, channel, status";
 
 /// The contacts already alerted (a delivery of theirs went out, or is going out) on each message
 /// channel they have in this incident, but the one who acknowledged (by delivery or by name).
@@ -195,6 +205,19 @@ impl Store {
             for m in &cancelled {
                 insert_event(&mut *tx, &m.delivery_id, "cancelled", None, &reason, now).await?;
             }
+            let messages = sqlx::query_as::<_, Moved>(CANCEL_ESCALATION_MESSAGES)
+                .bind(now)
+                .bind(&req.incident_id)
+                .bind(req.delivery_id.as_deref().unwrap_or(""))
+                .fetch_all(&mut *tx)
+                .await?;
+            let calls = cancelled.len();
+            let reason = format!("escalation stopped: {by} acknowledged the incident");
+            for m in &messages {
+                insert_event(&mut *tx, &m.delivery_id, "cancelled", None, &reason, now).await?;
+            }
+            let escalation_messages = messages.len();
+            cancelled.extend(messages);
             let recipients: Vec<(String, String, String)> = sqlx::query_as(NOTICE_RECIPIENTS)
                 .bind(&req.incident_id)
                 .bind(acker.as_ref().map(|d| d.phone.as_str()).unwrap_or(""))
@@ -231,9 +254,9 @@ impl Store {
                 }
             }
             let detail = format!(
-                "acknowledged by {by} ({}); {} unplaced call(s) cancelled, {notices} notice(s) queued",
+                "acknowledged by {by} ({}); {calls} unplaced call(s) and {escalation_messages} \
+                 escalation message(s) cancelled, {notices} notice(s) queued",
                 req.via,
-                cancelled.len()
             );
             insert_incident_event(
                 &mut *tx,

@@ -4,16 +4,36 @@
 use super::{insert_event, Store};
 use crate::domain::{storable, Channel};
 
-/// The message deliveries of open incidents' contacts whose every call has ended unanswered or failed
-/// (`answered` without the keypress counts as not reached: voicemail answers calls), and who have no
-/// fallback yet: one row per message channel to send again, with the lane that sent it.
+/// The message deliveries of open incidents' contacts whom no call has reached so far, and who have
+/// no fallback yet: one row per message channel to send again, with the lane that sent it.
+///
+/// With escalation a contact can have several calls (one per tier they are in, one per pass), most
+/// of them waiting in the queue for their tier. Precisely, for one contact (by number) of one incident,
+/// the fallback is due when:
+/// - at least one call to them has ended (any state but `queued`, `held`, `sending`, `accepted` and
+///   `cancelled`: a cancelled call was never placed);
+/// - every call that ended, ended not reached: `failed`, or `answered` without the keypress
+///   (voicemail answers calls too);
+/// - no call is pending now: `sending` or `accepted`, or `queued`/`held` and either tried before (a
+///   redial or a retry waiting) or due already (`due_at <= $1`, about to be placed). A later tier's
+///   or a later pass's call not yet due is not pending: it neither blocks the fallback nor counts.
+///
+/// Each contact gets it at most once per incident (a unique index): if a later tier's call then
+/// fails too, the messages do not go a third time.
 const CANDIDATES: &str = "SELECT DISTINCT m.incident_id, m.contact_name, m.phone, m.channel, m.provider \
      FROM deliveries m JOIN incidents i ON i.id = m.incident_id \
      WHERE i.status = 'open' AND m.purpose = 'alert' AND m.channel IN ('sms', 'whatsapp') \
        AND EXISTS (SELECT 1 FROM deliveries c WHERE c.incident_id = m.incident_id AND c.phone = m.phone \
-         AND c.channel = 'call') \
+         AND c.channel = 'call' \
+         AND c.status NOT IN ('queued', 'held', 'sending', 'accepted', 'cancelled')) \
        AND NOT EXISTS (SELECT 1 FROM deliveries c WHERE c.incident_id = m.incident_id \
-         AND c.phone = m.phone AND c.channel = 'call' AND c.status NOT IN ('failed', 'answered')) \
+         AND c.phone = m.phone AND c.channel = 'call' \
+         AND c.status NOT IN ('queued', 'held', 'sending', 'accepted', 'cancelled', 'failed', 'answered')) \
+       AND NOT EXISTS (SELECT 1 FROM deliveries c WHERE c.incident_id = m.incident_id \
+         AND c.phone = m.phone AND c.channel = 'call' \
+         AND (c.status IN ('sending', 'accepted') \
+           OR (c.status IN ('queued', 'held') \
+             AND (c.attempts > 0 OR c.redials > 0 OR c.due_at <= $1)))) \
        AND NOT EXISTS (SELECT 1 FROM deliveries f WHERE f.incident_id = m.incident_id \
          AND f.phone = m.phone AND f.purpose = 'fallback') \
      ORDER BY m.incident_id, m.phone, m.channel";
@@ -40,7 +60,10 @@ impl Store {
     /// Queues the fallback messages that are due; how many. Each at most once (a unique index), so
     /// replicas running this together queue each once.
     pub async fn queue_fallbacks(&self) -> anyhow::Result<usize> {
-        let candidates: Vec<Candidate> = sqlx::query_as(CANDIDATES).fetch_all(&self.reader).await?;
+        let candidates: Vec<Candidate> = sqlx::query_as(CANDIDATES)
+            .bind(self.now_ms())
+            .fetch_all(&self.reader)
+            .await?;
         let mut queued = 0;
         for c in candidates {
             let now = self.now_ms();

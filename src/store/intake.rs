@@ -21,7 +21,7 @@ use crate::domain::{storable, Clock, DeliveryState, IncidentState};
 
 /// Incidents in one transaction at most: a batch holds SQLite's writer for its whole length.
 const MAX_BATCH: usize = 64;
-/// Deliveries per multi-row insert (9 placeholders each, well under both engines' limits).
+/// Deliveries per multi-row insert (12 placeholders each, well under both engines' limits).
 const ROWS_PER_INSERT: usize = 200;
 /// Incidents waiting for the writer at most; beyond that callers wait to queue (back-pressure).
 const QUEUE: usize = 1024;
@@ -276,7 +276,13 @@ async fn insert_all(
             .bind(incident.recording_url.clone())
             .bind(incident.message.clone())
             .bind(incident.raw_params.clone())
-            .bind(incident.occurred_at);
+            .bind(incident.occurred_at)
+            .bind(incident.escalation.clone())
+            .bind(
+                incident
+                    .unreached_after_ms
+                    .map(|after| now.saturating_add(after)),
+            );
     }
     let inserted: std::collections::HashSet<String> = query
         .fetch_all(&mut **tx)
@@ -338,7 +344,11 @@ async fn insert_deliveries(
             .bind(d.provider.clone())
             .bind(d.channel.priority())
             .bind(crate::messages::new_reference())
-            .bind(crate::messages::new_link_ref());
+            .bind(crate::messages::new_link_ref())
+            .bind(i64::from(d.tier))
+            .bind(i64::from(d.run))
+            // A later tier's delivery waits in the queue, due when its tier comes.
+            .bind(now.saturating_add(d.delay_ms.max(0)));
     }
     query
         .execute(&mut **tx)
@@ -348,9 +358,9 @@ async fn insert_deliveries(
 }
 
 /// Placeholders per incident row after the two shared ones (time, status).
-const INCIDENT_ROW: usize = 11;
+const INCIDENT_ROW: usize = 13;
 /// Placeholders per delivery row after the two shared ones (time, status).
-const DELIVERY_ROW: usize = 9;
+const DELIVERY_ROW: usize = 12;
 
 /// `$a, $a+1, …` for `n` placeholders from `first`.
 fn numbered(sql: &mut String, first: usize, n: usize) {
@@ -368,7 +378,8 @@ fn numbered(sql: &mut String, first: usize, n: usize) {
 fn incidents_insert(rows: usize) -> String {
     const HEAD: &str =
         "INSERT INTO incidents (id, source, call_sid, dedup_key, emergency_type, route, \
-         caller, recording_url, message, raw_params, occurred_at, status, received_at) VALUES ";
+         caller, recording_url, message, raw_params, occurred_at, escalation, unreached_due_at, \
+         status, received_at) VALUES ";
     let mut sql = String::with_capacity(HEAD.len() + rows * 80 + 40);
     sql.push_str(HEAD);
     for row in 0..rows {
@@ -387,7 +398,7 @@ fn incidents_insert(rows: usize) -> String {
 fn deliveries_insert(rows: usize) -> String {
     const HEAD: &str =
         "INSERT INTO deliveries (id, incident_id, contact_name, phone, channel, provider, \
-         priority, greeting_ref, link_ref, status, due_at, created_at, updated_at) VALUES ";
+         priority, greeting_ref, link_ref, tier, run, due_at, status, created_at, updated_at) VALUES ";
     let mut sql = String::with_capacity(HEAD.len() + rows * 64);
     sql.push_str(HEAD);
     for row in 0..rows {
@@ -396,7 +407,7 @@ fn deliveries_insert(rows: usize) -> String {
         }
         sql.push('(');
         numbered(&mut sql, 3 + row * DELIVERY_ROW, DELIVERY_ROW);
-        sql.push_str(", $2, $1, $1, $1)");
+        sql.push_str(", $2, $1, $1)");
     }
     sql
 }
@@ -408,13 +419,13 @@ mod tests {
     #[test]
     fn multi_row_inserts_number_their_placeholders_in_order() {
         assert!(incidents_insert(2).ends_with(
-            "($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $2, $1), \
-             ($14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $2, $1) \
+            "($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $2, $1), \
+             ($16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $2, $1) \
              ON CONFLICT DO NOTHING RETURNING id"
         ));
         assert!(deliveries_insert(2).ends_with(
-            "($3, $4, $5, $6, $7, $8, $9, $10, $11, $2, $1, $1, $1), \
-             ($12, $13, $14, $15, $16, $17, $18, $19, $20, $2, $1, $1, $1)"
+            "($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $2, $1, $1), \
+             ($15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $2, $1, $1)"
         ));
     }
 }

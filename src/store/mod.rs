@@ -12,6 +12,7 @@
 mod ack;
 pub mod alarms;
 pub mod console;
+mod escalation;
 mod fallback;
 mod incidents;
 mod intake;
@@ -105,6 +106,11 @@ pub struct NewIncident {
     pub occurred_at: Option<i64>,
     /// Set when the recording is to be fetched and served by us (proxy mode, an allowed host).
     pub recording_fetch: Option<RecordingFetch>,
+    /// The escalation policy it follows, fixed now (JSON); `None`: one tier, everyone at once.
+    pub escalation: Option<String>,
+    /// Nobody having acknowledged this long after it is stored makes it unreached, milliseconds;
+    /// `None` (a drill): never.
+    pub unreached_after_ms: Option<i64>,
 }
 
 /// One delivery to queue with a new incident: a contact on one channel, sent by one provider lane.
@@ -116,6 +122,12 @@ pub struct NewDelivery {
     pub channel: Channel,
     /// The provider lane that will send it (`exotel:call`, …).
     pub provider: String,
+    /// The escalation tier it alerts (0: the first).
+    pub tier: u32,
+    /// The pass through the escalation policy (0: the first).
+    pub run: u32,
+    /// Due this long after the incident is stored, milliseconds (0: at once).
+    pub delay_ms: i64,
 }
 
 /// The result of [`Store::create_incident`].

@@ -25,6 +25,8 @@ fn incident(call_sid: Option<&str>, dedup_key: Option<&str>, emergency_type: &st
         raw_params: "[]".to_owned(),
         occurred_at: None,
         recording_fetch: None,
+        escalation: None,
+        unreached_after_ms: None,
     }
 }
 
@@ -38,6 +40,9 @@ fn deliveries(n: usize) -> Vec<NewDelivery> {
                 Channel::Whatsapp => "gupshup:whatsapp".to_owned(),
                 c => format!("exotel:{c}"),
             },
+            tier: 0,
+            run: 0,
+            delay_ms: 0,
         })
         .collect()
 }

@@ -20,6 +20,7 @@ mod deadline;
 mod dispatch;
 mod dlt;
 mod drill;
+mod escalation;
 mod fallback;
 mod faultproof;
 mod faults;

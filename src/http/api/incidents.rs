@@ -91,6 +91,25 @@ pub struct IncidentView {
     pub acknowledged_at: Option<String>,
     /// How: `call` (keypress), `sms` or `whatsapp` (the message's link), `api`, `cli` or `console`.
     pub acknowledged_via: Option<String>,
+    /// The escalation policy it follows, as fixed when it was stored; absent for a one-tier route
+    /// (everyone at once) and for drills.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<EscalationView>,
+}
+
+/// An incident's escalation policy: tiers of teams alerted one after another until someone
+/// acknowledges.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EscalationView {
+    /// The emergency type the policy was written for (`default` for the default route).
+    #[serde(rename = "type")]
+    pub emergency_type: String,
+    /// Teams per tier, in order.
+    pub tiers: Vec<Vec<String>>,
+    /// Time to acknowledge before the next tier is alerted, seconds.
+    pub wait_secs: u64,
+    /// Passes through the whole policy after the first.
+    pub repeat: u32,
 }
 
 /// An incident with every delivery and each delivery's history.
@@ -152,6 +171,10 @@ pub struct DeliveryView {
     pub updated_at: String,
     pub finished_at: Option<String>,
     pub played_at: Option<String>,
+    /// The escalation tier it alerts (0: the first, at once).
+    pub tier: i64,
+    /// The pass through the escalation policy (0: the first).
+    pub run: i64,
     pub events: Vec<EventView>,
 }
 
@@ -216,6 +239,7 @@ fn reached(states: &[DeliveryState], channels: &[Channel]) -> &'static str {
 fn contact_summaries(deliveries: Vec<DeliveryRow>) -> Vec<ContactSummary> {
     let mut out: Vec<(String, ContactSummary)> = Vec::new();
     let mut seen: Vec<(Vec<DeliveryState>, Vec<Channel>)> = Vec::new();
+    let mut ranks: HashMap<(usize, Channel), (bool, i64)> = HashMap::new();
     for d in deliveries {
         let i = match out
             .iter()
@@ -238,12 +262,24 @@ fn contact_summaries(deliveries: Vec<DeliveryRow>) -> Vec<ContactSummary> {
         };
         seen[i].0.push(d.status);
         seen[i].1.push(d.channel);
-        // A notice says someone else has it: it is not this contact's alert.
+        // A notice says someone else has it: it is not this contact's alert. With escalation a
+        // contact has a call per tier and pass: the channel shows the one that went out last, and a
+        // later tier's call still waiting (or cancelled before it was placed) only when none did.
         if d.purpose != crate::store::ACK_NOTICE {
-            out[i]
-                .1
-                .channels
-                .insert(d.channel.to_string(), d.status.to_string());
+            let went_out = d.attempts > 0
+                || !matches!(
+                    d.status,
+                    DeliveryState::Queued | DeliveryState::Held | DeliveryState::Cancelled
+                );
+            let rank = (went_out, d.updated_at);
+            let key = (i, d.channel);
+            if ranks.get(&key).is_none_or(|best| rank >= *best) {
+                ranks.insert(key, rank);
+                out[i]
+                    .1
+                    .channels
+                    .insert(d.channel.to_string(), d.status.to_string());
+            }
         }
     }
     out.into_iter()
@@ -301,6 +337,11 @@ impl From<IncidentRow> for IncidentView {
             acknowledged_by: r.acknowledged_by,
             acknowledged_at: r.acknowledged_at.map(iso),
             acknowledged_via: r.acknowledged_via,
+            // Written by this server; an unreadable one is left out rather than failing the view.
+            escalation: r
+                .escalation
+                .as_deref()
+                .and_then(|json| serde_json::from_str(json).ok()),
         }
     }
 }
@@ -333,6 +374,8 @@ fn delivery_view(d: DeliveryRow, events: Vec<EventRow>) -> DeliveryView {
         updated_at: iso(d.updated_at),
         finished_at: d.finished_at.map(iso),
         played_at: d.played_at.map(iso),
+        tier: d.tier,
+        run: d.run,
         phone: mask(&phone),
     }
 }
@@ -894,6 +937,10 @@ fn stored_detail(incident: &NewIncident, id: &str) -> IncidentDetail {
             acknowledged_by: None,
             acknowledged_at: None,
             acknowledged_via: None,
+            escalation: incident
+                .escalation
+                .as_deref()
+                .and_then(|json| serde_json::from_str(json).ok()),
         },
         recording: None,
         events: Vec::new(),

@@ -26,9 +26,9 @@ use crate::error::AppError;
 pub use alertmanager::{alertmanager, AlertmanagerAlert, AlertmanagerOutcome, AlertmanagerPayload};
 pub use incidents::{
     acknowledge_incident, create_incident, get_incident, list_incidents, parse_new_incident,
-    resolve_incident, AckIncidentRequest, AckOutcome, ContactSummary, DeliveryView, EventView,
-    IncidentDetail, IncidentList, IncidentSummary, IncidentView, ListQuery, NewIncidentRequest,
-    ResolveOutcome,
+    resolve_incident, AckIncidentRequest, AckOutcome, ContactSummary, DeliveryView, EscalationView,
+    EventView, IncidentDetail, IncidentList, IncidentSummary, IncidentView, ListQuery,
+    NewIncidentRequest, ResolveOutcome,
 };
 pub use openapi::{openapi_json, ApiDoc};
 
