@@ -105,6 +105,7 @@ impl App {
                 metrics: Arc::new(metrics::Metrics::new()),
                 recording_opens: Arc::default(),
                 console,
+                auditor: Arc::default(),
             },
             generated_webhook_token,
             generated_admin_token,
@@ -280,6 +281,7 @@ impl App {
             self.state.clone(),
             stop_rx.clone(),
         ));
+        tokio::spawn(app::auditor::run(self.state.clone(), stop_rx.clone()));
         let router = http::router(self.state.clone());
         let server = &self.state.settings.server;
         let limits = http::serve::ServeLimits {

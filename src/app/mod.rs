@@ -3,6 +3,7 @@
 //! (`http`, the CLI) and the machinery (`store`, `dispatch`, `providers`): imports point down only.
 
 pub mod ack;
+pub mod auditor;
 pub mod console;
 pub mod housekeeping;
 pub mod incidents;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub recording_opens: Arc<crate::recordings::opens::OpenThrottle>,
     /// The ops console's change signal, event-stream cap and sign-in limiter.
     pub console: Arc<console::Hub>,
+    /// What this replica's auditor last found, for `/readyz`.
+    pub auditor: Arc<auditor::Status>,
 }
 
 impl AppState {

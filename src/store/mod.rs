@@ -10,6 +10,8 @@
 //! migration, and the database refuses anything else. Times are milliseconds since the Unix epoch.
 
 mod ack;
+mod audit;
+mod cap;
 pub mod console;
 mod fallback;
 mod incidents;
@@ -23,6 +25,8 @@ mod sql;
 
 pub use crate::domain::RedialPolicy;
 pub use ack::{event as ack_event, AckRequest, Acknowledged};
+pub use audit::{Overdue, SilentLane};
+pub use cap::{Claimed, HeldCall};
 pub use queue::{CallbackEffect, Finish, Moved};
 
 pub use incidents::{IncidentFilter, QueueStats, Resolved};
