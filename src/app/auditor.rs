@@ -336,9 +336,7 @@ impl Auditor {
             {
                 Ok(crate::store::CallbackEffect::Applied { from, to }) => {
                     ended += 1;
-                    self.state
-                        .metrics
-                        .delivery_moved(d.channel, from, to, true);
+                    self.state.metrics.delivery_moved(d.channel, from, to, true);
                 }
                 Ok(_) => {}
                 Err(e) => {

@@ -120,9 +120,7 @@ async fn readyz(State(state): State<AppState>, limits: PublicDb) -> Response {
             stale_after_secs,
         },
         channels,
-        auditor: state
-            .auditor
-            .view(state.settings.auditor.every(), now_ms()),
+        auditor: state.auditor.view(state.settings.auditor.every(), now_ms()),
     };
     let status = if ready {
         StatusCode::OK

@@ -76,7 +76,11 @@ impl Store {
 
     /// Ids of deliveries still `sending` although their lease ran out more than `slack` ago by the
     /// database's clock: the dispatchers' reaper has not run.
-    pub async fn expired_sending(&self, slack: Duration, limit: i64) -> anyhow::Result<Vec<String>> {
+    pub async fn expired_sending(
+        &self,
+        slack: Duration,
+        limit: i64,
+    ) -> anyhow::Result<Vec<String>> {
         let ids = sqlx::query_scalar(EXPIRED_SENDING.of(self.engine))
             .bind(slack.as_millis() as i64)
             .bind(limit)
@@ -87,7 +91,11 @@ impl Store {
 
     /// Accepted calls and messages whose report deadline passed before `before` and that no look-up
     /// has touched since (each look-up moves the deadline on): the report reconciler has stalled.
-    pub async fn stalled_reports(&self, before: i64, limit: i64) -> anyhow::Result<Vec<DeliveryRow>> {
+    pub async fn stalled_reports(
+        &self,
+        before: i64,
+        limit: i64,
+    ) -> anyhow::Result<Vec<DeliveryRow>> {
         let rows = sqlx::query_as(concat!(
             "SELECT ",
             delivery_columns!(),
