@@ -15,6 +15,7 @@ both_engines!(
     queued_work_nobody_claims_is_a_stall_and_stops_the_heartbeat,
     a_delivery_stuck_in_sending_past_its_lease_is_requeued,
     a_held_call_nobody_released_is_released,
+    a_report_nobody_looks_up_is_given_up_on_and_the_call_redialled,
 );
 
 async fn readyz(app: &TestApp) -> (u16, Value) {
@@ -303,4 +304,85 @@ async fn a_held_call_nobody_released_is_released(db: Db) {
         "{events:?}"
     );
     app.stop().await;
+}
+
+async fn a_report_nobody_looks_up_is_given_up_on_and_the_call_redialled(db: Db) {
+    let app = spawn_app_with(
+        db,
+        &[without_dispatcher(), ("SOS_AUDITOR__EVERY", "1s".into())],
+    )
+    .await;
+    app.passthru("CallSid=audit-r1&EmergencyType=Heart").await;
+    let call = app.delivery_of("audit-r1", "call").await;
+    let claimed = app
+        .store
+        .claim(&call.provider, "gone", Duration::from_secs(60), 1)
+        .await
+        .unwrap();
+    let d = &claimed[0];
+    let due = app.store.now_ms() + 600_000;
+    app.store
+        .finish_attempt(
+            &d.id,
+            d.lease_token.as_deref().unwrap(),
+            &exotel_sos::store::Finish::Accepted {
+                provider_id: Some("callsid-audit-r".into()),
+                detail: "accepted".into(),
+                report_due_at: Some(due),
+            },
+        )
+        .await
+        .unwrap();
+    // No report comes, and no reconciler runs to look it up: 25 minutes on, the auditor steps in.
+    app.store.clock().advance(Duration::from_secs(25 * 60));
+    stall(&app, "report_stalled").await;
+    let now = app.store.delivery(&d.id).await.unwrap().unwrap();
+    assert_eq!(now.status, "queued", "redialled: {now:?}");
+    assert_eq!(now.redials, 1);
+    let events = app.store.events(&d.id).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "report_overdue" && e.detail.contains("reconciler has stalled")),
+        "{events:?}"
+    );
+    app.stop().await;
+}
+
+/// Two replicas on one PostgreSQL database: one runs the passes, the other stands by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_audits_the_other_stands_by() {
+    let env = [without_dispatcher(), ("SOS_AUDITOR__EVERY", "1s".into())];
+    let first = spawn_app_with(Db::Postgres, &env).await;
+    let settings = test_settings(&TestDb::shared(&first.db.url), &first.stakeholders, &env);
+    let second = start(
+        TestDb::shared(&first.db.url),
+        first.stakeholders.clone(),
+        settings,
+    )
+    .await;
+    let roles = |a: Value, b: Value| {
+        let mut r = vec![
+            a["auditor"]["role"].as_str().unwrap_or("").to_owned(),
+            b["auditor"]["role"].as_str().unwrap_or("").to_owned(),
+        ];
+        r.sort();
+        r
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seen;
+    let settled = loop {
+        let ((_, a), (_, b)) = tokio::join!(readyz(&first), readyz(&second));
+        seen = roles(a, b);
+        if seen == ["auditing", "standby"] {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(settled, "{seen:?}");
+    second.stop().await;
+    first.stop().await;
 }

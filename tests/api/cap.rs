@@ -330,3 +330,59 @@ async fn zero_turns_the_cap_off(db: Db) {
     assert_eq!(metric(&app, "sos_calls_held_total").await, 0.0);
     app.stop().await;
 }
+
+/// Two replicas claim redials to one number at the same moment, one call short of the cap: only one
+/// call is placed; the per-number advisory lock makes the second claim count the first's placement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_never_both_place_the_call_that_reaches_the_cap() {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = app(Db::Postgres, &p, &[cap(8), without_dispatcher()]).await;
+    // Seven incidents, seven first calls placed and accepted, then nobody answers: seven redials
+    // wait in the queue, and the number has had seven calls this hour.
+    for i in 0..7 {
+        app.passthru(&format!("CallSid=cap-race-{i}&EmergencyType=Heart"))
+            .await;
+    }
+    let first = app
+        .store
+        .claim_capped("exotel:call", "replica-0", Duration::from_secs(60), 7, 8)
+        .await
+        .unwrap();
+    assert_eq!(first.rows.len(), 7);
+    for (i, d) in first.rows.iter().enumerate() {
+        app.store
+            .finish_attempt(
+                &d.id,
+                d.lease_token.as_deref().unwrap(),
+                &exotel_sos::store::Finish::Accepted {
+                    provider_id: Some(format!("race-call-{i}")),
+                    detail: "accepted".into(),
+                    report_due_at: None,
+                },
+            )
+            .await
+            .unwrap();
+        let d = app.store.delivery(&d.id).await.unwrap().unwrap();
+        no_answer(&app, &d).await;
+    }
+    assert_eq!(app.store.calls_in_last_hour(ASHA).await.unwrap(), 7);
+    let other = exotel_sos::store::Store::connect(&app.db.url, 2)
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        app.store
+            .claim_capped("exotel:call", "replica-a", Duration::from_secs(60), 4, 8),
+        other.claim_capped("exotel:call", "replica-b", Duration::from_secs(60), 4, 8),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        a.rows.len() + b.rows.len(),
+        1,
+        "one call reaches the cap: {a:?} {b:?}"
+    );
+    assert_eq!(a.held.len() + b.held.len(), 6);
+    assert_eq!(app.store.calls_in_last_hour(ASHA).await.unwrap(), 8);
+    other.close().await;
+    app.stop().await;
+}
