@@ -509,3 +509,54 @@ fn failed(check: &str, e: &anyhow::Error) -> Finding {
 fn counts(findings: &[Finding]) -> Vec<(&'static str, usize)> {
     findings.iter().map(|f| (f.kind, f.count)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_view_says_who_audits_and_what_is_stalled() {
+        let status = Status::default();
+        let every = Duration::from_secs(30);
+        let v = status.view(every, 10_000);
+        assert_eq!(v.role, "starting");
+        assert!(!v.stalled && v.last_pass_age_secs.is_none());
+
+        status.passed(Vec::new(), 10_000);
+        let v = status.view(every, 12_500);
+        assert_eq!(v.role, "auditing");
+        assert_eq!(v.last_clean_pass_age_secs, Some(2.5));
+        assert!(!v.stalled);
+
+        let stuck = Finding {
+            kind: "queued_overdue",
+            count: 3,
+            detail: "3 queued deliveries".to_owned(),
+        };
+        status.passed(vec![stuck.clone()], 20_000);
+        let v = status.view(every, 20_000);
+        assert!(v.stalled);
+        assert_eq!(v.stalls, vec![stuck]);
+        // The last clean pass is the earlier one.
+        assert_eq!(v.last_clean_pass_age_secs, Some(10.0));
+
+        // Another replica took the lease: this one stands by and reports nothing stale.
+        status.standby(21_000);
+        let v = status.view(every, 21_000);
+        assert_eq!(v.role, "standby");
+        assert!(!v.stalled && v.stalls.is_empty());
+    }
+
+    #[test]
+    fn findings_are_counted_by_kind() {
+        let f = |kind, count| Finding {
+            kind,
+            count,
+            detail: String::new(),
+        };
+        assert_eq!(
+            counts(&[f("held_overdue", 2), f("provider_silent", 4)]),
+            vec![("held_overdue", 2), ("provider_silent", 4)]
+        );
+    }
+}

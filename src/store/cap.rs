@@ -56,10 +56,12 @@ const NUMBER_LOCK: &str =
 const CALLS_IN_HOUR: &str =
     "SELECT COUNT(*) FROM call_placements WHERE phone = $1 AND placed_at > $2";
 
-/// Whether a call of this incident to this number was accepted by the provider: then a further one is
-/// not the incident's first call to it.
-const REACHED_BEFORE: &str = "SELECT COUNT(*) FROM call_placements \
-     WHERE incident_id = $1 AND phone = $2 AND accepted = 1";
+/// In one round trip: the calls to the number (`$1`) since `$2`, and how many calls of the incident
+/// (`$3`) to it the provider accepted (any: a further call is then not the incident's first call there).
+const COUNT_AND_REACHED: &str = "SELECT \
+     (SELECT COUNT(*) FROM call_placements WHERE phone = $1 AND placed_at > $2) AS in_hour, \
+     (SELECT COUNT(*) FROM call_placements WHERE incident_id = $3 AND phone = $1 AND accepted = 1) \
+       AS reached";
 
 /// The placement whose leaving the window brings the count below the cap (`$3` = count − cap).
 const FREES_A_PLACE: &str = "SELECT placed_at FROM call_placements \
@@ -162,20 +164,16 @@ async fn over_cap(
     now: i64,
 ) -> anyhow::Result<Option<HeldCall>> {
     let since = now - HOUR_MS;
-    let count: i64 = sqlx::query_scalar(CALLS_IN_HOUR)
+    let (count, reached): (i64, i64) = sqlx::query_as(COUNT_AND_REACHED)
         .bind(&d.phone)
         .bind(since)
+        .bind(&d.incident_id)
         .fetch_one(&mut **tx)
         .await?;
     let cap = i64::from(cap);
     if count < cap {
         return Ok(None);
     }
-    let reached: i64 = sqlx::query_scalar(REACHED_BEFORE)
-        .bind(&d.incident_id)
-        .bind(&d.phone)
-        .fetch_one(&mut **tx)
-        .await?;
     if reached == 0 {
         let detail = format!(
             "the carrier-safe cap is reached ({count} calls to this number in the last hour, at most \
