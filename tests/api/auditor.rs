@@ -16,6 +16,7 @@ both_engines!(
     a_delivery_stuck_in_sending_past_its_lease_is_requeued,
     a_held_call_nobody_released_is_released,
     a_report_nobody_looks_up_is_given_up_on_and_the_call_redialled,
+    an_open_incident_past_its_unreached_time_is_reported_unless_acknowledged_or_a_drill,
 );
 
 async fn readyz(app: &TestApp) -> (u16, Value) {
@@ -385,4 +386,115 @@ async fn one_replica_audits_the_other_stands_by() {
     assert!(settled, "{seen:?}");
     second.stop().await;
     first.stop().await;
+}
+
+async fn raise(app: &TestApp, body: Value) -> String {
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let v: Value = res.json().await.unwrap();
+    v["id"].as_str().unwrap().to_owned()
+}
+
+async fn audited(app: &TestApp, incident_id: &str) -> bool {
+    audited_in(&app.store, incident_id).await
+}
+
+async fn an_open_incident_past_its_unreached_time_is_reported_unless_acknowledged_or_a_drill(
+    db: Db,
+) {
+    let app = spawn_app_with(
+        db,
+        &[
+            without_dispatcher(),
+            ("SOS_AUDITOR__EVERY", "1s".into()),
+            ("SOS_ACK__DEADLINE", "1m".into()),
+        ],
+    )
+    .await;
+    let open = raise(
+        &app,
+        serde_json::json!({"emergency_type": "Heart", "message": "nobody answers", "dedup_key": "u-open"}),
+    )
+    .await;
+    let acked = raise(
+        &app,
+        serde_json::json!({"emergency_type": "Brain", "message": "someone has it", "dedup_key": "u-acked"}),
+    )
+    .await;
+    let drill = raise(
+        &app,
+        serde_json::json!({"emergency_type": "Heart", "message": "drill", "drill_contact": "Dr. Asha Rao"}),
+    )
+    .await;
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{acked}/ack", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"by": "Duty manager"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
+    // Three minutes on: a minute past the deadline and a minute more.
+    app.store.clock().advance(Duration::from_secs(180));
+    // Either the unreached sweep marked it, or the auditor says the sweep has stalled.
+    let store = app.store.clone();
+    let seen = eventually(Duration::from_secs(15), || {
+        let (store, open) = (store.clone(), open.clone());
+        async move {
+            let marked = store
+                .incident(&open)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|i| i.unreached_at.is_some());
+            marked || audited_in(&store, &open).await
+        }
+    })
+    .await;
+    assert!(
+        seen,
+        "the open incident is neither marked unreached nor reported"
+    );
+    let marked = app
+        .store
+        .incident(&open)
+        .await
+        .unwrap()
+        .unwrap()
+        .unreached_at
+        .is_some();
+    if !marked {
+        let body = stall(&app, "unreached_overdue").await;
+        let finding = body["auditor"]["stalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["kind"] == "unreached_overdue")
+            .unwrap()
+            .clone();
+        assert_eq!(finding["count"], 1, "{finding}");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !audited(&app, &acked).await,
+        "an acknowledged incident is not a stall"
+    );
+    assert!(!audited(&app, &drill).await, "a drill never alarms");
+    app.stop().await;
+}
+
+async fn audited_in(store: &exotel_sos::store::Store, incident_id: &str) -> bool {
+    store
+        .incident_timeline(incident_id)
+        .await
+        .map(|t| t.iter().any(|e| e.kind == "audit"))
+        .unwrap_or(false)
 }
