@@ -106,6 +106,7 @@ impl App {
                 recording_opens: Arc::default(),
                 console,
                 alarm_watch: Arc::default(),
+                auditor: Arc::default(),
             },
             generated_webhook_token,
             generated_admin_token,
@@ -292,6 +293,7 @@ impl App {
             self.state.clone(),
             stop_rx.clone(),
         ));
+        tokio::spawn(app::auditor::run(self.state.clone(), stop_rx.clone()));
         let router = http::router(self.state.clone());
         let server = &self.state.settings.server;
         let limits = http::serve::ServeLimits {

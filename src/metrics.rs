@@ -49,6 +49,11 @@ struct AccountAlarmLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FindingLabels {
+    kind: String,
+}
+
 fn provider_histogram() -> Histogram {
     // 50 ms .. ~25 s: provider APIs answer in tens of milliseconds, a stuck one hits the client timeout.
     Histogram::new(exponential_buckets(0.05, 2.0, 10))
@@ -66,6 +71,11 @@ pub struct Metrics {
     queue_oldest_age: Gauge<f64, AtomicU64>,
     unreached: Counter,
     account_alarms: Family<AccountAlarmLabels, Counter>,
+    calls_held: Counter,
+    auditor_findings: Family<FindingLabels, Counter>,
+    auditor_passes: Counter,
+    auditor_stalls: Gauge,
+    auditor_last_clean_pass: Gauge<f64, AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -141,9 +151,44 @@ impl Metrics {
             "Account alarms raised by this process: a provider refusing the account (auth, credit, DLT block) or a burst of bad webhook tokens, by lane and reason",
             account_alarms.clone(),
         );
+        let calls_held = Counter::default();
+        registry.register(
+            "sos_calls_held",
+            "Calls held back by the carrier-safe cap (dispatch.max_calls_per_number_per_hour); each goes once the hour allows it",
+            calls_held.clone(),
+        );
+        let auditor_findings = Family::<FindingLabels, Counter>::default();
+        registry.register(
+            "sos_auditor_findings",
+            "Stalls the auditor found, by kind (queued_overdue, sending_expired, report_stalled, held_overdue, unreached_overdue, provider_silent, check_failed)",
+            auditor_findings.clone(),
+        );
+        let auditor_passes = Counter::default();
+        registry.register(
+            "sos_auditor_passes",
+            "Auditor passes run by this replica",
+            auditor_passes.clone(),
+        );
+        let auditor_stalls = Gauge::default();
+        registry.register(
+            "sos_auditor_stalls",
+            "Stalls the auditor's last pass on this replica found (0: every open incident is moving)",
+            auditor_stalls.clone(),
+        );
+        let auditor_last_clean_pass = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "sos_auditor_last_clean_pass_timestamp_seconds",
+            "When this replica's auditor last found nothing stalled (Unix time; 0: never)",
+            auditor_last_clean_pass.clone(),
+        );
         Metrics {
             unreached,
             account_alarms,
+            calls_held,
+            auditor_findings,
+            auditor_passes,
+            auditor_stalls,
+            auditor_last_clean_pass,
             unconfirmed,
             registry,
             incidents,
@@ -232,6 +277,27 @@ impl Metrics {
                 state: state.to_owned(),
             })
             .inc();
+    }
+
+    /// `n` calls were held back by the carrier-safe cap.
+    pub fn calls_held(&self, n: usize) {
+        self.calls_held.inc_by(n as u64);
+    }
+
+    /// One auditor pass ended with these findings (kind, how many); `now_ms` is when, by the wall clock.
+    pub fn auditor_pass(&self, findings: &[(&str, usize)], now_ms: i64) {
+        self.auditor_passes.inc();
+        for (kind, n) in findings {
+            self.auditor_findings
+                .get_or_create(&FindingLabels {
+                    kind: (*kind).to_owned(),
+                })
+                .inc_by(*n as u64);
+        }
+        self.auditor_stalls.set(findings.len() as i64);
+        if findings.is_empty() {
+            self.auditor_last_clean_pass.set(now_ms as f64 / 1000.0);
+        }
     }
 
     /// Sets the queue gauges from the store's figures at `now_ms`.

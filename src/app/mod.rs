@@ -4,6 +4,7 @@
 
 pub mod ack;
 pub mod alarms;
+pub mod auditor;
 pub mod console;
 pub mod housekeeping;
 pub mod incidents;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub console: Arc<console::Hub>,
     /// Bad webhook tokens seen lately, and account alarms raised from status reports.
     pub alarm_watch: Arc<alarms::AlarmWatch>,
+    /// What this replica's auditor last found, for `/readyz`.
+    pub auditor: Arc<auditor::Status>,
 }
 
 impl AppState {

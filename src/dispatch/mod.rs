@@ -191,7 +191,34 @@ impl Dispatcher {
             }
             Err(e) => tracing::error!(error = format!("{e:#}"), "requeueing expired leases failed"),
         }
+        self.release_held().await;
         self.adopt_orphans().await;
+    }
+
+    /// Calls the carrier-safe cap held, whose hour now allows them, back to the queue (the claim
+    /// counts again, so a release beyond the cap is held again).
+    async fn release_held(&self) {
+        let why = "the carrier-safe cap allows another call to this number now: queued again";
+        match self.store.release_held(self.store.now_ms(), why).await {
+            Ok(moved) if moved.is_empty() => {}
+            Ok(moved) => tracing::info!(calls = moved.len(), "held calls released"),
+            Err(e) => tracing::error!(error = format!("{e:#}"), "releasing held calls failed"),
+        }
+    }
+
+    /// Counts and logs the calls the carrier-safe cap held back.
+    fn count_held(&self, held: &[crate::store::HeldCall]) {
+        self.metrics.calls_held(held.len());
+        for h in held {
+            tracing::warn!(
+                delivery_id = %h.delivery_id,
+                incident_id = %h.incident_id,
+                to = %crate::domain::mask(&h.phone),
+                calls_in_hour = h.calls_in_hour,
+                due_in_secs = (h.until - self.store.now_ms()).max(0) / 1000,
+                "call held by the carrier-safe cap (dispatch.max_calls_per_number_per_hour)"
+            );
+        }
     }
 
     /// Queued deliveries whose lane no process here sends (stored by an older build without a lane,
@@ -239,14 +266,17 @@ impl Dispatcher {
         // The lease runs by the database's clock from a moment after this one: judging it from
         // here on this process's monotonic clock errs on the safe side.
         let lease_deadline = tokio::time::Instant::now() + self.lease;
+        let cap = self.settings.dispatch.max_calls_per_number_per_hour;
         match self
             .store
-            .claim(lane.name(), &self.owner, self.lease, free as i64)
+            .claim_capped(lane.name(), &self.owner, self.lease, free as i64, cap)
             .await
         {
-            Ok(rows) => {
-                let saturated = rows.len() == free;
-                self.spawn_claimed(lane, rows, lease_deadline, tasks).await;
+            Ok(claimed) => {
+                let saturated = claimed.rows.len() + claimed.held.len() == free;
+                self.count_held(&claimed.held);
+                self.spawn_claimed(lane, claimed.rows, lease_deadline, tasks)
+                    .await;
                 saturated
             }
             Err(e) => {

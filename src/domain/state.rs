@@ -103,8 +103,9 @@ impl DeliveryState {
             // A redial waiting in the queue can still be settled by the previous call's late report.
             Queued => &[Sending, Held, Cancelled, Delivered, Answered, Acknowledged],
             Held => &[Queued, Cancelled],
-            // Retry, requeue, lease expiry and release all go back to `queued`.
-            Sending => &[Queued, Accepted, Simulated, Failed, Cancelled],
+            // Retry, requeue, lease expiry and release all go back to `queued`. `held`: the claim
+            // found the number at the carrier-safe cap, so the call is not placed (yet).
+            Sending => &[Queued, Held, Accepted, Simulated, Failed, Cancelled],
             // `queued` again is a redial: a new try, not a step back.
             Accepted => &[
                 Queued,

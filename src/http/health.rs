@@ -41,6 +41,9 @@ struct Readiness {
     dispatcher: DispatcherState,
     /// `live` or `dry-run`, per channel.
     channels: std::collections::BTreeMap<&'static str, &'static str>,
+    /// What the auditor last found stalled. A stall does not make this replica unready: taking it out
+    /// of the load balancer would not move the work, and would refuse the next emergency.
+    auditor: crate::app::auditor::StatusView,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,7 +71,8 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /readyz`: 200 when the database answers and is migrated and the dispatcher loop is alive; 503
-/// otherwise. The body says which part failed, and which channels are live or dry-run.
+/// otherwise. The body says which part failed, which channels are live or dry-run, and what the auditor
+/// last found stalled (`auditor.stalled`, `auditor.stalls`; reported, not a reason for 503).
 async fn readyz(State(state): State<AppState>, limits: PublicDb) -> Response {
     // Anyone can ask: the reads run within the unauthenticated share of the database, so a flood of
     // probes cannot take the Passthru's connections. No time limit inside: a query given up on would
@@ -130,6 +134,7 @@ async fn readyz(State(state): State<AppState>, limits: PublicDb) -> Response {
             stale_after_secs,
         },
         channels,
+        auditor: state.auditor.view(state.settings.auditor.every(), now_ms()),
     };
     let status = if ready {
         StatusCode::OK

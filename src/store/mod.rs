@@ -11,6 +11,8 @@
 
 mod ack;
 pub mod alarms;
+mod audit;
+mod cap;
 pub mod console;
 mod escalation;
 mod fallback;
@@ -25,6 +27,8 @@ mod sql;
 
 pub use crate::domain::RedialPolicy;
 pub use ack::{event as ack_event, AckRequest, Acknowledged};
+pub use audit::{Overdue, SilentLane};
+pub use cap::{Claimed, HeldCall};
 pub use queue::{CallbackEffect, Finish, Moved};
 
 pub use incidents::{IncidentFilter, QueueStats, Resolved};

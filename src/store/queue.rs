@@ -13,6 +13,7 @@
 
 use std::time::Duration;
 
+use super::cap::{self, Claimed};
 use super::rows::delivery_columns;
 use super::sql::{per_engine, Dialect};
 use super::{insert_event, DeliveryRow, Store};
@@ -340,14 +341,31 @@ impl Store {
         lease: Duration,
         limit: i64,
     ) -> anyhow::Result<Vec<DeliveryRow>> {
+        Ok(self
+            .claim_capped(provider, owner, lease, limit, 0)
+            .await?
+            .rows)
+    }
+
+    /// [`Store::claim`] with the carrier-safe cap: a claimed call whose number had `cap` calls in the
+    /// last hour, and is not its incident's first call there, is moved to `held` in the same
+    /// transaction instead of being leased (see [`super::cap`]). `cap` 0 turns it off.
+    pub async fn claim_capped(
+        &self,
+        provider: &str,
+        owner: &str,
+        lease: Duration,
+        limit: i64,
+        cap: u32,
+    ) -> anyhow::Result<Claimed> {
         self.yield_to_intake().await;
         if limit <= 0 {
-            return Ok(Vec::new());
+            return Ok(Claimed::default());
         }
         let now = self.now_ms();
         let token = uuid::Uuid::new_v4().simple().to_string();
         let mut tx = self.writer.begin().await?;
-        let mut claimed: Vec<DeliveryRow> = sqlx::query_as(CLAIM.of(self.engine))
+        let claimed: Vec<DeliveryRow> = sqlx::query_as(CLAIM.of(self.engine))
             .bind(owner)
             .bind(&token)
             .bind(lease.as_millis() as i64)
@@ -356,13 +374,18 @@ impl Store {
             .bind(limit)
             .fetch_all(&mut *tx)
             .await?;
+        let (mut claimed, held) =
+            cap::place_calls(&mut tx, self.engine, claimed, &token, cap, now).await?;
         for d in &mut claimed {
             let detail = format!("attempt {} by {owner}", d.attempts);
             insert_event(&mut *tx, &d.id, "attempt", None, &detail, now).await?;
             Store::issue_ack_ref(&mut tx, d).await?;
         }
         tx.commit().await?;
-        Ok(claimed)
+        Ok(Claimed {
+            rows: claimed,
+            held,
+        })
     }
 
     /// Puts deliveries whose lease expired by the database's clock (their process died mid-send, or
@@ -909,6 +932,23 @@ async fn finish_in(
         .fetch_optional(&mut **tx)
         .await?;
     let recorded = recorded.map(DeliveryState::try_from).transpose()?;
+    // The carrier-safe cap counts calls placed: an accepted call reached the number; a claim that sent
+    // nothing takes its placement back. Whether or not this claim still holds the lease, that is what
+    // it did. (No row matches for messages.)
+    let placement = match finish {
+        Finish::Accepted { .. } => Some(cap::PLACEMENT_ACCEPTED),
+        Finish::Requeue { .. } | Finish::Cancelled { .. } | Finish::Simulated { .. } => {
+            Some(cap::PLACEMENT_TAKEN_BACK)
+        }
+        Finish::Retry { .. } | Finish::Failed { .. } => None,
+    };
+    if let Some(sql) = placement {
+        sqlx::query(sql)
+            .bind(delivery_id)
+            .bind(token)
+            .execute(&mut **tx)
+            .await?;
+    }
     let detail = match recorded {
         Some(DeliveryState::Cancelled) if row.status == DeliveryState::Queued => {
             format!("{}; now cancelled: its incident was resolved", row.detail)

@@ -159,7 +159,8 @@ pub struct DeliveryView {
     pub phone: String,
     /// `call`, `sms` or `whatsapp`.
     pub channel: String,
-    /// `queued`, `sending`, `accepted`, `delivered`, `failed`, `simulated` or `cancelled`.
+    /// `queued`, `held` (a call waiting for the carrier-safe cap), `sending`, `accepted`, `answered`,
+    /// `acknowledged`, `delivered`, `read`, `unconfirmed`, `failed`, `simulated` or `cancelled`.
     pub status: String,
     pub attempts: i64,
     pub redials: i64,
