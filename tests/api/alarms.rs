@@ -29,6 +29,7 @@ both_engines!(
     an_sms_accepted_with_a_dlt_block_code_raises_the_template_alarm,
     the_first_acknowledgement_cancels_alarm_messages_still_queued,
     incidents_stored_without_a_deadline_are_never_marked_unreached,
+    an_alarm_call_waits_while_the_incidents_own_call_still_rings,
 );
 
 /// [`STAKEHOLDERS`] with a duty manager (call and SMS) alarmed when nobody acknowledges.
@@ -1326,6 +1327,76 @@ async fn incidents_stored_without_a_deadline_are_never_marked_unreached(db: Db) 
             .iter()
             .all(|a| a["incident_id"] != legacy.id.as_str()),
         "{listed:?}"
+    );
+    app.stop().await;
+}
+
+/// The duty manager is alerted by the incident too (their call accepted, no report yet) and the
+/// alarm comes while that call still rings: the alarm call waits instead of ringing the same phone a
+/// second time at once, and goes once the first call no longer counts as ringing.
+async fn an_alarm_call_waits_while_the_incidents_own_call_still_rings(db: Db) {
+    const SID: &str = "alarm-ringing";
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let stakeholders = stakeholders_with_unreached().replace(
+        "Heart = [\"cardiology\", \"emergency-desk\", \"lab\"]",
+        "Heart = [\"cardiology\", \"emergency-desk\", \"lab\", \"duty-manager\"]",
+    );
+    let app = spawn_alarm_app_on(
+        db,
+        &p,
+        &[
+            ("SOS_ACK__DEADLINE", "30s".into()),
+            ("SOS_DISPATCH__REPORT_WAIT_SECS", "86400".into()),
+        ],
+        &stakeholders,
+    )
+    .await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let ds = app.settled(SID).await;
+    assert!(
+        ds.iter()
+            .any(|d| d.phone == DUTY && d.channel == "call" && d.status == "accepted"),
+        "{ds:?}"
+    );
+    let calls_to_duty = || async {
+        p.requests(CALLS_PATH)
+            .await
+            .iter()
+            .filter(|(f, _)| field(f, "From") == Some(DUTY))
+            .count()
+    };
+    assert_eq!(calls_to_duty().await, 1);
+    app.store.clock().advance(Duration::from_secs(31));
+    let inc = wait_unreached(&app, SID).await;
+    let held = eventually(Duration::from_secs(10), || async {
+        let Some(call) = alarm_deliveries(&app, &inc.id)
+            .await
+            .into_iter()
+            .find(|d| d.channel == "call")
+        else {
+            return false;
+        };
+        app.store
+            .events(&call.id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.detail.contains("still ringing"))
+    })
+    .await;
+    assert!(held, "{:?}", alarm_deliveries(&app, &inc.id).await);
+    assert_eq!(calls_to_duty().await, 1, "not rung twice at once");
+    // A minute on, the incident's call no longer rings: the alarm call goes.
+    app.store.clock().advance(Duration::from_secs(40));
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            calls_to_duty().await == 2
+        })
+        .await,
+        "{:?}",
+        alarm_deliveries(&app, &inc.id).await
     );
     app.stop().await;
 }
