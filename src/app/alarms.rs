@@ -430,18 +430,28 @@ fn clear_key(state: &AppState, key: String) {
 }
 
 /// The DLT template id the SMS `sms_sid` was sent with, from its purpose and its incident's source
-/// (which pick its message kind); `None` when it is not ours or cannot be read.
+/// (which pick its message kind); `None` when it is not ours or cannot be read. A report can come
+/// before the SMS's provider id is committed (outcomes are committed in batches): it is given three
+/// seconds, as the report itself is.
 async fn sms_template(state: &AppState, sms_sid: &str) -> Option<String> {
-    let (purpose, source) = match state.store.sms_kind(sms_sid).await {
-        Ok(found) => found?,
-        Err(e) => {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "cannot read which SMS this report is about"
-            );
-            return None;
+    let mut found = None;
+    for _ in 0..30 {
+        match state.store.sms_kind(sms_sid).await {
+            Ok(Some(kind)) => {
+                found = Some(kind);
+                break;
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cannot read which SMS this report is about"
+                );
+                return None;
+            }
         }
-    };
+    }
+    let (purpose, source) = found?;
     let kind = MessageKind::for_delivery(&purpose, &source);
     Some(state.settings.message_kind(kind).dlt_template_id)
 }
