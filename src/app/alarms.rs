@@ -2,16 +2,17 @@
 //! `[unreached]` teams, the sender that POSTs every alarm to `alarms.webhook_url` (and alarms the
 //! teams of an account alarm), and the watch on bursts of bad webhook tokens.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use super::AppState;
 use crate::dispatch::retry::RetryPolicy;
+use crate::domain::message_kind::MessageKind;
 use crate::domain::Channel;
 use crate::providers::AccountProblem;
-use crate::store::alarms::{AlarmTarget, DueAlarm, Tried, UnnotifiedAlarm};
+use crate::store::alarms::{AlarmTarget, DueAlarm, Raised, Tried, UnnotifiedAlarm};
 
 /// How long one webhook POST may take.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -19,8 +20,8 @@ const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// other: longer than ten POSTs that each run into [`WEBHOOK_TIMEOUT`], so a slow receiver never lets
 /// another replica claim and send one again.
 const LEASE_MS: i64 = 120_000;
-/// Bad tokens on the webhooks within [`TOKEN_BURST_WINDOW_MS`] that raise an account alarm: Exotel
-/// answering with an old token after a change looks like this, and every status callback and
+/// Wrong tokens on Exotel's webhooks within [`TOKEN_BURST_WINDOW_MS`] that raise an account alarm:
+/// Exotel calling with an old token after a change looks like this, and every status callback and
 /// keypress is then lost.
 pub const TOKEN_BURST: usize = 5;
 /// See [`TOKEN_BURST`].
@@ -29,9 +30,9 @@ pub const TOKEN_BURST_WINDOW_MS: i64 = 60_000;
 pub const WEBHOOK_LANE: &str = "webhook";
 
 /// The `[unreached]` contacts of the current routing, each on every channel they have that a
-/// provider lane sends, leaving out `avoid` (a lane's channel that is failing) unless nothing else is
-/// left.
-pub fn alarm_targets(state: &AppState, avoid: Option<Channel>) -> Vec<AlarmTarget> {
+/// provider lane sends, leaving out `avoid` (the channels of a failing lane or provider account)
+/// unless nothing else is left.
+pub fn alarm_targets(state: &AppState, avoid: &[Channel]) -> Vec<AlarmTarget> {
     let Some(plan) = state.routing.current().unreached_plan() else {
         return Vec::new();
     };
@@ -50,7 +51,7 @@ pub fn alarm_targets(state: &AppState, avoid: Option<Channel>) -> Vec<AlarmTarge
         .collect();
     let others: Vec<AlarmTarget> = all
         .iter()
-        .filter(|t| Some(t.channel) != avoid)
+        .filter(|t| !avoid.contains(&t.channel))
         .cloned()
         .collect();
     if others.is_empty() {
@@ -81,10 +82,7 @@ pub async fn unreached_sweep(state: AppState, mut shutdown: tokio::sync::watch::
 
 /// One round of the sweep: how many incidents this round marked.
 pub async fn mark_unreached(state: &AppState) -> anyhow::Result<usize> {
-    let deadline_ms = i64::try_from(state.settings.ack.deadline_secs())
-        .unwrap_or(900)
-        .saturating_mul(1000);
-    let due = state.store.due_unreached(deadline_ms).await?;
+    let due = state.store.due_unreached().await?;
     if due.is_empty() {
         return Ok(0);
     }
@@ -95,7 +93,7 @@ pub async fn mark_unreached(state: &AppState) -> anyhow::Result<usize> {
         let Some(incident) = state.store.incident(&id).await? else {
             continue;
         };
-        let targets = alarm_targets(state, None);
+        let targets = alarm_targets(state, &[]);
         let body = |tried: &[Tried], now: i64| {
             let summary = format!(
                 "Nobody acknowledged the {} emergency (incident {}) in time: {} delivery(ies) tried",
@@ -213,9 +211,9 @@ pub async fn notify_account_alarms(state: &AppState) -> anyhow::Result<usize> {
         let avoid = alarm
             .lane
             .as_deref()
-            .and_then(|l| state.providers.lane(l))
-            .map(|l| l.channel());
-        let targets = alarm_targets(state, avoid);
+            .map(|scope| avoided_channels(state, scope))
+            .unwrap_or_default();
+        let targets = alarm_targets(state, &avoid);
         if let Some(incident_id) = notify_one(state, &alarm, &targets).await? {
             tracing::warn!(
                 incident_id = %incident_id,
@@ -227,6 +225,18 @@ pub async fn notify_account_alarms(state: &AppState) -> anyhow::Result<usize> {
         }
     }
     Ok(done)
+}
+
+/// The channels an account alarm about `scope` must not go through: the lane's own, or every lane's
+/// of the provider account (an Exotel outage alarms through WhatsApp, not Exotel's SMS).
+fn avoided_channels(state: &AppState, scope: &str) -> Vec<Channel> {
+    state
+        .providers
+        .lanes()
+        .iter()
+        .filter(|l| l.name == scope || l.account == scope)
+        .map(|l| l.channel())
+        .collect()
 }
 
 async fn notify_one(
@@ -318,9 +328,8 @@ async fn post(
     Err((format!("HTTP {status}"), again, retry_after))
 }
 
-/// What this process watches outside the dispatcher: bad webhook tokens seen lately (a burst raises an
-/// account alarm), and the lanes whose account alarm it raised from a status callback (a DLT block is
-/// only reported there), so that the lane's next delivered report clears it with one write.
+/// What this process watches outside the dispatcher: wrong webhook tokens seen lately on Exotel's
+/// webhooks (a burst raises an account alarm).
 #[derive(Debug, Default)]
 pub struct AlarmWatch {
     failures: Mutex<VecDeque<i64>>,
@@ -328,7 +337,6 @@ pub struct AlarmWatch {
     /// Set by the first good token of this process, which clears a token alarm left open by an
     /// earlier run.
     token_seen_good: AtomicBool,
-    reported: Mutex<HashSet<String>>,
     /// Wakes this process's alarm sender when an alarm is raised, rather than at its next second.
     pub wake: tokio::sync::Notify,
 }
@@ -359,34 +367,45 @@ impl AlarmWatch {
     }
 }
 
-/// Raises the account alarm of `problem` on `lane` (once per lane and reason, across replicas), beside
-/// the caller: the write never holds up a webhook's answer.
-pub fn raise_account(state: &AppState, lane: &str, problem: AccountProblem) {
+/// Raises the account alarm of `problem` seen on `lane` of provider `account` (once per key, across
+/// replicas; see [`crate::dispatch::account::account_alarm`]), beside the caller: the write never
+/// holds up a webhook's answer.
+pub fn raise_account(
+    state: &AppState,
+    lane: &str,
+    account: &str,
+    problem: AccountProblem,
+    template: Option<String>,
+) {
     let alarm = crate::dispatch::account::account_alarm(
         lane,
+        account,
         &problem,
+        template.as_deref(),
         state.settings.public_base(),
         state.store.now_ms(),
     );
     let webhook = !state.settings.alarms.webhook_url.trim().is_empty();
     let state = state.clone();
-    let lane = lane.to_owned();
     tokio::spawn(async move {
         match state.store.raise_account_alarm(&alarm, webhook).await {
-            Ok(true) => {
-                state.metrics.account_alarm(&lane, problem.reason);
-                state.alarm_watch.wake.notify_one();
+            Ok(raised @ (Raised::Paged | Raised::CooledDown)) => {
+                state.metrics.account_alarm(&alarm.lane, problem.reason);
+                if raised == Raised::Paged {
+                    state.alarm_watch.wake.notify_one();
+                }
                 tracing::error!(
-                    lane = %lane,
+                    scope = %alarm.lane,
                     reason = problem.reason,
+                    paged = raised == Raised::Paged,
                     detail = %crate::domain::mask_numbers(&problem.detail),
-                    "ACCOUNT ALARM: every later alert on this lane will fail too"
+                    "ACCOUNT ALARM: every later alert through it will fail too"
                 );
             }
-            Ok(false) => {}
+            Ok(Raised::AlreadyOpen) => {}
             Err(e) => tracing::error!(
                 error = format!("{e:#}"),
-                lane = %lane,
+                scope = %alarm.lane,
                 reason = problem.reason,
                 "could not record the account alarm"
             ),
@@ -394,54 +413,120 @@ pub fn raise_account(state: &AppState, lane: &str, problem: AccountProblem) {
     });
 }
 
-/// Clears `lane`'s account alarms beside the caller.
-fn clear_account(state: &AppState, lane: &str) {
+/// Clears the account alarm of `key` (after `account:`) beside the caller.
+fn clear_key(state: &AppState, key: String) {
     let store = state.store.clone();
-    let lane = lane.to_owned();
     tokio::spawn(async move {
-        match store.clear_account_alarms(&lane).await {
+        match store.clear_account_alarm_key(&key).await {
             Ok(0) => {}
-            Ok(_) => tracing::warn!(lane = %lane, "account alarm cleared: the lane works again"),
+            Ok(_) => tracing::warn!(alarm = %key, "account alarm cleared: it works again"),
             Err(e) => tracing::warn!(
                 error = format!("{e:#}"),
-                lane = %lane,
+                alarm = %key,
                 "could not clear the account alarm"
             ),
         }
     });
 }
 
-/// Called with each SMS status report of `lane`: a DLT block of the sender or template raises the
-/// account alarm; a delivered SMS clears one this process raised that way.
-pub fn sms_reported(state: &AppState, lane: &str, detailed_code: Option<&str>, delivered: bool) {
-    let watch = &state.alarm_watch;
-    if delivered {
-        let raised = watch.reported.lock().is_ok_and(|mut r| r.remove(lane));
-        if raised {
-            clear_account(state, lane);
+/// The DLT template id the SMS `sms_sid` was sent with, from its purpose and its incident's source
+/// (which pick its message kind); `None` when it is not ours or cannot be read. A report can come
+/// before the SMS's provider id is committed (outcomes are committed in batches): it is given three
+/// seconds, as the report itself is.
+async fn sms_template(state: &AppState, sms_sid: &str) -> Option<String> {
+    let mut found = None;
+    for _ in 0..30 {
+        match state.store.sms_kind(sms_sid).await {
+            Ok(Some(kind)) => {
+                found = Some(kind);
+                break;
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cannot read which SMS this report is about"
+                );
+                return None;
+            }
         }
-        return;
     }
-    let Some(problem) = detailed_code
-        .and_then(|c| c.trim().parse::<i64>().ok())
-        .and_then(crate::providers::exotel::dlt_problem)
-    else {
-        return;
-    };
-    if let Ok(mut r) = watch.reported.lock() {
-        r.insert(lane.to_owned());
-    }
-    raise_account(state, lane, problem);
+    let (purpose, source) = found?;
+    let kind = MessageKind::for_delivery(&purpose, &source);
+    Some(state.settings.message_kind(kind).dlt_template_id)
 }
 
-/// Called with each webhook token check: a burst of bad ones raises the `webhook_token` account alarm
-/// once; the next good one clears it. The writes run beside the request, never in its way.
-pub fn token_checked(state: &AppState, ok: bool) {
+/// Called with each SMS status report of `lane` (provider `account`), beside the request: a DLT block
+/// of the sender raises the `dlt_sender` alarm, of the template the `dlt_template` alarm of that
+/// template id. A delivered SMS clears the sender alarm, and the template alarm of its own template
+/// only: an SMS of another kind (another template) delivered says nothing of a blocked one. The usual
+/// delivered report costs one read (no DLT alarm open) and no write.
+pub fn sms_reported(
+    state: &AppState,
+    lane: &str,
+    account: &str,
+    sms_sid: &str,
+    detailed_code: Option<&str>,
+    delivered: bool,
+) {
+    let problem = detailed_code
+        .and_then(|c| c.trim().parse::<i64>().ok())
+        .and_then(crate::providers::exotel::dlt_problem);
+    if !delivered && problem.is_none() {
+        return;
+    }
+    let state = state.clone();
+    let (lane, account, sms_sid) = (lane.to_owned(), account.to_owned(), sms_sid.to_owned());
+    tokio::spawn(async move {
+        if let Some(problem) = problem {
+            let template = if problem.reason == "dlt_template" {
+                sms_template(&state, &sms_sid).await
+            } else {
+                None
+            };
+            raise_account(&state, &lane, &account, problem, template);
+            return;
+        }
+        let open = match state.store.open_dlt_alarms(&lane).await {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "cannot read the open DLT alarms");
+                return;
+            }
+        };
+        if open.is_empty() {
+            return;
+        }
+        let mut template = None;
+        for (key, reason) in open {
+            if reason == "dlt_template" {
+                if template.is_none() {
+                    template = Some(sms_template(&state, &sms_sid).await);
+                }
+                let Some(Some(t)) = &template else { continue };
+                let t = if t.trim().is_empty() { "-" } else { t.trim() };
+                if key != format!("{lane}:dlt_template:{t}") {
+                    continue;
+                }
+            }
+            clear_key(&state, key);
+        }
+    });
+}
+
+/// Called with each token check of an Exotel webhook (`/exotel/*`): a burst of requests carrying a
+/// token that does not match raises the `webhook_token` account alarm once; the next good one clears
+/// it. A request without a token is a scanner, not a changed token: refused, never counted. Other
+/// webhooks (GupShup's) neither raise nor clear it. The writes run beside the request.
+pub fn token_checked(state: &AppState, given: Option<&str>, ok: bool) {
     let watch = &state.alarm_watch;
     if ok {
         if watch.succeeded() {
-            clear_account(state, WEBHOOK_LANE);
+            clear_key(state, format!("{WEBHOOK_LANE}:webhook_token"));
         }
+        return;
+    }
+    if given.is_none_or(|t| t.trim().is_empty()) {
         return;
     }
     if !watch.failed(state.store.now_ms()) {
@@ -450,14 +535,16 @@ pub fn token_checked(state: &AppState, ok: bool) {
     raise_account(
         state,
         WEBHOOK_LANE,
+        WEBHOOK_LANE,
         AccountProblem {
             reason: "webhook_token",
             detail: format!(
-                "{TOKEN_BURST} or more requests with a missing or wrong token within {}s: was \
-                 server.webhook_token changed without updating the Exotel flow's URLs?",
+                "{TOKEN_BURST} or more requests to Exotel's webhooks with a wrong token within {}s: \
+                 was server.webhook_token changed without updating the Exotel flow's URLs?",
                 TOKEN_BURST_WINDOW_MS / 1000
             ),
         },
+        None,
     );
 }
 

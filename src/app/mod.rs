@@ -50,10 +50,18 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn webhook_token_ok(&self, given: Option<&str>) -> bool {
+    /// The webhook token of a request to one of Exotel's webhooks (`/exotel/*`): also watched for a
+    /// burst of wrong tokens (see [`alarms::token_checked`]).
+    pub fn exotel_token_ok(&self, given: Option<&str>) -> bool {
         let ok = token_matches(&self.webhook_token, given);
-        alarms::token_checked(self, ok);
+        alarms::token_checked(self, given, ok);
         ok
+    }
+
+    /// The webhook token of a request to another provider's webhook (GupShup's): not watched, since
+    /// the token alarm is about Exotel's flow URLs.
+    pub fn webhook_token_ok(&self, given: Option<&str>) -> bool {
+        token_matches(&self.webhook_token, given)
     }
 
     pub fn admin_token_ok(&self, given: Option<&str>) -> bool {

@@ -80,7 +80,11 @@ impl Dispatcher {
             .user_agent(concat!("exotel-sos/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
-        let account = account::AccountWatch::new(lanes.iter().map(|l| l.name()));
+        let account = account::AccountWatch::new(
+            lanes
+                .iter()
+                .flat_map(|l| [l.name(), l.provider.account.as_str()]),
+        );
         Ok(Dispatcher {
             account,
             outcomes,

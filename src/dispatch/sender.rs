@@ -140,12 +140,12 @@ impl Dispatcher {
                 ),
             };
         }
-        // Likewise a later tier's message that came back to the queue (a retry) after the
-        // acknowledgement stopped the escalation: that tier was never needed.
+        // Likewise a later tier's message, or an alarm message, that came back to the queue (a
+        // retry) after the acknowledgement stopped the escalation: it was never needed.
         if lane.channel() != Channel::Call
             && incident.status == IncidentState::Acknowledged
-            && d.purpose == "alert"
-            && (d.tier > 0 || d.run > 0)
+            && ((d.purpose == "alert" && (d.tier > 0 || d.run > 0))
+                || d.purpose == crate::store::alarms::ALARM)
         {
             return Finish::Cancelled {
                 reason: format!(
@@ -187,12 +187,16 @@ impl Dispatcher {
         self.finish_for(lane, d, outcome)
     }
 
-    /// A later tier's (or pass's) call to a contact whose earlier call, or its redial, still rings:
-    /// handed back for a few seconds instead of ringing the same phone twice at once. Bounded: a call
-    /// accepted longer ago than the ring time and the margin no longer counts. Should the question
-    /// fail, the call goes (a duplicate call is better than a missed one).
+    /// A call to a contact whose other call of the incident still rings (a later tier's call, a
+    /// redial, an alarm call): handed back for a few seconds instead of ringing the same phone twice
+    /// at once. Only a first attempt of the first tier and pass skips the question (nothing can ring
+    /// before it, and the common call costs no read). Bounded: a call accepted longer ago than the
+    /// ring time and the margin no longer counts. Should the question fail, the call goes (a
+    /// duplicate call is better than a missed one).
     async fn still_ringing(&self, lane: &Lane, d: &DeliveryRow) -> Option<Finish> {
-        if lane.channel() != Channel::Call || (d.tier == 0 && d.run == 0) {
+        let first_of_all =
+            d.tier == 0 && d.run == 0 && d.redials == 0 && d.purpose != crate::store::alarms::ALARM;
+        if lane.channel() != Channel::Call || first_of_all {
             return None;
         }
         let ring_ms = i64::try_from(
@@ -281,7 +285,7 @@ impl Dispatcher {
             Ok(answer) => {
                 let outcome = lane.client().classify(&answer);
                 let accepted = matches!(outcome, Outcome::Accepted { .. });
-                self.watch_account(lane, &answer, accepted).await;
+                self.watch_account(lane, prepared, &answer, accepted).await;
                 outcome
             }
             Err(transport) => transport,
@@ -387,15 +391,9 @@ impl Dispatcher {
         let notice = d.purpose == crate::store::ACK_NOTICE;
         let fallback = d.purpose == crate::store::FALLBACK;
         let alarm = d.purpose == crate::store::alarms::ALARM;
-        let kind = self.settings.message_kind(if notice {
-            MessageKind::AckNotice
-        } else if alarm {
-            MessageKind::UnreachedAlarm
-        } else if fallback {
-            MessageKind::Fallback
-        } else {
-            MessageKind::for_source(&incident.source)
-        });
+        let kind = self
+            .settings
+            .message_kind(MessageKind::for_delivery(&d.purpose, &incident.source));
         let (template, style, dlt_template_id) = match channel {
             Channel::Call => return (String::new(), String::new()),
             Channel::Sms => (&kind.sms, Style::Dlt, kind.dlt_template_id.clone()),

@@ -60,6 +60,17 @@ impl MessageKind {
             _ => MessageKind::ApiAlert,
         }
     }
+
+    /// The kind a delivery of `purpose` (`alert`, `ack_notice`, `fallback`, `alarm`) of an incident of
+    /// `source` is sent as: what picks its text and its DLT template.
+    pub fn for_delivery(purpose: &str, source: &str) -> Self {
+        match purpose {
+            "ack_notice" => MessageKind::AckNotice,
+            "alarm" => MessageKind::UnreachedAlarm,
+            "fallback" => MessageKind::Fallback,
+            _ => Self::for_source(source),
+        }
+    }
 }
 
 /// One kind's texts and registered template ids, with the alert's filled in where the kind has none.

@@ -42,7 +42,7 @@ pub async fn keypress(
         .extend_body(&headers, body)
         .await
         .map_err(AppError::BadRequest)?;
-    if !state.webhook_token_ok(params.get("token").as_deref()) {
+    if !state.exotel_token_ok(params.get("token").as_deref()) {
         tracing::warn!("acknowledge keypress with a missing or wrong token");
         return Err(AppError::Unauthorized);
     }

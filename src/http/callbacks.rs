@@ -26,7 +26,7 @@ async fn read(
         .extend_body(headers, body)
         .await
         .map_err(AppError::BadRequest)?;
-    if !state.webhook_token_ok(params.get("token").as_deref()) {
+    if !state.exotel_token_ok(params.get("token").as_deref()) {
         tracing::warn!("status callback with a missing or wrong token");
         return Err(AppError::Unauthorized);
     }
@@ -108,6 +108,8 @@ pub async fn sms_status(
         crate::app::alarms::sms_reported(
             &state,
             &lane.name,
+            &lane.account,
+            &report.provider_id,
             p.get("DetailedStatusCode").as_deref(),
             p.get("Status").is_some_and(|s| s.trim() == "sent"),
         );

@@ -41,7 +41,7 @@ pub async fn passthru(
         .extend_body(&headers, body)
         .await
         .map_err(AppError::BadRequest)?;
-    if !state.webhook_token_ok(params.get("token").as_deref()) {
+    if !state.exotel_token_ok(params.get("token").as_deref()) {
         tracing::warn!("passthru with a missing or wrong token");
         return Err(AppError::Unauthorized);
     }
@@ -269,7 +269,7 @@ async fn store_passthru(
 /// checks do the same; a 405 would look like a broken URL, while only a GET or POST is an emergency.
 pub async fn passthru_probe(State(state): State<AppState>, uri: Uri) -> Response {
     let params = Params::from_query(uri.query());
-    if !state.webhook_token_ok(params.get("token").as_deref()) {
+    if !state.exotel_token_ok(params.get("token").as_deref()) {
         return AppError::Unauthorized.into_response();
     }
     StatusCode::OK.into_response()
@@ -283,7 +283,7 @@ pub async fn greeting(State(state): State<AppState>, method: Method, uri: Uri) -
     let msg = &state.settings.messages;
     let fallback = || messages::speakable(&msg.greeting_fallback);
 
-    let body = if !state.webhook_token_ok(params.get("token").as_deref()) {
+    let body = if !state.exotel_token_ok(params.get("token").as_deref()) {
         // A doctor is on the line: say something useful, but reveal nothing stored.
         tracing::warn!("greeting with a missing or wrong token; answering the generic alert");
         fallback()

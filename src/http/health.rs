@@ -32,7 +32,8 @@ struct Readiness {
     /// bad webhook tokens): still ready, since taking the only replica out of its load balancer would
     /// lose the emergencies it can still store, but every later alert on that lane fails; `not_ready`.
     status: &'static str,
-    /// The open account alarms (lane, reason, summary, when raised); empty when none.
+    /// The open account alarms (lane or provider account, reason, when raised; not the provider's
+    /// words, which only `GET /api/v1/alarms` shows); empty when none.
     degraded: Vec<crate::store::alarms::OpenAccountAlarm>,
     /// `ok`, `unreachable` or `timeout`.
     database: &'static str,

@@ -67,13 +67,15 @@ const CANCEL_UNPLACED_CALLS: &str =
        AND id <> $3 RETURNING id, channel, status";
 
 /// Escalation messages not sent yet: a later tier's SMS and WhatsApp alerts, queued (or held) for when
-/// their tier comes. Once someone has the emergency, the tiers that were never reached need not hear
-/// of it; a tier already alerted gets the acknowledgement notice instead.
+/// their tier comes, and the unreached alarm's messages still queued (a retry, a busy lane). Once
+/// someone has the emergency, the tiers that were never reached and the alarm's people need not hear
+/// of it; whoever was already alerted gets the acknowledgement notice instead.
 const CANCEL_ESCALATION_MESSAGES: &str =
     "UPDATE deliveries SET status = 'cancelled', finished_at = $1, \
      updated_at = $1, lease_owner = NULL, lease_until = NULL \
-     WHERE incident_id = $2 AND channel <> 'call' AND purpose = 'alert' \
-       AND status IN ('queued', 'held') AND (tier > 0 OR run > 0) AND id <> $3 \
+     WHERE incident_id = $2 AND channel <> 'call' \
+       AND ((purpose = 'alert' AND (tier > 0 OR run > 0)) OR purpose = 'alarm') \
+       AND status IN ('queued', 'held') AND id <> $3 \
      RETURNING id, channel, status";
 
 /// The contacts already alerted (a delivery of theirs went out, or is going out) on each message

@@ -26,11 +26,13 @@ pub mod kind {
 }
 
 /// Open incidents nobody acknowledged whose deadline has passed. Drills never alarm, nor do the
-/// incidents that carry an account alarm (they would alarm the same people about themselves).
-/// `COALESCE` covers incidents stored before their deadline was stored with them.
+/// incidents that carry an account alarm (they would alarm the same people about themselves). Only
+/// incidents stored with their deadline: intake sets it on every other incident, so the ones without
+/// it were stored before the upgrade that brought alarms, and alarming all of them at the first start
+/// after upgrading would page everyone about old news.
 const DUE_UNREACHED: &str = "SELECT id FROM incidents WHERE status = 'open' \
      AND unreached_at IS NULL AND source NOT IN ('drill', 'alarm') \
-     AND COALESCE(unreached_due_at, received_at + $1) <= $2 ORDER BY received_at LIMIT 100";
+     AND unreached_due_at IS NOT NULL AND unreached_due_at <= $1 ORDER BY received_at LIMIT 100";
 
 /// Guards the marking: only one replica (or round) moves it, and only while still open.
 const MARK_UNREACHED: &str = "UPDATE incidents SET unreached_at = $1 \
@@ -71,12 +73,47 @@ const RETRY: &str = "UPDATE alarms SET due_at = $1, last_error = $2, lease_owner
 const GAVE_UP: &str = "UPDATE alarms SET status = 'failed', last_error = $1, lease_owner = NULL, \
      lease_until = NULL WHERE id = $2 AND lease_owner = $3";
 
-/// Clears a lane's account alarms and frees their dedup keys, so a later failure alarms again.
+/// Clears the account alarms of a lane or provider account (`$2`, `$3`) that an accepted request
+/// disproves, and frees their dedup keys, so a later failure raises a new one. DLT blocks are left
+/// open: the provider accepts a request before the operators scrub it, so only a delivered SMS
+/// disproves them (see [`CLEAR_KEY`]).
 const CLEAR_ACCOUNT: &str =
     "UPDATE alarms SET cleared_at = $1, dedup_key = dedup_key || ':cleared:' || id \
-     WHERE kind = 'account' AND lane = $2 AND cleared_at IS NULL";
+     WHERE kind = 'account' AND lane IN ($2, $3) AND cleared_at IS NULL \
+       AND reason NOT IN ('dlt_sender', 'dlt_template')";
 
-const OPEN_ACCOUNT: &str = "SELECT lane, reason, summary, raised_at FROM alarms \
+/// Clears the open account alarm of one dedup key.
+const CLEAR_KEY: &str =
+    "UPDATE alarms SET cleared_at = $1, dedup_key = dedup_key || ':cleared:' || id \
+     WHERE kind = 'account' AND dedup_key = $2 AND cleared_at IS NULL";
+
+/// The open DLT alarms of a lane: read before a delivered SMS clears one, so that the usual delivered
+/// report costs one read and no write.
+const OPEN_DLT: &str = "SELECT dedup_key, reason FROM alarms WHERE kind = 'account' \
+     AND cleared_at IS NULL AND lane = $1 AND reason IN ('dlt_sender', 'dlt_template')";
+
+/// Whether an alarm of this key (`$1`, escaped for `LIKE`, with the `:cleared:` suffix and `%`) that
+/// paged someone was raised since `$2`. Paged: its webhook POST was queued (status other than
+/// `recorded`), its people were alarmed through an incident, or they are still to be. A cooled-down
+/// alarm is `recorded` with `notified_at` set and no incident, so it never starts a cooldown itself.
+const PAGED_SINCE: &str = "SELECT id FROM alarms WHERE kind = 'account' \
+     AND dedup_key LIKE $1 ESCAPE '!' AND raised_at > $2 \
+     AND (status <> 'recorded' OR incident_id IS NOT NULL OR notified_at IS NULL) LIMIT 1";
+
+/// A new account alarm within the cooldown: recorded (listed, `/readyz` degraded), its people taken
+/// as notified and its webhook POST not queued, so it pages nobody.
+const INSERT_COOLED: &str = "INSERT INTO alarms (id, kind, dedup_key, incident_id, lane, reason, \
+     summary, body, status, due_at, raised_at, notified_at, last_error) \
+     VALUES ($1, 'account', $2, NULL, $3, $4, $5, $6, 'recorded', $7, $7, $7, $8) \
+     ON CONFLICT DO NOTHING RETURNING id";
+
+/// What a delivered SMS was sent as: its purpose and its incident's source (which pick its message
+/// kind, and so its DLT template).
+const SMS_KIND: &str = "SELECT d.purpose, i.source FROM deliveries d \
+     JOIN incidents i ON i.id = d.incident_id \
+     WHERE d.provider_id = $1 AND d.channel = 'sms' LIMIT 1";
+
+const OPEN_ACCOUNT: &str = "SELECT lane, reason, raised_at FROM alarms \
      WHERE kind = 'account' AND cleared_at IS NULL ORDER BY raised_at";
 
 const UNNOTIFIED_ACCOUNT: &str = "SELECT id, lane, reason, summary FROM alarms \
@@ -123,13 +160,29 @@ pub struct DueAlarm {
     pub raised_at: i64,
 }
 
-/// An account alarm still degrading `/readyz`.
+/// How long after an account alarm that paged someone another of the same key pages nobody: a cause
+/// that comes and goes (a flapping account, a token changed back and forth) pages at most once an
+/// hour. The later ones are still recorded, listed and counted, and degrade `/readyz`.
+pub const ACCOUNT_COOLDOWN_MS: i64 = 3_600_000;
+
+/// An account alarm still degrading `/readyz`. Only its lane (or provider account) and reason: anyone
+/// may read `/readyz`, and the summary holds the provider's own words.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct OpenAccountAlarm {
     pub lane: Option<String>,
     pub reason: Option<String>,
-    pub summary: String,
     pub raised_at: i64,
+}
+
+/// What raising an account alarm did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Raised {
+    /// A new alarm, to page its people and its webhook.
+    Paged,
+    /// A new alarm within [`ACCOUNT_COOLDOWN_MS`] of one of the same key that paged: recorded only.
+    CooledDown,
+    /// One of this key is open already (raised by this or another replica): nothing written.
+    AlreadyOpen,
 }
 
 /// An account alarm whose people are not alarmed yet.
@@ -176,19 +229,35 @@ pub struct Tried {
 /// A new account alarm.
 #[derive(Debug, Clone)]
 pub struct AccountAlarm {
+    /// What it is about: a provider account (`exotel`, `gupshup`) for what all its lanes share
+    /// (credentials, balance), a lane (`exotel:sms`) for what only it has (DLT), or `webhook`.
     pub lane: String,
+    /// Its dedup key after `account:`: `<lane>:<reason>`, and for a DLT template block
+    /// `:<template id>` after that (one template blocked says nothing of another).
+    pub key: String,
     pub reason: String,
     pub summary: String,
     /// The webhook's JSON.
     pub body: serde_json::Value,
 }
 
+/// `s` with `LIKE`'s wildcards (and the escape character `!`) escaped.
+fn like_escaped(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '!') {
+            out.push('!');
+        }
+        out.push(c);
+    }
+    out
+}
+
 impl Store {
-    /// Open incidents past their acknowledgement deadline and not yet marked; `default_deadline_ms`
-    /// stands in for incidents stored without one.
-    pub async fn due_unreached(&self, default_deadline_ms: i64) -> anyhow::Result<Vec<String>> {
+    /// Open incidents past their acknowledgement deadline and not yet marked; incidents stored
+    /// without a deadline (before the upgrade that brought alarms) are never marked.
+    pub async fn due_unreached(&self) -> anyhow::Result<Vec<String>> {
         let ids = sqlx::query_scalar(DUE_UNREACHED)
-            .bind(default_deadline_ms)
             .bind(self.now_ms())
             .fetch_all(&self.reader)
             .await?;
@@ -298,39 +367,104 @@ impl Store {
         }))
     }
 
-    /// Raises an account alarm once per lane and reason (until it is cleared): true when this call
-    /// raised it.
+    /// Raises an account alarm once per key (until it is cleared), whichever replica sees it first.
+    /// Within [`ACCOUNT_COOLDOWN_MS`] of an alarm of the same key that paged, the new one is recorded
+    /// without paging anyone.
     pub async fn raise_account_alarm(
         &self,
         alarm: &AccountAlarm,
         webhook: bool,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Raised> {
         let now = self.now_ms();
+        let key = format!("account:{}", alarm.key);
+        let pattern = format!("{}:cleared:%", like_escaped(&key));
+        let paged: Option<String> = sqlx::query_scalar(PAGED_SINCE)
+            .bind(&pattern)
+            .bind(now - ACCOUNT_COOLDOWN_MS)
+            .fetch_optional(&self.reader)
+            .await?;
+        let summary = storable(&alarm.summary).into_owned();
+        if paged.is_some() {
+            let inserted: Option<String> = sqlx::query_scalar(INSERT_COOLED)
+                .bind(uuid::Uuid::new_v4().to_string())
+                .bind(&key)
+                .bind(&alarm.lane)
+                .bind(&alarm.reason)
+                .bind(&summary)
+                .bind(alarm.body.to_string())
+                .bind(now)
+                .bind("raised again within an hour of the same alarm: recorded, nobody paged")
+                .fetch_optional(&self.writer)
+                .await?;
+            return Ok(if inserted.is_some() {
+                Raised::CooledDown
+            } else {
+                Raised::AlreadyOpen
+            });
+        }
         let inserted: Option<String> = sqlx::query_scalar(INSERT_ALARM)
             .bind(uuid::Uuid::new_v4().to_string())
             .bind(kind::ACCOUNT)
-            .bind(format!("account:{}:{}", alarm.lane, alarm.reason))
+            .bind(&key)
             .bind(None::<String>)
             .bind(&alarm.lane)
             .bind(&alarm.reason)
-            .bind(storable(&alarm.summary).into_owned())
+            .bind(&summary)
             .bind(alarm.body.to_string())
             .bind(if webhook { "queued" } else { "recorded" })
             .bind(now)
             .fetch_optional(&self.writer)
             .await?;
-        Ok(inserted.is_some())
+        Ok(if inserted.is_some() {
+            Raised::Paged
+        } else {
+            Raised::AlreadyOpen
+        })
     }
 
-    /// Clears the open account alarms of `lane` (it succeeded again); how many.
-    pub async fn clear_account_alarms(&self, lane: &str) -> anyhow::Result<u64> {
+    /// Clears the open account alarms of `lane` and of its provider `account` that an accepted
+    /// request disproves (not DLT blocks); how many.
+    pub async fn clear_account_alarms(&self, lane: &str, account: &str) -> anyhow::Result<u64> {
         let n = sqlx::query(CLEAR_ACCOUNT)
             .bind(self.now_ms())
             .bind(lane)
+            .bind(account)
             .execute(&self.writer)
             .await?
             .rows_affected();
         Ok(n)
+    }
+
+    /// Clears the open account alarm of one key (after `account:`); how many.
+    pub async fn clear_account_alarm_key(&self, key: &str) -> anyhow::Result<u64> {
+        let n = sqlx::query(CLEAR_KEY)
+            .bind(self.now_ms())
+            .bind(format!("account:{key}"))
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        Ok(n)
+    }
+
+    /// The open DLT alarms of `lane`: (dedup key after `account:`, reason).
+    pub async fn open_dlt_alarms(&self, lane: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let rows: Vec<(String, String)> = sqlx::query_as(OPEN_DLT)
+            .bind(lane)
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, r)| (k.trim_start_matches("account:").to_owned(), r))
+            .collect())
+    }
+
+    /// The purpose of the SMS with provider id `sms_sid` and its incident's source, when it is ours.
+    pub async fn sms_kind(&self, sms_sid: &str) -> anyhow::Result<Option<(String, String)>> {
+        let row = sqlx::query_as(SMS_KIND)
+            .bind(sms_sid)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row)
     }
 
     /// The account alarms not cleared yet: `/readyz` reports them as degraded.

@@ -24,17 +24,28 @@ both_engines!(
     a_gupshup_credit_error_raises_one_alarm,
     a_burst_of_bad_webhook_tokens_raises_one_alarm,
     a_dlt_template_block_in_the_sms_report_raises_one_alarm,
+    tokenless_and_gupshup_requests_neither_raise_nor_clear_the_token_alarm_and_it_pages_once_an_hour,
+    a_delivered_sms_of_another_template_does_not_clear_a_template_alarm,
+    an_sms_accepted_with_a_dlt_block_code_raises_the_template_alarm,
+    the_first_acknowledgement_cancels_alarm_messages_still_queued,
+    incidents_stored_without_a_deadline_are_never_marked_unreached,
+    an_alarm_call_waits_while_the_incidents_own_call_still_rings,
 );
 
 /// [`STAKEHOLDERS`] with a duty manager (call and SMS) alarmed when nobody acknowledges.
 fn stakeholders_with_unreached() -> String {
+    stakeholders_with_duty_on("[\"call\", \"sms\"]")
+}
+
+/// [`STAKEHOLDERS`] with a duty manager on `channels` (a TOML array) alarmed when nobody acknowledges.
+fn stakeholders_with_duty_on(channels: &str) -> String {
     let (contacts, rest) = STAKEHOLDERS.split_once("[routes]").unwrap();
     format!(
         "{contacts}
 [[contact]]
 name = \"Duty manager\"
 phone = \"+919800000009\"
-channels = [\"call\", \"sms\"]
+channels = {channels}
 teams = [\"duty-manager\"]
 
 [routes]{rest}
@@ -48,9 +59,18 @@ const DUTY: &str = "+919800000009";
 const DEADLINE_MINUTES: u64 = 15;
 
 async fn spawn_alarm_app(db: Db, p: &Providers, extra: &[(&'static str, String)]) -> TestApp {
+    spawn_alarm_app_on(db, p, extra, &stakeholders_with_unreached()).await
+}
+
+async fn spawn_alarm_app_on(
+    db: Db,
+    p: &Providers,
+    extra: &[(&'static str, String)],
+    stakeholders_text: &str,
+) -> TestApp {
     let db = TestDb::new(db).await;
     let stakeholders = db.dir().join("stakeholders.toml");
-    std::fs::write(&stakeholders, stakeholders_with_unreached()).unwrap();
+    std::fs::write(&stakeholders, stakeholders_text).unwrap();
     let mut env = p.env();
     env.push(("SOS_DISPATCH__MAX_REDIALS", "0".into()));
     env.push(("SOS_ACK__DEADLINE", format!("{DEADLINE_MINUTES}m")));
@@ -545,20 +565,18 @@ async fn a_keypress_on_the_alarm_call_acknowledges_the_incident(db: Db) {
     app.stop().await;
 }
 
-/// A stand-in for Exotel's calls that refuses the account with `status`.
-async fn mount_refusing_calls(p: &Providers, status: u16, message: &str) {
-    Mock::given(method("POST"))
-        .and(path(CALLS_PATH))
-        .respond_with(ResponseTemplate::new(status).set_body_json(
-            serde_json::json!({"RestException": {"Status": status, "Message": message}}),
-        ))
-        .mount(&p.exotel)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(SMS_PATH))
-        .respond_with(FreshIds::new("sms"))
-        .mount(&p.exotel)
-        .await;
+/// A stand-in for Exotel that refuses the account with `status`: its calls and SMS alike, as one
+/// account's credentials and balance are shared.
+async fn mount_refusing_exotel(p: &Providers, status: u16, message: &str) {
+    for endpoint in [CALLS_PATH, SMS_PATH] {
+        Mock::given(method("POST"))
+            .and(path(endpoint))
+            .respond_with(ResponseTemplate::new(status).set_body_json(
+                serde_json::json!({"RestException": {"Status": status, "Message": message}}),
+            ))
+            .mount(&p.exotel)
+            .await;
+    }
     Mock::given(method("POST"))
         .and(path(GUPSHUP_PATH))
         .respond_with(FreshIds::new("whatsapp"))
@@ -566,19 +584,27 @@ async fn mount_refusing_calls(p: &Providers, status: u16, message: &str) {
         .await;
 }
 
-/// Several calls refused by the account raise the alarm once: the API lists one, `/readyz` stays 200
-/// but says degraded, the metric counts one, the duty manager is alarmed on the channel not affected
-/// (SMS), and the webhook gets one POST. Once calls are accepted again the mark is cleared.
+/// Several calls and SMS refused by the one Exotel account raise one alarm, about the account
+/// (`exotel`), not one per lane: the API lists one, `/readyz` stays 200 but says degraded (lane and
+/// reason only, never Exotel's words), the metric counts one, the duty manager is alarmed through no
+/// Exotel lane at all (WhatsApp), and the webhook gets one POST. Once Exotel accepts again the mark
+/// is cleared.
 async fn account_alarm_for(db: Db, status: u16, reason: &str) {
     let p = Providers::start().await;
-    mount_refusing_calls(&p, status, "Authentication failed").await;
+    mount_refusing_exotel(&p, status, "Authentication failed for +919800000001").await;
     let (server, url) = hook().await;
     Mock::given(method("POST"))
         .and(path("/hook"))
         .respond_with(ResponseTemplate::new(200))
         .mount(&server)
         .await;
-    let app = spawn_alarm_app(db, &p, &[("SOS_ALARMS__WEBHOOK_URL", url)]).await;
+    let app = spawn_alarm_app_on(
+        db,
+        &p,
+        &[("SOS_ALARMS__WEBHOOK_URL", url)],
+        &stakeholders_with_duty_on("[\"call\", \"sms\", \"whatsapp\"]"),
+    )
+    .await;
     for sid in ["account1", "account2"] {
         app.passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
             .await;
@@ -591,17 +617,31 @@ async fn account_alarm_for(db: Db, status: u16, reason: &str) {
         .filter(|d| d.channel == "call" && d.status == "failed")
         .count();
     assert!(failed_calls >= 2, "the calls fail");
+    let failed_sms = app
+        .deliveries_of("account2")
+        .await
+        .into_iter()
+        .filter(|d| d.channel == "sms" && d.status == "failed")
+        .count();
+    assert!(failed_sms >= 2, "the SMS fail");
     let listed = alarms_api(&app).await;
-    assert_eq!(listed.len(), 1, "once: {listed:?}");
+    assert_eq!(listed.len(), 1, "once for calls and SMS: {listed:?}");
     assert_eq!(listed[0]["kind"], "account");
-    assert_eq!(listed[0]["lane"], "exotel:call");
+    assert_eq!(listed[0]["lane"], "exotel");
     assert_eq!(listed[0]["reason"], reason);
+    assert_eq!(listed[0]["dedup_key"], format!("account:exotel:{reason}"));
     let (code, body) = readyz(&app).await;
     assert_eq!(code, 200, "degraded is still ready: {body}");
     assert_eq!(body["status"], "degraded", "{body}");
-    assert_eq!(body["degraded"][0]["lane"], "exotel:call", "{body}");
+    assert_eq!(body["degraded"][0]["lane"], "exotel", "{body}");
+    assert_eq!(body["degraded"][0]["reason"], reason, "{body}");
+    assert!(
+        body["degraded"][0].get("summary").is_none()
+            && !body.to_string().contains("Authentication failed"),
+        "no provider text in public: {body}"
+    );
     let text = metrics(&app).await;
-    let line = format!("sos_account_alarms_total{{lane=\"exotel:call\",reason=\"{reason}\"}} 1");
+    let line = format!("sos_account_alarms_total{{lane=\"exotel\",reason=\"{reason}\"}} 1");
     assert!(text.contains(&line), "{line} in\n{text}");
 
     let alarmed = eventually(Duration::from_secs(10), || async {
@@ -625,8 +665,9 @@ async fn account_alarm_for(db: Db, status: u16, reason: &str) {
         .to_owned();
     let ds = alarm_deliveries(&app, &incident).await;
     assert!(
-        ds.iter().all(|d| d.channel == "sms" && d.phone == DUTY),
-        "only the channel not affected: {ds:?}"
+        ds.iter()
+            .all(|d| d.channel == "whatsapp" && d.phone == DUTY),
+        "through no Exotel lane: {ds:?}"
     );
     let posted = eventually(Duration::from_secs(10), || async {
         hook_posts(&server).await.len() == 1
@@ -635,7 +676,7 @@ async fn account_alarm_for(db: Db, status: u16, reason: &str) {
     assert!(posted);
     let posts = hook_posts(&server).await;
     assert_eq!(posts[0]["type"], "account");
-    assert_eq!(posts[0]["lane"], "exotel:call");
+    assert_eq!(posts[0]["lane"], "exotel");
     assert_eq!(posts[0]["reason"], reason);
 
     // The account works again: the next accepted call clears the mark.
@@ -689,7 +730,7 @@ async fn a_gupshup_credit_error_raises_one_alarm(db: Db) {
     }
     let listed = alarms_api(&app).await;
     assert_eq!(listed.len(), 1, "once: {listed:?}");
-    assert_eq!(listed[0]["lane"], "gupshup:whatsapp");
+    assert_eq!(listed[0]["lane"], "gupshup");
     assert_eq!(listed[0]["reason"], "credit");
     assert_eq!(
         listed[0]["status"], "recorded",
@@ -703,7 +744,7 @@ async fn a_gupshup_credit_error_raises_one_alarm(db: Db) {
     );
     let text = metrics(&app).await;
     assert!(
-        text.contains("sos_account_alarms_total{lane=\"gupshup:whatsapp\",reason=\"credit\"} 1"),
+        text.contains("sos_account_alarms_total{lane=\"gupshup\",reason=\"credit\"} 1"),
         "{text}"
     );
     app.stop().await;
@@ -833,6 +874,530 @@ async fn a_dlt_template_block_in_the_sms_report_raises_one_alarm(db: Db) {
     })
     .await;
     assert!(cleared, "{}", readyz(&app).await.1);
+    app.stop().await;
+}
+
+/// `n` requests to the Passthru with `token` (none when `None`), each refused.
+async fn refused_passthrus(app: &TestApp, token: Option<&str>, n: usize) {
+    for i in 0..n {
+        let token = token.map(|t| format!("token={t}&")).unwrap_or_default();
+        let res = app
+            .client
+            .get(format!(
+                "{}/exotel/passthru?{token}CallSid=refused{i}",
+                app.base
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+    }
+}
+
+/// The account alarms listed (the Passthrus with the good token raise incidents that go unreached as
+/// the clock moves on).
+async fn account_alarms(app: &TestApp) -> Vec<serde_json::Value> {
+    let mut listed = alarms_api(app).await;
+    listed.retain(|a| a["kind"] == "account");
+    listed
+}
+
+async fn account_posts(server: &MockServer) -> Vec<serde_json::Value> {
+    let mut posts = hook_posts(server).await;
+    posts.retain(|a| a["type"] == "account");
+    posts
+}
+
+async fn degraded(app: &TestApp) -> bool {
+    readyz(app).await.1["status"] == "degraded"
+}
+
+/// Requests without a token (a scanner) and wrong tokens on GupShup's webhook never raise the token
+/// alarm; wrong ones on Exotel's do; a good token on GupShup's does not clear it, one on Exotel's does.
+/// The same cause again within the hour is recorded (listed, degraded) but pages nobody: no webhook
+/// POST, no people; an hour after the page it pages again.
+async fn tokenless_and_gupshup_requests_neither_raise_nor_clear_the_token_alarm_and_it_pages_once_an_hour(
+    db: Db,
+) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app(db, &p, &[("SOS_ALARMS__WEBHOOK_URL", url)]).await;
+    refused_passthrus(&app, None, 8).await;
+    refused_passthrus(&app, Some(""), 8).await;
+    for _ in 0..8 {
+        let res = app
+            .client
+            .post(format!("{}/gupshup/dlr?token=old-token", app.base))
+            .json(&serde_json::json!([]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        account_alarms(&app).await.is_empty(),
+        "scanners raise nothing"
+    );
+
+    // Exotel calls with an old token: one alarm, paged.
+    refused_passthrus(&app, Some("old-token"), 5).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            account_posts(&server).await.len() == 1
+        })
+        .await
+    );
+    let listed = account_alarms(&app).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["dedup_key"], "account:webhook:webhook_token");
+    assert!(degraded(&app).await);
+
+    // A good token on GupShup's webhook says nothing of Exotel's URLs.
+    let res = app
+        .client
+        .post(format!("{}/gupshup/dlr?token={WEBHOOK_TOKEN}", app.base))
+        .json(&serde_json::json!([{"externalId": "nobody", "eventType": "DELIVERED"}]))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(res.status(), 401);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(degraded(&app).await, "not cleared by GupShup");
+
+    // Exotel has the new token: cleared. The old one again within the hour: a new alarm, recorded.
+    app.passthru("CallSid=goodtoken1&EmergencyType=Heart").await;
+    assert!(
+        eventually(Duration::from_secs(5), || async { !degraded(&app).await }).await,
+        "cleared by Exotel"
+    );
+    app.store.clock().advance(Duration::from_secs(30 * 60));
+    refused_passthrus(&app, Some("old-token"), 5).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            account_alarms(&app).await.len() == 2
+        })
+        .await
+    );
+    assert!(degraded(&app).await, "recorded and degraded all the same");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let listed = account_alarms(&app).await;
+    assert_eq!(listed[0]["status"], "recorded", "{listed:?}");
+    assert!(
+        listed[0]["incident_id"].is_null(),
+        "nobody alarmed: {listed:?}"
+    );
+    assert!(listed[1]["dedup_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("account:webhook:webhook_token:cleared:"));
+    assert_eq!(account_posts(&server).await.len(), 1, "not paged again");
+    let alarm_incidents = listed
+        .iter()
+        .filter(|a| a["incident_id"].is_string())
+        .count();
+    assert_eq!(alarm_incidents, 1, "the people were alarmed once");
+
+    // An hour after the page, the same cause pages again.
+    app.passthru("CallSid=goodtoken2&EmergencyType=Heart").await;
+    assert!(eventually(Duration::from_secs(5), || async { !degraded(&app).await }).await);
+    app.store.clock().advance(Duration::from_secs(31 * 60));
+    refused_passthrus(&app, Some("old-token"), 5).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            account_posts(&server).await.len() == 2
+        })
+        .await,
+        "{:?}",
+        account_alarms(&app).await
+    );
+    assert_eq!(account_alarms(&app).await.len(), 3);
+    app.stop().await;
+}
+
+/// SMS status reports of the alert (its DLT template) blocked raise the template alarm of that
+/// template; an SMS of another kind, registered under another template, delivered does not clear it;
+/// one of the blocked template delivered does.
+async fn a_delivered_sms_of_another_template_does_not_clear_a_template_alarm(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(
+        db,
+        &p,
+        &[(
+            "SOS_MESSAGES__KINDS__API_ALERT__DLT_TEMPLATE_ID",
+            "1107000000000000003".into(),
+        )],
+    )
+    .await;
+    let sms_of = |ds: &[exotel_sos::store::DeliveryRow]| -> Vec<String> {
+        ds.iter()
+            .filter(|d| d.channel == "sms")
+            .filter_map(|d| d.provider_id.clone())
+            .collect()
+    };
+    app.passthru("CallSid=tpl1&EmergencyType=Heart").await;
+    let blocked = sms_of(&app.settled("tpl1").await);
+    assert!(!blocked.is_empty());
+    for sid in &blocked {
+        let res = app
+            .post_form(
+                "/exotel/sms-status",
+                &[
+                    ("SmsSid", sid.as_str()),
+                    ("Status", "failed"),
+                    ("DetailedStatusCode", "23082"),
+                ],
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+    }
+    assert!(eventually(Duration::from_secs(5), || async { degraded(&app).await }).await);
+    let listed = alarms_api(&app).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        listed[0]["dedup_key"],
+        "account:exotel:sms:dlt_template:1107000000000000002"
+    );
+
+    // An API alert's SMS (template …003) delivered: the alert's template is still blocked.
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"emergency_type": "Heart", "message": "db1 is down"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let id = res.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let store = app.store.clone();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            store
+                .deliveries(&id)
+                .await
+                .unwrap()
+                .iter()
+                .any(|d| d.channel == "sms" && d.status == "accepted" && d.provider_id.is_some())
+        })
+        .await
+    );
+    let api_sms = sms_of(&app.store.deliveries(&id).await.unwrap());
+    for sid in &api_sms {
+        let res = app
+            .post_form(
+                "/exotel/sms-status",
+                &[("SmsSid", sid.as_str()), ("Status", "sent")],
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(degraded(&app).await, "another template says nothing");
+
+    // One of the alert's own SMS delivered: cleared.
+    app.passthru("CallSid=tpl2&EmergencyType=Heart").await;
+    let fixed = sms_of(&app.settled("tpl2").await);
+    let res = app
+        .post_form(
+            "/exotel/sms-status",
+            &[("SmsSid", fixed[0].as_str()), ("Status", "sent")],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert!(
+        eventually(Duration::from_secs(5), || async { !degraded(&app).await }).await,
+        "{}",
+        readyz(&app).await.1
+    );
+    app.stop().await;
+}
+
+/// Exotel answering 200 for an SMS whose `DetailedStatusCode` already says the template is blocked:
+/// the template alarm is raised all the same.
+async fn an_sms_accepted_with_a_dlt_block_code_raises_the_template_alarm(db: Db) {
+    let p = Providers::start().await;
+    Mock::given(method("POST"))
+        .and(path(SMS_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "SMSMessage": {"Sid": "blocked1", "Status": "failed",
+                "DetailedStatusCode": 23082, "DetailedStatus": "TEMPLATE_BLOCKED_BY_DLT"}
+        })))
+        .with_priority(1)
+        .mount(&p.exotel)
+        .await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(db, &p, &[]).await;
+    app.passthru("CallSid=dlt200&EmergencyType=Heart").await;
+    app.settled("dlt200").await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !alarms_api(&app).await.is_empty()
+        })
+        .await
+    );
+    let listed = alarms_api(&app).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["lane"], "exotel:sms");
+    assert_eq!(listed[0]["reason"], "dlt_template");
+    assert_eq!(
+        listed[0]["dedup_key"],
+        "account:exotel:sms:dlt_template:1107000000000000002"
+    );
+    app.stop().await;
+}
+
+/// The duty manager's alarm SMS is refused for now (a retry is queued) while the alarm call goes
+/// out; the first acknowledgement cancels the queued alarm SMS, which is never sent, and the duty
+/// manager, already alarmed by the call, gets the acknowledgement notice.
+async fn the_first_acknowledgement_cancels_alarm_messages_still_queued(db: Db) {
+    const SID: &str = "unreached-ack";
+    let p = Providers::start().await;
+    Mock::given(method("POST"))
+        .and(path(SMS_PATH))
+        .and(wiremock::matchers::body_string_contains("NOT+ACKNOWLEDGED"))
+        .respond_with(ResponseTemplate::new(503))
+        .with_priority(1)
+        .mount(&p.exotel)
+        .await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(
+        db,
+        &p,
+        &[("SOS_DISPATCH__RETRY_SCHEDULE_SECS", "300".into())],
+    )
+    .await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    app.settled(SID).await;
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 + 1));
+    let inc = wait_unreached(&app, SID).await;
+    let tried = eventually(Duration::from_secs(15), || async {
+        let ds = alarm_deliveries(&app, &inc.id).await;
+        ds.iter()
+            .any(|d| d.channel == "sms" && d.status == "queued" && d.attempts == 1)
+            && ds
+                .iter()
+                .any(|d| d.channel == "call" && d.status == "accepted")
+    })
+    .await;
+    assert!(tried, "{:?}", alarm_deliveries(&app, &inc.id).await);
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{}/ack", app.base, inc.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"by": "Dr. Asha Rao"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success());
+    let sms = alarm_deliveries(&app, &inc.id)
+        .await
+        .into_iter()
+        .find(|d| d.channel == "sms")
+        .unwrap();
+    assert_eq!(sms.status, "cancelled", "{sms:?}");
+    app.store.clock().advance(Duration::from_secs(600));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let alarm_sms = p
+        .requests(SMS_PATH)
+        .await
+        .into_iter()
+        .filter(|(f, _)| {
+            field(f, "To") == Some(DUTY)
+                && field(f, "Body").is_some_and(|b| b.contains("NOT ACKNOWLEDGED"))
+        })
+        .count();
+    assert_eq!(alarm_sms, 1, "the refused attempt only");
+    let notices: Vec<_> = app
+        .store
+        .deliveries(&inc.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.purpose == "ack_notice" && d.phone == DUTY)
+        .collect();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    app.stop().await;
+}
+
+/// Incidents from the API and Alertmanager are stored with their unreached deadline like the
+/// Passthru's; an incident stored without one (before the upgrade that brought alarms) is never
+/// marked nor alarmed, however old.
+async fn incidents_stored_without_a_deadline_are_never_marked_unreached(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(db, &p, &[]).await;
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"emergency_type": "ServerDown", "message": "db1 is down"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let api_id = res.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let alert = serde_json::json!({
+        "version": "4", "groupKey": "g", "truncatedAlerts": 0, "status": "firing",
+        "receiver": "sos", "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": [{
+            "status": "firing", "labels": {"alertname": "DbDown"}, "annotations": {},
+            "startsAt": "2026-01-02T03:04:05.678Z", "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus:9090", "fingerprint": "cccc3333"
+        }]
+    });
+    let res = app
+        .client
+        .post(format!("{}/api/v1/alertmanager", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&alert)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let am_id = res.json::<serde_json::Value>().await.unwrap()["created"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.passthru("CallSid=legacy1&EmergencyType=Heart").await;
+    let legacy = incident_of(&app, "legacy1").await;
+    let deadline = (DEADLINE_MINUTES * 60 * 1000) as i64;
+    for id in [&api_id, &am_id, &legacy.id] {
+        let i = app.store.incident(id).await.unwrap().unwrap();
+        assert_eq!(
+            i.unreached_due_at,
+            Some(i.received_at + deadline),
+            "{}",
+            i.source
+        );
+    }
+    // As stored before the upgrade.
+    sqlx::query("UPDATE incidents SET unreached_due_at = NULL WHERE id = $1")
+        .bind(&legacy.id)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 * 4));
+    let store = app.store.clone();
+    let (a, b) = (api_id.clone(), am_id.clone());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let marked = |id: String| {
+                let store = store.clone();
+                async move {
+                    store
+                        .incident(&id)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some_and(|i| i.unreached_at.is_some())
+                }
+            };
+            marked(a.clone()).await && marked(b.clone()).await
+        })
+        .await,
+        "the API's and Alertmanager's incidents are marked"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let legacy = app.store.incident(&legacy.id).await.unwrap().unwrap();
+    assert_eq!(legacy.unreached_at, None, "never marked");
+    assert!(alarm_deliveries(&app, &legacy.id).await.is_empty());
+    let listed = alarms_api(&app).await;
+    assert!(
+        listed
+            .iter()
+            .all(|a| a["incident_id"] != legacy.id.as_str()),
+        "{listed:?}"
+    );
+    app.stop().await;
+}
+
+/// The duty manager is alerted by the incident too (their call accepted, no report yet) and the
+/// alarm comes while that call still rings: the alarm call waits instead of ringing the same phone a
+/// second time at once, and goes once the first call no longer counts as ringing.
+async fn an_alarm_call_waits_while_the_incidents_own_call_still_rings(db: Db) {
+    const SID: &str = "alarm-ringing";
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let stakeholders = stakeholders_with_unreached().replace(
+        "Heart = [\"cardiology\", \"emergency-desk\", \"lab\"]",
+        "Heart = [\"cardiology\", \"emergency-desk\", \"lab\", \"duty-manager\"]",
+    );
+    let app = spawn_alarm_app_on(
+        db,
+        &p,
+        &[
+            ("SOS_ACK__DEADLINE", "30s".into()),
+            ("SOS_DISPATCH__REPORT_WAIT_SECS", "86400".into()),
+        ],
+        &stakeholders,
+    )
+    .await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let ds = app.settled(SID).await;
+    assert!(
+        ds.iter()
+            .any(|d| d.phone == DUTY && d.channel == "call" && d.status == "accepted"),
+        "{ds:?}"
+    );
+    let calls_to_duty = || async {
+        p.requests(CALLS_PATH)
+            .await
+            .iter()
+            .filter(|(f, _)| field(f, "From") == Some(DUTY))
+            .count()
+    };
+    assert_eq!(calls_to_duty().await, 1);
+    app.store.clock().advance(Duration::from_secs(31));
+    let inc = wait_unreached(&app, SID).await;
+    let held = eventually(Duration::from_secs(10), || async {
+        let Some(call) = alarm_deliveries(&app, &inc.id)
+            .await
+            .into_iter()
+            .find(|d| d.channel == "call")
+        else {
+            return false;
+        };
+        app.store
+            .events(&call.id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.detail.contains("still ringing"))
+    })
+    .await;
+    assert!(held, "{:?}", alarm_deliveries(&app, &inc.id).await);
+    assert_eq!(calls_to_duty().await, 1, "not rung twice at once");
+    // A minute on, the incident's call no longer rings: the alarm call goes.
+    app.store.clock().advance(Duration::from_secs(40));
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            calls_to_duty().await == 2
+        })
+        .await,
+        "{:?}",
+        alarm_deliveries(&app, &inc.id).await
+    );
     app.stop().await;
 }
 

@@ -688,6 +688,77 @@ async fn a_contact_still_ringing_is_not_rung_again_by_the_next_tier(db: Db) {
     app.stop().await;
 }
 
+/// Asha's tier-0 call is not answered and its redial is due just after her tier-1 call went out: the
+/// redial waits while that call still rings, instead of ringing her phone a second time at once.
+async fn a_first_tier_redial_waits_while_the_next_tier_still_rings_the_same_contact(db: Db) {
+    const SID: &str = "esc-redial";
+    let (app, p) = live(
+        db,
+        &[
+            ("SOS_DISPATCH__MAX_REDIALS", "1".into()),
+            ("SOS_DISPATCH__REDIAL_DELAY_SECS", "25".into()),
+        ],
+    )
+    .await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let tier0 =
+        |d: &DeliveryRow| d.phone == ASHA && d.channel == "call" && d.tier == 0 && d.run == 0;
+    let first = accepted_attempt(&app, SID, tier0, &[]).await;
+    // 100 s on, her first call is not answered: the redial is due 25 s later, at 125 s.
+    advance(&app, SID, 100).await;
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[("CallSid", first.as_str()), ("Status", "no-answer")],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    // Tier 1 at 121 s: her tier-1 call rings.
+    advance(&app, SID, 21).await;
+    assert!(
+        until_sent(&p, DESK, (1, 1, 0)).await,
+        "{:?}",
+        sent_to(&p, DESK).await
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            sent_to(&p, ASHA).await.0 == 2
+        })
+        .await,
+        "{:?}",
+        sent_to(&p, ASHA).await
+    );
+    // 126 s: the tier-0 redial is due while the tier-1 call still rings.
+    advance(&app, SID, 5).await;
+    a_few_rounds().await;
+    a_few_rounds().await;
+    assert_eq!(sent_to(&p, ASHA).await.0, 2, "not rung twice at once");
+    let redial = app
+        .deliveries_of(SID)
+        .await
+        .into_iter()
+        .find(|d| tier0(d))
+        .unwrap();
+    assert_eq!((redial.status.as_str(), redial.redials), ("queued", 1));
+    let events = app.store.events(&redial.id).await.unwrap();
+    assert!(
+        events.iter().any(|e| e.detail.contains("still ringing")),
+        "{events:?}"
+    );
+    // A minute and more after the tier-1 call was placed it no longer rings: the redial goes.
+    advance(&app, SID, 65).await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            sent_to(&p, ASHA).await.0 >= 3
+        })
+        .await,
+        "{:?}",
+        sent_to(&p, ASHA).await
+    );
+    app.stop().await;
+}
+
 async fn a_later_tier_message_retried_after_the_acknowledgement_is_not_sent(db: Db) {
     const SID: &str = "esc-retry";
     let p = Providers::start().await;
@@ -823,6 +894,7 @@ both_engines!(
     unreached_is_due_at_the_earlier_of_the_policy_end_and_ack_deadline,
     a_later_tier_message_retried_after_the_acknowledgement_is_not_sent,
     a_contact_still_ringing_is_not_rung_again_by_the_next_tier,
+    a_first_tier_redial_waits_while_the_next_tier_still_rings_the_same_contact,
     resolving_cancels_every_tier_still_waiting,
     tiers_are_alerted_in_turn_and_repeat_runs_call_tier_zero_again,
     the_first_acknowledgement_stops_later_tiers,
