@@ -67,6 +67,7 @@ const TEAMS: usize = 12;
 const TEAM_SIZE: usize = 5;
 const CONTACTS: usize = TEAMS * TEAM_SIZE;
 const TYPES: [&str; 6] = ["Heart", "Brain", "Lungs", "Trauma", "Burns", "Stroke"];
+const WAIT: &str = "2m";
 const WAIT_SECS: u64 = 120;
 const REPEAT: u64 = 1;
 const ACK_DEADLINE_SECS: u64 = 900;
@@ -132,7 +133,7 @@ fn stakeholder_file() -> String {
             let [a, b, c] = tiers(j);
             s.push_str(&format!(
                 "[[escalation]]\ntype = \"{t}\"\ntiers = [[\"team-{a}\"], [\"team-{b}\"], [\"team-{c}\"]]\n\
-                 wait = \"{WAIT_SECS}s\"\nrepeat = {REPEAT}\n\n"
+                 wait = \"{WAIT}\"\nrepeat = {REPEAT}\n\n"
             ));
         }
     }
@@ -849,8 +850,9 @@ async fn every_emergency_ends_acknowledged_or_unreached(db: Db) {
 
     // What the server stored.
     let incidents: Vec<StoredIncident> = sqlx::query_as(
+        // Only the emergencies: an account alarm (once alarms land) is an incident of its own.
         "SELECT id, status, received_at, acknowledged_at, unreached_at, unreached_due_at \
-         FROM incidents",
+         FROM incidents WHERE call_sid LIKE 'sim-%'",
     )
     .fetch_all(&obs)
     .await
@@ -1223,4 +1225,82 @@ fn verify(
         }
     }
     c
+}
+
+/// The checks have teeth: a made-up end state with a call after its person's keypress, a call left
+/// queued on an open incident, a lost keypress and an eleventh call in an hour is failed on each.
+#[test]
+fn the_checks_catch_what_they_are_for() {
+    let incident = |id: &str, status: &str, acknowledged_at: Option<i64>| StoredIncident {
+        id: id.to_owned(),
+        status: status.to_owned(),
+        received_at: 0,
+        acknowledged_at,
+        unreached_at: None,
+        unreached_due_at: None,
+    };
+    let call = |id: &str, incident: &str, status: &str, reference: &str| StoredDelivery {
+        id: id.to_owned(),
+        incident_id: incident.to_owned(),
+        phone: "+919700000001".to_owned(),
+        channel: "call".to_owned(),
+        purpose: "alert".to_owned(),
+        status: status.to_owned(),
+        greeting_ref: reference.to_owned(),
+        due_at: 0,
+        tier: 0,
+        run: 0,
+    };
+    let placed = |seq: u64, sim_ms: i64, reference: &str| Placed {
+        seq,
+        sim_ms,
+        kind: Kind::Call,
+        phone: "9700000001".to_owned(),
+        n: seq,
+        reference: reference.to_owned(),
+        http: 200,
+        id: Some(format!("sid{seq}")),
+    };
+    let incidents = vec![
+        incident("acked", "acknowledged", Some(10)),
+        incident("open", "open", None),
+    ];
+    let deliveries = vec![
+        call("d1", "acked", "acknowledged", "r1"),
+        call("d2", "open", "queued", "r2"),
+    ];
+    // The person pressed the key (seq 1) and was called again (seq 2); then ten calls of the open
+    // incident to the same number within the hour.
+    let mut calls = vec![placed(0, 0, "r1"), placed(2, 20, "r1")];
+    calls.extend((3..13).map(|k| placed(k, 1000 * k as i64, "r2")));
+    let presses = vec![
+        Press {
+            seq: 1,
+            reference: "r1".to_owned(),
+        },
+        // A keypress answered 200 whose incident is still open: lost.
+        Press {
+            seq: 100,
+            reference: "r2".to_owned(),
+        },
+    ];
+    let c = verify(&incidents, &deliveries, &calls, &presses, 1_000_000);
+    let has = |kind: &str| c.failures.iter().any(|f| f.starts_with(kind));
+    assert!(has("called after acknowledging"), "{:?}", c.failures);
+    assert!(has("left moving or stuck"), "{:?}", c.failures);
+    assert!(has("keypress lost"), "{:?}", c.failures);
+    assert_eq!(c.called_after_own_ack, 1);
+    assert_eq!(c.worst_hour, 12);
+    // Calls 9 to 12 in the hour are over the cap; the open incident's first call is not counted.
+    assert_eq!(c.over_cap, 4);
+    assert!(!CALL_CAP || has("over the cap"), "{:?}", c.failures);
+    if UNREACHED {
+        assert!(
+            has("neither acknowledged nor unreached"),
+            "{:?}",
+            c.failures
+        );
+    } else {
+        assert_eq!(c.unreached, 1);
+    }
 }
