@@ -41,5 +41,6 @@ mod recordings;
 mod reload;
 mod resilience;
 mod server_settings;
+mod simulation;
 mod slow_clients;
 mod storm;
