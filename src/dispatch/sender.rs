@@ -183,8 +183,51 @@ impl Dispatcher {
                 }
             }
         }
+        if let Some(stop) = self.acknowledged_since_claim(lane, d, incident).await {
+            return stop;
+        }
         let outcome = self.execute(lane, &prepared).await;
         self.finish_for(lane, d, outcome)
+    }
+
+    /// A redial, a later tier's or pass's call, or an alarm call is placed only while nobody has
+    /// acknowledged: the incident read at the claim may be a moment old, and an acknowledgement in that
+    /// moment would otherwise ring someone who is no longer needed. One read, just before the request;
+    /// the first call of the first tier skips it (nobody can have acknowledged an alert not yet sent
+    /// but through another contact's call, and that call's read already raced the same way).
+    async fn acknowledged_since_claim(
+        &self,
+        lane: &Lane,
+        d: &DeliveryRow,
+        claimed: &IncidentRow,
+    ) -> Option<Finish> {
+        let escalating =
+            d.tier > 0 || d.run > 0 || d.redials > 0 || d.purpose == crate::store::alarms::ALARM;
+        if lane.channel() != Channel::Call
+            || !escalating
+            || d.purpose == crate::store::FOLLOWUP
+            || claimed.status != IncidentState::Open
+        {
+            return None;
+        }
+        match self.store.incident(&d.incident_id).await {
+            Ok(Some(now)) if now.status != IncidentState::Open => Some(Finish::Cancelled {
+                reason: match now.acknowledged_by.as_deref() {
+                    Some(by) => format!("{by} acknowledged the incident just before this call"),
+                    None => format!("incident {} just before this call", now.status),
+                },
+            }),
+            Ok(_) => None,
+            // Unknown: call rather than drop a call that may still be needed.
+            Err(e) => {
+                tracing::warn!(
+                    delivery_id = %d.id,
+                    error = format!("{e:#}"),
+                    "could not re-read the incident before the call; calling"
+                );
+                None
+            }
+        }
     }
 
     /// A call to a contact whose other call of the incident still rings (a later tier's call, a

@@ -71,10 +71,15 @@ const PLACE: &str = "INSERT INTO call_placements \
      (delivery_id, lease_token, incident_id, phone, placed_at) VALUES ($1, $2, $3, $4, $5) \
      ON CONFLICT (delivery_id, lease_token) DO NOTHING";
 
-/// From the claim (`$2`) that just leased it: not sent, and not counted as an attempt.
+/// From the claim (`$2`) that just leased it: not sent, and not counted as an attempt. Only while its
+/// incident is open (or for the follow-up to the person who acknowledged): a call of an acknowledged or
+/// resolved incident that a retry brought back goes on to the sender, which cancels it at once, rather
+/// than waiting an hour as `held` for nothing.
 const HOLD: &str = "UPDATE deliveries SET status = 'held', attempts = attempts - 1, due_at = $3, \
      updated_at = $4, lease_owner = NULL, lease_until = NULL, lease_token = NULL \
-     WHERE id = $1 AND lease_token = $2 AND status = 'sending'";
+     WHERE id = $1 AND lease_token = $2 AND status = 'sending' \
+       AND (purpose = 'followup' OR EXISTS (SELECT 1 FROM incidents i \
+         WHERE i.id = deliveries.incident_id AND i.status = 'open'))";
 
 /// A claim's call was accepted by the provider.
 pub(super) const PLACEMENT_ACCEPTED: &str =
@@ -131,10 +136,11 @@ pub(super) async fn place_calls(
                 }
             }
             if let Some(h) = over_cap(tx, d, cap, now).await? {
-                hold(tx, d, token, &h, cap, now).await?;
-                held.push(h);
-                is_held[i] = true;
-                continue;
+                if hold(tx, d, token, &h, cap, now).await? {
+                    held.push(h);
+                    is_held[i] = true;
+                    continue;
+                }
             }
         }
         sqlx::query(PLACE)
@@ -200,7 +206,8 @@ async fn over_cap(
     }))
 }
 
-/// Moves the just-claimed call to `held`, due at `h.until`, with the reason on its trail.
+/// Moves the just-claimed call to `held`, due at `h.until`, with the reason on its trail; false when its
+/// incident is no longer open (see [`HOLD`]).
 async fn hold(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     d: &DeliveryRow,
@@ -208,14 +215,18 @@ async fn hold(
     h: &HeldCall,
     cap: u32,
     now: i64,
-) -> anyhow::Result<()> {
-    sqlx::query(HOLD)
+) -> anyhow::Result<bool> {
+    let moved = sqlx::query(HOLD)
         .bind(&d.id)
         .bind(token)
         .bind(h.until)
         .bind(now)
         .execute(&mut **tx)
-        .await?;
+        .await?
+        .rows_affected();
+    if moved == 0 {
+        return Ok(false);
+    }
     let detail = format!(
         "held by the carrier-safe cap: this number was called {} times in the last hour (at most {cap}, \
          dispatch.max_calls_per_number_per_hour); due again at {} ({} s from now)",
@@ -223,7 +234,8 @@ async fn hold(
         iso(h.until),
         (h.until - now).max(0) / 1000
     );
-    insert_event(&mut **tx, &d.id, "held", None, &detail, now).await
+    insert_event(&mut **tx, &d.id, "held", None, &detail, now).await?;
+    Ok(true)
 }
 
 /// Held calls due by `$2`, back to the queue.
