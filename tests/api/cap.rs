@@ -14,6 +14,7 @@ both_engines!(
     held_calls_are_cancelled_by_an_acknowledgement_or_a_resolve,
     the_cap_counts_calls_of_other_incidents_and_follow_ups,
     zero_turns_the_cap_off,
+    a_call_retried_after_the_acknowledgement_is_cancelled_not_held,
 );
 
 const ASHA: &str = "+919800000001";
@@ -385,4 +386,84 @@ async fn two_replicas_never_both_place_the_call_that_reaches_the_cap() {
     assert_eq!(app.store.calls_in_last_hour(ASHA).await.unwrap(), 8);
     other.close().await;
     app.stop().await;
+}
+
+/// A redial in flight when the incident is acknowledged, refused with a 503, comes back to the queue as
+/// a retry: the cap would hold it for an hour, but it is never needed. It goes on to the sender, which
+/// cancels it at once, and Asha is not called again.
+async fn a_call_retried_after_the_acknowledgement_is_cancelled_not_held(db: Db) {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+    let p = Providers::start().await;
+    // The first call is taken; every later one is refused after a while (long enough to acknowledge).
+    Mock::given(method("POST"))
+        .and(path(CALLS_PATH))
+        .respond_with(FreshIds::new("call"))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&p.exotel)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(CALLS_PATH))
+        .respond_with(ResponseTemplate::new(503).set_delay(Duration::from_millis(1500)))
+        .with_priority(2)
+        .mount(&p.exotel)
+        .await;
+    let app = app(
+        db,
+        &p,
+        &[
+            cap(2),
+            ("SOS_DISPATCH__RETRY_SCHEDULE_SECS", "0.2".into()),
+            ("SOS_DISPATCH__POLL_INTERVAL_MS", "50".into()),
+        ],
+    )
+    .await;
+    let a = alert(&app, "cap-retry-ack").await;
+    no_answer(&app, &a).await;
+    // The redial is on its way to the (slow, refusing) stand-in.
+    exactly_calls_at_least(&p, 2).await;
+    let res = app
+        .client
+        .post(format!(
+            "{}/api/v1/incidents/{}/ack",
+            app.base, a.incident_id
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"by": "Duty manager"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    let store = app.store.clone();
+    let id = a.id.clone();
+    let cancelled = eventually(Duration::from_secs(15), || {
+        let store = store.clone();
+        let id = id.clone();
+        async move { store.delivery(&id).await.unwrap().unwrap().status == "cancelled" }
+    })
+    .await;
+    let d = app.store.delivery(&a.id).await.unwrap().unwrap();
+    assert!(cancelled, "the retry is cancelled, not held: {d:?}");
+    let events = app.store.events(&a.id).await.unwrap();
+    assert!(
+        !events.iter().any(|e| e.kind == "held"),
+        "never held: {events:?}"
+    );
+    app.store.clock().advance(Duration::from_secs(7200));
+    exactly_calls(&p, 2).await;
+    app.stop().await;
+}
+
+/// Waits until the stand-in was asked for at least `n` calls to Asha.
+async fn exactly_calls_at_least(p: &Providers, n: usize) {
+    let reached = eventually(Duration::from_secs(20), || async {
+        calls_to_asha(p).await >= n
+    })
+    .await;
+    assert!(
+        reached,
+        "{n} calls expected, {} asked",
+        calls_to_asha(p).await
+    );
 }
