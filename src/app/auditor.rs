@@ -399,11 +399,8 @@ impl Auditor {
     /// sweep's.
     async fn unreached(&mut self, findings: &mut Vec<Finding>) {
         let store = &self.state.store;
-        let deadline_ms = i64::try_from(self.state.settings.ack.deadline_secs())
-            .unwrap_or(i64::MAX / 2000)
-            .saturating_mul(1000);
         let ids = match store
-            .overdue_unreached(store.now_ms() - UNREACHED_GRACE_MS, deadline_ms, BATCH)
+            .overdue_unreached(store.now_ms() - UNREACHED_GRACE_MS, BATCH)
             .await
         {
             Ok(ids) => ids,

@@ -109,22 +109,16 @@ impl Store {
         Ok(rows)
     }
 
-    /// Open incidents (not acknowledged, not drills) still without `unreached_at` although their
-    /// unreached time (`unreached_due_at`, or received + `deadline_ms` when it is not set) is before
-    /// `before`: the unreached sweep has stalled. Oldest first, at most `limit`.
-    pub async fn overdue_unreached(
-        &self,
-        before: i64,
-        deadline_ms: i64,
-        limit: i64,
-    ) -> anyhow::Result<Vec<String>> {
+    /// Open incidents the unreached sweep should have marked (the same ones it looks for: not
+    /// acknowledged, not drills nor account-alarm incidents, stored with their deadline) whose deadline
+    /// is before `before`: the sweep has stalled. Oldest first, at most `limit`.
+    pub async fn overdue_unreached(&self, before: i64, limit: i64) -> anyhow::Result<Vec<String>> {
         let ids = sqlx::query_scalar(
             "SELECT id FROM incidents WHERE status = 'open' AND unreached_at IS NULL \
-             AND source <> 'drill' AND COALESCE(unreached_due_at, received_at + $2) < $1 \
-             ORDER BY received_at LIMIT $3",
+             AND source NOT IN ('drill', 'alarm') AND unreached_due_at IS NOT NULL \
+             AND unreached_due_at < $1 ORDER BY received_at LIMIT $2",
         )
         .bind(before)
-        .bind(deadline_ms)
         .bind(limit)
         .fetch_all(&self.reader)
         .await?;

@@ -433,6 +433,17 @@ async fn an_open_incident_past_its_unreached_time_is_reported_unless_acknowledge
         serde_json::json!({"emergency_type": "Heart", "message": "drill", "drill_contact": "Dr. Asha Rao"}),
     )
     .await;
+    // One stored before the upgrade that brought deadlines: the sweep never alarms it, so it is no stall.
+    let old = raise(
+        &app,
+        serde_json::json!({"emergency_type": "Lungs", "message": "from before", "dedup_key": "u-old"}),
+    )
+    .await;
+    sqlx::query("UPDATE incidents SET unreached_due_at = NULL WHERE id = $1")
+        .bind(&old)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
     let res = app
         .client
         .post(format!("{}/api/v1/incidents/{acked}/ack", app.base))
@@ -488,6 +499,10 @@ async fn an_open_incident_past_its_unreached_time_is_reported_unless_acknowledge
         "an acknowledged incident is not a stall"
     );
     assert!(!audited(&app, &drill).await, "a drill never alarms");
+    assert!(
+        !audited(&app, &old).await,
+        "an incident the sweep never alarms is not a stall"
+    );
     app.stop().await;
 }
 

@@ -945,6 +945,57 @@ async fn every_emergency_ends_acknowledged_or_unreached(db: Db) {
         checked.escalated_after_ack,
     );
     let mut failures = checked.failures;
+    // The run itself must have done what it is for, or the checks above pass on nothing.
+    if !idle {
+        failures.push("the run ended at its time bound with work still under way".to_owned());
+    }
+    if stuck_steps > 0 {
+        failures.push(format!("{stuck_steps} step(s) never became quiet"));
+    }
+    if checked.escalated_after_ack > 0 {
+        failures.push(format!(
+            "{} call(s) placed after the incident's acknowledgement",
+            checked.escalated_after_ack
+        ));
+    }
+    let acknowledged = incidents
+        .iter()
+        .filter(|i| i.acknowledged_at.is_some())
+        .count();
+    if acknowledged * 2 < n {
+        failures.push(format!(
+            "only {acknowledged} of {n} acknowledged: the stand-in's people should answer most"
+        ));
+    }
+    let calls_of_later_tiers = deliveries
+        .iter()
+        .filter(|d| d.channel == "call" && (d.tier > 0 || d.run > 0) && d.status != "cancelled")
+        .count();
+    if ESCALATION && n >= 100 && calls_of_later_tiers == 0 {
+        failures.push("no call of a later tier or pass was ever placed".to_owned());
+    }
+    let alarms_sent = deliveries
+        .iter()
+        .filter(|d| {
+            d.purpose == "alarm" && matches!(d.status.as_str(), "delivered" | "accepted" | "read")
+        })
+        .count();
+    let unreached = incidents
+        .iter()
+        .filter(|i| i.unreached_at.is_some())
+        .count();
+    if UNREACHED && n >= 100 && (unreached == 0 || alarms_sent == 0) {
+        failures.push(format!(
+            "{unreached} unreached, {alarms_sent} alarm message(s) sent: the default route's silent team \
+             should leave some emergencies unreached and alarmed"
+        ));
+    }
+    if rang(Kind::Call) < n {
+        failures.push(format!(
+            "{} calls placed for {n} incidents",
+            rang(Kind::Call)
+        ));
+    }
     if get(&t.refused_presses) > 0 {
         failures.push(format!(
             "{} keypress(es) of the ack digit not acknowledged: {:?}",
