@@ -478,23 +478,8 @@ impl Routing {
     /// `None` without an `[unreached]` table.
     pub fn unreached_plan(&self) -> Option<Plan> {
         let teams = self.unreached.as_ref()?;
-        let mut seen: BTreeSet<(String, Channel)> = BTreeSet::new();
-        let mut targets = Vec::new();
-        for contact in &self.contacts {
-            if !contact.teams.iter().any(|t| teams.contains(t)) {
-                continue;
-            }
-            for &channel in &contact.channels {
-                if seen.insert((contact.phone.e164().to_owned(), channel)) {
-                    targets.push(Target {
-                        contact_name: contact.name.clone(),
-                        phone: contact.phone.clone(),
-                        channel,
-                        tier: 0,
-                    });
-                }
-            }
-        }
+        // One tier: each contact once per channel, as any route.
+        let targets = self.targets(std::slice::from_ref(teams));
         Some(Plan {
             emergency_type: "Unreached".to_owned(),
             route: "unreached".to_owned(),
