@@ -264,36 +264,29 @@ impl App {
         } else {
             None
         };
-        tokio::spawn(app::housekeeping::auto_resolve(
-            self.state.clone(),
-            stop_rx.clone(),
-        ));
-        tokio::spawn(app::optin::follow_stakeholder_file(
-            self.state.clone(),
-            stop_rx.clone(),
-        ));
-        tokio::spawn(app::recordings::run(self.state.clone(), stop_rx.clone()));
-        tokio::spawn(app::housekeeping::channel_fallback(
-            self.state.clone(),
-            stop_rx.clone(),
-        ));
-        tokio::spawn(app::alarms::unreached_sweep(
-            self.state.clone(),
-            stop_rx.clone(),
-        ));
-        tokio::spawn(app::alarms::alarm_sender(
-            self.state.clone(),
-            stop_rx.clone(),
-        ));
-        tokio::spawn(app::console::watch_changes(
-            self.state.clone(),
-            stop_rx.clone(),
-        ));
-        tokio::spawn(app::housekeeping::prune_old_incidents(
-            self.state.clone(),
-            stop_rx.clone(),
-        ));
-        tokio::spawn(app::auditor::run(self.state.clone(), stop_rx.clone()));
+        // Each background loop runs until shutdown; one that stops (a panic) is started again.
+        macro_rules! keep_running {
+            ($name:literal, $task:path) => {{
+                let state = self.state.clone();
+                let stop = stop_rx.clone();
+                let metrics = self.state.metrics.clone();
+                tokio::spawn(app::supervise::keep_running(
+                    $name,
+                    stop_rx.clone(),
+                    move |task| metrics.task_restarted(task),
+                    move || $task(state.clone(), stop.clone()),
+                ));
+            }};
+        }
+        keep_running!("auto_resolve", app::housekeeping::auto_resolve);
+        keep_running!("optin", app::optin::follow_stakeholder_file);
+        keep_running!("recordings", app::recordings::run);
+        keep_running!("channel_fallback", app::housekeeping::channel_fallback);
+        keep_running!("unreached_sweep", app::alarms::unreached_sweep);
+        keep_running!("alarm_sender", app::alarms::alarm_sender);
+        keep_running!("console_watch", app::console::watch_changes);
+        keep_running!("retention", app::housekeeping::prune_old_incidents);
+        keep_running!("auditor", app::auditor::run);
         let router = http::router(self.state.clone());
         let server = &self.state.settings.server;
         let limits = http::serve::ServeLimits {

@@ -54,6 +54,11 @@ struct FindingLabels {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    task: String,
+}
+
 fn provider_histogram() -> Histogram {
     // 50 ms .. ~25 s: provider APIs answer in tens of milliseconds, a stuck one hits the client timeout.
     Histogram::new(exponential_buckets(0.05, 2.0, 10))
@@ -67,12 +72,14 @@ pub struct Metrics {
     provider_requests: Family<ProviderLabels, Histogram, fn() -> Histogram>,
     deliveries: Family<DeliveryLabels, Counter>,
     queue_depth: Gauge,
+    queue_scheduled: Gauge,
     unconfirmed: Gauge,
     queue_oldest_age: Gauge<f64, AtomicU64>,
     unreached: Counter,
     account_alarms: Family<AccountAlarmLabels, Counter>,
     calls_held: Counter,
     auditor_findings: Family<FindingLabels, Counter>,
+    task_restarts: Family<TaskLabels, Counter>,
     auditor_passes: Counter,
     auditor_stalls: Gauge,
     auditor_last_clean_pass: Gauge<f64, AtomicU64>,
@@ -124,8 +131,14 @@ impl Metrics {
         let queue_depth = Gauge::default();
         registry.register(
             "sos_queue_depth",
-            "Deliveries waiting to go out (status queued)",
+            "Deliveries due to go out now (status queued, due)",
             queue_depth.clone(),
+        );
+        let queue_scheduled = Gauge::default();
+        registry.register(
+            "sos_queue_scheduled",
+            "Deliveries queued for later: escalation tiers to come, redials and retries waiting their time",
+            queue_scheduled.clone(),
         );
         let queue_oldest_age = Gauge::<f64, AtomicU64>::default();
         registry.register(
@@ -163,6 +176,12 @@ impl Metrics {
             "Stalls the auditor found, by kind (queued_overdue, sending_expired, report_stalled, held_overdue, unreached_overdue, provider_silent, check_failed)",
             auditor_findings.clone(),
         );
+        let task_restarts = Family::<TaskLabels, Counter>::default();
+        registry.register(
+            "sos_task_restarts",
+            "Background tasks (the auditor, the unreached sweep, the alarm sender...) that stopped and were started again, by task",
+            task_restarts.clone(),
+        );
         let auditor_passes = Counter::default();
         registry.register(
             "sos_auditor_passes",
@@ -186,6 +205,7 @@ impl Metrics {
             account_alarms,
             calls_held,
             auditor_findings,
+            task_restarts,
             auditor_passes,
             auditor_stalls,
             auditor_last_clean_pass,
@@ -196,6 +216,7 @@ impl Metrics {
             provider_requests,
             deliveries,
             queue_depth,
+            queue_scheduled,
             queue_oldest_age,
         }
     }
@@ -300,9 +321,19 @@ impl Metrics {
         }
     }
 
+    /// A background task stopped and is started again.
+    pub fn task_restarted(&self, task: &str) {
+        self.task_restarts
+            .get_or_create(&TaskLabels {
+                task: task.to_owned(),
+            })
+            .inc();
+    }
+
     /// Sets the queue gauges from the store's figures at `now_ms`.
     pub fn set_queue(&self, stats: QueueStats, now_ms: i64) {
         self.queue_depth.set(stats.depth);
+        self.queue_scheduled.set(stats.scheduled);
         self.unconfirmed.set(stats.unconfirmed);
         let age = stats
             .oldest_due_at

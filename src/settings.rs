@@ -181,6 +181,9 @@ pub struct MessageSettings {
     pub greeting_repeat: u32,
     /// Said after the text alert while the caller's recording is still being fetched.
     pub greeting_recording_pending: String,
+    /// Spoken instead of the alert by a later tier's call or a redial answered after someone
+    /// acknowledged (its last look at the incident came a moment before the acknowledgement).
+    pub greeting_acknowledged: String,
     pub utc_offset_minutes: i32,
 }
 

@@ -170,6 +170,18 @@ impl Auditor {
         }
     }
 
+    /// Wakes this replica's dispatcher and, on PostgreSQL, every other replica's: the one that should
+    /// be claiming the work may be elsewhere.
+    async fn wake(&self) {
+        self.state.wake.notify_one();
+        if let Err(e) = self.state.store.wake_replicas().await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "auditor: waking the other replicas failed"
+            );
+        }
+    }
+
     /// One pass, if this replica holds the lease: every check, then the figures, then the heartbeat.
     async fn pass(&mut self) {
         // Three periods: a replica that stopped is replaced within them, a slow pass keeps its lease.
@@ -232,7 +244,7 @@ impl Auditor {
             self.seen_queued = ids;
             return;
         }
-        self.state.wake.notify_one();
+        self.wake().await;
         let oldest = rows.iter().map(|r| r.due_at).min().unwrap_or(now);
         let late_s = (now - oldest) / 1000;
         let again: Vec<&String> = ids.intersection(&self.seen_queued).collect();
@@ -296,7 +308,7 @@ impl Auditor {
             Ok(moved) => moved.len(),
             Err(e) => return findings.push(failed("sending", &e)),
         };
-        self.state.wake.notify_one();
+        self.wake().await;
         tracing::error!(
             deliveries = ids.len(),
             requeued = moved,
@@ -344,7 +356,7 @@ impl Auditor {
                 }
             }
         }
-        self.state.wake.notify_one();
+        self.wake().await;
         tracing::error!(
             deliveries = rows.len(),
             ended,
@@ -377,7 +389,7 @@ impl Auditor {
             Ok(moved) => moved,
             Err(e) => return findings.push(failed("held", &e)),
         };
-        self.state.wake.notify_one();
+        self.wake().await;
         tracing::error!(
             calls = moved.len(),
             "auditor: held calls past their due time; released"

@@ -86,10 +86,11 @@ pub async fn prune_old_incidents(
             .prune_resolved_before(cutoff, retention.batch)
             .await
         {
-            Ok(p) if p.incidents > 0 => tracing::info!(
+            Ok(p) if p.incidents > 0 || p.alarms > 0 => tracing::info!(
                 incidents = p.incidents,
                 deliveries = p.deliveries,
                 events = p.events,
+                alarms = p.alarms,
                 keep_days = retention.keep_days,
                 "retention: deleted resolved incidents past keep_days"
             ),

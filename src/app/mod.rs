@@ -10,6 +10,7 @@ pub mod housekeeping;
 pub mod incidents;
 pub mod optin;
 pub mod recordings;
+pub mod supervise;
 
 use std::sync::Arc;
 

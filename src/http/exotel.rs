@@ -107,6 +107,9 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
     }
     let settings = &state.settings;
     let msg = &settings.messages;
+    if view.escalating() && view.acknowledged_at.is_some() {
+        return Some(acknowledged_greeting(state, method, &view));
+    }
     let proxied = settings.recording_mode() == RecordingMode::Proxy;
     // In proxy mode, with a recording we fetch: our own link once it is in, text until then (a URL
     // that cannot play yet would leave the doctor listening to nothing).
@@ -154,23 +157,54 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
         ),
     };
     if method == Method::GET {
-        // Recorded beside the answer, not before it: a doctor is listening to silence until this
-        // request returns, and a busy writer must not add to it.
-        let store = state.store.clone();
-        let delivery_id = view.delivery_id.clone();
-        tokio::spawn(
-            async move {
-                if let Err(e) = store.record_greeting_play(&delivery_id, played).await {
-                    tracing::error!(
-                        error = format!("{e:#}"),
-                        "could not record the greeting play"
-                    );
-                }
-            }
-            .in_current_span(),
-        );
+        record_play(state, &view.delivery_id, played);
     }
     Some(body)
+}
+
+/// A later tier's call or a redial answered after someone acknowledged: the call was placed in the
+/// moment the acknowledgement was stored, so whoever answers hears who has it in hand rather than an
+/// alert that asks for them. The keypress still acknowledges (recorded, not broadcast).
+fn acknowledged_greeting(
+    state: &AppState,
+    method: &Method,
+    view: &crate::store::GreetingView,
+) -> String {
+    let msg = &state.settings.messages;
+    let vars = Vars {
+        emergency_type: &view.emergency_type,
+        source: &view.source,
+        caller: view.caller.as_deref(),
+        time_ms: view.occurred_at.unwrap_or(view.received_at),
+        message: view.message.as_deref(),
+        incident: &view.incident_id,
+        by: view.acknowledged_by.as_deref(),
+        ack_time_ms: view.acknowledged_at,
+        ..Vars::default()
+    };
+    let body = messages::greeting_template(msg, &msg.greeting_acknowledged, &vars);
+    if method == Method::GET {
+        record_play(state, &view.delivery_id, None);
+    }
+    body
+}
+
+/// Records that the greeting of `delivery_id` was fetched, beside the answer rather than before it:
+/// a doctor is listening to silence until the greeting returns, and a busy writer must not add to it.
+fn record_play(state: &AppState, delivery_id: &str, played: Option<bool>) {
+    let store = state.store.clone();
+    let delivery_id = delivery_id.to_owned();
+    tokio::spawn(
+        async move {
+            if let Err(e) = store.record_greeting_play(&delivery_id, played).await {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "could not record the greeting play"
+                );
+            }
+        }
+        .in_current_span(),
+    );
 }
 
 /// An alarm call speaks the alarm (nobody acknowledged; a provider refusing the account) and the key
@@ -187,19 +221,7 @@ fn alarm_greeting(state: &AppState, method: &Method, view: &crate::store::Greeti
         state.settings.messages.utc_offset_minutes,
     );
     if method == Method::GET {
-        let store = state.store.clone();
-        let delivery_id = view.delivery_id.clone();
-        tokio::spawn(
-            async move {
-                if let Err(e) = store.record_greeting_play(&delivery_id, None).await {
-                    tracing::error!(
-                        error = format!("{e:#}"),
-                        "could not record the greeting play"
-                    );
-                }
-            }
-            .in_current_span(),
-        );
+        record_play(state, &view.delivery_id, None);
     }
     body
 }

@@ -360,6 +360,16 @@ pub fn greeting_spoken(settings: &MessageSettings, vars: &Vars<'_>, then: Option
     }
 }
 
+/// A spoken template of the operator's, filled in: one line for the text to speech.
+pub fn greeting_template(settings: &MessageSettings, template: &str, vars: &Vars<'_>) -> String {
+    speakable(&render(
+        template,
+        vars,
+        settings.utc_offset_minutes,
+        Style::Spoken,
+    ))
+}
+
 /// Text for the TTS: one line, and never starting like a URL, which Exotel would try to fetch.
 pub fn speakable(text: &str) -> String {
     let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");

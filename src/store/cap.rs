@@ -12,7 +12,7 @@
 //!
 //! Replicas: SQLite has one writer, so its claims are serial. On PostgreSQL two replicas may claim calls
 //! to one number at once; each takes a transaction-scoped advisory lock per number before counting (in
-//! the numbers' order, so two claims never wait on each other in a cycle), so the second waits for the
+//! the order of the locks' keys, so two claims never wait on each other in a cycle), so the second waits for the
 //! first to commit and then counts its placement too: two replicas never both place the 9th call.
 
 use super::{insert_event, DeliveryRow, Engine, Moved, Store};
@@ -48,10 +48,27 @@ pub struct HeldCall {
 }
 
 /// Serializes claims of calls to one number across PostgreSQL replicas until the transaction ends. Two
-/// keys: a constant naming this lock (`SOS` in ASCII) and the number's hash. The count wrapped around it
-/// gives the driver a plain integer column to read (the lock function itself returns `void`).
+/// keys: a constant naming this lock (`SOS` in ASCII) and the number's [`number_key`]. The count wrapped
+/// around it gives the driver a plain integer column to read (the lock function itself returns `void`).
 const NUMBER_LOCK: &str =
-    "SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock(5460819, hashtext($1))) AS locked";
+    "SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock(5460819, $1)) AS locked";
+
+/// The advisory lock key of a number: the first four bytes of its SHA-256, the same on every replica.
+/// Claims take their locks in the order of these keys, not of the numbers: two numbers that share a key
+/// are one lock, taken once, so two claims can never each hold what the other waits for.
+fn number_key(phone: &str) -> i32 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(phone.as_bytes());
+    i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// The order in which a claim visits its calls (indexes into `phones`): by lock key, then number, so
+/// each key's lock is taken once and every claim takes its keys in ascending order.
+fn lock_order(phones: &[&str]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..phones.len()).collect();
+    order.sort_by_cached_key(|&i| (number_key(phones[i]), phones[i]));
+    order
+}
 
 const CALLS_IN_HOUR: &str =
     "SELECT COUNT(*) FROM call_placements WHERE phone = $1 AND placed_at > $2";
@@ -112,27 +129,29 @@ pub(super) async fn place_calls(
     cap: u32,
     now: i64,
 ) -> anyhow::Result<(Vec<DeliveryRow>, Vec<HeldCall>)> {
-    let mut calls: Vec<usize> = (0..rows.len())
+    let calls: Vec<usize> = (0..rows.len())
         .filter(|&i| rows[i].channel == Channel::Call)
         .collect();
     if calls.is_empty() {
         return Ok((rows, Vec::new()));
     }
     // One order for every claim: two PostgreSQL claims locking the same numbers never deadlock.
-    calls.sort_by(|&a, &b| rows[a].phone.cmp(&rows[b].phone));
+    let phones: Vec<&str> = calls.iter().map(|&i| rows[i].phone.as_str()).collect();
+    let calls: Vec<usize> = lock_order(&phones).into_iter().map(|k| calls[k]).collect();
     let mut held = Vec::new();
     let mut is_held = vec![false; rows.len()];
-    let mut locked: Option<&str> = None;
+    let mut locked: Option<i32> = None;
     for i in calls {
         let d = &rows[i];
         if cap > 0 {
             if let Some(lock) = engine.number_lock() {
-                if locked != Some(d.phone.as_str()) {
+                let key = number_key(&d.phone);
+                if locked != Some(key) {
                     sqlx::query_scalar::<_, i64>(lock)
-                        .bind(&d.phone)
+                        .bind(key)
                         .fetch_one(&mut **tx)
                         .await?;
-                    locked = Some(d.phone.as_str());
+                    locked = Some(key);
                 }
             }
             if let Some(h) = over_cap(tx, d, cap, now).await? {
@@ -292,4 +311,49 @@ pub(super) fn iso(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_else(|| ms.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Two numbers whose lock keys are equal: 32 bits collide within a few hundred thousand numbers.
+    fn colliding_pair() -> (String, String) {
+        let mut seen: HashMap<i32, String> = HashMap::new();
+        for n in 0..2_000_000u32 {
+            let phone = format!("+9198{n:08}");
+            if let Some(first) = seen.insert(number_key(&phone), phone.clone()) {
+                return (first, phone);
+            }
+        }
+        panic!("no two of two million numbers share a 32-bit key");
+    }
+
+    #[test]
+    fn claims_take_each_lock_once_and_in_ascending_key_order() {
+        let (a, b) = colliding_pair();
+        assert_eq!(number_key(&a), number_key(&b));
+        // Ordered by number, a claim of these would take the shared key, then another, then the
+        // shared key again, and another claim could hold that other while waiting for the shared one.
+        let others = ["+919700000000", "+919800000000", "+919900000000"];
+        for phones in [
+            vec![b.as_str(), others[1], a.as_str(), others[0]],
+            vec![others[2], b.as_str(), others[1]],
+            vec![a.as_str(), others[1], b.as_str(), a.as_str(), others[0]],
+        ] {
+            let keys: Vec<i32> = lock_order(&phones)
+                .into_iter()
+                .map(|i| number_key(phones[i]))
+                .collect();
+            // Ascending: each key's calls are visited together, so its lock is taken once, and no
+            // claim takes a smaller key after a larger one.
+            assert!(
+                keys.windows(2).all(|w| w[0] <= w[1]),
+                "{phones:?}: {keys:?}"
+            );
+        }
+        assert_eq!(number_key("+919800000001"), number_key("+919800000001"));
+    }
 }

@@ -33,7 +33,10 @@ pub struct Resolved {
 /// Deliveries waiting to go out, for the queue gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueStats {
+    /// Queued and due: work the dispatchers should be doing now.
     pub depth: i64,
+    /// Queued for later: a later tier, a redial, a retry waiting its turn.
+    pub scheduled: i64,
     pub oldest_due_at: Option<i64>,
     /// Calls and messages accepted by the provider whose report deadline has passed without a report.
     pub unconfirmed: i64,
@@ -181,22 +184,39 @@ impl Store {
         Ok(ids)
     }
 
-    /// How many deliveries wait to go out, and the oldest due time among them.
+    /// Wakes every replica's dispatcher (PostgreSQL's NOTIFY; SQLite has one process, woken in memory
+    /// by the caller): for work that became due without a commit that says so, such as the auditor's
+    /// finding that nobody is claiming it.
+    pub async fn wake_replicas(&self) -> anyhow::Result<()> {
+        if let Some(wake) = self.engine.wake_on_commit() {
+            sqlx::query(wake).execute(&self.writer).await?;
+        }
+        Ok(())
+    }
+
+    /// How many deliveries wait to go out (due now, and scheduled for later), and the oldest due time.
     pub async fn queue_stats(&self) -> anyhow::Result<QueueStats> {
+        let now = self.now_ms();
+        // Escalation queues every tier when the incident is stored: the tiers to come are scheduled,
+        // not a backlog, and must not look like one to whoever watches the depth.
         let row = sqlx::query(
-            "SELECT COUNT(*) AS depth, MIN(due_at) AS oldest FROM deliveries WHERE status = 'queued'",
+            "SELECT COALESCE(SUM(CASE WHEN due_at <= $1 THEN 1 ELSE 0 END), 0) AS depth, \
+             COALESCE(SUM(CASE WHEN due_at > $1 THEN 1 ELSE 0 END), 0) AS scheduled, \
+             MIN(due_at) AS oldest FROM deliveries WHERE status = 'queued'",
         )
+        .bind(now)
         .fetch_one(&self.reader)
         .await?;
         let unconfirmed: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM deliveries WHERE status = 'accepted' \
              AND (report_checks > 0 OR report_due_at < $1)",
         )
-        .bind(self.now_ms())
+        .bind(now)
         .fetch_one(&self.reader)
         .await?;
         Ok(QueueStats {
             depth: row.try_get("depth")?,
+            scheduled: row.try_get("scheduled")?,
             oldest_due_at: row.try_get("oldest")?,
             unconfirmed,
         })

@@ -334,7 +334,8 @@ impl Store {
         let view = sqlx::query_as(
             "SELECT d.id AS delivery_id, i.id AS incident_id, i.source, i.emergency_type, \
              i.recording_url, i.message, i.caller, i.occurred_at, i.received_at, d.link_ref, \
-             d.created_at AS issued_at, r.status AS recording_status, d.purpose \
+             d.created_at AS issued_at, r.status AS recording_status, d.purpose, d.tier, d.run, \
+             d.redials, i.acknowledged_by, i.acknowledged_at \
              FROM deliveries d JOIN incidents i ON i.id = d.incident_id \
              LEFT JOIN recordings r ON r.incident_id = i.id WHERE d.greeting_ref = $1",
         )

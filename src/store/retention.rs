@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
+use super::sql::{per_engine, Dialect};
 use super::{Engine, Store};
 
 /// What one pruning pass deleted.
@@ -13,6 +14,8 @@ pub struct Pruned {
     pub incidents: u64,
     pub deliveries: u64,
     pub events: u64,
+    /// Alarms: those of the pruned incidents, and account alarms cleared before the cutoff.
+    pub alarms: u64,
 }
 
 impl Pruned {
@@ -20,6 +23,7 @@ impl Pruned {
         self.incidents += other.incidents;
         self.deliveries += other.deliveries;
         self.events += other.events;
+        self.alarms += other.alarms;
     }
 }
 
@@ -33,8 +37,18 @@ macro_rules! chunk_ids {
     };
 }
 
-/// Children first: events, deliveries, the recording, then the incidents themselves.
-const PRUNE: [&str; 6] = [
+/// Resolved incidents before `$1` (the store's clock), none with a delivery whose lease still runs by
+/// the database's clock (the clock leases are taken on, shared by every replica).
+const PRUNABLE: Dialect = per_engine!(
+    "SELECT id FROM incidents i WHERE i.status = 'resolved' AND i.resolved_at < $1 \
+     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.incident_id = i.id \
+                     AND d.lease_until IS NOT NULL AND d.lease_until > " NOW ") \
+     ORDER BY i.resolved_at, i.id LIMIT $2"
+);
+
+/// Children first: events, deliveries, the recording, the incident's alarm and events, then the
+/// incidents themselves.
+const PRUNE: [&str; 7] = [
     concat!(
         "DELETE FROM delivery_events WHERE delivery_id IN \
          (SELECT id FROM deliveries WHERE incident_id IN (",
@@ -53,6 +67,11 @@ const PRUNE: [&str; 6] = [
     ),
     concat!(
         "DELETE FROM recordings WHERE incident_id IN (",
+        chunk_ids!(),
+        ")"
+    ),
+    concat!(
+        "DELETE FROM alarms WHERE incident_id IN (",
         chunk_ids!(),
         ")"
     ),
@@ -85,6 +104,7 @@ impl Store {
             let pruned = self.prune_batch(cutoff_ms, batch.max(1)).await?;
             total.add(pruned);
             if pruned.incidents < u64::from(batch.max(1)) {
+                total.alarms += self.prune_cleared_account_alarms(cutoff_ms).await?;
                 return Ok(total);
             }
             // Let waiting writers in between batches.
@@ -92,19 +112,28 @@ impl Store {
         }
     }
 
-    async fn prune_batch(&self, cutoff_ms: i64, batch: u32) -> anyhow::Result<Pruned> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM incidents i WHERE i.status = 'resolved' AND i.resolved_at < $1 \
-             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.incident_id = i.id \
-                             AND d.lease_until IS NOT NULL AND d.lease_until > $2) \
-             ORDER BY i.resolved_at, i.id LIMIT $3",
+    /// Account alarms (no incident of their own) cleared before `cutoff_ms` and no longer being
+    /// sent. An open one stays however old: it still degrades `/readyz`, and it is the proof.
+    async fn prune_cleared_account_alarms(&self, cutoff_ms: i64) -> anyhow::Result<u64> {
+        let n = sqlx::query(
+            "DELETE FROM alarms WHERE incident_id IS NULL AND cleared_at IS NOT NULL \
+             AND cleared_at < $1 AND status <> 'queued'",
         )
         .bind(cutoff_ms)
-        .bind(self.now_ms())
-        .bind(i64::from(batch))
-        .fetch_all(&self.writer)
+        .execute(&self.writer)
         .await
-        .context("listing incidents to prune")?;
+        .context("pruning cleared account alarms")?
+        .rows_affected();
+        Ok(n)
+    }
+
+    async fn prune_batch(&self, cutoff_ms: i64, batch: u32) -> anyhow::Result<Pruned> {
+        let ids: Vec<String> = sqlx::query_scalar(PRUNABLE.of(self.engine))
+            .bind(cutoff_ms)
+            .bind(i64::from(batch))
+            .fetch_all(&self.writer)
+            .await
+            .context("listing incidents to prune")?;
         if ids.is_empty() {
             return Ok(Pruned::default());
         }
@@ -139,6 +168,7 @@ impl Store {
         Ok(Pruned {
             events: counts[0],
             deliveries: counts[1],
+            alarms: counts[4],
             incidents: counts[PRUNE.len() - 1],
         })
     }

@@ -170,4 +170,20 @@ pub struct GreetingView {
     pub recording_status: Option<String>,
     /// The delivery's purpose: an `alarm` call speaks the alarm, not the alert.
     pub purpose: String,
+    /// Where the call stands in the escalation: a later tier's or run's call, or a redial, is placed
+    /// only while nobody has acknowledged.
+    pub tier: i64,
+    pub run: i64,
+    pub redials: i64,
+    /// Who acknowledged the incident, and when, if anyone has.
+    pub acknowledged_by: Option<String>,
+    pub acknowledged_at: Option<i64>,
+}
+
+impl GreetingView {
+    /// A call escalation places only while the incident is unacknowledged: a later tier or run, or a
+    /// redial. The first tier's first calls are the alert itself.
+    pub fn escalating(&self) -> bool {
+        self.tier > 0 || self.run > 0 || self.redials > 0
+    }
 }

@@ -388,6 +388,76 @@ async fn one_replica_audits_the_other_stands_by() {
     first.stop().await;
 }
 
+/// The auditor's wake-up reaches every replica: the dispatcher that should claim overdue work may run
+/// on another one. Here the auditing replica sends nothing, and the sending one polls once an hour, so
+/// only a wake-up over PostgreSQL moves the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auditors_wake_up_reaches_the_dispatcher_of_another_replica() {
+    const SID: &str = "audit-wake-elsewhere";
+    let auditing = spawn_app_with(
+        Db::Postgres,
+        &[without_dispatcher(), ("SOS_AUDITOR__EVERY", "1s".into())],
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            readyz(&auditing).await.1["auditor"]["role"] == "auditing"
+        })
+        .await,
+        "the first replica audits"
+    );
+    assert_eq!(
+        auditing
+            .passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+            .await
+            .status(),
+        200
+    );
+    // Not due yet when the sending replica starts (its first look claims what is due).
+    let set_due = |due_at: i64| {
+        sqlx::query("UPDATE deliveries SET due_at = $1 WHERE status = 'queued'")
+            .bind(due_at)
+            .execute(auditing.store.pool())
+    };
+    set_due(auditing.store.now_ms() + 3_600_000).await.unwrap();
+    let env = [
+        ("SOS_DISPATCH__POLL_INTERVAL_MS", "3600000".into()),
+        ("SOS_AUDITOR__EVERY", "1h".into()),
+    ];
+    let settings = test_settings(
+        &TestDb::shared(&auditing.db.url),
+        &auditing.stakeholders,
+        &env,
+    );
+    let sending = start(
+        TestDb::shared(&auditing.db.url),
+        auditing.stakeholders.clone(),
+        settings,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        auditing
+            .deliveries_of(SID)
+            .await
+            .iter()
+            .all(|d| d.status == "queued"),
+        "nothing due yet"
+    );
+    // Overdue by five minutes, without a commit that wakes anyone: only the auditor notices.
+    set_due(auditing.store.now_ms() - 300_000).await.unwrap();
+    assert!(
+        auditing
+            .deliveries_until(SID, Duration::from_secs(15), |ds| {
+                ds.iter().all(|d| d.status != "queued")
+            })
+            .await,
+        "the sending replica was woken and claimed the overdue work"
+    );
+    sending.stop().await;
+    auditing.stop().await;
+}
+
 async fn raise(app: &TestApp, body: Value) -> String {
     let res = app
         .client

@@ -333,6 +333,70 @@ async fn the_first_acknowledgement_stops_later_tiers(db: Db) {
     app.stop().await;
 }
 
+/// A later tier's call can be placed in the moment the acknowledgement is stored (its last look at the
+/// incident came just before): whoever answers it hears that someone already acknowledged, not the
+/// alert as if nobody had. The first tier's calls, part of the alert itself, still play it.
+async fn a_later_tier_call_answered_after_the_acknowledgement_says_who_acknowledged(db: Db) {
+    const SID: &str = "esc-ack-greeting";
+    let (app, p) = live(db, &[("SOS_RECORDINGS__MODE", "direct".into())]).await;
+    app.passthru(&format!(
+        "CallSid={SID}&EmergencyType=Heart&RecordingUrl=https%3A%2F%2Frec.example%2Fa.mp3"
+    ))
+    .await;
+    assert!(until_sent(&p, ASHA, (1, 1, 1)).await);
+    advance(&app, SID, 121).await;
+    assert!(until_sent(&p, DESK, (1, 1, 0)).await);
+    let ds = app.deliveries_of(SID).await;
+    let call_of = |phone: &str, tier: i64| {
+        ds.iter()
+            .find(|d| d.phone == phone && d.channel == "call" && d.tier == tier && d.run == 0)
+            .map(|d| d.greeting_ref.clone())
+            .unwrap()
+    };
+    let (asha_ref, desk_ref) = (call_of(ASHA, 0), call_of(DESK, 1));
+    let before = app.greeting(reqwest::Method::GET, &desk_ref).await;
+    assert_eq!(
+        before.text().await.unwrap().lines().count(),
+        2,
+        "the recording, twice"
+    );
+
+    let id = ds[0].incident_id.clone();
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{id}/ack", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"by": "Dr. Ops"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+        let res = app.greeting(method.clone(), &desk_ref).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["content-type"], "text/plain", "{method}");
+        if method == reqwest::Method::GET {
+            let body = res.text().await.unwrap();
+            assert!(
+                body.contains("Dr. Ops") && body.contains("acknowledged") && body.contains("Heart"),
+                "{body}"
+            );
+            assert!(
+                !body.contains("https://"),
+                "spoken, not the recording: {body}"
+            );
+        }
+    }
+    let asha = app.greeting(reqwest::Method::GET, &asha_ref).await;
+    assert_eq!(
+        asha.text().await.unwrap(),
+        "https://rec.example/a.mp3\nhttps://rec.example/a.mp3",
+        "the first tier's call plays the alert"
+    );
+    app.stop().await;
+}
+
 async fn a_type_without_a_policy_is_one_tier_and_default_covers_unknown_types(db: Db) {
     let app = spawn(db, ESCALATING, None, &[without_dispatcher()]).await;
     // Brain has a route and no policy: one tier, everyone at once, unreached after ack.deadline.
@@ -898,6 +962,7 @@ both_engines!(
     resolving_cancels_every_tier_still_waiting,
     tiers_are_alerted_in_turn_and_repeat_runs_call_tier_zero_again,
     the_first_acknowledgement_stops_later_tiers,
+    a_later_tier_call_answered_after_the_acknowledgement_says_who_acknowledged,
     a_type_without_a_policy_is_one_tier_and_default_covers_unknown_types,
     drills_do_not_escalate,
     the_policy_is_fixed_when_the_incident_is_stored,

@@ -14,6 +14,8 @@ use crate::helpers::*;
 both_engines!(
     pruning_removes_old_resolved_incidents_and_everything_under_them,
     the_retention_task_prunes_only_when_keep_days_is_set,
+    pruning_spares_a_send_in_flight_by_the_databases_clock,
+    pruning_takes_the_alarms_of_pruned_incidents_and_cleared_account_alarms,
     a_partial_exotel_configuration_keeps_the_api_key_out_of_stored_requests,
 );
 
@@ -129,6 +131,110 @@ async fn pruning_removes_old_resolved_incidents_and_everything_under_them(db: Db
         .await
         .unwrap();
     assert_eq!(again.incidents, 0);
+    app.stop().await;
+}
+
+/// A lease runs on the database's clock, not the service's: a service clock ahead of it (a test's,
+/// or a replica's skewed one) must not let pruning delete a delivery whose send is still in flight.
+async fn pruning_spares_a_send_in_flight_by_the_databases_clock(db: Db) {
+    let app = spawn_app_with(db, &[("SOS_INCIDENTS__AUTO_RESOLVE_AFTER", "3650d".into())]).await;
+    let id = raise(&app, "retention0000000000000000000007").await;
+    resolve_at(&app, &id, now_ms() - 10 * DAY_MS).await;
+    // The lease alone: pruning judges a send in flight by its lease (the status machine would refuse
+    // a finished delivery's move back to `sending`).
+    let lease = |until: i64| {
+        sqlx::query(
+            "UPDATE deliveries SET lease_owner = 'elsewhere', lease_until = $1 \
+             WHERE id = (SELECT MIN(id) FROM deliveries WHERE incident_id = $2)",
+        )
+        .bind(until)
+        .bind(id.clone())
+        .execute(app.store.pool())
+    };
+    // Leased for another minute by the database's clock; the service's clock two hours ahead.
+    lease(now_ms() + 60_000).await.unwrap();
+    app.store.clock().advance(Duration::from_secs(2 * 3600));
+    let kept = rows_of(&app.store, &id).await;
+    let pruned = app
+        .store
+        .prune_resolved_before(app.store.now_ms() - 7 * DAY_MS, 500)
+        .await
+        .unwrap();
+    assert_eq!(pruned.incidents, 0, "the send in flight keeps its incident");
+    assert_eq!(rows_of(&app.store, &id).await, kept);
+    // Once the lease has lapsed by the database's clock, the incident goes.
+    lease(now_ms() - 1_000).await.unwrap();
+    let pruned = app
+        .store
+        .prune_resolved_before(app.store.now_ms() - 7 * DAY_MS, 500)
+        .await
+        .unwrap();
+    assert_eq!(pruned.incidents, 1);
+    assert_eq!(rows_of(&app.store, &id).await, (0, 0, 0));
+    app.stop().await;
+}
+
+/// The alarms table is pruned with the incidents: an unreached alarm goes with its incident, an
+/// account alarm once it was cleared before the cutoff; an open account alarm stays however old.
+async fn pruning_takes_the_alarms_of_pruned_incidents_and_cleared_account_alarms(db: Db) {
+    let app = spawn_app_with(db, &[("SOS_INCIDENTS__AUTO_RESOLVE_AFTER", "3650d".into())]).await;
+    let old = raise(&app, "retention0000000000000000000008").await;
+    let young = raise(&app, "retention0000000000000000000009").await;
+    resolve_at(&app, &old, now_ms() - 10 * DAY_MS).await;
+    resolve_at(&app, &young, now_ms() - DAY_MS).await;
+    let long_ago = now_ms() - 20 * DAY_MS;
+    for (key, incident, cleared) in [
+        ("unreached:old", Some(old.as_str()), None),
+        ("unreached:young", Some(young.as_str()), None),
+        (
+            "account:exotel:401:cleared:1",
+            None,
+            Some(now_ms() - 9 * DAY_MS),
+        ),
+        (
+            "account:exotel:402:cleared:2",
+            None,
+            Some(now_ms() - DAY_MS),
+        ),
+        ("account:gupshup:auth", None, None),
+    ] {
+        sqlx::query(
+            "INSERT INTO alarms (id, kind, dedup_key, incident_id, summary, body, status, due_at, \
+             raised_at, cleared_at) VALUES ($1, $2, $3, $4, 's', '{}', 'sent', $5, $5, $6)",
+        )
+        .bind(key)
+        .bind(if incident.is_some() {
+            "unreached"
+        } else {
+            "account"
+        })
+        .bind(key)
+        .bind(incident)
+        .bind(long_ago)
+        .bind(cleared)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    }
+    let pruned = app
+        .store
+        .prune_resolved_before(now_ms() - 7 * DAY_MS, 500)
+        .await
+        .unwrap();
+    assert_eq!((pruned.incidents, pruned.alarms), (1, 2), "{pruned:?}");
+    let mut left: Vec<String> = sqlx::query_scalar("SELECT id FROM alarms")
+        .fetch_all(app.store.pool())
+        .await
+        .unwrap();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "account:exotel:402:cleared:2",
+            "account:gupshup:auth",
+            "unreached:young"
+        ]
+    );
     app.stop().await;
 }
 

@@ -135,6 +135,23 @@ async fn metrics_count_incidents_requests_and_the_queue(db: Db) {
         Some((2 * HEART_DELIVERIES + DEFAULT_DELIVERIES) as f64)
     );
     assert!(sample(&s, "sos_queue_oldest_due_age_seconds", &[]).is_some_and(|a| a >= 0.0));
+    assert_eq!(sample(&s, "sos_queue_scheduled", &[]), Some(0.0));
+    // A delivery queued for later (a tier to come, a redial) is scheduled, not part of the depth.
+    sqlx::query(
+        "UPDATE deliveries SET due_at = $1 \
+         WHERE id = (SELECT MIN(id) FROM deliveries WHERE status = 'queued')",
+    )
+    .bind(app.store.now_ms() + 3_600_000)
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+    let (_, later) = scrape(&app, None).await;
+    let later = parse(&later);
+    assert_eq!(
+        sample(&later, "sos_queue_depth", &[]),
+        Some((2 * HEART_DELIVERIES + DEFAULT_DELIVERIES - 1) as f64)
+    );
+    assert_eq!(sample(&later, "sos_queue_scheduled", &[]), Some(1.0));
     assert_eq!(
         sample(
             &s,
@@ -161,6 +178,7 @@ async fn metrics_count_incidents_requests_and_the_queue(db: Db) {
     let (_, text) = scrape(&app, None).await;
     let s = parse(&text);
     assert_eq!(sample(&s, "sos_queue_depth", &[]), Some(0.0));
+    assert_eq!(sample(&s, "sos_queue_scheduled", &[]), Some(0.0));
     assert_eq!(
         sample(&s, "sos_queue_oldest_due_age_seconds", &[]),
         Some(0.0)

@@ -14,9 +14,13 @@ use crate::helpers::*;
 async fn two_dispatchers_on_one_postgres_never_send_the_same_delivery_twice() {
     let p = Providers::start().await;
     mount_happy(&p).await;
-    let a = spawn_app_with(Db::Postgres, &p.env()).await;
+    // The account's shared limit of 180 calls a minute would pace these 60 calls over 20 seconds; the
+    // subject here is who sends each one, not how fast.
+    let mut env = p.env();
+    env.push(("SOS_DISPATCH__CALL_PER_MINUTE", "6000".into()));
+    let a = spawn_app_with(Db::Postgres, &env).await;
     // The second replica: same database, same stakeholders, its own dispatcher and HTTP port.
-    let settings = test_settings(&a.db, &a.stakeholders, &p.env());
+    let settings = test_settings(&a.db, &a.stakeholders, &env);
     let second_db = TestDb::shared(&a.db.url);
     let b = start(second_db, a.stakeholders.clone(), settings).await;
     let n = 30;
