@@ -157,7 +157,7 @@ async fn metrics(State(state): State<AppState>, limits: PublicDb, headers: Heade
     })
     .await
     {
-        Some(Ok(stats)) => state.metrics.set_queue(stats, now_ms()),
+        Some(Ok(stats)) => state.metrics.set_queue(stats, state.store.now_ms()),
         Some(Err(e)) => tracing::warn!(
             error = format!("{e:#}"),
             "metrics: queue figures unavailable"

@@ -87,8 +87,11 @@ pub struct Store {
     reader: AnyPool,
     /// Writes, and every transaction.
     writer: AnyPool,
-    /// New incidents, group-committed through `writer`.
+    /// New incidents, group-committed through `intake_pool`.
     intake: intake::Intake,
+    /// The connections new incidents are written on: on PostgreSQL their own
+    /// ([`INTAKE_CONNECTIONS`]), on SQLite the one writer.
+    intake_pool: AnyPool,
     engine: Engine,
     /// What every due time and deadline is judged by (see [`Clock`]).
     clock: Clock,
@@ -143,6 +146,10 @@ pub struct Created {
     pub deliveries: usize,
 }
 
+/// PostgreSQL connections kept for writing new incidents, beside `database.max_connections`: one batch
+/// is written at a time, and a second lets a batch that failed be retried alone without waiting.
+pub const INTAKE_CONNECTIONS: u32 = 2;
+
 impl Store {
     /// Connects and configures the engine. SQLite runs in WAL mode with `synchronous=FULL`, so a commit
     /// (and so a 200 to Exotel) survives a power cut, not only a crash.
@@ -170,22 +177,28 @@ impl Store {
                     .with_context(|| format!("cannot open the {} database", engine.as_str()))
             }
         };
-        let (reader, writer) = match engine {
+        let (reader, writer, intake) = match engine {
+            // New emergencies are written on connections of their own: however busy the shared pool
+            // (a burst of sends recording outcomes, console streams, slow reads), a Passthru never waits
+            // for one of its connections and times out into the fallback branch.
             Engine::Postgres => {
                 let pool = open(max_connections, false).await?;
-                (pool.clone(), pool)
+                let intake = open(INTAKE_CONNECTIONS, false).await?;
+                (pool.clone(), pool, intake)
             }
             // The writer first: it creates the file and switches it to WAL before readers open it.
+            // One writer: the intake shares it, and background writers yield to it (`yield_to_intake`).
             Engine::Sqlite => {
                 let writer = open(1, false).await?;
                 let readers = open(max_connections.saturating_sub(1).max(1), true).await?;
-                (readers, writer)
+                (readers, writer.clone(), writer)
             }
         };
         let clock = Clock::system();
         Ok(Store {
             reader,
-            intake: intake::Intake::start(writer.clone(), engine, clock.clone()),
+            intake: intake::Intake::start(intake.clone(), engine, clock.clone()),
+            intake_pool: intake,
             clock,
             writer,
             engine,
@@ -295,6 +308,7 @@ impl Store {
     pub async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;
+        self.intake_pool.close().await;
     }
 
     /// The stored secret `name`, creating it with a fresh random value the first time. Safe when several

@@ -69,13 +69,43 @@ async fn passthru_whose_commit_outlasts_the_budget_is_still_stored() {
     assert_eq!(res.status(), 302);
     releaser.await.unwrap();
     let store = app.store.clone();
-    let stored = eventually(Duration::from_secs(20), || {
+    let stored = eventually(Duration::from_secs(60), || {
         let store = store.clone();
         async move { matches!(store.incident_by_call_sid(SID).await, Ok(Some(_))) }
     })
     .await;
     assert!(stored, "the emergency was stored once the lock went");
     assert_eq!(app.deliveries_of(SID).await.len(), HEART_DELIVERIES);
+    app.stop().await;
+}
+
+/// Every connection of the shared pool busy (a burst of sends recording their outcomes, streams, slow
+/// reads): a Passthru is still stored and answered 200 in time, on connections nothing else may take.
+/// PostgreSQL only: SQLite has one writer, which the intake already goes first for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthru_is_stored_while_every_shared_connection_is_busy() {
+    let app = spawn_app_with(Db::Postgres, &[without_dispatcher()]).await;
+    let mut held = Vec::new();
+    while let Ok(Ok(conn)) =
+        tokio::time::timeout(Duration::from_millis(500), app.store.pool().acquire()).await
+    {
+        held.push(conn);
+    }
+    assert!(!held.is_empty(), "the shared pool was taken");
+    let res = app
+        .passthru(&format!("CallSid={SID}-busy&EmergencyType=Heart"))
+        .await;
+    assert_eq!(
+        res.status(),
+        200,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
+    drop(held);
+    assert_eq!(
+        app.deliveries_of(&format!("{SID}-busy")).await.len(),
+        HEART_DELIVERIES
+    );
     app.stop().await;
 }
 
