@@ -102,7 +102,8 @@ impl DeliveryState {
         match self {
             // A redial waiting in the queue can still be settled by the previous call's late report.
             Queued => &[Sending, Held, Cancelled, Delivered, Answered, Acknowledged],
-            Held => &[Queued, Cancelled],
+            // A held redial, like a queued one, is settled by the previous call's late keypress.
+            Held => &[Queued, Cancelled, Acknowledged],
             // Retry, requeue, lease expiry and release all go back to `queued`. `held`: the claim
             // found the number at the carrier-safe cap, so the call is not placed (yet).
             Sending => &[Queued, Held, Accepted, Simulated, Failed, Cancelled],

@@ -4,7 +4,7 @@
 
 use super::recordings::insert_incident_event;
 use super::rows::delivery_columns;
-use super::{insert_event, DeliveryRow, Moved, Store, ACK_NOTICE};
+use super::{insert_event, DeliveryRow, Moved, Store};
 use crate::domain::{mask, storable, Channel, DeliveryState, IncidentState};
 
 /// Incident event kinds written here.
@@ -52,10 +52,12 @@ const ACK_INCIDENT: &str = "UPDATE incidents SET status = 'acknowledged', acknow
      WHERE id = $5 AND status = 'open'";
 
 /// The delivery acknowledged through: from any state that may become `acknowledged` (a keypress may
-/// come before the call's report, or after a guess made for want of one).
+/// come before the call's report, or after a guess made for want of one, or after the report queued a
+/// redial that the cap now holds).
 const ACK_DELIVERY: &str = "UPDATE deliveries SET status = 'acknowledged', \
-     finished_at = COALESCE(finished_at, $2), updated_at = $2, last_error = NULL, report_due_at = NULL \
-     WHERE id = $1 AND status IN ('queued', 'accepted', 'answered', 'delivered', 'read', \
+     finished_at = COALESCE(finished_at, $2), updated_at = $2, last_error = NULL, report_due_at = NULL, \
+     lease_owner = NULL, lease_until = NULL \
+     WHERE id = $1 AND status IN ('queued', 'held', 'accepted', 'answered', 'delivered', 'read', \
        'unconfirmed', 'failed') RETURNING status";
 
 /// Calls not placed yet (queued or held), except the delivery acknowledged through. A follow-up call
@@ -303,12 +305,14 @@ impl Store {
     }
 
     /// Gives each message claimed without an acknowledge link reference its own, inside the claim's
-    /// transaction: a link is issued only to messages that are sent.
+    /// transaction: a link is issued only to messages that are sent. Acknowledgement notices get one
+    /// too: a notice without a text of its own is the alert's, whose `{ack}` must not read "NA", and
+    /// whoever is also coming can say so (a later acknowledgement, recorded).
     pub(super) async fn issue_ack_ref(
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         d: &mut DeliveryRow,
     ) -> anyhow::Result<()> {
-        if d.channel == Channel::Call || d.ack_ref.is_some() || d.purpose == ACK_NOTICE {
+        if d.channel == Channel::Call || d.ack_ref.is_some() {
             return Ok(());
         }
         let reference = crate::messages::new_link_ref();

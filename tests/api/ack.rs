@@ -15,6 +15,7 @@ both_engines!(
     api_and_command_acknowledge_and_later_ones_are_only_recorded,
     the_first_acknowledgement_cancels_calls_not_yet_placed,
     only_the_person_who_acknowledged_gets_the_recording_followup,
+    a_keypress_the_database_cannot_take_answers_302,
 );
 
 const BIN: &str = env!("CARGO_BIN_EXE_exotel-sos");
@@ -137,6 +138,20 @@ async fn keypress_acknowledges_once_committed_and_repeats_change_nothing(db: Db)
     })
     .await;
     assert!(told, "the desk got no acknowledgement notice");
+    // A notice in the alert's text carries an acknowledge link of its own, never "NA".
+    let notices: Vec<String> = p
+        .requests(SMS_PATH)
+        .await
+        .iter()
+        .filter_map(|(f, _)| field(f, "Body").filter(|b| b.contains("Acknowledged by")))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        notices
+            .iter()
+            .all(|b| b.contains("/a/") && !b.ends_with("Ack: NA")),
+        "{notices:?}"
+    );
     let told = eventually(Duration::from_secs(20), || async {
         p.requests(GUPSHUP_PATH).await.iter().any(|(f, _)| {
             field(f, "msg")
@@ -704,6 +719,28 @@ async fn only_the_person_who_acknowledged_gets_the_recording_followup(db: Db) {
             .await
             .unwrap(),
         0
+    );
+    app.stop().await;
+}
+
+/// The database gone when the keypress comes: `302`, so the flow repeats its menu or sends the doctor
+/// to the desk; never a `200` ("thank you") for an acknowledgement that was not stored.
+async fn a_keypress_the_database_cannot_take_answers_302(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(db, &p, &[]).await;
+    let sid = "CA-ack-db-gone";
+    app.passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
+        .await;
+    let ds = sent(&app, sid).await;
+    let asha = call_of(&ds, "Dr. Asha Rao").clone();
+    app.store.close().await;
+    let res = keypress(&app, &asha.greeting_ref, Some("1")).await;
+    assert_eq!(
+        res.status(),
+        302,
+        "{}",
+        res.text().await.unwrap_or_default()
     );
     app.stop().await;
 }

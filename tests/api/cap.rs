@@ -15,6 +15,7 @@ both_engines!(
     the_cap_counts_calls_of_other_incidents_and_follow_ups,
     zero_turns_the_cap_off,
     a_call_retried_after_the_acknowledgement_is_cancelled_not_held,
+    a_keypress_arriving_after_the_redial_was_held_acknowledges_that_delivery,
 );
 
 const ASHA: &str = "+919800000001";
@@ -466,4 +467,46 @@ async fn exactly_calls_at_least(p: &Providers, n: usize) {
         "{n} calls expected, {} asked",
         calls_to_asha(p).await
     );
+}
+
+/// The call was answered, its "completed" report came before the keypress's Passthru, and the redial
+/// that report queued was held by the cap. The keypress still acknowledges, the incident and the
+/// contact's own delivery: the API shows who acknowledged as `acknowledged`, and the redial never goes.
+async fn a_keypress_arriving_after_the_redial_was_held_acknowledges_that_delivery(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = app(db, &p, &[cap(1)]).await;
+    let d = alert(&app, "cap-late-press").await;
+    let call_sid = d.provider_id.clone().expect("a call id");
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[("CallSid", call_sid.as_str()), ("Status", "completed")],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let d = held(&app, "cap-late-press").await;
+    let res = app
+        .client
+        .get(format!(
+            "{}/exotel/ack?token={WEBHOOK_TOKEN}&CustomField={}&digits=%221%22",
+            app.base, d.greeting_ref
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
+    let d = app.deliveries_of("cap-late-press").await.remove(0);
+    assert_eq!(d.status, "acknowledged", "{d:?}");
+    let detail = api_incident(&app, &d.incident_id).await;
+    assert_eq!(detail["status"], "acknowledged", "{detail}");
+    // An hour on, the held redial does not go: the contact acknowledged.
+    app.store.clock().advance(Duration::from_secs(3601));
+    exactly_calls(&p, 1).await;
+    app.stop().await;
 }

@@ -107,7 +107,10 @@ async fn passthru_and_api_alerts_carry_their_own_template_and_id(db: Db) {
             body.starts_with("SOS Heart alert from exotel at "),
             "{body}"
         );
-        assert!(body.ends_with(". NA NA"), "{body}");
+        // Then this recipient's own acknowledge link.
+        let (text, link) = body.rsplit_once(" Ack: ").expect("an acknowledge link");
+        assert!(text.ends_with(". NA NA"), "{body}");
+        assert!(link.contains("/a/") && !link.contains(' '), "{body}");
     }
 
     let id = api_trigger(
@@ -323,7 +326,9 @@ fn template_problems_are_errors_when_sms_is_live_and_warnings_otherwise() {
         "{text}"
     );
     assert!(
-        text.contains("register: SOS {#var#} alert from {#var#} at {#var#}. {#var#} {#var#}"),
+        text.contains(
+            "register: SOS {#var#} alert from {#var#} at {#var#}. {#var#} {#var#} Ack: {#var#}"
+        ),
         "the template is printed even when it fails: {text}"
     );
 
