@@ -140,12 +140,13 @@ impl Dispatcher {
                 ),
             };
         }
-        // Likewise a later tier's message, or an alarm message, that came back to the queue (a
-        // retry) after the acknowledgement stopped the escalation: it was never needed.
+        // Likewise a later tier's message, an alarm message or a fallback message that came back to
+        // the queue (a retry) after the acknowledgement stopped the escalation: it was never needed.
         if lane.channel() != Channel::Call
             && incident.status == IncidentState::Acknowledged
             && ((d.purpose == "alert" && (d.tier > 0 || d.run > 0))
-                || d.purpose == crate::store::alarms::ALARM)
+                || d.purpose == crate::store::alarms::ALARM
+                || d.purpose == crate::store::FALLBACK)
         {
             return Finish::Cancelled {
                 reason: format!(

@@ -69,14 +69,15 @@ const CANCEL_UNPLACED_CALLS: &str =
        AND id <> $3 RETURNING id, channel, status";
 
 /// Escalation messages not sent yet: a later tier's SMS and WhatsApp alerts, queued (or held) for when
-/// their tier comes, and the unreached alarm's messages still queued (a retry, a busy lane). Once
-/// someone has the emergency, the tiers that were never reached and the alarm's people need not hear
-/// of it; whoever was already alerted gets the acknowledgement notice instead.
+/// their tier comes, the unreached alarm's messages and the channel fallback's ("we could not reach you
+/// by phone") still queued (a retry, a busy lane). Once someone has the emergency, the tiers that were
+/// never reached and the alarm's people need not hear of it; whoever was already alerted gets the
+/// acknowledgement notice instead.
 const CANCEL_ESCALATION_MESSAGES: &str =
     "UPDATE deliveries SET status = 'cancelled', finished_at = $1, \
      updated_at = $1, lease_owner = NULL, lease_until = NULL \
      WHERE incident_id = $2 AND channel <> 'call' \
-       AND ((purpose = 'alert' AND (tier > 0 OR run > 0)) OR purpose = 'alarm') \
+       AND ((purpose = 'alert' AND (tier > 0 OR run > 0)) OR purpose IN ('alarm', 'fallback')) \
        AND status IN ('queued', 'held') AND id <> $3 \
      RETURNING id, channel, status";
 

@@ -84,4 +84,87 @@ async fn unreached_contacts_get_their_messages_again_once(db: Db) {
     app.stop().await;
 }
 
-both_engines!(unreached_contacts_get_their_messages_again_once);
+both_engines!(
+    unreached_contacts_get_their_messages_again_once,
+    an_acknowledgement_stops_a_fallback_message_not_yet_sent,
+);
+
+/// Someone acknowledges while a contact's fallback SMS is in flight and then refused for now: the retry
+/// is not sent ("we could not reach you by phone" is no news once someone has the emergency; the
+/// acknowledgement notice tells them instead).
+async fn an_acknowledgement_stops_a_fallback_message_not_yet_sent(db: Db) {
+    const SID: &str = "fallback-ack";
+    let p = Providers::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path(SMS_PATH))
+        .and(wiremock::matchers::body_string_contains("Could+not+reach"))
+        .respond_with(wiremock::ResponseTemplate::new(503).set_delay(Duration::from_millis(1500)))
+        .with_priority(1)
+        .mount(&p.exotel)
+        .await;
+    mount_happy(&p).await;
+    let mut env = p.env();
+    env.push(("SOS_DISPATCH__MAX_REDIALS", "0".into()));
+    let app = spawn_app_with(db, &env).await;
+    app.passthru(&format!("CallSid={SID}&EmergencyType=Heart"))
+        .await;
+    let ds = app.settled(SID).await;
+    let asha_call = ds
+        .iter()
+        .find(|d| d.channel == "call" && d.phone == "+919800000001")
+        .and_then(|d| d.provider_id.clone())
+        .unwrap();
+    let res = app
+        .post_form(
+            "/exotel/call-status",
+            &[("CallSid", asha_call.as_str()), ("Status", "no-answer")],
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let fallback_sms =
+        |d: &exotel_sos::store::DeliveryRow| d.purpose == "fallback" && d.channel == "sms";
+    assert!(
+        app.deliveries_until(SID, Duration::from_secs(15), |ds| {
+            ds.iter().any(|d| fallback_sms(d) && d.status == "sending")
+        })
+        .await,
+        "{:?}",
+        app.deliveries_of(SID).await
+    );
+    let id = ds[0].incident_id.clone();
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{id}/ack", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"by": "Dr. Ops"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // The refused attempt comes back to the queue; its retry, whenever due, is cancelled.
+    app.store.clock().advance(Duration::from_secs(3600));
+    assert!(
+        app.deliveries_until(SID, Duration::from_secs(15), |ds| {
+            ds.iter()
+                .any(|d| fallback_sms(d) && d.status == "cancelled")
+        })
+        .await,
+        "{:?}",
+        app.deliveries_of(SID).await
+    );
+    let d = app
+        .deliveries_of(SID)
+        .await
+        .into_iter()
+        .find(|d| fallback_sms(d))
+        .unwrap();
+    assert_eq!(d.attempts, 1, "{d:?}");
+    let tried = p
+        .requests(SMS_PATH)
+        .await
+        .iter()
+        .filter(|(f, _)| field(f, "Body").is_some_and(|b| b.contains("Could not reach")))
+        .count();
+    assert_eq!(tried, 1, "the refused attempt only");
+    app.stop().await;
+}
