@@ -6,7 +6,8 @@
 //! every claimed call leaves a row in `call_placements` (a placement: a provider request for a call,
 //! whatever its purpose), and a claim that sent nothing takes its row back when its outcome is recorded.
 //! A call over the cap moves from `sending` to `held`, due when the hour allows it, with an event; the
-//! dispatcher releases it to `queued` then (and the claim counts again). The first call of an incident to
+//! dispatcher releases it to `queued` then (and the claim counts again); one held an hour already is given
+//! up instead ([`MAX_HELD_MS`]). The first call of an incident to
 //! a number is never held: until one of its calls there was accepted by the provider, the contact has not
 //! been called for this emergency at all.
 //!
@@ -235,6 +236,13 @@ async fn hold(
     cap: u32,
     now: i64,
 ) -> anyhow::Result<bool> {
+    let held_since: Option<i64> = sqlx::query_scalar(HELD_SINCE)
+        .bind(&d.id)
+        .fetch_one(&mut **tx)
+        .await?;
+    if let Some(since) = held_since.filter(|since| now - since >= MAX_HELD_MS) {
+        return give_up(tx, d, token, since, cap, now).await;
+    }
     let moved = sqlx::query(HOLD)
         .bind(&d.id)
         .bind(token)
@@ -254,6 +262,58 @@ async fn hold(
         (h.until - now).max(0) / 1000
     );
     insert_event(&mut **tx, &d.id, "held", None, &detail, now).await?;
+    Ok(true)
+}
+
+/// How long a call may wait for the cap before it is given up: an hour is the cap's own window, so a
+/// call still held after it waits behind first calls of other emergencies that keep the number full.
+/// Placed a day later it would ring a doctor for an emergency long over (and its incident's unreached
+/// alarm has long gone out); given up, it says so on its trail.
+pub const MAX_HELD_MS: i64 = HOUR_MS;
+
+/// When this call was first held since its last attempt (none: it never was).
+const HELD_SINCE: &str =
+    "SELECT MIN(at) FROM delivery_events WHERE delivery_id = $1 AND kind = 'held' \
+     AND at > COALESCE((SELECT MAX(at) FROM delivery_events WHERE delivery_id = $1 \
+       AND kind = 'attempt'), 0)";
+
+/// A held call given up: `cancelled`, with the attempt its claim counted taken back.
+const GIVE_UP: &str = "UPDATE deliveries SET status = 'cancelled', attempts = attempts - 1, \
+     finished_at = $3, updated_at = $3, lease_owner = NULL, lease_until = NULL, lease_token = NULL \
+     WHERE id = $1 AND lease_token = $2 AND status = 'sending'";
+
+/// Ends a call the cap has held for [`MAX_HELD_MS`]: cancelled with an event and a warning, never
+/// silently. `false` when the claim no longer owns it.
+async fn give_up(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    d: &DeliveryRow,
+    token: &str,
+    since: i64,
+    cap: u32,
+    now: i64,
+) -> anyhow::Result<bool> {
+    let moved = sqlx::query(GIVE_UP)
+        .bind(&d.id)
+        .bind(token)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    if moved == 0 {
+        return Ok(false);
+    }
+    let detail = format!(
+        "not placed: the carrier-safe cap (at most {cap} calls an hour to this number) has held this call \
+         since {} and the number is still full; given up rather than ringing this late",
+        iso(since)
+    );
+    insert_event(&mut **tx, &d.id, "cancelled", None, &detail, now).await?;
+    tracing::warn!(
+        delivery_id = %d.id,
+        incident_id = %d.incident_id,
+        phone = %crate::domain::mask(&d.phone),
+        "a call held by the carrier-safe cap for an hour was given up"
+    );
     Ok(true)
 }
 

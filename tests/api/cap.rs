@@ -16,6 +16,7 @@ both_engines!(
     zero_turns_the_cap_off,
     a_call_retried_after_the_acknowledgement_is_cancelled_not_held,
     a_keypress_arriving_after_the_redial_was_held_acknowledges_that_delivery,
+    a_call_held_for_an_hour_behind_other_emergencies_is_given_up,
 );
 
 const ASHA: &str = "+919800000001";
@@ -210,28 +211,36 @@ async fn a_burst_calls_each_incident_once_and_holds_the_redials_until_the_hour_a
         "{detail}"
     );
 
-    // An hour later the window is empty: eight redials go, the last two wait for the next hour.
+    // An hour later the window is empty: eight redials go. The last two would wait for yet another
+    // hour: held an hour already, they are given up instead, each with an event saying why.
     app.store.clock().advance(Duration::from_secs(3601));
     exactly_calls(&p, 18).await;
-    let mut still_held = 0;
+    let mut given_up = 0;
     for sid in &sids {
         let ok = app
             .deliveries_until(sid, Duration::from_secs(10), |ds| {
-                ds[0].status == "accepted" || ds[0].status == "held"
+                ds[0].status == "accepted" || ds[0].status == "cancelled"
             })
             .await;
-        assert!(ok);
-        still_held += usize::from(app.deliveries_of(sid).await[0].status == "held");
-    }
-    assert_eq!(still_held, 2);
-    app.store.clock().advance(Duration::from_secs(3601));
-    exactly_calls(&p, 20).await;
-    for sid in &sids {
-        let d = accepted(&app, sid).await;
-        assert_eq!(d.redials, 1);
+        assert!(ok, "{:?}", app.deliveries_of(sid).await);
+        let d = app.deliveries_of(sid).await.remove(0);
         let events = app.store.events(&d.id).await.unwrap();
         assert!(events.iter().any(|e| e.kind == "released"), "{events:?}");
+        if d.status == "cancelled" {
+            given_up += 1;
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e.kind == "cancelled" && e.detail.contains("given up")),
+                "{events:?}"
+            );
+        } else {
+            assert_eq!(d.redials, 1);
+        }
     }
+    assert_eq!(given_up, 2);
+    app.store.clock().advance(Duration::from_secs(3601));
+    exactly_calls(&p, 18).await;
     app.stop().await;
 }
 
@@ -508,5 +517,40 @@ async fn a_keypress_arriving_after_the_redial_was_held_acknowledges_that_deliver
     // An hour on, the held redial does not go: the contact acknowledged.
     app.store.clock().advance(Duration::from_secs(3601));
     exactly_calls(&p, 1).await;
+    app.stop().await;
+}
+
+/// A redial held by the cap, and when its hour comes the number is full again with another emergency's
+/// first call: it is not held on and on (placed a day later it would ring for an emergency long
+/// over). An hour after it was first held it is given up, cancelled with an event that says why.
+async fn a_call_held_for_an_hour_behind_other_emergencies_is_given_up(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = app(db, &p, &[cap(1)]).await;
+    let first = alert(&app, "cap-starved").await;
+    no_answer(&app, &first).await;
+    held(&app, "cap-starved").await;
+    // Half an hour on, another emergency's first call fills the number's next hour.
+    app.store.clock().advance(Duration::from_secs(1800));
+    alert(&app, "cap-starver").await;
+    exactly_calls(&p, 2).await;
+    // The redial's hour comes: the number is still full, and the call has waited an hour.
+    app.store.clock().advance(Duration::from_secs(1801));
+    let ok = app
+        .deliveries_until("cap-starved", Duration::from_secs(20), |ds| {
+            ds[0].status == "cancelled"
+        })
+        .await;
+    assert!(ok, "{:?}", app.deliveries_of("cap-starved").await);
+    let d = app.deliveries_of("cap-starved").await.remove(0);
+    let events = app.store.events(&d.id).await.unwrap();
+    let last = events.last().expect("events");
+    assert_eq!(last.kind, "cancelled", "{events:?}");
+    assert!(
+        last.detail.contains("carrier-safe cap") && last.detail.contains("given up"),
+        "{}",
+        last.detail
+    );
+    exactly_calls(&p, 2).await;
     app.stop().await;
 }
