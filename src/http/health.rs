@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::edge::{public_read, PublicDb};
 use super::AppState;
 use crate::domain::{now_ms, Channel};
+use crate::store::Writable;
 use crate::metrics::{CLASSIC_CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE};
 
 /// A readiness probe must answer before the orchestrator's own timeout, even with a hung database.
@@ -35,8 +36,12 @@ struct Readiness {
     /// The open account alarms (lane or provider account, reason, when raised; not the provider's
     /// words, which only `GET /api/v1/alarms` shows); empty when none.
     degraded: Vec<crate::store::alarms::OpenAccountAlarm>,
-    /// `ok`, `unreachable` or `timeout`.
+    /// `ok`, `unreachable`, `timeout`, or `unwritable` (it answers reads but its commits fail: a full
+    /// disk, a read-only file; every Passthru is answered 302 meanwhile).
     database: &'static str,
+    /// Why writes fail, and since when (ms since the epoch); absent while they commit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unwritable: Option<Unwritable>,
     /// `ok`, `pending` or `unknown` (when the database cannot be read).
     migrations: &'static str,
     dispatcher: DispatcherState,
@@ -45,6 +50,12 @@ struct Readiness {
     /// What the auditor last found stalled. A stall does not make this replica unready: taking it out
     /// of the load balancer would not move the work, and would refuse the next emergency.
     auditor: crate::app::auditor::StatusView,
+}
+
+#[derive(Debug, Serialize)]
+struct Unwritable {
+    since_ms: i64,
+    error: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,17 +100,25 @@ async fn readyz(State(state): State<AppState>, limits: PublicDb) -> Response {
                 };
                 // Unreadable (e.g. migrations pending): not degraded by what cannot be seen.
                 let degraded = store.open_account_alarms().await.unwrap_or_default();
-                ("ok", migrations, degraded)
+                let writable = store.writable().await;
+                let (database, unwritable) = match writable {
+                    Writable::Yes => ("ok", None),
+                    Writable::No { since_ms, error } => {
+                        ("unwritable", Some(Unwritable { since_ms, error }))
+                    }
+                };
+                (database, unwritable, migrations, degraded)
             }
             Err(e) => {
                 tracing::warn!(error = format!("{e:#}"), "readyz: database unreachable");
-                ("unreachable", "unknown", Vec::new())
+                ("unreachable", None, "unknown", Vec::new())
             }
         }
     })
     .await;
     // No share free in time, or no answer in time.
-    let (database, migrations, degraded) = checked.unwrap_or(("timeout", "unknown", Vec::new()));
+    let (database, unwritable, migrations, degraded) =
+        checked.unwrap_or(("timeout", None, "unknown", Vec::new()));
     let stale_after_secs = state.settings.readyz.heartbeat_stale_secs;
     let beat = state.dispatcher_heartbeat.load(Ordering::Relaxed);
     // 0 means the loop has not started yet: not ready, so traffic waits for a replica that can send.
@@ -127,6 +146,7 @@ async fn readyz(State(state): State<AppState>, limits: PublicDb) -> Response {
         },
         degraded,
         database,
+        unwritable,
         migrations,
         dispatcher: DispatcherState {
             enabled,

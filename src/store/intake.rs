@@ -16,6 +16,7 @@ use anyhow::Context;
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::health::WriteHealth;
 use super::{recordings, stored_repeat, Created, Engine, NewDelivery, NewIncident};
 use crate::domain::{storable, Clock, DeliveryState, IncidentState};
 
@@ -49,14 +50,22 @@ const LONGEST_YIELD: Duration = Duration::from_millis(25);
 
 impl Intake {
     /// Starts the task that writes incidents through `writer`. It ends when every handle is dropped.
-    pub(super) fn start(writer: AnyPool, engine: Engine, clock: Clock) -> Self {
+    pub(super) fn start(
+        writer: AnyPool,
+        engine: Engine,
+        clock: Clock,
+        health: Arc<WriteHealth>,
+    ) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE);
         let writing = Arc::new(AtomicUsize::new(0));
         let written = Arc::new(Notify::new());
         tokio::spawn(run(
-            writer,
-            engine,
-            clock,
+            Writer {
+                pool: writer,
+                engine,
+                clock,
+                health,
+            },
             rx,
             writing.clone(),
             written.clone(),
@@ -111,10 +120,17 @@ impl Intake {
     }
 }
 
-async fn run(
-    writer: AnyPool,
+/// Where and how batches are written.
+#[derive(Clone)]
+struct Writer {
+    pool: AnyPool,
     engine: Engine,
     clock: Clock,
+    health: Arc<WriteHealth>,
+}
+
+async fn run(
+    writer: Writer,
     mut rx: mpsc::Receiver<Job>,
     writing: Arc<AtomicUsize>,
     written: Arc<Notify>,
@@ -131,7 +147,7 @@ async fn run(
         writing.store(batch.len(), Ordering::Release);
         // In a task of its own: should a batch ever panic, its callers are answered with an error
         // (their reply channels close) and the intake goes on with the next one.
-        if let Err(e) = tokio::spawn(commit(writer.clone(), engine, clock.clone(), batch)).await {
+        if let Err(e) = tokio::spawn(commit(writer.clone(), batch)).await {
             tracing::error!(error = %e, "a batch of incidents failed unexpectedly; its callers were answered with an error");
         }
         writing.store(0, Ordering::Release);
@@ -151,8 +167,8 @@ enum Failed {
 }
 
 /// Writes and commits `batch`, answering every caller.
-async fn commit(writer: AnyPool, engine: Engine, clock: Clock, batch: Vec<Job>) {
-    let results = match write(&writer, engine, clock.now_ms(), &batch).await {
+async fn commit(writer: Writer, batch: Vec<Job>) {
+    let results = match write(&writer, &batch).await {
         Ok(results) => results,
         Err(Failed::Statement(e)) if batch.len() > 1 => {
             tracing::info!(
@@ -168,7 +184,7 @@ async fn commit(writer: AnyPool, engine: Engine, clock: Clock, batch: Vec<Job>) 
                     continue;
                 }
                 results.push(
-                    match write(&writer, engine, clock.now_ms(), std::slice::from_ref(job)).await {
+                    match write(&writer, std::slice::from_ref(job)).await {
                         Ok(mut r) => r
                             .pop()
                             .unwrap_or_else(|| Err(anyhow::anyhow!("nothing written"))),
@@ -202,46 +218,99 @@ async fn commit(writer: AnyPool, engine: Engine, clock: Clock, batch: Vec<Job>) 
 /// thread, so a round trip per row would cost more than the rows). `Err` when the transaction could not
 /// be committed, or when a statement of a batch of several failed: then nothing is stored and the caller
 /// stores each incident alone.
-async fn write(
-    writer: &AnyPool,
-    engine: Engine,
-    now: i64,
-    batch: &[Job],
-) -> Result<Vec<anyhow::Result<Created>>, Failed> {
-    let transaction = |e: sqlx::Error, what: &str| {
-        Failed::Transaction(anyhow::Error::new(e).context(what.to_owned()))
-    };
-    let mut tx = writer
-        .begin()
+///
+/// A connection whose `COMMIT` or `ROLLBACK` failed is closed rather than handed back: after a failed
+/// commit (a full disk) the database may have ended the transaction while the driver still counts
+/// itself inside it, and every later batch on that connection would then be written into a
+/// transaction that never commits, and answered "stored".
+async fn write(writer: &Writer, batch: &[Job]) -> Result<Vec<anyhow::Result<Created>>, Failed> {
+    let transaction =
+        |e: sqlx::Error, what: &str| Failed::Transaction(anyhow::Error::new(e).context(what.to_owned()));
+    let mut conn = writer
+        .pool
+        .acquire()
         .await
-        .map_err(|e| transaction(e, "beginning a transaction"))?;
-    match insert_all(&mut tx, batch, now).await {
+        .map_err(|e| transaction(e, "taking the connection that writes incidents"))?;
+    let (result, clean) = write_on(&mut conn, writer, batch).await;
+    if !clean {
+        tracing::warn!("closing the connection whose commit or rollback failed; a fresh one replaces it");
+        conn.close_on_drop();
+    }
+    match &result {
+        Ok(_) => writer.health.committed(),
+        Err(Failed::Transaction(e)) => writer.health.failed(e),
+        Err(Failed::Statement(e)) if is_storage_failure(writer.engine, e) => writer.health.failed(e),
+        Err(Failed::Statement(_)) => {}
+    }
+    result
+}
+
+/// [`write`] on one connection; the bool is false when the connection's transaction state can no
+/// longer be trusted (its commit or rollback failed).
+async fn write_on(
+    conn: &mut sqlx::pool::PoolConnection<sqlx::Any>,
+    writer: &Writer,
+    batch: &[Job],
+) -> (Result<Vec<anyhow::Result<Created>>, Failed>, bool) {
+    let transaction =
+        |e: sqlx::Error, what: &str| Failed::Transaction(anyhow::Error::new(e).context(what.to_owned()));
+    let now = writer.clock.now_ms();
+    let mut tx = match sqlx::Acquire::begin(&mut **conn).await {
+        Ok(tx) => tx,
+        Err(e) => return (Err(transaction(e, "beginning a transaction")), false),
+    };
+    let inserted = match insert_all(&mut tx, batch, now).await {
         Ok(results) => {
-            if results.iter().any(|c| c.is_new && c.deliveries > 0) {
-                if let Some(wake) = engine.wake_on_commit() {
-                    sqlx::query(wake)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(|e| Failed::Statement(e.into()))?;
-                }
-            }
-            tx.commit()
-                .await
-                .map_err(|e| transaction(e, "committing incidents"))?;
-            Ok(results.into_iter().map(Ok).collect())
+            let woken = match writer.engine.wake_on_commit() {
+                Some(wake) if results.iter().any(|c| c.is_new && c.deliveries > 0) => sqlx::query(wake)
+                    .execute(&mut *tx)
+                    .await
+                    .map(|_| ())
+                    .map_err(anyhow::Error::new),
+                _ => Ok(()),
+            };
+            woken.map(|()| results)
         }
+        Err(e) => Err(e),
+    };
+    match inserted {
+        Ok(results) => match tx.commit().await {
+            Ok(()) => (Ok(results.into_iter().map(Ok).collect()), true),
+            Err(e) => (Err(transaction(e, "committing incidents")), false),
+        },
         Err(e) => {
             // Nothing of a failed incident may commit. A rollback that fails leaves nothing
-            // committed either: the connection is dropped with its transaction.
-            let _ = tx.rollback().await;
-            if batch.len() > 1 {
-                Err(Failed::Statement(
-                    e.context("an incident of the batch failed"),
-                ))
+            // committed either once the connection is closed with its transaction.
+            let clean = tx.rollback().await.is_ok();
+            let result = if batch.len() > 1 {
+                Err(Failed::Statement(e.context("an incident of the batch failed")))
             } else {
                 Ok(vec![Err(e)])
-            }
+            };
+            (result, clean)
         }
+    }
+}
+
+/// Whether a statement failed for want of storage (a full disk, an I/O error, a read-only file), not
+/// for anything in the incident: the database is unwritable, whichever incident tried.
+fn is_storage_failure(engine: Engine, e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => db.code().is_some_and(|code| storage_code(engine, &code)),
+        Some(sqlx::Error::Io(_)) => true,
+        _ => false,
+    })
+}
+
+/// SQLite's result codes (the primary code is the low byte of an extended one) for a full disk (13),
+/// an I/O error (10), a read-only database (8) or a file that cannot be opened (14); PostgreSQL's
+/// class 53 (insufficient resources: a full disk, out of memory) and 58 (system error: I/O).
+fn storage_code(engine: Engine, code: &str) -> bool {
+    match engine {
+        Engine::Sqlite => code
+            .parse::<i64>()
+            .is_ok_and(|n| matches!(n & 0xff, 8 | 10 | 13 | 14)),
+        Engine::Postgres => code.starts_with("53") || code.starts_with("58"),
     }
 }
 

@@ -16,6 +16,7 @@ mod cap;
 pub mod console;
 mod escalation;
 mod fallback;
+mod health;
 mod incidents;
 mod intake;
 mod optins;
@@ -31,6 +32,7 @@ pub use audit::{Overdue, SilentLane};
 pub use cap::{Claimed, HeldCall};
 pub use queue::{CallbackEffect, Finish, Moved};
 
+pub use health::Writable;
 pub use incidents::{IncidentFilter, QueueStats, Resolved};
 pub use recordings::{AttemptFailed, IncidentEventRow, LinkView, RecordingFetch, RecordingRow};
 pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow, ACK_NOTICE, FALLBACK, FOLLOWUP};
@@ -95,6 +97,8 @@ pub struct Store {
     engine: Engine,
     /// What every due time and deadline is judged by (see [`Clock`]).
     clock: Clock,
+    /// Whether writes commit (see [`health`]).
+    health: std::sync::Arc<health::WriteHealth>,
 }
 
 /// What the caller wants stored for a new incident.
@@ -164,6 +168,22 @@ impl Store {
                 AnyPoolOptions::new()
                     .max_connections(max)
                     .acquire_timeout(Duration::from_secs(5))
+                    // A connection whose COMMIT or ROLLBACK failed (a full disk, an I/O error) may
+                    // still count itself inside a transaction that the database has already ended:
+                    // every later `begin` on it would become a savepoint of a transaction that never
+                    // commits, and every write on it would seem to succeed while nothing is stored.
+                    // Such a connection is closed here, before anyone can use it, and replaced.
+                    .before_acquire(|conn, _meta| {
+                        Box::pin(async move {
+                            let clean = !sqlx::Connection::is_in_transaction(conn);
+                            if !clean {
+                                tracing::warn!(
+                                    "closing a database connection left inside a failed transaction"
+                                );
+                            }
+                            Ok(clean)
+                        })
+                    })
                     .after_connect(move |conn, _meta| {
                         Box::pin(async move {
                             for statement in engine.on_connect(read_only) {
@@ -195,9 +215,11 @@ impl Store {
             }
         };
         let clock = Clock::system();
+        let health = health::WriteHealth::new();
         Ok(Store {
             reader,
-            intake: intake::Intake::start(intake.clone(), engine, clock.clone()),
+            intake: intake::Intake::start(intake.clone(), engine, clock.clone(), health.clone()),
+            health,
             intake_pool: intake,
             clock,
             writer,
@@ -298,6 +320,12 @@ impl Store {
                 .fetch_one(&self.reader)
                 .await?;
         Ok(applied.unwrap_or(0) >= latest)
+    }
+
+    /// Whether the database takes writes: what the last write found, probed again when that is old
+    /// (see [`health`]).
+    pub async fn writable(&self) -> Writable {
+        self.health.check(&self.writer).await
     }
 
     pub async fn ping(&self) -> anyhow::Result<()> {

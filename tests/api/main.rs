@@ -26,6 +26,7 @@ mod escalation;
 mod fallback;
 mod faultproof;
 mod faults;
+mod full_disk;
 mod greeting;
 mod gupshup;
 mod hardening;

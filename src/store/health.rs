@@ -1,0 +1,116 @@
+//! Whether the database takes writes: what `/readyz` reports as `database: "unwritable"`.
+//!
+//! A database can answer reads and still refuse every commit (a full disk, a read-only remount, a
+//! PostgreSQL tablespace out of space). Reads alone would call it healthy while every Passthru turns
+//! into a 302, so writes are watched: the intake reports each batch's outcome, and a probe (one tiny
+//! committed write) checks again, at most once every [`PROBE_EVERY`] while all is well and at most once
+//! every [`REPROBE_EVERY`] while writes are failing, so a flood of `/readyz` cannot turn into a flood
+//! of writes competing with emergencies for SQLite's one writer.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sqlx::AnyPool;
+
+use crate::domain::now_ms;
+
+/// A healthy database is probed this often at most, milliseconds.
+const PROBE_EVERY: i64 = 5_000;
+/// A failing one is probed again this often at most, milliseconds.
+const REPROBE_EVERY: i64 = 1_000;
+
+/// The writes' record, shared by every clone of the store.
+#[derive(Debug, Default)]
+pub(super) struct WriteHealth {
+    /// When writes started failing, with none committed since (ms by the system clock; 0: writable).
+    failing_since: AtomicI64,
+    /// When the last probe started (ms; 0: never).
+    probed_at: AtomicI64,
+    /// Why the last failed write failed (no values, only the database's words).
+    last_error: Mutex<Option<String>>,
+}
+
+/// What `/readyz` is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Writable {
+    Yes,
+    /// Writes fail since this moment (ms), for this reason.
+    No { since_ms: i64, error: String },
+}
+
+impl WriteHealth {
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A write committed.
+    pub(super) fn committed(&self) {
+        self.failing_since.store(0, Ordering::Release);
+    }
+
+    /// A write could not be committed.
+    pub(super) fn failed(&self, error: &anyhow::Error) {
+        let _ = self.failing_since.compare_exchange(
+            0,
+            now_ms().max(1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(format!("{error:#}"));
+        }
+    }
+
+    fn state(&self) -> Writable {
+        match self.failing_since.load(Ordering::Acquire) {
+            0 => Writable::Yes,
+            since_ms => Writable::No {
+                since_ms,
+                error: self
+                    .last_error
+                    .lock()
+                    .ok()
+                    .and_then(|l| l.clone())
+                    .unwrap_or_default(),
+            },
+        }
+    }
+
+    /// The current state, probing first when the last probe is old enough.
+    pub(super) async fn check(&self, writer: &AnyPool) -> Writable {
+        let now = now_ms();
+        let every = match self.state() {
+            Writable::Yes => PROBE_EVERY,
+            Writable::No { .. } => REPROBE_EVERY,
+        };
+        let last = self.probed_at.load(Ordering::Acquire);
+        // One probe at a time: whoever moves `probed_at` runs it, the others read the last state.
+        if now - last >= every
+            && self
+                .probed_at
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            match probe(writer, now).await {
+                Ok(()) => self.committed(),
+                Err(e) => self.failed(&e),
+            }
+        }
+        self.state()
+    }
+}
+
+/// One committed write of one small row, as any emergency's would be: through the writer, in a
+/// transaction, with a durable commit.
+async fn probe(writer: &AnyPool, now: i64) -> anyhow::Result<()> {
+    let mut tx = writer.begin().await?;
+    sqlx::query(
+        "INSERT INTO job_leases (name, owner, until) VALUES ('write-probe', 'readyz', $1) \
+         ON CONFLICT (name) DO UPDATE SET until = excluded.until",
+    )
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
