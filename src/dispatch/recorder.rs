@@ -1,27 +1,39 @@
-//! Records outcomes in groups: one durable commit for whatever finished meanwhile. A failed group is
-//! tried once more, then item by item, then as a plain version of the item, so one bad outcome (an
-//! unstorable byte in a provider's answer, say) can never make the others be sent again.
+//! Records outcomes in groups: one durable commit for whatever finished meanwhile. A group the database
+//! refuses is tried once more, then item by item, then as a plain version of the item, so one bad
+//! outcome (an unstorable byte in a provider's answer, say) can never make the others be sent again.
+//!
+//! A group the database could not take at all (it refused connections, went away, was busy or full)
+//! is kept and tried again until shortly before the leases of its deliveries run out: each outcome is
+//! known (the provider's id is in hand), and giving up on it early would let the lease lapse and the
+//! delivery be sent a second time by whichever replica claims it next. Only an outage longer than
+//! the lease can do that.
 
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::domain::{mask_numbers, DeliveryState};
 use crate::store::{Finish, Store};
 
-/// One finished attempt waiting to be recorded: delivery id, claim token, outcome, and where to say
-/// what was recorded (the status, or `None` when the claim had lost the lease).
-pub(super) type PendingOutcome = (
-    String,
-    String,
-    Finish,
-    oneshot::Sender<anyhow::Result<Option<DeliveryState>>>,
-);
+/// One finished attempt waiting to be recorded.
+pub(super) struct PendingOutcome {
+    pub delivery_id: String,
+    pub token: String,
+    pub finish: Finish,
+    /// Tries to record it start no later than this: after it, the lease may have lapsed and another
+    /// claim may own the delivery.
+    pub keep_until: Instant,
+    /// Where to say what was recorded (the status, or `None` when the claim had lost the lease).
+    pub reply: oneshot::Sender<anyhow::Result<Option<DeliveryState>>>,
+}
 
 /// Largest group committed at once.
 const MAX_BATCH: usize = 256;
-/// Pause before the group is tried again: long enough for a momentary lock or network blip.
+/// Pause before a refused group is tried again: long enough for a momentary lock.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Pauses while the database is out of reach double from [`RETRY_PAUSE`] up to this.
+const LONGEST_PAUSE: Duration = Duration::from_secs(2);
 
 /// Commits outcomes in batches: whatever arrived while the previous commit ran goes into the next one,
 /// so one durable commit serves many deliveries under load and a lone outcome waits for nothing.
@@ -36,32 +48,64 @@ pub(super) async fn record_outcomes(store: Store, mut rx: mpsc::UnboundedReceive
         }
         let items: Vec<(String, String, Finish)> = batch
             .iter()
-            .map(|(id, token, finish, _)| (id.clone(), token.clone(), finish.clone()))
+            .map(|o| (o.delivery_id.clone(), o.token.clone(), o.finish.clone()))
             .collect();
-        let results = record_batch(&store, &items).await;
-        for ((_, _, _, reply), result) in batch.into_iter().zip(results) {
-            let _ = reply.send(result);
+        // The group is kept as long as its earliest lease allows.
+        let keep_until = batch.iter().map(|o| o.keep_until).min();
+        let keep_until = keep_until.unwrap_or_else(Instant::now);
+        let results = record_batch(&store, &items, keep_until).await;
+        for (outcome, result) in batch.into_iter().zip(results) {
+            let _ = outcome.reply.send(result);
         }
     }
 }
 
-/// Records `items`, one result per item in order: as one group (tried twice), else one by one, and an
-/// item that still fails as a plain version of its outcome (ASCII text only, provider id kept).
+/// Records `items`, one result per item in order: as one group (tried twice if the database refuses
+/// it, and again and again until `keep_until` while the database is out of reach), else one by one,
+/// and an item that still fails as a plain version of its outcome (ASCII text only, provider id kept).
 pub(super) async fn record_batch(
     store: &Store,
     items: &[(String, String, Finish)],
+    keep_until: Instant,
 ) -> Vec<anyhow::Result<Option<DeliveryState>>> {
     let mut last_error = String::new();
-    for round in 0..2 {
+    let mut refusals = 0;
+    let mut pause = RETRY_PAUSE;
+    for round in 0u32.. {
         match store.finish_attempts(items).await {
-            Ok(results) => return results.into_iter().map(Ok).collect(),
+            Ok(results) => {
+                if round > 0 {
+                    tracing::info!(
+                        items = items.len(),
+                        round,
+                        "a group of outcomes was recorded after the database came back"
+                    );
+                }
+                return results.into_iter().map(Ok).collect();
+            }
             Err(e) => {
                 // A refused outcome's text (a provider's error page) may carry phone numbers.
                 last_error = mask_numbers(&format!("{e:#}"));
-                tracing::warn!(error = %last_error, items = items.len(), round, "recording a group of outcomes failed");
-                if round == 0 {
-                    tokio::time::sleep(RETRY_PAUSE).await;
+                let refused = store.refused(&e);
+                // Once, then every tenth try: an outage of a minute is a handful of lines, not sixty.
+                if round < 2 || round % 10 == 0 {
+                    tracing::warn!(error = %last_error, items = items.len(), round, refused, "recording a group of outcomes failed");
                 }
+                if refused {
+                    refusals += 1;
+                    if refusals >= 2 {
+                        break;
+                    }
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+                if Instant::now() + pause >= keep_until {
+                    tracing::error!(error = %last_error, items = items.len(), round,
+                        "the database stayed out of reach until the leases were about to run out; these deliveries may be sent again");
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LONGEST_PAUSE);
             }
         }
     }

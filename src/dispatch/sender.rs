@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::limits::Ready;
@@ -50,17 +51,29 @@ impl Dispatcher {
                 Err(reason) => self.after_transient(&d, reason, None),
             };
             log_finish(&finish, self.store.now_ms());
-            self.record_finish(&lane, &d, finish).await;
+            // The outcome is kept while the lease still holds, less its margin, so a database that
+            // comes back in time gets it before any other claim could.
+            let keep_until = lease_deadline
+                .checked_sub(self.settings.dispatch.lease_margin())
+                .unwrap_or(lease_deadline);
+            self.record_finish(&lane, &d, finish, keep_until).await;
         }
         .instrument(span)
         .await
     }
 
-    /// Records the outcome of one attempt and counts it when it is final. A failure to record is
-    /// only logged: the lease then expires and the delivery is sent again.
-    async fn record_finish(&self, lane: &Lane, d: &DeliveryRow, finish: Finish) {
+    /// Records the outcome of one attempt and counts it when it is final. A failure to record (the
+    /// database out of reach until `keep_until`, or refusing even a plain version) is logged: the lease
+    /// then expires and the delivery is sent again.
+    async fn record_finish(
+        &self,
+        lane: &Lane,
+        d: &DeliveryRow,
+        finish: Finish,
+        keep_until: Instant,
+    ) {
         let token = d.lease_token.clone().unwrap_or_default();
-        match self.record(&d.id, &token, finish).await {
+        match self.record(&d.id, &token, finish, keep_until).await {
             Ok(Some(status)) => {
                 self.metrics
                     .delivery_moved(d.channel, d.status, status, lane.reports_outcome())
@@ -81,11 +94,18 @@ impl Dispatcher {
         delivery_id: &str,
         token: &str,
         finish: Finish,
+        keep_until: Instant,
     ) -> anyhow::Result<Option<DeliveryState>> {
         let (tx, rx) = oneshot::channel();
         if self
             .outcomes
-            .send((delivery_id.to_owned(), token.to_owned(), finish.clone(), tx))
+            .send(recorder::PendingOutcome {
+                delivery_id: delivery_id.to_owned(),
+                token: token.to_owned(),
+                finish: finish.clone(),
+                keep_until,
+                reply: tx,
+            })
             .is_ok()
         {
             if let Ok(result) = rx.await {
@@ -93,7 +113,7 @@ impl Dispatcher {
             }
         }
         let items = [(delivery_id.to_owned(), token.to_owned(), finish)];
-        recorder::record_batch(&self.store, &items)
+        recorder::record_batch(&self.store, &items, keep_until)
             .await
             .pop()
             .unwrap_or_else(|| Err(anyhow::anyhow!("nothing recorded")))

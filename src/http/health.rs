@@ -14,8 +14,8 @@ use serde::Serialize;
 use super::edge::{public_read, PublicDb};
 use super::AppState;
 use crate::domain::{now_ms, Channel};
-use crate::store::Writable;
 use crate::metrics::{CLASSIC_CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE};
+use crate::store::Writable;
 
 /// A readiness probe must answer before the orchestrator's own timeout, even with a hung database.
 const DB_CHECK_BUDGET: Duration = Duration::from_secs(2);

@@ -35,7 +35,10 @@ pub(super) struct WriteHealth {
 pub enum Writable {
     Yes,
     /// Writes fail since this moment (ms), for this reason.
-    No { since_ms: i64, error: String },
+    No {
+        since_ms: i64,
+        error: String,
+    },
 }
 
 impl WriteHealth {
@@ -113,4 +116,43 @@ async fn probe(writer: &AnyPool, now: i64) -> anyhow::Result<()> {
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Whether the database answered `e` by refusing what it was given (a value it cannot store, a
+/// constraint, an illegal state move, a statement it does not understand): trying the same again cannot
+/// help. Anything else (a connection refused or ended, a pool timeout, a busy or full database, an I/O
+/// error) is the database being away, and the same statement can succeed once it is back.
+pub(super) fn refused(engine: super::Engine, e: &anyhow::Error) -> bool {
+    let Some(error) = e.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()) else {
+        // Not the database's answer at all: nothing says waiting would help.
+        return true;
+    };
+    match error {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match engine {
+                // The primary result code is the low byte of an extended one: CONSTRAINT (19, which
+                // includes a trigger's RAISE), MISMATCH (20), TOOBIG (18), RANGE (25), and ERROR (1:
+                // bad SQL, or a value the statement refuses).
+                super::Engine::Sqlite => code
+                    .parse::<i64>()
+                    .is_ok_and(|n| matches!(n & 0xff, 1 | 18 | 19 | 20 | 25)),
+                // Data exception (22: e.g. a NUL byte in text), integrity (23), syntax or access
+                // (42), and a PL/pgSQL RAISE (P0: the state machine's triggers).
+                super::Engine::Postgres => {
+                    ["22", "23", "42", "P0"].iter().any(|c| code.starts_with(c))
+                }
+            }
+        }
+        sqlx::Error::Encode(_)
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::RowNotFound
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::InvalidArgument(_)
+        | sqlx::Error::Configuration(_) => true,
+        _ => false,
+    }
 }

@@ -183,19 +183,17 @@ async fn commit(writer: Writer, batch: Vec<Job>) {
                     results.push(Err(anyhow::anyhow!("{why}")));
                     continue;
                 }
-                results.push(
-                    match write(&writer, std::slice::from_ref(job)).await {
-                        Ok(mut r) => r
-                            .pop()
-                            .unwrap_or_else(|| Err(anyhow::anyhow!("nothing written"))),
-                        Err(Failed::Statement(e)) => Err(e),
-                        Err(Failed::Transaction(e)) => {
-                            let why = format!("{e:#}");
-                            down = Some(why.clone());
-                            Err(anyhow::anyhow!("{why}"))
-                        }
-                    },
-                );
+                results.push(match write(&writer, std::slice::from_ref(job)).await {
+                    Ok(mut r) => r
+                        .pop()
+                        .unwrap_or_else(|| Err(anyhow::anyhow!("nothing written"))),
+                    Err(Failed::Statement(e)) => Err(e),
+                    Err(Failed::Transaction(e)) => {
+                        let why = format!("{e:#}");
+                        down = Some(why.clone());
+                        Err(anyhow::anyhow!("{why}"))
+                    }
+                });
             }
             results
         }
@@ -224,8 +222,9 @@ async fn commit(writer: Writer, batch: Vec<Job>) {
 /// itself inside it, and every later batch on that connection would then be written into a
 /// transaction that never commits, and answered "stored".
 async fn write(writer: &Writer, batch: &[Job]) -> Result<Vec<anyhow::Result<Created>>, Failed> {
-    let transaction =
-        |e: sqlx::Error, what: &str| Failed::Transaction(anyhow::Error::new(e).context(what.to_owned()));
+    let transaction = |e: sqlx::Error, what: &str| {
+        Failed::Transaction(anyhow::Error::new(e).context(what.to_owned()))
+    };
     let mut conn = writer
         .pool
         .acquire()
@@ -233,13 +232,17 @@ async fn write(writer: &Writer, batch: &[Job]) -> Result<Vec<anyhow::Result<Crea
         .map_err(|e| transaction(e, "taking the connection that writes incidents"))?;
     let (result, clean) = write_on(&mut conn, writer, batch).await;
     if !clean {
-        tracing::warn!("closing the connection whose commit or rollback failed; a fresh one replaces it");
+        tracing::warn!(
+            "closing the connection whose commit or rollback failed; a fresh one replaces it"
+        );
         conn.close_on_drop();
     }
     match &result {
         Ok(_) => writer.health.committed(),
         Err(Failed::Transaction(e)) => writer.health.failed(e),
-        Err(Failed::Statement(e)) if is_storage_failure(writer.engine, e) => writer.health.failed(e),
+        Err(Failed::Statement(e)) if is_storage_failure(writer.engine, e) => {
+            writer.health.failed(e)
+        }
         Err(Failed::Statement(_)) => {}
     }
     result
@@ -252,8 +255,9 @@ async fn write_on(
     writer: &Writer,
     batch: &[Job],
 ) -> (Result<Vec<anyhow::Result<Created>>, Failed>, bool) {
-    let transaction =
-        |e: sqlx::Error, what: &str| Failed::Transaction(anyhow::Error::new(e).context(what.to_owned()));
+    let transaction = |e: sqlx::Error, what: &str| {
+        Failed::Transaction(anyhow::Error::new(e).context(what.to_owned()))
+    };
     let now = writer.clock.now_ms();
     let mut tx = match sqlx::Acquire::begin(&mut **conn).await {
         Ok(tx) => tx,
@@ -262,11 +266,13 @@ async fn write_on(
     let inserted = match insert_all(&mut tx, batch, now).await {
         Ok(results) => {
             let woken = match writer.engine.wake_on_commit() {
-                Some(wake) if results.iter().any(|c| c.is_new && c.deliveries > 0) => sqlx::query(wake)
-                    .execute(&mut *tx)
-                    .await
-                    .map(|_| ())
-                    .map_err(anyhow::Error::new),
+                Some(wake) if results.iter().any(|c| c.is_new && c.deliveries > 0) => {
+                    sqlx::query(wake)
+                        .execute(&mut *tx)
+                        .await
+                        .map(|_| ())
+                        .map_err(anyhow::Error::new)
+                }
                 _ => Ok(()),
             };
             woken.map(|()| results)
@@ -283,7 +289,9 @@ async fn write_on(
             // committed either once the connection is closed with its transaction.
             let clean = tx.rollback().await.is_ok();
             let result = if batch.len() > 1 {
-                Err(Failed::Statement(e.context("an incident of the batch failed")))
+                Err(Failed::Statement(
+                    e.context("an incident of the batch failed"),
+                ))
             } else {
                 Ok(vec![Err(e)])
             };
@@ -295,11 +303,14 @@ async fn write_on(
 /// Whether a statement failed for want of storage (a full disk, an I/O error, a read-only file), not
 /// for anything in the incident: the database is unwritable, whichever incident tried.
 fn is_storage_failure(engine: Engine, e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| match cause.downcast_ref::<sqlx::Error>() {
-        Some(sqlx::Error::Database(db)) => db.code().is_some_and(|code| storage_code(engine, &code)),
-        Some(sqlx::Error::Io(_)) => true,
-        _ => false,
-    })
+    e.chain()
+        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => {
+                db.code().is_some_and(|code| storage_code(engine, &code))
+            }
+            Some(sqlx::Error::Io(_)) => true,
+            _ => false,
+        })
 }
 
 /// SQLite's result codes (the primary code is the low byte of an extended one) for a full disk (13),

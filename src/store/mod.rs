@@ -328,6 +328,12 @@ impl Store {
         self.health.check(&self.writer).await
     }
 
+    /// Whether the database refused what `e` tried to store (trying it again cannot help), rather than
+    /// being out of reach (it can, once the database is back).
+    pub fn refused(&self, e: &anyhow::Error) -> bool {
+        health::refused(self.engine, e)
+    }
+
     pub async fn ping(&self) -> anyhow::Result<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())

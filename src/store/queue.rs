@@ -410,8 +410,8 @@ impl Store {
         for m in &moved {
             let detail = match m.status {
                 DeliveryState::Failed => gave_up.clone(),
-                DeliveryState::Cancelled => "the dispatcher sending it stopped answering (outcome unknown); now cancelled: its incident was resolved".to_owned(),
-                _ => "the dispatcher sending it stopped answering (outcome unknown); now queued again".to_owned(),
+                DeliveryState::Cancelled => "its lease ran out before an outcome was recorded (the process sending it stopped, or the database was out of its reach for the whole lease); outcome unknown; now cancelled: its incident was resolved".to_owned(),
+                _ => "its lease ran out before an outcome was recorded (the process sending it stopped, or the database was out of its reach for the whole lease); outcome unknown; now queued again".to_owned(),
             };
             insert_event(
                 &mut *tx,

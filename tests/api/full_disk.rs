@@ -192,7 +192,10 @@ async fn a_full_disk_never_answers_200_for_an_emergency_it_did_not_store() {
         answered.iter().filter(|(_, c)| *c == 302).count(),
         answered.iter().filter(|(_, c)| *c == 200).count()
     );
-    assert!(refused > 0, "the full disk refused no Passthru: {answered:?}");
+    assert!(
+        refused > 0,
+        "the full disk refused no Passthru: {answered:?}"
+    );
     assert_eq!(
         readyz_while_full, "unwritable",
         "readyz while the disk is full"

@@ -9,6 +9,7 @@ mod alarms;
 mod alertmanager;
 mod api;
 mod auditor;
+mod blip;
 mod browser;
 mod cap;
 mod check_config;

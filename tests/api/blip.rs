@@ -1,0 +1,91 @@
+//! A database blip while sends are at the provider: the outcomes are known, so they are kept and
+//! recorded once the database is back, and nothing is sent twice.
+//!
+//! PostgreSQL is taken away from the test's own database (new connections refused, open ones ended)
+//! for four seconds while every send of the fan-out waits two seconds for the provider's answer. SQLite
+//! has no such blip to give: a locked file makes its writer wait in its busy handler (ten seconds),
+//! which the full-disk test (`full_disk.rs`) and the fault suite cover.
+
+use std::time::Duration;
+
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, ResponseTemplate};
+
+use crate::helpers::*;
+
+/// Answers as [`FreshIds`] after `delay`.
+struct Slow(FreshIds, Duration);
+
+impl wiremock::Respond for Slow {
+    fn respond(&self, req: &wiremock::Request) -> ResponseTemplate {
+        self.0.respond(req).set_delay(self.1)
+    }
+}
+
+const SID: &str = "b11bdb0000000000000000000000000";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_blip_shorter_than_the_lease_sends_nothing_twice() {
+    let p = Providers::start().await;
+    let answer_after = Duration::from_secs(2);
+    for (server, p_path, kind) in [
+        (&p.exotel, CALLS_PATH, "call"),
+        (&p.exotel, SMS_PATH, "sms"),
+        (&p.gupshup, GUPSHUP_PATH, "whatsapp"),
+    ] {
+        Mock::given(method("POST"))
+            .and(path(p_path))
+            .respond_with(Slow(FreshIds::new(kind), answer_after))
+            .mount(server)
+            .await;
+    }
+    let mut env = p.env();
+    // Provider limits well inside a lease far longer than the blip.
+    env.push(("SOS_EXOTEL__CALL_TIMEOUT_SECS", "5".into()));
+    env.push(("SOS_EXOTEL__SMS_TIMEOUT_SECS", "5".into()));
+    env.push(("SOS_GUPSHUP__TIMEOUT_SECS", "5".into()));
+    env.push(("SOS_DISPATCH__LEASE_SECS", "30".into()));
+    let app = spawn_app_with(Db::Postgres, &env).await;
+    let res = app
+        .passthru(&format!("CallSid={SID}1&EmergencyType=Heart"))
+        .await;
+    assert_eq!(res.status(), 200);
+
+    // Every send of the fan-out is at the provider, waiting for its answer.
+    let at_provider = eventually(Duration::from_secs(20), || async {
+        p.requests(CALLS_PATH).await.len()
+            + p.requests(SMS_PATH).await.len()
+            + p.requests(GUPSHUP_PATH).await.len()
+            >= HEART_DELIVERIES
+    })
+    .await;
+    assert!(at_provider, "the fan-out did not reach the provider");
+    let outage = app.db.take_down().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    outage.end().await;
+
+    let ds = app.settled(&format!("{SID}1")).await;
+    assert_eq!(ds.len(), HEART_DELIVERIES);
+    let sent = p.requests(CALLS_PATH).await.len()
+        + p.requests(SMS_PATH).await.len()
+        + p.requests(GUPSHUP_PATH).await.len();
+    assert_eq!(
+        sent, HEART_DELIVERIES,
+        "a blip shorter than the lease made the provider see a delivery twice"
+    );
+    for d in &ds {
+        assert_eq!(d.attempts, 1, "{d:?}");
+        assert!(
+            matches!(d.status.as_str(), "accepted" | "delivered" | "sent"),
+            "{d:?}"
+        );
+    }
+    let expired: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM delivery_events WHERE kind IN ('lease_expired', 'released')",
+    )
+    .fetch_one(app.store.pool())
+    .await
+    .expect("events");
+    assert_eq!(expired, 0, "a live dispatcher's lease ran out");
+    app.stop().await;
+}
