@@ -214,3 +214,83 @@ async fn unauthenticated_reads_cannot_take_the_passthrus_database_connections() 
     assert!(app.store.incident_by_call_sid(SID).await.unwrap().is_some());
     app.stop().await;
 }
+
+/// A client holding more keep-alive connections than `server.max_connections` and asking `/healthz` on
+/// each every second (no token needed, each request over at once) cannot keep a Passthru out: near the
+/// limit, idle connections of the client holding the most are closed, oldest first, so a new one is
+/// accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_held_near_the_limit_do_not_keep_a_passthru_out() {
+    const LIMIT: usize = 16;
+    let app = spawn_app_with(
+        Db::Sqlite,
+        &[
+            without_dispatcher(),
+            ("SOS_SERVER__HEADER_READ_TIMEOUT_SECS", "10".into()),
+            ("SOS_SERVER__MAX_CONNECTIONS", LIMIT.to_string()),
+            ("SOS_SERVER__RESERVED_FOR_EXOTEL", "4".into()),
+        ],
+    )
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut holders = tokio::task::JoinSet::new();
+    for _ in 0..LIMIT + 4 {
+        let (addr, stop, answered) = (addr.clone(), stop.clone(), answered.clone());
+        holders.spawn(async move {
+            // Reconnects when closed, as a scanner or a misbehaving monitor would.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(mut conn) = tokio::net::TcpStream::connect(&addr).await else {
+                    continue;
+                };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    use tokio::io::AsyncWriteExt;
+                    if conn
+                        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    match raw::read_response(&mut conn, Duration::from_secs(30)).await {
+                        Some(_) => answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                        None => break,
+                    };
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        });
+    }
+    // Every slot is taken by the holders before the Passthru comes.
+    let full = eventually(PATIENCE, || async {
+        answered.load(std::sync::atomic::Ordering::Relaxed) >= 2 * LIMIT
+    })
+    .await;
+    assert!(full, "the holders never got their connections");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    for i in 0..3 {
+        let sid = format!("{SID}k{i}");
+        let asked = std::time::Instant::now();
+        let res = client
+            .get(format!(
+                "{}/exotel/passthru?token={WEBHOOK_TOKEN}&CallSid={sid}&EmergencyType=Heart",
+                app.base
+            ))
+            .send()
+            .await
+            .expect("the Passthru is answered while the connections are held");
+        assert_eq!(res.status(), 200);
+        eprintln!(
+            "Passthru {i} answered in {:.0} ms with {} keep-alive connections held",
+            asked.elapsed().as_secs_f64() * 1000.0,
+            LIMIT + 4
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    holders.abort_all();
+    app.stop().await;
+}
