@@ -55,8 +55,9 @@ const TRIED: &str =
 
 const CLAIM_DUE: Dialect = per_engine!(
     "UPDATE alarms SET lease_owner = $1, lease_until = " NOW " + $2, attempts = attempts + 1 \
-     WHERE id IN (SELECT id FROM alarms WHERE status = 'queued' AND due_at <= $3 \
-       AND (lease_until IS NULL OR lease_until < " NOW ") ORDER BY due_at LIMIT 10 " SKIP_LOCKED ") \
+     WHERE id " PICK "SELECT id FROM alarms WHERE status = 'queued' AND due_at <= $3 \
+       AND (lease_until IS NULL OR lease_until < " NOW ") ORDER BY due_at LIMIT 10" PICKED " \
+       AND status = 'queued' AND (lease_until IS NULL OR lease_until < " NOW ") \
      RETURNING id, kind, body, attempts, raised_at"
 );
 

@@ -136,8 +136,8 @@ const LEASE_MS: i64 = 180_000;
 
 const CLAIM: Dialect = per_engine!(
     "UPDATE recordings SET lease_token = $1, lease_until = " NOW " + $2, attempts = attempts + 1 \
-     WHERE incident_id IN (SELECT incident_id FROM recordings WHERE status = 'pending' AND due_at <= $3 \
-       AND (lease_until IS NULL OR lease_until < " NOW ") ORDER BY due_at LIMIT 1 " SKIP_LOCKED ") \
+     WHERE incident_id " PICK "SELECT incident_id FROM recordings WHERE status = 'pending' \
+       AND due_at <= $3 AND (lease_until IS NULL OR lease_until < " NOW ") ORDER BY due_at LIMIT 1" PICKED " \
        AND status = 'pending' AND (lease_until IS NULL OR lease_until < " NOW ") \
      RETURNING " {recording_columns!()}
 );

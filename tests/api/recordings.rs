@@ -862,4 +862,114 @@ both_engines!(
     oversize_and_non_audio_answers_are_not_kept,
     a_restart_while_waiting_still_fetches_the_recording,
     refused_credentials_fall_back_to_the_call_details_url,
+    parallel_claims_take_each_recording_once_and_keep_to_its_lease,
 );
+
+/// Passthrus of `recordings` (CallSid, recording URL), in order; their incidents' ids.
+async fn incidents_with_recordings(app: &TestApp, recordings: &[(&str, String)]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for (sid, url) in recordings {
+        let res = app
+            .passthru(&format!(
+                "CallSid={sid}&EmergencyType=Heart&RecordingUrl={}",
+                encoded(url)
+            ))
+            .await;
+        assert_eq!(res.status(), 200);
+        ids.push(
+            app.store
+                .incident_by_call_sid(sid)
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+        );
+    }
+    ids
+}
+
+/// Claims from many tasks at once (as a process fetching several recordings, or several replicas, make
+/// them) take each due recording once; one under lease is claimed again only once its lease has run
+/// out in the database's clock, and then the earlier holder can no longer write to it.
+async fn parallel_claims_take_each_recording_once_and_keep_to_its_lease(db: Db) {
+    let p = Providers::start().await;
+    // Never ready: the jobs stay pending.
+    let stand = Stand::start(Duration::from_secs(3600), audio(2000), "audio/mpeg").await;
+    let app = proxy_app(db, &p, &stand, &[("SOS_DISPATCH__ENABLED", "false".into())]).await;
+    let recordings: Vec<(String, String)> = (0..6)
+        .map(|i| (format!("recclaim{i}"), stand.url()))
+        .collect();
+    let recordings: Vec<(&str, String)> = recordings
+        .iter()
+        .map(|(s, u)| (s.as_str(), u.clone()))
+        .collect();
+    let ids = incidents_with_recordings(&app, &recordings).await;
+    let test_db = app.stop().await;
+    let store = exotel_sos::store::Store::connect(&test_db.url, 8)
+        .await
+        .unwrap();
+    // Every job due, whatever the stopped server's tries left as its next time.
+    store.clock().advance(Duration::from_secs(60));
+
+    let claims = (0..8).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut taken = Vec::new();
+            while let Some(job) = store
+                .claim_recording(&format!("claimer-{i}-{}", taken.len()))
+                .await
+                .unwrap()
+            {
+                taken.push((job.incident_id, job.lease_token.unwrap()));
+            }
+            taken
+        })
+    });
+    let mut taken: Vec<(String, String)> = Vec::new();
+    for c in claims {
+        taken.extend(c.await.unwrap());
+    }
+    let mut claimed: Vec<String> = taken.iter().map(|(id, _)| id.clone()).collect();
+    claimed.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(claimed, expected, "each recording claimed exactly once");
+    assert!(
+        store.claim_recording("late").await.unwrap().is_none(),
+        "all under lease"
+    );
+
+    // One holder's lease runs out (its process stalled): the job is claimed again, and the stalled
+    // holder's writes are refused.
+    let (stale_id, stale_token) = taken[0].clone();
+    sqlx::query("UPDATE recordings SET lease_until = 0 WHERE incident_id = $1")
+        .bind(&stale_id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let again = store
+        .claim_recording("second-holder")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.incident_id, stale_id);
+    assert!(store.claim_recording("third").await.unwrap().is_none());
+    assert!(store
+        .put_recording_chunk(&stale_id, &stale_token, 0, vec![1, 2, 3])
+        .await
+        .is_err());
+    let stale_job = store.recording(&stale_id).await.unwrap().unwrap();
+    assert!(!store
+        .recording_stored(&stale_job, &stale_token, "audio/mpeg", 3, 1)
+        .await
+        .unwrap());
+    assert!(store
+        .put_recording_chunk(&stale_id, "second-holder", 0, audio(10))
+        .await
+        .is_ok());
+    assert!(store
+        .recording_stored(&again, "second-holder", "audio/mpeg", 10, 1)
+        .await
+        .unwrap());
+    store.close().await;
+}
