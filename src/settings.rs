@@ -359,6 +359,10 @@ impl RetentionSettings {
     }
 }
 
+/// The most `recordings.concurrency` may be: each fetch holds a database connection while it writes a
+/// chunk, and the emergencies need theirs.
+pub const MAX_RECORDING_FETCHES: usize = 32;
+
 /// `recordings.*`: what becomes of the caller's recording.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RecordingsSettings {
@@ -371,6 +375,8 @@ pub struct RecordingsSettings {
     pub link_ttl: String,
     pub keep_days: u32,
     pub followup_call: bool,
+    /// Recordings fetched at once by one process.
+    pub concurrency: usize,
 }
 
 /// How the caller's recording reaches the people alerted.
@@ -879,6 +885,11 @@ impl Settings {
         if r.max_bytes == 0 {
             problems.push("recordings.max_bytes must be at least 1".to_owned());
         }
+        if !(1..=MAX_RECORDING_FETCHES).contains(&r.concurrency) {
+            problems.push(format!(
+                "recordings.concurrency must be from 1 to {MAX_RECORDING_FETCHES}"
+            ));
+        }
         if let Err(e) = self.server.trusted_proxies() {
             problems.push(e);
         }
@@ -971,6 +982,20 @@ mod tests {
             );
         }
         assert!(with(&[("SOS_DISPATCH__RETRY_SCHEDULE_SECS", "0, 0.5, 86400")]).is_ok());
+    }
+
+    #[test]
+    fn recording_fetches_at_once_are_bounded() {
+        assert_eq!(with(&[]).unwrap().recordings.concurrency, 4);
+        for value in ["0", "33"] {
+            let err = with(&[("SOS_RECORDINGS__CONCURRENCY", value)]).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("recordings.concurrency"),
+                "{value}: {err:#}"
+            );
+        }
+        assert!(with(&[("SOS_RECORDINGS__CONCURRENCY", "1")]).is_ok());
+        assert!(with(&[("SOS_RECORDINGS__CONCURRENCY", "32")]).is_ok());
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Alarms: the sweep that marks incidents nobody acknowledged in time as unreached and alarms the
-//! `[unreached]` teams, the sender that POSTs every alarm to `alarms.webhook_url` (and alarms the
-//! teams of an account alarm), and the watch on bursts of bad webhook tokens.
+//! `[unreached]` teams, the sender that alarms the teams of an account alarm and POSTs every alarm to
+//! `alarms.webhook_url`, and the watch on bursts of bad webhook tokens.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use tokio::task::JoinSet;
 
 use super::AppState;
 use crate::dispatch::retry::RetryPolicy;
@@ -16,10 +18,14 @@ use crate::store::alarms::{AlarmTarget, DueAlarm, Raised, Tried, UnnotifiedAlarm
 
 /// How long one webhook POST may take.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
-/// The lease on the alarms claimed together (at most 10, see `store::alarms`), POSTed one after the
-/// other: longer than ten POSTs that each run into [`WEBHOOK_TIMEOUT`], so a slow receiver never lets
-/// another replica claim and send one again.
-const LEASE_MS: i64 = 120_000;
+/// Webhook POSTs one process has in flight at once: a receiver that hangs on one alarm holds only its
+/// own POST, not the ones queued behind it, and one that is struggling gets a few requests at a time,
+/// not a flood.
+pub const WEBHOOK_CONCURRENCY: usize = 4;
+/// The lease on an alarm being POSTed (each is POSTed on its own): several times one POST that runs
+/// into [`WEBHOOK_TIMEOUT`] and the write of its outcome, so a slow receiver never lets another replica
+/// claim and send it again, and an alarm left by a process that died is sent again within a minute.
+const LEASE_MS: i64 = 60_000;
 /// Wrong tokens on Exotel's webhooks within [`TOKEN_BURST_WINDOW_MS`] that raise an account alarm:
 /// Exotel calling with an old token after a change looks like this, and every status callback and
 /// keypress is then lost.
@@ -153,8 +159,11 @@ pub async fn mark_unreached(state: &AppState) -> anyhow::Result<usize> {
     Ok(marked)
 }
 
-/// Sends the alarm outbox, every second, until `shutdown` turns true: account alarms are carried to
-/// the `[unreached]` teams, and every alarm due is POSTed to `alarms.webhook_url` when one is set.
+/// Sends the alarm outbox, every second and whenever an alarm is raised, until `shutdown` turns true:
+/// account alarms are carried to the `[unreached]` teams, and every alarm due is POSTed to
+/// `alarms.webhook_url` when one is set. The POSTs run beside the loop, at most
+/// [`WEBHOOK_CONCURRENCY`] at once, each with its own retry: paging people never waits for the webhook,
+/// and one alarm the receiver hangs on holds no other.
 pub async fn alarm_sender(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let retry = match RetryPolicy::from_settings(&state.settings.dispatch) {
         Ok(r) => r,
@@ -178,17 +187,36 @@ pub async fn alarm_sender(state: AppState, mut shutdown: tokio::sync::watch::Rec
             return;
         }
     };
-    let owner = format!("alarms-{}", uuid::Uuid::new_v4().simple());
+    let sender = WebhookSender {
+        http,
+        owner: format!("alarms-{}", uuid::Uuid::new_v4().simple()),
+        retry,
+    };
+    let mut posts: JoinSet<()> = JoinSet::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = state.alarm_watch.wake.notified() => {}
-            _ = shutdown.changed() => return,
+            // A POST ended: its slot takes the next alarm due at once.
+            Some(ended) = posts.join_next(), if !posts.is_empty() => post_ended(ended),
+            _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
+            // The POSTs in flight are cut short and their alarms handed back, due at once: the next
+            // process (or another replica) sends them without waiting out the lease.
+            posts.shutdown().await;
+            if let Err(e) = state.store.release_alarms(&sender.owner).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not hand back the alarms being POSTed on stopping"
+                );
+            }
             return;
+        }
+        while let Some(ended) = posts.try_join_next() {
+            post_ended(ended);
         }
         if let Err(e) = notify_account_alarms(&state).await {
             tracing::warn!(
@@ -196,7 +224,7 @@ pub async fn alarm_sender(state: AppState, mut shutdown: tokio::sync::watch::Rec
                 "could not alarm the [unreached] teams of an account alarm"
             );
         }
-        if let Err(e) = post_due_alarms(&state, &http, &owner, &retry).await {
+        if let Err(e) = sender.start_due(&state, &mut posts).await {
             tracing::warn!(error = format!("{e:#}"), "alarm webhook round failed");
         }
     }
@@ -247,31 +275,66 @@ async fn notify_one(
     state.store.notify_account_alarm(alarm, targets).await
 }
 
-/// POSTs the alarms due to the webhook; how many were taken.
-async fn post_due_alarms(
-    state: &AppState,
-    http: &reqwest::Client,
-    owner: &str,
-    retry: &RetryPolicy,
-) -> anyhow::Result<usize> {
-    let url = state.settings.alarms.webhook_url.trim();
-    if url.is_empty() {
-        return Ok(0);
+/// A POST task that panicked (a bug) leaves its alarm under lease: it is POSTed again when the lease
+/// runs out. Said loudly, as a stopped background task is.
+fn post_ended(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended {
+        if e.is_panic() {
+            tracing::error!(why = %e, "an alarm webhook POST panicked; its alarm is POSTed again when its lease runs out");
+        }
     }
-    let due = state.store.claim_due_alarms(owner, LEASE_MS).await?;
-    let mut sent = 0;
-    for alarm in due {
-        match post(http, url, &alarm).await {
+}
+
+/// What POSTs the alarms: one per process, shared by its POST tasks.
+#[derive(Clone)]
+struct WebhookSender {
+    http: reqwest::Client,
+    /// Holds the leases of this process's alarms being POSTed.
+    owner: String,
+    retry: RetryPolicy,
+}
+
+impl WebhookSender {
+    /// Claims as many due alarms as there are free slots beside the POSTs in flight (`posts`), and
+    /// starts a POST for each; how many were started.
+    async fn start_due(&self, state: &AppState, posts: &mut JoinSet<()>) -> anyhow::Result<usize> {
+        if state.settings.alarms.webhook_url.trim().is_empty() {
+            return Ok(0);
+        }
+        let free = WEBHOOK_CONCURRENCY.saturating_sub(posts.len());
+        if free == 0 {
+            return Ok(0);
+        }
+        let due = state
+            .store
+            .claim_due_alarms(&self.owner, LEASE_MS, free)
+            .await?;
+        let started = due.len();
+        for alarm in due {
+            let (sender, state) = (self.clone(), state.clone());
+            posts.spawn(async move { sender.post_one(&state, alarm).await });
+        }
+        Ok(started)
+    }
+
+    /// POSTs one alarm and records what came of it: sent, due again later, or given up on. The task
+    /// ends only once the outcome is written, so the slot it frees is never taken while its alarm still
+    /// looks in flight.
+    async fn post_one(&self, state: &AppState, alarm: DueAlarm) {
+        let url = state.settings.alarms.webhook_url.trim();
+        let written = match post(&self.http, url, &alarm).await {
             Ok(()) => {
-                state.store.alarm_sent(&alarm.id, owner).await?;
                 tracing::info!(alarm_id = %alarm.id, kind = %alarm.kind, "alarm webhook took the alarm");
-                sent += 1;
+                state.store.alarm_sent(&alarm.id, &self.owner).await
             }
             Err((error, again, retry_after)) => {
                 let age =
                     Duration::from_millis((state.store.now_ms() - alarm.raised_at).max(0) as u64);
                 let due_at = again
-                    .then(|| retry.next_wait(alarm.attempts as u32, age, retry_after))
+                    .then(|| {
+                        self.retry
+                            .next_wait(alarm.attempts as u32, age, retry_after)
+                    })
                     .flatten()
                     .map(|w| state.store.now_ms() + w.as_millis() as i64);
                 tracing::warn!(
@@ -283,12 +346,19 @@ async fn post_due_alarms(
                 );
                 state
                     .store
-                    .alarm_failed(&alarm.id, owner, &error, due_at)
-                    .await?;
+                    .alarm_failed(&alarm.id, &self.owner, &error, due_at)
+                    .await
             }
+        };
+        // Its lease runs out and the alarm is POSTed again: a duplicate is better than a lost alarm.
+        if let Err(e) = written {
+            tracing::warn!(
+                alarm_id = %alarm.id,
+                error = format!("{e:#}"),
+                "could not record the alarm webhook's answer; the alarm is POSTed again when its lease runs out"
+            );
         }
     }
-    Ok(sent)
 }
 
 /// One POST: `Ok` on 2xx; else the reason, whether another try may help (timeouts, 408, 425, 429,

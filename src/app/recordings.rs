@@ -3,9 +3,11 @@
 //! and its deletion after `recordings.keep_days`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
+use tokio::task::JoinSet;
 
 use super::AppState;
 use crate::domain::{mask, Channel};
@@ -47,10 +49,13 @@ pub fn fetch_for(
 
 /// Fetches due recordings, queues follow-up calls and deletes expired recordings until `shutdown`
 /// turns true. Errors are logged and retried on the next round.
+///
+/// Up to `recordings.concurrency` fetches run at once, each a task of its own beside this loop: one
+/// recording on a slow line holds its own slot, never the others' fetches nor the follow-ups.
 pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let settings = state.settings.clone();
     let config = match FetchConfig::from_settings(&settings.recordings) {
-        Ok(c) => c,
+        Ok(c) => Arc::new(c),
         Err(e) => {
             tracing::error!(error = %e, "recordings: invalid settings; nothing will be fetched");
             return;
@@ -66,30 +71,39 @@ pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<boo
             return;
         }
     };
-    let token = uuid::Uuid::new_v4().to_string();
+    let fetcher = Fetcher {
+        client,
+        config,
+        process: uuid::Uuid::new_v4().simple().to_string(),
+        slots: settings.recordings.concurrency.max(1),
+    };
+    let mut fetches: JoinSet<()> = JoinSet::new();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_expiry: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            // A fetch ended: its slot takes the next due job at once.
+            Some(ended) = fetches.join_next(), if !fetches.is_empty() => fetch_ended(ended),
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
+            // A stop cuts the fetches short and hands their jobs back at once, so the next process (or
+            // another replica) fetches them without waiting out the leases.
+            fetches.shutdown().await;
+            if let Err(e) = state.store.release_recordings(&fetcher.process).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "recordings: could not hand back a fetch on stopping"
+                );
+            }
             return;
         }
-        // A stop cuts a fetch short and hands its job back at once, so the next process (or another
-        // replica) fetches it without waiting out the lease.
-        let round = tokio::select! {
-            r = fetch_due(&state, &client, &config, &token) => r,
-            _ = shutdown.changed() => {
-                if let Err(e) = state.store.release_recordings(&token).await {
-                    tracing::warn!(error = format!("{e:#}"), "recordings: could not hand back a fetch on stopping");
-                }
-                return;
-            }
-        };
-        if let Err(e) = round {
+        while let Some(ended) = fetches.try_join_next() {
+            fetch_ended(ended);
+        }
+        if let Err(e) = fetcher.start_due(&state, &mut fetches).await {
             tracing::warn!(error = format!("{e:#}"), "recordings: fetch round failed");
         }
         if settings.recordings.followup_call {
@@ -119,20 +133,58 @@ pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<boo
     }
 }
 
-/// Claims and tries every due fetch job, one after another.
-async fn fetch_due(
-    state: &AppState,
-    client: &reqwest::Client,
-    config: &FetchConfig,
-    token: &str,
-) -> anyhow::Result<()> {
-    if !state.store.recording_due(state.store.now_ms()).await? {
-        return Ok(());
+/// A fetch task that panicked (a bug) leaves its job under lease: it is claimed again when the lease
+/// runs out. Said loudly, as a stopped background task is.
+fn fetch_ended(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended {
+        if e.is_panic() {
+            tracing::error!(why = %e, "recordings: a fetch panicked; it is tried again when its lease runs out");
+        }
     }
-    while let Some(job) = state.store.claim_recording(token).await? {
-        attempt(state, client, config, &job, token).await?;
+}
+
+/// What fetches recordings: one per process, shared by its fetch tasks.
+#[derive(Clone)]
+struct Fetcher {
+    client: reqwest::Client,
+    config: Arc<FetchConfig>,
+    /// This process's part of every lease token (see [`Fetcher::start_due`]).
+    process: String,
+    /// `recordings.concurrency`.
+    slots: usize,
+}
+
+impl Fetcher {
+    /// Claims as many due jobs as there are free slots beside the fetches running (`fetches`), and
+    /// starts a fetch of each.
+    ///
+    /// Each claim gets a lease token of its own (this process's, then a fresh part): should a job's
+    /// lease run out while its fetch still runs, and the job be claimed again, here or by another
+    /// replica, the earlier fetch can no longer write a chunk or an outcome to it.
+    async fn start_due(&self, state: &AppState, fetches: &mut JoinSet<()>) -> anyhow::Result<()> {
+        let free = self.slots.saturating_sub(fetches.len());
+        if free == 0 || !state.store.recording_due(state.store.now_ms()).await? {
+            return Ok(());
+        }
+        for _ in 0..free {
+            let token = format!("{}:{}", self.process, uuid::Uuid::new_v4().simple());
+            let Some(job) = state.store.claim_recording(&token).await? else {
+                break;
+            };
+            let (fetcher, state) = (self.clone(), state.clone());
+            fetches.spawn(async move {
+                if let Err(e) = attempt(&state, &fetcher.client, &fetcher.config, &job, &token).await
+                {
+                    tracing::warn!(
+                        incident_id = %job.incident_id,
+                        error = format!("{e:#}"),
+                        "recordings: could not record a fetch's outcome; it is tried again when its lease runs out"
+                    );
+                }
+            });
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The Exotel credentials, when set: sent only to hosts on `recordings.allowed_hosts`.

@@ -55,14 +55,24 @@ const TRIED: &str =
 
 const CLAIM_DUE: Dialect = per_engine!(
     "UPDATE alarms SET lease_owner = $1, lease_until = " NOW " + $2, attempts = attempts + 1 \
-     WHERE id IN (SELECT id FROM alarms WHERE status = 'queued' AND due_at <= $3 \
-       AND (lease_until IS NULL OR lease_until < " NOW ") ORDER BY due_at LIMIT 10 " SKIP_LOCKED ") \
+     WHERE id " PICK "SELECT id FROM alarms WHERE status = 'queued' AND due_at <= $3 \
+       AND (lease_until IS NULL OR lease_until < " NOW ") ORDER BY due_at LIMIT $4" PICKED " \
+       AND status = 'queued' AND (lease_until IS NULL OR lease_until < " NOW ") \
      RETURNING id, kind, body, attempts, raised_at"
 );
 
+/// Hands back the alarms a stopping process was POSTing: due again at once, for the next process or
+/// another replica.
+const RELEASE: &str = "UPDATE alarms SET lease_owner = NULL, lease_until = NULL \
+     WHERE lease_owner = $1 AND status = 'queued'";
+
 /// Whether any alarm waits for its POST: read first, so an idle second costs a read, not a write
-/// (on SQLite the one writer belongs to the emergencies).
-const ANY_DUE: &str = "SELECT id FROM alarms WHERE status = 'queued' AND due_at <= $1 LIMIT 1";
+/// (on SQLite the one writer belongs to the emergencies). Alarms under lease are being POSTed: a
+/// webhook that hangs on them costs no write either.
+const ANY_DUE: Dialect = per_engine!(
+    "SELECT id FROM alarms WHERE status = 'queued' AND due_at <= $1 \
+     AND (lease_until IS NULL OR lease_until < " NOW ") LIMIT 1"
+);
 
 const SENT: &str = "UPDATE alarms SET status = 'sent', sent_at = $1, last_error = NULL, \
      lease_owner = NULL, lease_until = NULL WHERE id = $2 AND lease_owner = $3";
@@ -552,14 +562,15 @@ impl Store {
         Ok(Some(incident_id))
     }
 
-    /// Claims the alarms due for their webhook POST under a lease of `lease_ms`, judged by the
-    /// database's clock: two replicas never hold one at once.
+    /// Claims at most `limit` of the alarms due for their webhook POST, oldest due first, under a lease
+    /// of `lease_ms`, judged by the database's clock: two replicas never hold one at once.
     pub async fn claim_due_alarms(
         &self,
         owner: &str,
         lease_ms: i64,
+        limit: usize,
     ) -> anyhow::Result<Vec<DueAlarm>> {
-        let any: Option<String> = sqlx::query_scalar(ANY_DUE)
+        let any: Option<String> = sqlx::query_scalar(ANY_DUE.of(self.engine))
             .bind(self.now_ms())
             .fetch_optional(&self.reader)
             .await?;
@@ -570,9 +581,19 @@ impl Store {
             .bind(owner)
             .bind(lease_ms)
             .bind(self.now_ms())
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.writer)
             .await?;
         Ok(rows)
+    }
+
+    /// Hands back the alarms leased by `owner` that are still queued (a stopping process).
+    pub async fn release_alarms(&self, owner: &str) -> anyhow::Result<()> {
+        sqlx::query(RELEASE)
+            .bind(owner)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
     }
 
     /// The webhook took the alarm.

@@ -136,10 +136,16 @@ const LEASE_MS: i64 = 180_000;
 
 const CLAIM: Dialect = per_engine!(
     "UPDATE recordings SET lease_token = $1, lease_until = " NOW " + $2, attempts = attempts + 1 \
-     WHERE incident_id IN (SELECT incident_id FROM recordings WHERE status = 'pending' AND due_at <= $3 \
-       AND (lease_until IS NULL OR lease_until < " NOW ") ORDER BY due_at LIMIT 1 " SKIP_LOCKED ") \
+     WHERE incident_id " PICK "SELECT incident_id FROM recordings WHERE status = 'pending' \
+       AND due_at <= $3 AND (lease_until IS NULL OR lease_until < " NOW ") ORDER BY due_at LIMIT 1" PICKED " \
        AND status = 'pending' AND (lease_until IS NULL OR lease_until < " NOW ") \
      RETURNING " {recording_columns!()}
+);
+
+/// The earliest due time of the jobs free to claim (pending, under no live lease).
+const DUE: Dialect = per_engine!(
+    "SELECT MIN(due_at) FROM recordings WHERE status = 'pending' \
+     AND (lease_until IS NULL OR lease_until < " NOW ")"
 );
 
 const PUT_CHUNK: &str = "INSERT INTO recording_chunks (incident_id, seq, data) \
@@ -211,17 +217,19 @@ const EXPIRED: &str =
      ORDER BY stored_at LIMIT $2";
 
 impl Store {
-    /// Whether a fetch job is due: a read, so that looking often costs no write.
+    /// Whether a fetch job is due and free to claim: a read, so that looking often costs no write,
+    /// also while other jobs are being fetched (they are under lease).
     pub async fn recording_due(&self, now: i64) -> anyhow::Result<bool> {
-        let due: Option<i64> =
-            sqlx::query_scalar("SELECT MIN(due_at) FROM recordings WHERE status = 'pending'")
-                .fetch_one(&self.reader)
-                .await?;
+        let due: Option<i64> = sqlx::query_scalar(DUE.of(self.engine))
+            .fetch_one(&self.reader)
+            .await?;
         Ok(due.is_some_and(|d| d <= now))
     }
 
-    /// Claims the next due fetch job, if any, for `LEASE_MS`. A job whose lease ran out (its replica
-    /// died mid-fetch) is claimed again.
+    /// Claims the next due fetch job, if any, for `LEASE_MS` under `token`, which the caller makes
+    /// unique to this claim: every later write of the fetch is guarded by it. A job whose lease ran out
+    /// (its replica died or stalled mid-fetch) is claimed again, and the earlier holder's writes are
+    /// refused from then on.
     pub async fn claim_recording(&self, token: &str) -> anyhow::Result<Option<RecordingRow>> {
         let row = sqlx::query_as(CLAIM.of(self.engine))
             .bind(token)
@@ -232,13 +240,14 @@ impl Store {
         Ok(row)
     }
 
-    /// Hands back the fetch jobs leased under `token` (a stopping process): due again at once.
-    pub async fn release_recordings(&self, token: &str) -> anyhow::Result<()> {
+    /// Hands back the fetch jobs leased by a stopping process, whose lease tokens all start with
+    /// `process` and a colon (`process` holds no `%`, `_` or backslash): due again at once.
+    pub async fn release_recordings(&self, process: &str) -> anyhow::Result<()> {
         sqlx::query(
             "UPDATE recordings SET lease_token = NULL, lease_until = NULL \
-             WHERE lease_token = $1 AND status = 'pending'",
+             WHERE lease_token LIKE $1 AND status = 'pending'",
         )
-        .bind(token)
+        .bind(format!("{process}:%"))
         .execute(&self.writer)
         .await?;
         Ok(())

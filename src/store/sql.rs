@@ -79,6 +79,12 @@ impl Dialect {
 /// - `NOW`: the database's clock in milliseconds since the epoch (the one clock replicas share);
 /// - `SKIP_LOCKED`: PostgreSQL replicas skip each other's locked rows instead of queueing behind them;
 ///   SQLite has one writer at a time, so the statement alone is atomic;
+/// - `PICK` … `PICKED`: around the subquery that picks the rows a claim takes (`WHERE id PICK SELECT id
+///   … LIMIT n PICKED`), locked and skipped by other replicas on PostgreSQL. There it is
+///   `= ANY(ARRAY(… FOR UPDATE SKIP LOCKED))`, evaluated once for the statement: written as
+///   `IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)` the planner may make it the inner side of a nested
+///   loop, run again for every outer row, and each run skips the rows the statement itself has just
+///   updated and picks the next ones, so a claim of one takes every due row. SQLite: `IN (…)`;
 /// - `LEAST`: the two-argument minimum (SQLite's `MIN`);
 /// - `DELIVERY_COLUMNS`: the columns of a delivery row, the same on both;
 /// - `{ some_macro!() }`: a piece shared by both engines, from a macro that expands to a literal.
@@ -89,13 +95,17 @@ macro_rules! per_engine {
     (@sqlite NOW) => { "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)" };
     (@postgres SKIP_LOCKED) => { "FOR UPDATE SKIP LOCKED" };
     (@sqlite SKIP_LOCKED) => { "" };
+    (@postgres PICK) => { "= ANY(ARRAY(" };
+    (@sqlite PICK) => { "IN (" };
+    (@postgres PICKED) => { " FOR UPDATE SKIP LOCKED))" };
+    (@sqlite PICKED) => { ")" };
     (@postgres LEAST) => { "LEAST" };
     (@sqlite LEAST) => { "MIN" };
     (@$engine:ident $literal:literal) => { $literal };
     (@$engine:ident $other:tt) => {
         compile_error!(concat!(
             "per_engine!: unknown gap `", stringify!($other),
-            "` (NOW, SKIP_LOCKED, LEAST, DELIVERY_COLUMNS, a string literal or { macro!() })"
+            "` (NOW, SKIP_LOCKED, PICK, PICKED, LEAST, DELIVERY_COLUMNS, a string literal or { macro!() })"
         ))
     };
     ($($part:tt)+) => {
@@ -118,5 +128,18 @@ mod tests {
         assert!(S.of(Engine::Postgres).ends_with("FOR UPDATE SKIP LOCKED"));
         assert!(S.of(Engine::Sqlite).contains("julianday('now')"));
         assert!(!S.of(Engine::Sqlite).contains("FOR UPDATE"));
+    }
+
+    #[test]
+    fn a_pick_is_evaluated_once_on_postgres() {
+        const S: Dialect = per_engine!("UPDATE t SET a = 1 WHERE id " PICK "SELECT id FROM t LIMIT 2" PICKED " AND b = 2");
+        assert_eq!(
+            S.of(Engine::Postgres),
+            "UPDATE t SET a = 1 WHERE id = ANY(ARRAY(SELECT id FROM t LIMIT 2 FOR UPDATE SKIP LOCKED)) AND b = 2"
+        );
+        assert_eq!(
+            S.of(Engine::Sqlite),
+            "UPDATE t SET a = 1 WHERE id IN (SELECT id FROM t LIMIT 2) AND b = 2"
+        );
     }
 }

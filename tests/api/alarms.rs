@@ -30,6 +30,9 @@ both_engines!(
     the_first_acknowledgement_cancels_alarm_messages_still_queued,
     incidents_stored_without_a_deadline_are_never_marked_unreached,
     an_alarm_call_waits_while_the_incidents_own_call_still_rings,
+    an_account_alarm_pages_its_people_while_the_alarm_webhook_hangs,
+    alarm_webhook_posts_run_side_by_side_up_to_a_bound,
+    a_hanging_webhook_post_holds_no_other_and_is_retried_until_taken,
 );
 
 /// [`STAKEHOLDERS`] with a duty manager (call and SMS) alarmed when nobody acknowledges.
@@ -1526,4 +1529,241 @@ async fn two_replicas_mark_each_incident_once_and_post_each_alarm_once() {
     assert_eq!(duty_sms, sids.len(), "one alarm SMS per incident");
     b.stop().await;
     a.stop().await;
+}
+
+/// Longer than the webhook's own time limit (ten seconds): a receiver that never answers.
+const HANGS: Duration = Duration::from_secs(60);
+
+/// The unreached alarms listed.
+async fn unreached_alarms(app: &TestApp) -> Vec<serde_json::Value> {
+    let mut listed = alarms_api(app).await;
+    listed.retain(|a| a["kind"] == "unreached");
+    listed
+}
+
+/// Incidents `sids` (Heart) stored and, with the clock moved past their deadline, marked unreached;
+/// their ids, in order.
+async fn unreached_incidents(app: &TestApp, sids: &[String], settle: bool) -> Vec<String> {
+    let mut ids = Vec::new();
+    for sid in sids {
+        let res = app
+            .passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
+            .await;
+        assert_eq!(res.status(), 200);
+        if settle {
+            app.settled(sid).await;
+        }
+        ids.push(incident_of(app, sid).await.id);
+    }
+    app.store
+        .clock()
+        .advance(Duration::from_secs(DEADLINE_MINUTES * 60 + 1));
+    for sid in sids {
+        wait_unreached(app, sid).await;
+    }
+    ids
+}
+
+/// The alarm webhook hangs (it would answer after a minute, past its ten-second limit) on the POSTs
+/// of three unreached incidents; an account alarm raised meanwhile reaches the `[unreached]` contact
+/// through the Exotel and GupShup stand-ins while every one of those POSTs is still held: paging
+/// people never waits for the webhook.
+async fn an_account_alarm_pages_its_people_while_the_alarm_webhook_hangs(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200).set_delay(HANGS))
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app_on(
+        db,
+        &p,
+        &[("SOS_ALARMS__WEBHOOK_URL", url)],
+        &stakeholders_with_duty_on("[\"sms\", \"whatsapp\"]"),
+    )
+    .await;
+    let sids: Vec<String> = (0..3).map(|i| format!("hanging{i}")).collect();
+    unreached_incidents(&app, &sids, true).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            !hook_posts(&server).await.is_empty()
+        })
+        .await,
+        "the webhook holds a POST"
+    );
+
+    // Exotel calls with an old token: an account alarm, for the duty manager.
+    refused_passthrus(&app, Some("old-token"), 5).await;
+    let paged = eventually(Duration::from_secs(60), || async {
+        let Some(incident) = account_alarms(&app)
+            .await
+            .first()
+            .and_then(|a| a["incident_id"].as_str().map(str::to_owned))
+        else {
+            return false;
+        };
+        let ds = alarm_deliveries(&app, &incident).await;
+        ds.len() == 2
+            && ds
+                .iter()
+                .all(|d| d.status != "queued" && d.status != "sending")
+    })
+    .await;
+    assert!(paged, "{:?}", account_alarms(&app).await);
+    let held = unreached_alarms(&app).await;
+    assert_eq!(held.len(), sids.len(), "{held:?}");
+    assert!(
+        held.iter()
+            .all(|a| a["status"] == "queued" && a["last_error"].is_null()),
+        "the people were paged before any webhook POST came to an end: {held:?}"
+    );
+    let incident = account_alarms(&app).await[0]["incident_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ds = alarm_deliveries(&app, &incident).await;
+    let mut channels: Vec<&str> = ds.iter().map(|d| d.channel.as_str()).collect();
+    channels.sort();
+    assert_eq!(channels, ["sms", "whatsapp"]);
+    assert!(ds
+        .iter()
+        .all(|d| d.phone == DUTY && d.provider_id.is_some()));
+    let duty_sms = p
+        .requests(SMS_PATH)
+        .await
+        .into_iter()
+        .filter(|(f, _)| field(f, "To") == Some(DUTY))
+        .count();
+    assert!(
+        duty_sms >= 1,
+        "the Exotel stand-in took the duty manager's SMS"
+    );
+    app.stop().await;
+}
+
+/// Six alarms queued while the webhook hangs: as many POSTs as the bound are in flight at once (all
+/// received before the first of them ended), and no more: the next goes only once one has ended.
+async fn alarm_webhook_posts_run_side_by_side_up_to_a_bound(db: Db) {
+    let bound = exotel_sos::app::alarms::WEBHOOK_CONCURRENCY;
+    let p = Providers::start().await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200).set_delay(HANGS))
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app(
+        db,
+        &p,
+        &[("SOS_ALARMS__WEBHOOK_URL", url), without_dispatcher()],
+    )
+    .await;
+    let sids: Vec<String> = (0..bound + 2).map(|i| format!("sidebyside{i}")).collect();
+    unreached_incidents(&app, &sids, false).await;
+
+    let all_in_flight = eventually(Duration::from_secs(60), || async {
+        hook_posts(&server).await.len() >= bound
+    })
+    .await;
+    assert!(all_in_flight);
+    let listed = unreached_alarms(&app).await;
+    assert!(
+        listed.iter().all(|a| a["last_error"].is_null()),
+        "{bound} POSTs were in flight before any of them ended: {listed:?}"
+    );
+    assert_eq!(
+        hook_posts(&server).await.len(),
+        bound,
+        "no more than {bound}"
+    );
+
+    let next = eventually(Duration::from_secs(60), || async {
+        hook_posts(&server).await.len() > bound
+    })
+    .await;
+    assert!(next);
+    let ended = unreached_alarms(&app)
+        .await
+        .into_iter()
+        .filter(|a| a["last_error"] == "no answer in time")
+        .count();
+    assert!(
+        ended >= 1,
+        "a POST past the bound went only after one had ended"
+    );
+    app.stop().await;
+}
+
+/// The webhook hangs on the first POST it gets (past the ten-second limit) and takes every other at
+/// once: the other alarms are sent while it still hangs; the one it held is tried again and sent.
+async fn a_hanging_webhook_post_holds_no_other_and_is_retried_until_taken(db: Db) {
+    let p = Providers::start().await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200).set_delay(HANGS))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app(
+        db,
+        &p,
+        &[("SOS_ALARMS__WEBHOOK_URL", url), without_dispatcher()],
+    )
+    .await;
+    let sids: Vec<String> = (0..3).map(|i| format!("heldone{i}")).collect();
+    unreached_incidents(&app, &sids, false).await;
+
+    let others_sent = eventually(Duration::from_secs(60), || async {
+        unreached_alarms(&app)
+            .await
+            .iter()
+            .filter(|a| a["status"] == "sent")
+            .count()
+            == sids.len() - 1
+    })
+    .await;
+    assert!(others_sent, "{:?}", unreached_alarms(&app).await);
+    let listed = unreached_alarms(&app).await;
+    let held: Vec<&serde_json::Value> = listed.iter().filter(|a| a["status"] != "sent").collect();
+    assert_eq!(held.len(), 1, "{listed:?}");
+    let held_id = held[0]["id"].as_str().unwrap().to_owned();
+    assert!(
+        held[0]["last_error"].is_null() && held[0]["attempts"] == 1,
+        "the others were taken while the first POST still hung: {listed:?}"
+    );
+    let first_post = &hook_posts(&server).await[0];
+    assert_eq!(first_post["incident_id"], held[0]["incident_id"]);
+
+    // Its POST runs out of time, is tried again and taken.
+    let taken = eventually(Duration::from_secs(60), || async {
+        unreached_alarms(&app)
+            .await
+            .iter()
+            .any(|a| a["id"] == held_id && a["status"] == "sent")
+    })
+    .await;
+    assert!(taken, "{:?}", unreached_alarms(&app).await);
+    let listed = unreached_alarms(&app).await;
+    let again = listed.iter().find(|a| a["id"] == held_id).unwrap();
+    assert_eq!(again["attempts"], 2, "{again}");
+    let posts = hook_posts(&server).await;
+    assert_eq!(posts.len(), sids.len() + 1, "one POST again, no more");
+    assert_eq!(
+        posts
+            .iter()
+            .filter(|b| b["incident_id"] == again["incident_id"])
+            .count(),
+        2
+    );
+    app.stop().await;
 }

@@ -3,8 +3,10 @@
 //! played by the greeting once it is in (text before, and a follow-up call after).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -862,4 +864,260 @@ both_engines!(
     oversize_and_non_audio_answers_are_not_kept,
     a_restart_while_waiting_still_fetches_the_recording,
     refused_credentials_fall_back_to_the_call_details_url,
+    a_slow_recording_host_holds_no_other_fetch,
+    parallel_claims_take_each_recording_once_and_keep_to_its_lease,
 );
+
+/// A recording host on a bad line: it answers at once with the headers of a 100 kB MP3, then sends the
+/// body at ten bytes a second for as long as the client stays. It notes each request's path and how
+/// many downloads are still running.
+struct Trickle {
+    addr: std::net::SocketAddr,
+    paths: Arc<Mutex<Vec<String>>>,
+    running: Arc<AtomicUsize>,
+}
+
+impl Trickle {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let paths = Arc::new(Mutex::new(Vec::new()));
+        let running = Arc::new(AtomicUsize::new(0));
+        let (p, r) = (paths.clone(), running.clone());
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(Self::serve(sock, p.clone(), r.clone()));
+            }
+        });
+        Trickle {
+            addr,
+            paths,
+            running,
+        }
+    }
+
+    async fn serve(
+        mut sock: tokio::net::TcpStream,
+        paths: Arc<Mutex<Vec<String>>>,
+        running: Arc<AtomicUsize>,
+    ) {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let line = String::from_utf8_lossy(&head)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        paths
+            .lock()
+            .unwrap()
+            .push(line.split(' ').nth(1).unwrap_or("").to_owned());
+        running.fetch_add(1, Ordering::SeqCst);
+        let body = audio(100_000);
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        if sock.write_all(answer.as_bytes()).await.is_ok() {
+            for piece in body.chunks(10) {
+                if sock.write_all(piece).await.is_err() || sock.flush().await.is_err() {
+                    break;
+                }
+                // The line's speed, not a wait for anything.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        running.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn paths(&self) -> Vec<String> {
+        let mut paths = self.paths.lock().unwrap().clone();
+        paths.sort();
+        paths
+    }
+
+    fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+}
+
+/// Passthrus of `recordings` (CallSid, recording URL), in order; their incidents' ids.
+async fn incidents_with_recordings(app: &TestApp, recordings: &[(&str, String)]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for (sid, url) in recordings {
+        let res = app
+            .passthru(&format!(
+                "CallSid={sid}&EmergencyType=Heart&RecordingUrl={}",
+                encoded(url)
+            ))
+            .await;
+        assert_eq!(res.status(), 200);
+        ids.push(
+            app.store
+                .incident_by_call_sid(sid)
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+        );
+    }
+    ids
+}
+
+/// Two recordings that come at ten bytes a second from one host, then a normal one from another: the
+/// normal one is stored while both slow downloads are still running (neither has ended nor been
+/// given up), and no recording is requested twice.
+async fn a_slow_recording_host_holds_no_other_fetch(db: Db) {
+    let p = Providers::start().await;
+    let slow = Trickle::start().await;
+    let stand = Stand::start(Duration::ZERO, audio(2000), "audio/mpeg").await;
+    let hosts = format!("{},{}", stand.host(), slow.host());
+    let app = proxy_app(
+        db,
+        &p,
+        &stand,
+        &[
+            ("SOS_RECORDINGS__ALLOWED_HOSTS", hosts),
+            ("SOS_DISPATCH__ENABLED", "false".into()),
+        ],
+    )
+    .await;
+    // The slow ones first: they are due first.
+    let ids = incidents_with_recordings(
+        &app,
+        &[
+            ("recslow1", slow.url("/slow1.mp3")),
+            ("recslow2", slow.url("/slow2.mp3")),
+            ("recnormal1", stand.url()),
+        ],
+    )
+    .await;
+    // The slow downloads run for a minute (the fetch's own time limit) before they end.
+    let stored = eventually(Duration::from_secs(50), || async {
+        recording_status(&app, &ids[2]).await.as_deref() == Some("stored")
+    })
+    .await;
+    assert!(
+        stored,
+        "the normal recording waited: {:?}",
+        app.store.recording(&ids[2]).await.unwrap()
+    );
+    for id in &ids[..2] {
+        let job = app.store.recording(id).await.unwrap().unwrap();
+        assert_eq!(job.status, "pending", "{job:?}");
+        assert_eq!(
+            (job.attempts, job.last_error.as_deref()),
+            (1, None),
+            "its first download still runs: {job:?}"
+        );
+        assert!(job.lease_token.is_some(), "{job:?}");
+    }
+    assert_eq!(slow.running(), 2, "both slow downloads still run");
+    assert_eq!(
+        slow.paths(),
+        ["/slow1.mp3", "/slow2.mp3"],
+        "each asked for once"
+    );
+    assert_eq!(stand.hits(), 1);
+    app.stop().await;
+}
+
+/// Claims from many tasks at once (as a process fetching several recordings, or several replicas, make
+/// them) take each due recording once; one under lease is claimed again only once its lease has run
+/// out in the database's clock, and then the earlier holder can no longer write to it.
+async fn parallel_claims_take_each_recording_once_and_keep_to_its_lease(db: Db) {
+    let p = Providers::start().await;
+    // Never ready: the jobs stay pending.
+    let stand = Stand::start(Duration::from_secs(3600), audio(2000), "audio/mpeg").await;
+    let app = proxy_app(db, &p, &stand, &[("SOS_DISPATCH__ENABLED", "false".into())]).await;
+    let recordings: Vec<(String, String)> = (0..6)
+        .map(|i| (format!("recclaim{i}"), stand.url()))
+        .collect();
+    let recordings: Vec<(&str, String)> = recordings
+        .iter()
+        .map(|(s, u)| (s.as_str(), u.clone()))
+        .collect();
+    let ids = incidents_with_recordings(&app, &recordings).await;
+    let test_db = app.stop().await;
+    let store = exotel_sos::store::Store::connect(&test_db.url, 8)
+        .await
+        .unwrap();
+    // Every job due, whatever the stopped server's tries left as its next time.
+    store.clock().advance(Duration::from_secs(60));
+
+    let claims = (0..8).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut taken = Vec::new();
+            while let Some(job) = store
+                .claim_recording(&format!("claimer-{i}-{}", taken.len()))
+                .await
+                .unwrap()
+            {
+                taken.push((job.incident_id, job.lease_token.unwrap()));
+            }
+            taken
+        })
+    });
+    let mut taken: Vec<(String, String)> = Vec::new();
+    for c in claims {
+        taken.extend(c.await.unwrap());
+    }
+    let mut claimed: Vec<String> = taken.iter().map(|(id, _)| id.clone()).collect();
+    claimed.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(claimed, expected, "each recording claimed exactly once");
+    assert!(
+        store.claim_recording("late").await.unwrap().is_none(),
+        "all under lease"
+    );
+
+    // One holder's lease runs out (its process stalled): the job is claimed again, and the stalled
+    // holder's writes are refused.
+    let (stale_id, stale_token) = taken[0].clone();
+    sqlx::query("UPDATE recordings SET lease_until = 0 WHERE incident_id = $1")
+        .bind(&stale_id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let again = store
+        .claim_recording("second-holder")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.incident_id, stale_id);
+    assert!(store.claim_recording("third").await.unwrap().is_none());
+    assert!(store
+        .put_recording_chunk(&stale_id, &stale_token, 0, vec![1, 2, 3])
+        .await
+        .is_err());
+    let stale_job = store.recording(&stale_id).await.unwrap().unwrap();
+    assert!(!store
+        .recording_stored(&stale_job, &stale_token, "audio/mpeg", 3, 1)
+        .await
+        .unwrap());
+    assert!(store
+        .put_recording_chunk(&stale_id, "second-holder", 0, audio(10))
+        .await
+        .is_ok());
+    assert!(store
+        .recording_stored(&again, "second-holder", "audio/mpeg", 10, 1)
+        .await
+        .unwrap());
+    store.close().await;
+}
