@@ -6,6 +6,7 @@ pub mod callbacks;
 pub mod console;
 pub mod edge;
 pub mod exotel;
+pub mod exotel_token;
 pub mod health;
 pub mod params;
 pub mod recording;
