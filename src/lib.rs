@@ -91,6 +91,10 @@ impl App {
             settings.server.max_connections,
             settings.server.reserved_for_exotel,
         )));
+        // Validated with the settings; a caller id that is not a number is left out.
+        let alarm_watch = Arc::new(app::alarms::AlarmWatch::with_numbers(
+            settings.exotel.our_numbers(region).unwrap_or_default(),
+        ));
         Ok(App {
             state: AppState {
                 settings: Arc::new(settings),
@@ -105,7 +109,7 @@ impl App {
                 metrics: Arc::new(metrics::Metrics::new()),
                 recording_opens: Arc::default(),
                 console,
-                alarm_watch: Arc::default(),
+                alarm_watch,
                 auditor: Arc::default(),
             },
             generated_webhook_token,
@@ -218,6 +222,15 @@ impl App {
                     settings.server.public_url
                 ));
             }
+        }
+        if live && !self.state.alarm_watch.knows_numbers() {
+            out.push(
+                "neither exotel.inbound_numbers nor exotel.caller_id holds a phone number: a request \
+                 with a wrong webhook token cannot be told from a scanner's, so Exotel calling with an \
+                 old token would page nobody; set exotel.inbound_numbers to the ExoPhone(s) emergencies \
+                 are called in on"
+                    .to_owned(),
+            );
         }
         let routing = self.state.routing.current();
         if let Some(w) = stakeholders::unreached_warning(&routing, live) {

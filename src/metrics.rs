@@ -109,7 +109,7 @@ impl Metrics {
         let webhook_requests = Family::<WebhookLabels, Counter>::default();
         registry.register(
             "sos_webhook_requests",
-            "HTTP requests answered, by matched route and status code",
+            "HTTP requests answered, by matched route and status code (not_exotel: a scanner refused)",
             webhook_requests.clone(),
         );
         let provider_requests =
@@ -237,12 +237,14 @@ impl Metrics {
             .inc();
     }
 
-    /// An HTTP request was answered; `endpoint` is the matched route pattern, never the raw URI.
-    pub fn webhook_request(&self, endpoint: &str, status: u16) {
+    /// An HTTP request was answered; `endpoint` is the matched route pattern, never the raw URI;
+    /// `status` its status code, or `not_exotel` for a stranger's request to Exotel's webhooks refused
+    /// for its token.
+    pub fn webhook_request(&self, endpoint: &str, status: &str) {
         self.webhook_requests
             .get_or_create(&WebhookLabels {
                 endpoint: endpoint.to_owned(),
-                status: status.to_string(),
+                status: status.to_owned(),
             })
             .inc();
     }

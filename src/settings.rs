@@ -129,6 +129,10 @@ pub struct ExotelSettings {
     pub api_key: SecretString,
     pub api_token: SecretString,
     pub caller_id: String,
+    /// The ExoPhones emergencies are called in on, comma-separated; with `caller_id` the numbers a
+    /// request with a wrong token must name to count toward the token alarm. Empty: `caller_id` alone.
+    #[serde(default)]
+    pub inbound_numbers: String,
     pub flow_url: String,
     pub sms_from: String,
     pub dlt_entity_id: String,
@@ -141,6 +145,35 @@ pub struct ExotelSettings {
     pub call_timeout_secs: u64,
     pub ring_timeout_secs: u64,
     pub sms_timeout_secs: u64,
+}
+
+impl ExotelSettings {
+    /// The numbers of this account that Exotel's requests name (`CallTo`, `To`): `inbound_numbers`
+    /// and `caller_id`, parsed with `region`. An entry of `inbound_numbers` that is not a phone number
+    /// is an error naming it (masked); a `caller_id` that is not one is left out (calls would fail
+    /// anyway, and the start warns when no number is left).
+    pub fn our_numbers(
+        &self,
+        region: phonenumber::country::Id,
+    ) -> Result<Vec<crate::domain::Phone>, String> {
+        let mut numbers = Vec::new();
+        for entry in self
+            .inbound_numbers
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let phone = crate::domain::Phone::parse(entry, region)
+                .map_err(|e| format!("exotel.inbound_numbers: {e}"))?;
+            numbers.push(phone);
+        }
+        if let Ok(phone) = crate::domain::Phone::parse(&self.caller_id, region) {
+            numbers.push(phone);
+        }
+        numbers.sort();
+        numbers.dedup();
+        Ok(numbers)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -635,11 +668,16 @@ impl Settings {
                     .to_owned(),
             );
         }
-        if crate::domain::phone::region(&self.stakeholders.default_country).is_none() {
-            problems.push(format!(
+        match crate::domain::phone::region(&self.stakeholders.default_country) {
+            Some(region) => {
+                if let Err(e) = self.exotel.our_numbers(region) {
+                    problems.push(e);
+                }
+            }
+            None => problems.push(format!(
                 "stakeholders.default_country {:?} is not a known region code such as IN",
                 self.stakeholders.default_country
-            ));
+            )),
         }
         if self.alertmanager.type_label.trim().is_empty() {
             problems.push("alertmanager.type_label must name a label".to_owned());
@@ -1016,6 +1054,41 @@ mod tests {
             assert!(format!("{err:#}").contains(&name), "{key}={value}: {err:#}");
         }
         assert!(with(&[("SOS_DISPATCH__REPORT_WAIT_SECS", "604800")]).is_ok());
+    }
+
+    #[test]
+    fn our_numbers_are_the_inbound_numbers_and_the_caller_id_normalised() {
+        let s = with(&[
+            ("SOS_EXOTEL__CALLER_ID", "08069891522"),
+            (
+                "SOS_EXOTEL__INBOUND_NUMBERS",
+                "+91 80 4000 0001, 0091 80 6989 1522",
+            ),
+        ])
+        .unwrap();
+        let numbers: Vec<String> = s
+            .exotel
+            .our_numbers(phonenumber::country::Id::IN)
+            .unwrap()
+            .iter()
+            .map(|p| p.e164().to_owned())
+            .collect();
+        assert_eq!(numbers, ["+918040000001", "+918069891522"]);
+        let s = with(&[("SOS_EXOTEL__CALLER_ID", "08069891522")]).unwrap();
+        assert_eq!(
+            s.exotel
+                .our_numbers(phonenumber::country::Id::IN)
+                .unwrap()
+                .len(),
+            1,
+            "empty: the caller id alone"
+        );
+        let err =
+            with(&[("SOS_EXOTEL__INBOUND_NUMBERS", "+91 80 4000 0001, reception")]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("exotel.inbound_numbers"),
+            "{err:#}"
+        );
     }
 
     #[test]

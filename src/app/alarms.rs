@@ -1,6 +1,7 @@
 //! Alarms: the sweep that marks incidents nobody acknowledged in time as unreached and alarms the
 //! `[unreached]` teams, the sender that alarms the teams of an account alarm and POSTs every alarm to
-//! `alarms.webhook_url`, and the watch on bursts of bad webhook tokens.
+//! `alarms.webhook_url`, and the watch on bursts of bad webhook tokens: Exotel's page people,
+//! strangers' (scanners) are counted and reported only.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +15,7 @@ use crate::dispatch::retry::RetryPolicy;
 use crate::domain::message_kind::MessageKind;
 use crate::domain::Channel;
 use crate::providers::AccountProblem;
-use crate::store::alarms::{AlarmTarget, DueAlarm, Raised, Tried, UnnotifiedAlarm};
+use crate::store::alarms::{AccountAlarm, AlarmTarget, DueAlarm, Raised, Tried, UnnotifiedAlarm};
 
 /// How long one webhook POST may take.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +35,22 @@ pub const TOKEN_BURST: usize = 5;
 pub const TOKEN_BURST_WINDOW_MS: i64 = 60_000;
 /// The lane name of account alarms about our own webhooks.
 pub const WEBHOOK_LANE: &str = "webhook";
+/// How often refused requests of strangers are logged at most: a scanner sends thousands.
+pub const STRANGER_LOG_EVERY_MS: i64 = 60_000;
+/// The reason of the report of a burst of strangers' wrong tokens (a scanner): never paged.
+pub const SCANNER_REASON: &str = "webhook_scanner";
+
+/// Who a request to one of Exotel's webhooks looks like it came from, judged at the edge from its
+/// parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    /// Exotel for this account: a CallSid of Exotel's form, to one of our numbers. A burst of wrong
+    /// tokens from it pages people: real emergencies are being refused.
+    Exotel,
+    /// Anything else (a scanner): refused, counted, logged at most once a minute and reported, never
+    /// paged, since anyone on the internet can send it.
+    Stranger,
+}
 
 /// The `[unreached]` contacts of the current routing, each on every channel they have that a
 /// provider lane sends, leaving out `avoid` (the channels of a failing lane or provider account)
@@ -399,7 +416,7 @@ async fn post(
 }
 
 /// What this process watches outside the dispatcher: wrong webhook tokens seen lately on Exotel's
-/// webhooks (a burst raises an account alarm).
+/// webhooks (a burst from Exotel raises an account alarm; strangers' are counted and reported).
 #[derive(Debug, Default)]
 pub struct AlarmWatch {
     failures: Mutex<VecDeque<i64>>,
@@ -407,11 +424,118 @@ pub struct AlarmWatch {
     /// Set by the first good token of this process, which clears a token alarm left open by an
     /// earlier run.
     token_seen_good: AtomicBool,
+    /// Our numbers (`exotel.inbound_numbers` and `exotel.caller_id`), E.164: a request with a wrong
+    /// token that names none of them is a stranger's.
+    ours: Vec<crate::domain::Phone>,
+    strangers: Mutex<Strangers>,
     /// Wakes this process's alarm sender when an alarm is raised, rather than at its next second.
     pub wake: tokio::sync::Notify,
 }
 
+/// Requests of strangers refused in this process.
+#[derive(Debug, Default)]
+struct Strangers {
+    refused: u64,
+    last_at: Option<i64>,
+    logged_at: Option<i64>,
+    unlogged: u64,
+    /// Those with a token within [`TOKEN_BURST_WINDOW_MS`], while no report is due.
+    burst: VecDeque<i64>,
+    reported_at: Option<i64>,
+}
+
+/// What to do about one refused request of a stranger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StrangerNote {
+    /// Log now, with how many were refused since the last line.
+    pub log: Option<u64>,
+    /// Report the burst this one completes.
+    pub report: bool,
+}
+
+/// Strangers' refused requests as `/readyz` shows them.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StrangersView {
+    /// Requests to `/exotel/*` refused for their token since this process started, that did not
+    /// look like Exotel's for this account.
+    pub refused: u64,
+    /// When the last one came (ms since the epoch).
+    pub last_at: Option<i64>,
+}
+
 impl AlarmWatch {
+    /// A watch that knows our numbers (`exotel.inbound_numbers` and `exotel.caller_id`).
+    pub fn with_numbers(ours: Vec<crate::domain::Phone>) -> Self {
+        AlarmWatch {
+            ours,
+            ..AlarmWatch::default()
+        }
+    }
+
+    /// Whether any number of ours is known: without one, every wrong token is a stranger's.
+    pub fn knows_numbers(&self) -> bool {
+        !self.ours.is_empty()
+    }
+
+    /// Whether `phone` is one of our numbers.
+    pub fn is_ours(&self, phone: &crate::domain::Phone) -> bool {
+        self.ours.contains(phone)
+    }
+
+    /// Notes a stranger's refused request at `now` (`with_token`: it carried one, a wrong one).
+    pub fn stranger(&self, now: i64, with_token: bool) -> StrangerNote {
+        let mut note = StrangerNote {
+            log: None,
+            report: false,
+        };
+        let Ok(mut s) = self.strangers.lock() else {
+            return note;
+        };
+        s.refused += 1;
+        s.unlogged += 1;
+        s.last_at = Some(now);
+        if s.logged_at
+            .is_none_or(|at| now - at >= STRANGER_LOG_EVERY_MS)
+        {
+            note.log = Some(s.unlogged);
+            s.unlogged = 0;
+            s.logged_at = Some(now);
+        }
+        let cooled = s
+            .reported_at
+            .is_none_or(|at| now - at >= crate::store::alarms::ACCOUNT_COOLDOWN_MS);
+        if with_token && cooled {
+            s.burst.push_back(now);
+            while s
+                .burst
+                .front()
+                .is_some_and(|&t| t <= now - TOKEN_BURST_WINDOW_MS)
+            {
+                s.burst.pop_front();
+            }
+            if s.burst.len() >= TOKEN_BURST {
+                s.burst.clear();
+                s.reported_at = Some(now);
+                note.report = true;
+            }
+        }
+        note
+    }
+
+    /// Strangers' refused requests so far.
+    pub fn strangers(&self) -> StrangersView {
+        match self.strangers.lock() {
+            Ok(s) => StrangersView {
+                refused: s.refused,
+                last_at: s.last_at,
+            },
+            Err(_) => StrangersView {
+                refused: 0,
+                last_at: None,
+            },
+        }
+    }
+
     /// Notes a bad token at `now`: true when this one completes a burst not alarmed yet.
     pub fn failed(&self, now: i64) -> bool {
         let Ok(mut f) = self.failures.lock() else {
@@ -584,11 +708,14 @@ pub fn sms_reported(
     });
 }
 
-/// Called with each token check of an Exotel webhook (`/exotel/*`): a burst of requests carrying a
-/// token that does not match raises the `webhook_token` account alarm once; the next good one clears
-/// it. A request without a token is a scanner, not a changed token: refused, never counted. Other
-/// webhooks (GupShup's) neither raise nor clear it. The writes run beside the request.
-pub fn token_checked(state: &AppState, given: Option<&str>, ok: bool) {
+/// Called with each token check of an Exotel webhook (`/exotel/*`): a burst of requests from
+/// [`Sender::Exotel`] carrying a token that does not match raises the `webhook_token` account alarm
+/// once; the next good one clears it. A request without a token is a scanner, not a changed token:
+/// refused, never counted toward it. A [`Sender::Stranger`]'s refusal is counted and logged here, at
+/// most once a minute, and a burst of them with a token is reported, not paged (see
+/// [`report_scanners`]). Other webhooks (GupShup's) neither raise nor clear it. The writes run beside
+/// the request.
+pub fn token_checked(state: &AppState, given: Option<&str>, ok: bool, sender: Sender) {
     let watch = &state.alarm_watch;
     if ok {
         if watch.succeeded() {
@@ -596,10 +723,27 @@ pub fn token_checked(state: &AppState, given: Option<&str>, ok: bool) {
         }
         return;
     }
-    if given.is_none_or(|t| t.trim().is_empty()) {
+    let tokenless = given.is_none_or(|t| t.trim().is_empty());
+    let now = state.store.now_ms();
+    if sender == Sender::Stranger {
+        let note = watch.stranger(now, !tokenless);
+        if let Some(refused) = note.log {
+            tracing::warn!(
+                refused,
+                "requests to Exotel's webhooks with a missing or wrong token that do not look like \
+                 Exotel's for this account (a CallSid of its form, to exotel.inbound_numbers or \
+                 exotel.caller_id): refused, nobody paged; logged at most once a minute"
+            );
+        }
+        if note.report {
+            report_scanners(state);
+        }
         return;
     }
-    if !watch.failed(state.store.now_ms()) {
+    if tokenless {
+        return;
+    }
+    if !watch.failed(now) {
         return;
     }
     raise_account(
@@ -618,9 +762,108 @@ pub fn token_checked(state: &AppState, given: Option<&str>, ok: bool) {
     );
 }
 
+/// Reports a burst of wrong tokens from strangers to the alarm webhook and the alarm list, beside
+/// the request: recorded with nobody to page, and at most once an hour across replicas. Before the
+/// requests were told apart, this burst paged the `[unreached]` teams; the report keeps it visible
+/// (a scanner, or an Exotel flow calling in on a number missing from `exotel.inbound_numbers`).
+fn report_scanners(state: &AppState) {
+    let base = state.settings.public_base();
+    let now = state.store.now_ms();
+    let summary = format!(
+        "{TOKEN_BURST} or more requests to Exotel's webhooks with a wrong token within {}s that do not \
+         look like Exotel's for this account (a CallSid of its form, to exotel.inbound_numbers or \
+         exotel.caller_id): refused, nobody paged. A scanner, most likely; if Exotel's flow calls in on \
+         another number, add it to exotel.inbound_numbers.",
+        TOKEN_BURST_WINDOW_MS / 1000
+    );
+    let alarm = AccountAlarm {
+        lane: WEBHOOK_LANE.to_owned(),
+        key: format!("{WEBHOOK_LANE}:{SCANNER_REASON}"),
+        reason: SCANNER_REASON.to_owned(),
+        body: serde_json::json!({
+            "type": "account",
+            "kind": "account",
+            "lane": WEBHOOK_LANE,
+            "seen_on": WEBHOOK_LANE,
+            "reason": SCANNER_REASON,
+            "paged": false,
+            "dlt_template_id": null,
+            "summary": summary,
+            "detail": summary,
+            "raised_at": now,
+            "readyz": format!("{base}/readyz"),
+            "api": format!("{base}/api/v1/alarms"),
+        }),
+        summary,
+    };
+    let webhook = !state.settings.alarms.webhook_url.trim().is_empty();
+    let state = state.clone();
+    tokio::spawn(async move {
+        match state.store.report_account_alarm(&alarm, webhook).await {
+            Ok(true) => {
+                if webhook {
+                    state.alarm_watch.wake.notify_one();
+                }
+                tracing::warn!(
+                    scope = WEBHOOK_LANE,
+                    reason = SCANNER_REASON,
+                    webhook,
+                    "wrong webhook tokens from strangers reported; nobody paged"
+                );
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "could not record the report of wrong webhook tokens from strangers"
+            ),
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strangers_are_logged_once_a_minute_and_a_burst_with_a_token_reported_once_an_hour() {
+        let w = AlarmWatch::default();
+        let first = w.stranger(0, true);
+        assert_eq!(first.log, Some(1), "the first at once");
+        for i in 1..4 {
+            let n = w.stranger(i * 1000, true);
+            assert_eq!(n.log, None, "then nothing within the minute");
+            assert!(!n.report);
+        }
+        assert!(
+            w.stranger(4_000, true).report,
+            "the fifth with a token within a minute"
+        );
+        assert!(!w.stranger(5_000, true).report, "once");
+        assert_eq!(w.stranger(59_999, false).log, None);
+        assert_eq!(
+            w.stranger(60_000, false).log,
+            Some(7),
+            "a minute on: how many since the last line"
+        );
+        assert_eq!(w.strangers().refused, 8);
+        assert_eq!(w.strangers().last_at, Some(60_000));
+        // Tokenless ones never make a burst to report.
+        let w = AlarmWatch::default();
+        for i in 0..10 {
+            assert!(!w.stranger(i, false).report);
+        }
+        // Another burst an hour after the report is reported again.
+        let w = AlarmWatch::default();
+        for i in 0..5 {
+            w.stranger(i, true);
+        }
+        for i in 0..5 {
+            assert!(!w.stranger(120_000 + i, true).report, "within the hour");
+        }
+        let later = crate::store::alarms::ACCOUNT_COOLDOWN_MS + 10;
+        let reported = (0..5).any(|i| w.stranger(later + i, true).report);
+        assert!(reported);
+    }
 
     #[test]
     fn a_burst_of_bad_tokens_alarms_once_until_a_good_one() {

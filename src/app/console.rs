@@ -16,7 +16,8 @@ use crate::settings::non_empty;
 
 /// How long a console session lasts: a shift, not a week.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Wrong tokens allowed from one client address within [`FAILURE_WINDOW`].
+/// Wrong tokens allowed from one client address within [`FAILURE_WINDOW`] before further wrong ones
+/// are answered 429.
 pub const MAX_FAILURES: usize = 5;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// How often the change watcher reads the fingerprint: the board is live within a second.
@@ -146,7 +147,9 @@ pub async fn sign_out(state: &AppState, id: &str) -> anyhow::Result<()> {
 }
 
 /// Wrong sign-in tokens per client address, in this process: after [`MAX_FAILURES`] within
-/// [`FAILURE_WINDOW`], further tries wait.
+/// [`FAILURE_WINDOW`], further wrong tries wait. The right token is checked before the limit and
+/// always signs in, so guesses from an address (behind an untrusted proxy, everyone's) never lock
+/// the desk out.
 #[derive(Default)]
 pub struct SignInLimiter {
     failures: Mutex<HashMap<IpAddr, Vec<Instant>>>,

@@ -52,10 +52,16 @@ pub struct AppState {
 
 impl AppState {
     /// The webhook token of a request to one of Exotel's webhooks (`/exotel/*`): also watched for a
-    /// burst of wrong tokens (see [`alarms::token_checked`]).
-    pub fn exotel_token_ok(&self, given: Option<&str>) -> bool {
+    /// burst of wrong tokens (see [`alarms::token_checked`]). `sender` says who a refused request
+    /// looks like it came from; it is asked only then, so a good request costs no look at its numbers.
+    pub fn exotel_token_ok(
+        &self,
+        given: Option<&str>,
+        sender: impl FnOnce() -> alarms::Sender,
+    ) -> bool {
         let ok = token_matches(&self.webhook_token, given);
-        alarms::token_checked(self, given, ok);
+        let sender = if ok { alarms::Sender::Exotel } else { sender() };
+        alarms::token_checked(self, given, ok, sender);
         ok
     }
 

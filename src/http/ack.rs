@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use super::edge::{public_read, Deadline, PublicDb};
+use super::exotel_token;
 use super::params::Params;
 use super::AppState;
 use crate::app::ack::{self, event};
@@ -42,9 +43,8 @@ pub async fn keypress(
         .extend_body(&headers, body)
         .await
         .map_err(AppError::BadRequest)?;
-    if !state.exotel_token_ok(params.get("token").as_deref()) {
-        tracing::warn!("acknowledge keypress with a missing or wrong token");
-        return Err(AppError::Unauthorized);
+    if let Err(refused) = exotel_token::check(&state, &params) {
+        return Ok(refused.answer("acknowledge keypress with a missing or wrong token"));
     }
     let Some(reference) = params.get("CustomField").filter(|r| r.len() <= 128) else {
         tracing::warn!("acknowledge keypress without a CustomField; answering 302");

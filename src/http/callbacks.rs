@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
+use super::exotel_token;
 use super::params::{strip_json_controls, strip_raw_controls, Params};
 use super::AppState;
 use crate::domain::Channel;
@@ -15,20 +16,20 @@ use crate::error::AppError;
 use crate::providers::{exotel_call, exotel_sms, gupshup};
 use crate::store::CallbackEffect;
 
+/// The fields of one of Exotel's status callbacks, once its token is right; else the answer to give.
 async fn read(
     uri: &Uri,
     headers: &HeaderMap,
     body: Bytes,
     state: &AppState,
-) -> Result<Params, AppError> {
+) -> Result<Params, Response> {
     let mut params = Params::from_query(uri.query());
     params
         .extend_body(headers, body)
         .await
-        .map_err(AppError::BadRequest)?;
-    if !state.exotel_token_ok(params.get("token").as_deref()) {
-        tracing::warn!("status callback with a missing or wrong token");
-        return Err(AppError::Unauthorized);
+        .map_err(|e| AppError::BadRequest(e).into_response())?;
+    if let Err(refused) = exotel_token::check(state, &params) {
+        return Err(refused.answer("status callback with a missing or wrong token"));
     }
     Ok(params)
 }
@@ -84,7 +85,10 @@ pub async fn call_status(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AppError> {
-    let p = read(&uri, &headers, body, &state).await?;
+    let p = match read(&uri, &headers, body, &state).await {
+        Ok(p) => p,
+        Err(refused) => return Ok(refused),
+    };
     let report = exotel_call::callback_report(|k| p.get(k)).map_err(AppError::BadRequest)?;
     tracing::Span::current().record("call_sid", report.provider_id.as_str());
     let policy = state.settings.redial_policy();
@@ -101,7 +105,10 @@ pub async fn sms_status(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AppError> {
-    let p = read(&uri, &headers, body, &state).await?;
+    let p = match read(&uri, &headers, body, &state).await {
+        Ok(p) => p,
+        Err(refused) => return Ok(refused),
+    };
     let report = exotel_sms::callback_report(|k| p.get(k)).map_err(AppError::BadRequest)?;
     tracing::Span::current().record("sms_sid", report.provider_id.as_str());
     if let Some(lane) = state.providers.for_channel(Channel::Sms) {

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use super::edge::Deadline;
+use super::exotel_token;
 use super::params::{exotel_time, http_url, Params};
 use super::AppState;
 use crate::app::incidents::{self, Emergency, Planned};
@@ -41,9 +42,8 @@ pub async fn passthru(
         .extend_body(&headers, body)
         .await
         .map_err(AppError::BadRequest)?;
-    if !state.exotel_token_ok(params.get("token").as_deref()) {
-        tracing::warn!("passthru with a missing or wrong token");
-        return Err(AppError::Unauthorized);
+    if let Err(refused) = exotel_token::check(&state, &params) {
+        return Ok(refused.answer("passthru with a missing or wrong token"));
     }
     let call_sid =
         CallSid::parse(&params.get("CallSid").unwrap_or_default()).map_err(AppError::BadRequest)?;
@@ -291,8 +291,8 @@ async fn store_passthru(
 /// checks do the same; a 405 would look like a broken URL, while only a GET or POST is an emergency.
 pub async fn passthru_probe(State(state): State<AppState>, uri: Uri) -> Response {
     let params = Params::from_query(uri.query());
-    if !state.exotel_token_ok(params.get("token").as_deref()) {
-        return AppError::Unauthorized.into_response();
+    if let Err(refused) = exotel_token::check(&state, &params) {
+        return refused.answer("passthru probe with a missing or wrong token");
     }
     StatusCode::OK.into_response()
 }
@@ -305,9 +305,10 @@ pub async fn greeting(State(state): State<AppState>, method: Method, uri: Uri) -
     let msg = &state.settings.messages;
     let fallback = || messages::speakable(&msg.greeting_fallback);
 
-    let body = if !state.exotel_token_ok(params.get("token").as_deref()) {
+    let refused = exotel_token::check(&state, &params).err();
+    let body = if let Some(refused) = refused {
         // A doctor is on the line: say something useful, but reveal nothing stored.
-        tracing::warn!("greeting with a missing or wrong token; answering the generic alert");
+        refused.log("greeting with a missing or wrong token; answering the generic alert");
         fallback()
     } else {
         match params.get("CustomField").filter(|r| r.len() <= 128) {
@@ -318,6 +319,9 @@ pub async fn greeting(State(state): State<AppState>, method: Method, uri: Uri) -
         }
     };
     let mut response = (StatusCode::OK, body).into_response();
+    if let Some(refused) = refused {
+        refused.mark(&mut response);
+    }
     // Exactly text/plain: Exotel asks for "nothing else", and axum would add a charset.
     response
         .headers_mut()

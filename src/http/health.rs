@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use super::edge::{public_read, PublicDb};
+use super::exotel_token::NotExotel;
 use super::AppState;
 use crate::domain::{now_ms, Channel};
 use crate::metrics::{CLASSIC_CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE};
@@ -19,6 +20,8 @@ use crate::store::Writable;
 
 /// A readiness probe must answer before the orchestrator's own timeout, even with a hung database.
 const DB_CHECK_BUDGET: Duration = Duration::from_secs(2);
+/// The `status` label of a stranger's request refused for its token (see [`count_requests`]).
+pub const NOT_EXOTEL: &str = "not_exotel";
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -50,6 +53,10 @@ struct Readiness {
     /// What the auditor last found stalled. A stall does not make this replica unready: taking it out
     /// of the load balancer would not move the work, and would refuse the next emergency.
     auditor: crate::app::auditor::StatusView,
+    /// Requests to Exotel's webhooks this process refused for their token that did not look like
+    /// Exotel's for this account (scanners): reported, not a reason to degrade, since nothing is
+    /// refused that Exotel sent.
+    webhook_scanners: crate::app::alarms::StrangersView,
 }
 
 #[derive(Debug, Serialize)]
@@ -156,6 +163,7 @@ async fn readyz(State(state): State<AppState>, limits: PublicDb) -> Response {
         },
         channels,
         auditor: state.auditor.view(state.settings.auditor.every(), now_ms()),
+        webhook_scanners: state.alarm_watch.strangers(),
     };
     let status = if ready {
         StatusCode::OK
@@ -205,7 +213,9 @@ async fn metrics(State(state): State<AppState>, limits: PublicDb, headers: Heade
 }
 
 /// Counts every answered request by matched route pattern and status. The pattern, not the URI: URIs
-/// carry ids and tokens, and would grow the label set without bound.
+/// carry ids and tokens, and would grow the label set without bound. A request to Exotel's webhooks
+/// refused for its token that does not look like Exotel's (a scanner) is counted as `not_exotel`, so
+/// that a rise in `401` means Exotel itself is being refused.
 pub async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let endpoint = req
         .extensions()
@@ -213,8 +223,11 @@ pub async fn count_requests(State(state): State<AppState>, req: Request, next: N
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let res = next.run(req).await;
-    state
-        .metrics
-        .webhook_request(&endpoint, res.status().as_u16());
+    let status = if res.extensions().get::<NotExotel>().is_some() {
+        NOT_EXOTEL.to_owned()
+    } else {
+        res.status().as_u16().to_string()
+    };
+    state.metrics.webhook_request(&endpoint, &status);
     res
 }

@@ -6,11 +6,14 @@ pub mod callbacks;
 pub mod console;
 pub mod edge;
 pub mod exotel;
+pub mod exotel_token;
 pub mod health;
 pub mod params;
 pub mod recording;
 pub mod serve;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -69,6 +72,13 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(max_uri, limit_uri))
+        .layer(middleware::from_fn_with_state(
+            // Already "said" when a proxy is trusted: then there is nothing to warn about.
+            Arc::new(AtomicBool::new(
+                !settings.trusted_proxies().unwrap_or_default().is_empty(),
+            )),
+            warn_untrusted_forwarding,
+        ))
         .layer(axum::Extension(limits.clone()))
         .layer(middleware::from_fn_with_state(timeout, edge::deadline))
         .layer(middleware::from_fn_with_state(limits, edge::route_budget))
@@ -94,6 +104,29 @@ pub fn router(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
         .with_state(state)
+}
+
+/// Warns once (`said` turns true) when a request carries `X-Forwarded-For` and `server.trusted_proxies`
+/// is empty: the server sits behind a reverse proxy it was not told about, so every client has the
+/// proxy's address, and the console's sign-in limit and the recording-open records cannot tell people
+/// apart. Once is enough: every request through the proxy carries the header.
+async fn warn_untrusted_forwarding(
+    State(said): State<Arc<AtomicBool>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if req.headers().contains_key("x-forwarded-for")
+        && !said.load(Ordering::Relaxed)
+        && !said.swap(true, Ordering::Relaxed)
+    {
+        tracing::warn!(
+            "requests arrive with X-Forwarded-For but server.trusted_proxies is empty: behind a \
+             reverse proxy every client then has the proxy's address (one console sign-in limit for \
+             everyone, recording opens recorded as the proxy's); set server.trusted_proxies to the \
+             proxy's address"
+        );
+    }
+    next.run(req).await
 }
 
 /// Rejects oversized URIs before any handler reads them: the Passthru GET carries its fields there.

@@ -117,6 +117,20 @@ const INSERT_COOLED: &str = "INSERT INTO alarms (id, kind, dedup_key, incident_i
      VALUES ($1, 'account', $2, NULL, $3, $4, $5, $6, 'recorded', $7, $7, $7, $8) \
      ON CONFLICT DO NOTHING RETURNING id";
 
+/// Whether a report of this key (`$1`, escaped for `LIKE`, with the `:cleared:` suffix and `%`) was
+/// recorded since `$2`: one an hour, across replicas.
+const REPORTED_SINCE: &str = "SELECT id FROM alarms WHERE kind = 'account' \
+     AND dedup_key LIKE $1 ESCAPE '!' AND raised_at > $2 LIMIT 1";
+
+/// A report: an account alarm that tells of something seen rather than a condition that stays. Its
+/// people are taken as notified (nobody is paged) and it is cleared as it is raised (it never degrades
+/// `/readyz`, and nothing has to clear it); its dedup key is the cleared form, unique by its id. The
+/// webhook POST is queued (`$7`) when a webhook is set.
+const INSERT_REPORT: &str = "INSERT INTO alarms (id, kind, dedup_key, incident_id, lane, reason, \
+     summary, body, status, due_at, raised_at, notified_at, cleared_at) \
+     VALUES ($1, 'account', $2, NULL, $3, $4, $5, $6, $7, $8, $8, $8, $8) \
+     ON CONFLICT DO NOTHING RETURNING id";
+
 /// What a delivered SMS was sent as: its purpose and its incident's source (which pick its message
 /// kind, and so its DLT template).
 const SMS_KIND: &str = "SELECT d.purpose, i.source FROM deliveries d \
@@ -430,6 +444,40 @@ impl Store {
         } else {
             Raised::AlreadyOpen
         })
+    }
+
+    /// Records `alarm` as a report that pages nobody (see [`INSERT_REPORT`]), its webhook POST queued
+    /// when `webhook`; at most one of its key an hour, whichever replica comes first. Whether this call
+    /// recorded it.
+    pub async fn report_account_alarm(
+        &self,
+        alarm: &AccountAlarm,
+        webhook: bool,
+    ) -> anyhow::Result<bool> {
+        let now = self.now_ms();
+        let key = format!("account:{}", alarm.key);
+        let pattern = format!("{}:cleared:%", like_escaped(&key));
+        let recent: Option<String> = sqlx::query_scalar(REPORTED_SINCE)
+            .bind(&pattern)
+            .bind(now - ACCOUNT_COOLDOWN_MS)
+            .fetch_optional(&self.reader)
+            .await?;
+        if recent.is_some() {
+            return Ok(false);
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let inserted: Option<String> = sqlx::query_scalar(INSERT_REPORT)
+            .bind(&id)
+            .bind(format!("{key}:cleared:{id}"))
+            .bind(&alarm.lane)
+            .bind(&alarm.reason)
+            .bind(storable(&alarm.summary).into_owned())
+            .bind(alarm.body.to_string())
+            .bind(if webhook { "queued" } else { "recorded" })
+            .bind(now)
+            .fetch_optional(&self.writer)
+            .await?;
+        Ok(inserted.is_some())
     }
 
     /// Clears the open account alarms of `lane` and of its provider `account` that an accepted

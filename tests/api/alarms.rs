@@ -23,6 +23,8 @@ both_engines!(
     exotel_402_raises_the_payment_alarm,
     a_gupshup_credit_error_raises_one_alarm,
     a_burst_of_bad_webhook_tokens_raises_one_alarm,
+    wrong_tokens_from_scanners_page_nobody_and_are_reported,
+    a_wrong_token_on_a_genuine_looking_passthru_still_pages,
     a_dlt_template_block_in_the_sms_report_raises_one_alarm,
     tokenless_and_gupshup_requests_neither_raise_nor_clear_the_token_alarm_and_it_pages_once_an_hour,
     a_delivered_sms_of_another_template_does_not_clear_a_template_alarm,
@@ -763,8 +765,9 @@ async fn a_burst_of_bad_webhook_tokens_raises_one_alarm(db: Db) {
         let res = app
             .client
             .get(format!(
-                "{}/exotel/passthru?token=old-token&CallSid=badtoken{i}",
-                app.base
+                "{}/exotel/passthru?token=old-token&CallSid={}&{TO_US}",
+                app.base,
+                exotel_sid(i)
             ))
             .send()
             .await
@@ -782,7 +785,7 @@ async fn a_burst_of_bad_webhook_tokens_raises_one_alarm(db: Db) {
     assert_eq!(listed[0]["reason"], "webhook_token");
     // Nothing stored from them (the only incident may be the one that carries the alarm to people).
     for i in 0..8 {
-        let sid = format!("badtoken{i}");
+        let sid = exotel_sid(i);
         assert!(
             app.store
                 .incident_by_call_sid(&sid)
@@ -808,6 +811,164 @@ async fn a_burst_of_bad_webhook_tokens_raises_one_alarm(db: Db) {
     })
     .await;
     assert!(cleared);
+    app.stop().await;
+}
+
+/// Wrong tokens on requests that do not look like Exotel's Passthru for this account (a scanner: no
+/// CallSid of Exotel's form, or no number of ours) page nobody: refused with `401`, counted under
+/// `status="not_exotel"`, shown on `/readyz` and reported to the alarm webhook as not paged; no incident
+/// is stored and no provider is asked to call, text or message anyone.
+async fn wrong_tokens_from_scanners_page_nobody_and_are_reported(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app(db, &p, &[("SOS_ALARMS__WEBHOOK_URL", url)]).await;
+    let scanners = [
+        "token=x&CallSid=CAevil1".to_owned(),
+        "token=x&CallSid=CAevil2".to_owned(),
+        // Our number, but a CallSid Exotel never sends.
+        format!("token=x&CallSid=CAevil3&{TO_US}"),
+        // Exotel's form of CallSid, but to a number that is not ours, or to none.
+        format!("token=x&CallSid={}&CallTo=08040000001", exotel_sid(1)),
+        format!("token=x&CallSid={}&To=%2B14155550100", exotel_sid(2)),
+        format!("token=x&CallSid={}", exotel_sid(3)),
+    ];
+    for q in &scanners {
+        let res = app
+            .client
+            .get(format!("{}/exotel/passthru?{q}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{q}");
+    }
+    // Where the token alarm once paged people, the webhook hears of the scanner instead.
+    let reported = eventually(Duration::from_secs(10), || async {
+        account_posts(&server)
+            .await
+            .iter()
+            .any(|a| a["reason"] == "webhook_scanner")
+    })
+    .await;
+    assert!(
+        reported,
+        "webhook: {:?}; alarms: {:?}",
+        hook_posts(&server).await,
+        account_alarms(&app).await
+    );
+    let posts = account_posts(&server).await;
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    assert_eq!(posts[0]["paged"], false, "{posts:?}");
+    // The alarm sender's round that carries account alarms to the [unreached] teams finds none.
+    assert_eq!(
+        exotel_sos::app::alarms::notify_account_alarms(&app.state)
+            .await
+            .unwrap(),
+        0
+    );
+    let listed = account_alarms(&app).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["reason"], "webhook_scanner");
+    assert!(listed[0]["incident_id"].is_null(), "{listed:?}");
+    // Nothing stored, so nothing for the dispatcher to send; and nothing was sent.
+    let listed: serde_json::Value = app
+        .client
+        .get(format!("{}/api/v1/incidents", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["incidents"], serde_json::json!([]), "{listed}");
+    for provider_path in [CALLS_PATH, SMS_PATH, GUPSHUP_PATH] {
+        assert!(
+            p.requests(provider_path).await.is_empty(),
+            "{provider_path} reached"
+        );
+    }
+    let (code, body) = readyz(&app).await;
+    assert_eq!(
+        (code, &body["status"]),
+        (200, &serde_json::json!("ok")),
+        "{body}"
+    );
+    assert_eq!(body["webhook_scanners"]["refused"], 6, "{body}");
+    assert!(body["webhook_scanners"]["last_at"].is_i64(), "{body}");
+    let text = metrics(&app).await;
+    assert!(
+        text.contains(
+            "sos_webhook_requests_total{endpoint=\"/exotel/passthru\",status=\"not_exotel\"} 6"
+        ),
+        "{text}"
+    );
+    app.stop().await;
+}
+
+/// A wrong token on what looks like Exotel's own Passthru (a CallSid of its form, to one of
+/// `exotel.inbound_numbers` or `exotel.caller_id`, written in any form) still pages: Exotel calling
+/// with an old token means real emergencies are being refused.
+async fn a_wrong_token_on_a_genuine_looking_passthru_still_pages(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = spawn_alarm_app(
+        db,
+        &p,
+        &[("SOS_EXOTEL__INBOUND_NUMBERS", "+91 80 4000 0001".into())],
+    )
+    .await;
+    let to = [
+        "CallTo=08040000001",
+        "CallTo=%2B918069891522",
+        "To=918040000001",
+        "CallTo=0091%2080%204000%200001",
+    ];
+    for (i, to) in to.iter().enumerate() {
+        let res = app
+            .client
+            .get(format!(
+                "{}/exotel/passthru?token=old-token&CallSid={}&CallFrom=09800000001&{to}",
+                app.base,
+                exotel_sid(i)
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{to}");
+    }
+    // A call's status callback names our number as the call's ExoPhone.
+    let res = app
+        .client
+        .post(format!("{}/exotel/call-status?token=old-token", app.base))
+        .form(&[
+            ("CallSid", exotel_sid(9).as_str()),
+            ("Status", "completed"),
+            ("From", "+919800000001"),
+            ("To", "+919800000001"),
+            ("PhoneNumberSid", "08069891522"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let paged = eventually(Duration::from_secs(20), || async {
+        p.requests(CALLS_PATH)
+            .await
+            .iter()
+            .any(|(f, _)| field(f, "From") == Some(DUTY))
+    })
+    .await;
+    assert!(paged, "{:?}", account_alarms(&app).await);
+    let listed = account_alarms(&app).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["reason"], "webhook_token");
+    assert!(listed[0]["incident_id"].is_string(), "{listed:?}");
     app.stop().await;
 }
 
@@ -880,15 +1041,26 @@ async fn a_dlt_template_block_in_the_sms_report_raises_one_alarm(db: Db) {
     app.stop().await;
 }
 
-/// `n` requests to the Passthru with `token` (none when `None`), each refused.
+/// A CallSid of Exotel's form: 32 lower-case letters and digits, ending in a non-hex letter as real
+/// ones often do.
+fn exotel_sid(n: usize) -> String {
+    format!("{n:031x}k")
+}
+
+/// The Passthru's own numbers on a call to the ExoPhone of the test settings (`exotel.caller_id`).
+const TO_US: &str = "CallFrom=09800000001&CallTo=08069891522";
+
+/// `n` requests to the Passthru with `token` (none when `None`), looking like Exotel's own (a CallSid
+/// of its form, to our number), each refused.
 async fn refused_passthrus(app: &TestApp, token: Option<&str>, n: usize) {
     for i in 0..n {
         let token = token.map(|t| format!("token={t}&")).unwrap_or_default();
         let res = app
             .client
             .get(format!(
-                "{}/exotel/passthru?{token}CallSid=refused{i}",
-                app.base
+                "{}/exotel/passthru?{token}CallSid={}&{TO_US}",
+                app.base,
+                exotel_sid(i)
             ))
             .send()
             .await

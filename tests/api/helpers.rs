@@ -668,6 +668,18 @@ pub fn spawn_server(
     port: u16,
     extra: &[(&str, String)],
 ) -> Server {
+    spawn_server_logging(db_url, stakeholders, p, port, extra, None)
+}
+
+/// [`spawn_server`], with its output (the banner and every log line) written to `log` when given.
+pub fn spawn_server_logging(
+    db_url: &str,
+    stakeholders: &std::path::Path,
+    p: &Providers,
+    port: u16,
+    extra: &[(&str, String)],
+    log: Option<&std::path::Path>,
+) -> Server {
     use std::process::{Command, Stdio};
     // A copy can be named when the target directory is shared with builds of other source trees, which
     // may replace this build's binary while the tests run.
@@ -691,12 +703,16 @@ pub fn spawn_server(
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    match std::env::var_os("SOS_TEST_SERVER_LOGS") {
-        Some(dir) => {
+    let log = log.map(PathBuf::from).or_else(|| {
+        std::env::var_os("SOS_TEST_SERVER_LOGS")
+            .map(|dir| PathBuf::from(dir).join(format!("server-{port}.log")))
+    });
+    match log {
+        Some(file) => {
             let log = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(PathBuf::from(dir).join(format!("server-{port}.log")))
+                .open(file)
                 .expect("server log file");
             cmd.stdout(log.try_clone().expect("log handle")).stderr(log);
         }

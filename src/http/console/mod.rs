@@ -94,9 +94,11 @@ async fn login_page(
     )
 }
 
-/// `POST /console/login`: the token signs in with its role, the name is who acts. Wrong tokens are
-/// counted per client address; past the limit the answer is 429 with `Retry-After`, whatever the
-/// token. Neither token is ever echoed or logged.
+/// `POST /console/login`: the token signs in with its role, the name is who acts. The token is
+/// checked first (in constant time), and the right one always signs in: behind a proxy that is not
+/// trusted every client shares one address, and wrong guesses there must not lock the desk out. Wrong
+/// tokens are counted per client address; past the limit a wrong one is answered 429 with
+/// `Retry-After`. Neither token is ever echoed or logged.
 async fn login(
     State(state): State<AppState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -110,21 +112,24 @@ async fn login(
         }
         None => std::net::IpAddr::from([0, 0, 0, 0]),
     };
-    if let Some(wait) = state.console.sign_in.blocked(client) {
-        tracing::warn!("console sign-in refused: too many wrong tokens from this address");
-        let secs = wait.as_secs().max(1).to_string();
-        let mut res = secured(
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many wrong tokens; wait a minute and try again",
-            )
-                .into_response(),
-            None,
-        );
-        if let Ok(v) = HeaderValue::from_str(&secs) {
-            res.headers_mut().insert(header::RETRY_AFTER, v);
+    let role = use_case::role_of(&state, form.token.trim());
+    if role.is_none() {
+        if let Some(wait) = state.console.sign_in.blocked(client) {
+            tracing::warn!("console sign-in refused: too many wrong tokens from this address");
+            let secs = wait.as_secs().max(1).to_string();
+            let mut res = secured(
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many wrong tokens; wait a minute and try again",
+                )
+                    .into_response(),
+                None,
+            );
+            if let Ok(v) = HeaderValue::from_str(&secs) {
+                res.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return Ok(res);
         }
-        return Ok(res);
     }
     let name = crate::domain::truncate(
         crate::http::params::strip_all_controls(form.name.trim().to_owned()).trim(),
@@ -142,7 +147,7 @@ async fn login(
             Some(&nonce),
         )
     };
-    let Some(role) = use_case::role_of(&state, form.token.trim()) else {
+    let Some(role) = role else {
         state.console.sign_in.failed(client);
         tracing::warn!("console sign-in with a wrong token");
         return refuse("That token is not valid.", StatusCode::UNAUTHORIZED, name);
