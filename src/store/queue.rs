@@ -167,8 +167,8 @@ const GREETING_SPOKE_TEXT: &str = "UPDATE deliveries SET played_at = COALESCE(pl
 const CLAIM: Dialect = per_engine!(
     "UPDATE deliveries SET status = 'sending', lease_owner = $1, lease_token = $2, \
      lease_until = " NOW " + $3, attempts = attempts + 1, updated_at = $4 \
-     WHERE id IN (SELECT id FROM deliveries WHERE provider = $5 AND status = 'queued' \
-       AND due_at <= $4 ORDER BY due_at LIMIT $6 " SKIP_LOCKED ") \
+     WHERE id " PICK "SELECT id FROM deliveries WHERE provider = $5 AND status = 'queued' \
+       AND due_at <= $4 ORDER BY due_at LIMIT $6" PICKED " \
      RETURNING " DELIVERY_COLUMNS
 );
 
@@ -189,8 +189,8 @@ const RENEW_LEASE: Dialect = per_engine!(
 
 const OVERDUE_REPORTS: Dialect = per_engine!(
     "UPDATE deliveries SET report_due_at = $2 + $3, report_checks = report_checks + 1 \
-     WHERE id IN (SELECT id FROM deliveries WHERE provider = $1 AND status = 'accepted' \
-       AND report_due_at < $2 ORDER BY report_due_at LIMIT $4 " SKIP_LOCKED ") \
+     WHERE id " PICK "SELECT id FROM deliveries WHERE provider = $1 AND status = 'accepted' \
+       AND report_due_at < $2 ORDER BY report_due_at LIMIT $4" PICKED " \
      RETURNING " DELIVERY_COLUMNS
 );
 

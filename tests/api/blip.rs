@@ -89,3 +89,34 @@ async fn a_database_blip_shorter_than_the_lease_sends_nothing_twice() {
     assert_eq!(expired, 0, "a live dispatcher's lease ran out");
     app.stop().await;
 }
+
+/// A claim of `n` takes `n`, however many are due: on PostgreSQL the picking subquery runs once for the
+/// statement, never once per row looked at (which let one claim lease every due delivery of its lane).
+async fn a_claim_takes_no_more_than_its_limit(db: Db) {
+    let app = spawn_app_with(db, &[without_dispatcher()]).await;
+    for n in 0..4 {
+        let res = app
+            .passthru(&format!("CallSid={SID}c{n}&EmergencyType=Heart"))
+            .await;
+        assert_eq!(res.status(), 200);
+    }
+    // Heart has three SMS per incident: twelve due on the lane.
+    for limit in [1_i64, 5] {
+        let claimed = app
+            .store
+            .claim("exotel:sms", "test", Duration::from_secs(60), limit)
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len() as i64, limit, "a claim of {limit}");
+    }
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM deliveries WHERE provider = 'exotel:sms' AND status = 'queued'",
+    )
+    .fetch_one(app.store.pool())
+    .await
+    .expect("count");
+    assert_eq!(queued, 12 - 6);
+    app.stop().await;
+}
+
+crate::both_engines!(a_claim_takes_no_more_than_its_limit);
