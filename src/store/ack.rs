@@ -82,7 +82,11 @@ const CANCEL_ESCALATION_MESSAGES: &str =
      RETURNING id, channel, status";
 
 /// The contacts already alerted (a delivery of theirs went out, or is going out) on each message
-/// channel they have in this incident, but the one who acknowledged (by delivery or by name).
+/// channel they have in this incident, but the contact who acknowledged: `$2` and `$3` are the number
+/// and the contact name of the delivery acknowledged through (empty for an operator, who is nobody's
+/// delivery, whatever name they give). A name is a contact's identity (the stakeholder file refuses
+/// two of one name), and it still names them should their number have changed by a reload since the
+/// incident began; the number is the handset, which tells whoever holds it nothing new.
 const NOTICE_RECIPIENTS: &str = "SELECT DISTINCT m.contact_name, m.phone, m.channel \
      FROM deliveries m WHERE m.incident_id = $1 AND m.channel IN ('sms', 'whatsapp') \
        AND m.purpose <> 'ack_notice' AND m.phone <> $2 AND m.contact_name <> $3 \
@@ -223,10 +227,17 @@ impl Store {
             }
             let escalation_messages = messages.len();
             cancelled.extend(messages);
+            // The acknowledging contact is known by their delivery, never by the name given: an
+            // operator who types a contact's name must not keep that contact from being told.
             let recipients: Vec<(String, String, String)> = sqlx::query_as(NOTICE_RECIPIENTS)
                 .bind(&req.incident_id)
                 .bind(acker.as_ref().map(|d| d.phone.as_str()).unwrap_or(""))
-                .bind(&by)
+                .bind(
+                    acker
+                        .as_ref()
+                        .map(|d| d.contact_name.as_str())
+                        .unwrap_or(""),
+                )
                 .fetch_all(&mut *tx)
                 .await?;
             for (name, phone, channel) in recipients {

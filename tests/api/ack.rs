@@ -16,6 +16,7 @@ both_engines!(
     the_first_acknowledgement_cancels_calls_not_yet_placed,
     only_the_person_who_acknowledged_gets_the_recording_followup,
     a_keypress_the_database_cannot_take_answers_302,
+    an_operator_who_shares_a_contacts_name_leaves_that_contact_told,
 );
 
 const BIN: &str = env!("CARGO_BIN_EXE_exotel-sos");
@@ -742,5 +743,39 @@ async fn a_keypress_the_database_cannot_take_answers_302(db: Db) {
         "{}",
         res.text().await.unwrap_or_default()
     );
+    app.stop().await;
+}
+
+/// An operator is nobody's delivery, whatever name they type: an acknowledgement through the API in
+/// the name "Dr. Asha Rao" tells the contact of that name too (before, the notices left out every
+/// recipient whose stored name matched the operator's, so she was never told someone had it).
+async fn an_operator_who_shares_a_contacts_name_leaves_that_contact_told(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(db, &p, &[]).await;
+    let sid = "CA-ack-same-name";
+    app.passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
+        .await;
+    let ds = sent(&app, sid).await;
+    let id = ds[0].incident_id.clone();
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{id}/ack", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"by": "Dr. Asha Rao"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["incident"]["acknowledged_by"], "Dr. Asha Rao");
+    assert_eq!(body["notices"], 5, "{body}");
+    let told = notices(&app.deliveries_of(sid).await);
+    for channel in ["sms", "whatsapp"] {
+        assert!(
+            told.contains(&("Dr. Asha Rao".to_owned(), channel.to_owned())),
+            "{told:?}"
+        );
+    }
     app.stop().await;
 }
