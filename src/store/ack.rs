@@ -38,12 +38,25 @@ pub struct Acknowledged {
     pub status: IncidentState,
     /// Who acknowledged first (this request when `first`).
     pub by: Option<String>,
+    /// When the first acknowledgement was, milliseconds (now when `first`).
+    pub at: Option<i64>,
+    /// When the incident was resolved, if it is.
+    pub resolved_at: Option<i64>,
     /// The delivery's move to `acknowledged`, when it moved now.
     pub delivery_moved: Option<(Channel, DeliveryState)>,
     /// Calls not yet placed and later tiers' messages not yet sent, cancelled.
     pub cancelled: Vec<Moved>,
     /// Acknowledgement notices queued.
     pub notices: usize,
+}
+
+/// The incident as the acknowledgement leaves it.
+#[derive(sqlx::FromRow)]
+struct IncidentNow {
+    status: String,
+    acknowledged_by: Option<String>,
+    acknowledged_at: Option<i64>,
+    resolved_at: Option<i64>,
 }
 
 /// The first acknowledgement, only of an open incident.
@@ -157,12 +170,19 @@ impl Store {
             .await?
             .rows_affected()
             > 0;
-        let current: Option<(String, Option<String>)> =
-            sqlx::query_as("SELECT status, acknowledged_by FROM incidents WHERE id = $1")
-                .bind(&req.incident_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some((status, first_by)) = current else {
+        let current: Option<IncidentNow> = sqlx::query_as(
+            "SELECT status, acknowledged_by, acknowledged_at, resolved_at FROM incidents WHERE id = $1",
+        )
+        .bind(&req.incident_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(IncidentNow {
+            status,
+            acknowledged_by: first_by,
+            acknowledged_at: first_at,
+            resolved_at,
+        }) = current
+        else {
             return Ok(None);
         };
         let status: IncidentState = status.parse()?;
@@ -310,6 +330,8 @@ impl Store {
             first,
             status,
             by: first_by,
+            at: first_at,
+            resolved_at,
             delivery_moved,
             cancelled,
             notices,
