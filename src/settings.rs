@@ -596,6 +596,14 @@ impl Settings {
             if t.chars().count() < 16 {
                 problems.push("server.console_token must be at least 16 characters".to_owned());
             }
+            // A sign-in is checked against the admin token first: the front desk would be admins.
+            if non_empty(&self.server.admin_token) == Some(t) {
+                problems.push(
+                    "server.console_token must differ from server.admin_token: a console sign-in \
+                     with it would carry the admin's rights"
+                        .to_owned(),
+                );
+            }
         }
         if self.database.max_connections == 0 {
             problems.push("database.max_connections must be at least 1".to_owned());
