@@ -70,6 +70,19 @@ fn a_console_token_equal_to_the_admin_token_is_refused() {
     .expect("different tokens are fine");
 }
 
+/// `dispatch.poll_interval_ms = 0` made an idle server poll the database without pause.
+#[test]
+fn a_poll_interval_under_the_minimum_is_refused() {
+    for bad in ["0", "49"] {
+        let p = problem(&[("SOS_DISPATCH__POLL_INTERVAL_MS", bad)]);
+        assert!(
+            p.contains("dispatch.poll_interval_ms must be at least 50"),
+            "{p}"
+        );
+    }
+    load(&[("SOS_DISPATCH__POLL_INTERVAL_MS", "50")]).expect("the minimum is accepted");
+}
+
 crate::both_engines!(a_console_token_equal_to_the_stored_admin_token_stops_the_start);
 
 /// The generated admin token is printed at each start and kept in the database: pasted into
