@@ -1,5 +1,7 @@
 //! Exotel's webhooks: the Passthru that stores an emergency and the Dynamic Greeting that plays it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -66,9 +68,16 @@ pub async fn passthru(
         .unwrap_or_default();
     let write = tokio::spawn(store_passthru(state.clone(), planned, deadline).in_current_span());
     let (outcome_tx, mut outcome) = oneshot::channel();
+    let answered_302 = Arc::new(AtomicBool::new(false));
     tokio::spawn(
-        report_late_write(write, outcome_tx, caller.clone(), emergency_type.clone())
-            .in_current_span(),
+        report_late_write(
+            write,
+            outcome_tx,
+            answered_302.clone(),
+            caller.clone(),
+            emergency_type.clone(),
+        )
+        .in_current_span(),
     );
     let reason = match tokio::time::timeout(budget, &mut outcome).await {
         Ok(Ok(Ok(created))) => return Ok(stored(&created)),
@@ -77,6 +86,7 @@ pub async fn passthru(
         Err(_) => {
             // From here on the outcome is the reporting task's to log. Closing the channel tells it
             // so; an outcome sent in the same instant is still taken here, and answered as such.
+            answered_302.store(true, Ordering::Release);
             outcome.close();
             match outcome.try_recv() {
                 Ok(Ok(created)) => return Ok(stored(&created)),
@@ -120,12 +130,13 @@ fn fallback_branch() -> Response {
         .into_response()
 }
 
-/// Waits for the Passthru's write and hands its outcome to the handler; once the handler has stopped
-/// waiting (it answered 302, or the request was cut off), logs the outcome instead, in the request's
-/// span (its CallSid), with the caller's number masked.
+/// Waits for the Passthru's write and hands its outcome to the handler. Once the handler has stopped
+/// waiting (it answered 302, or the request was cut off: the time limit, or the client hanging up),
+/// logs the outcome instead, in the request's span (its CallSid), with the caller's number masked.
 async fn report_late_write(
     write: tokio::task::JoinHandle<anyhow::Result<crate::store::Created>>,
     to: oneshot::Sender<anyhow::Result<crate::store::Created>>,
+    answered_302: Arc<AtomicBool>,
     caller: String,
     emergency_type: String,
 ) {
@@ -136,6 +147,11 @@ async fn report_late_write(
     let Err(outcome) = to.send(outcome) else {
         return;
     };
+    let after = if answered_302.load(Ordering::Acquire) {
+        "after the Passthru was answered 302 (the Exotel flow took its fallback branch)"
+    } else {
+        "after its Passthru request was cut off (the request time limit, or Exotel hanging up)"
+    };
     match outcome {
         Ok(created) => {
             tracing::Span::current().record("incident_id", created.incident_id.as_str());
@@ -144,8 +160,7 @@ async fn report_late_write(
                 emergency_type = %emergency_type,
                 caller = %caller,
                 stored = true,
-                "emergency stored after the Passthru was answered 302: its alerts go out, \
-                 while the Exotel flow took its fallback branch too"
+                "emergency stored {after}: its alerts go out"
             );
         }
         Err(e) => tracing::error!(
@@ -153,8 +168,7 @@ async fn report_late_write(
             emergency_type = %emergency_type,
             caller = %caller,
             stored = false,
-            "EMERGENCY NOT STORED: the write that went on after the 302 failed; only the Exotel \
-             flow's fallback branch had this call"
+            "EMERGENCY NOT STORED: the write that went on {after} failed"
         ),
     }
 }

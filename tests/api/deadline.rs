@@ -309,7 +309,7 @@ async fn a_passthru_answered_302_logs_what_became_of_its_write(db: Db) {
         // Ended only after the 302 came: the outcome can only be the late one.
         let message = failed["fields"]["message"].as_str().unwrap_or_default();
         assert!(
-            message.contains("the write that went on after the 302 failed"),
+            message.contains("the write that went on after the Passthru was answered 302"),
             "{failed}"
         );
         let late = "late0000000000000000000000000002";
@@ -317,6 +317,11 @@ async fn a_passthru_answered_302_logs_what_became_of_its_write(db: Db) {
         let _ = release.send(());
         let stored = server.outcome(late).await;
         assert_eq!(stored["fields"]["stored"], true, "{stored}");
+        let message = stored["fields"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("emergency stored after the Passthru was answered 302"),
+            "{stored}"
+        );
         assert!(stored["fields"]["incident_id"].is_string(), "{stored}");
         let store = exotel_sos::store::Store::connect(&db.url, 1).await.unwrap();
         assert!(store.incident_by_call_sid(late).await.unwrap().is_some());
