@@ -128,6 +128,28 @@ pub async fn trigger(settings: &Settings, args: TriggerArgs) -> u8 {
     }
 }
 
+/// Reads `--server`: an http(s) URL with a host. Anything else is a usage error (clap's exit code 2)
+/// naming what to write, rather than a request that fails as "cannot reach the server" (exit code 3),
+/// which sends the operator looking for a server that is running fine.
+pub fn server_url(raw: &str) -> Result<String, String> {
+    let raw = raw.trim();
+    match reqwest::Url::parse(raw) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+            return Ok(raw.to_owned())
+        }
+        _ => {}
+    }
+    let example = match raw.split_once("://") {
+        Some((_, rest)) if !rest.is_empty() => format!("http://{rest}"),
+        Some(_) => "http://127.0.0.1:8080".to_owned(),
+        None if raw.is_empty() => "http://127.0.0.1:8080".to_owned(),
+        None => format!("http://{raw}"),
+    };
+    Err(format!(
+        "not an http(s) URL; give the scheme and host, like {example}"
+    ))
+}
+
 /// The running server a command talks to.
 struct Server {
     /// Base URL, without a trailing slash.

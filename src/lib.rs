@@ -20,7 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 
 use crate::app::AppState;
@@ -76,6 +76,17 @@ impl App {
             token(&store, &settings.server.webhook_token, "webhook_token").await?;
         let (admin_token, generated_admin_token) =
             token(&store, &settings.server.admin_token, "admin_token").await?;
+        // The settings' own check cannot see a generated admin token; it is printed at every start,
+        // and pasted as the console token it would make every console sign-in an admin one.
+        if generated_admin_token
+            && non_empty(&settings.server.console_token) == Some(admin_token.expose_secret())
+        {
+            anyhow::bail!(
+                "server.console_token is the admin token this server generated and stored (the one \
+                 printed at start): a console sign-in with it would carry the admin's rights; choose \
+                 another console token"
+            );
+        }
 
         let region = domain::phone::region(&settings.stakeholders.default_country)
             .context("stakeholders.default_country is not a region code")?;

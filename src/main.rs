@@ -72,8 +72,8 @@ struct TriggerCmd {
     /// key per run, so that the command's own retries never alert twice.
     #[arg(long, value_name = "KEY")]
     dedup_key: Option<String>,
-    /// Server base URL (default: server.public_url).
-    #[arg(long, value_name = "URL")]
+    /// Server base URL, http:// or https:// (default: server.public_url).
+    #[arg(long, value_name = "URL", value_parser = exotel_sos::cli::server_url)]
     server: Option<String>,
     /// Admin token (default: server.admin_token, else the one stored in the database).
     #[arg(long, value_name = "TOKEN")]
@@ -85,8 +85,8 @@ struct ResolveCmd {
     /// The incident's id (as the API, the console and `trigger` show it).
     #[arg(value_name = "INCIDENT_ID")]
     incident_id: String,
-    /// Server base URL (default: server.public_url).
-    #[arg(long, value_name = "URL")]
+    /// Server base URL, http:// or https:// (default: server.public_url).
+    #[arg(long, value_name = "URL", value_parser = exotel_sos::cli::server_url)]
     server: Option<String>,
     /// Admin token (default: server.admin_token, else the one stored in the database).
     #[arg(long, value_name = "TOKEN")]
@@ -101,8 +101,8 @@ struct AckCmd {
     /// Who acknowledges (default: user@host).
     #[arg(long, value_name = "NAME")]
     by: Option<String>,
-    /// Server base URL (default: server.public_url).
-    #[arg(long, value_name = "URL")]
+    /// Server base URL, http:// or https:// (default: server.public_url).
+    #[arg(long, value_name = "URL", value_parser = exotel_sos::cli::server_url)]
     server: Option<String>,
     /// Admin token (default: server.admin_token, else the one stored in the database).
     #[arg(long, value_name = "TOKEN")]
@@ -117,8 +117,8 @@ struct DrillCmd {
     /// Longest wait for the outcomes, seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     wait: u64,
-    /// Server base URL (default: server.public_url).
-    #[arg(long, value_name = "URL")]
+    /// Server base URL, http:// or https:// (default: server.public_url).
+    #[arg(long, value_name = "URL", value_parser = exotel_sos::cli::server_url)]
     server: Option<String>,
     /// Admin token (default: server.admin_token, else the one stored in the database).
     #[arg(long, value_name = "TOKEN")]

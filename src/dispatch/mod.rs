@@ -111,7 +111,13 @@ impl Dispatcher {
         let recorder = self.start_recorder();
         let needs_reconciler = self.lanes.iter().any(|l| l.live);
         let mut reconciler = needs_reconciler.then(|| self.start_reconciler(&shutdown));
-        let poll = Duration::from_millis(self.settings.dispatch.poll_interval_ms.max(10));
+        // Settings refuse less than the minimum; the floor stays for settings built another way.
+        let poll = Duration::from_millis(
+            self.settings
+                .dispatch
+                .poll_interval_ms
+                .max(crate::settings::MIN_POLL_INTERVAL_MS),
+        );
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut last_reap: Option<tokio::time::Instant> = None;
         loop {

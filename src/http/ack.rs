@@ -14,9 +14,9 @@ use super::exotel_token;
 use super::params::Params;
 use super::AppState;
 use crate::app::ack::{self, event};
-use crate::domain::{mask, DeliveryState};
+use crate::domain::{mask, DeliveryState, IncidentState};
 use crate::error::AppError;
-use crate::store::DeliveryRow;
+use crate::store::{Acknowledged, DeliveryRow};
 
 /// The look-up of a link waits this long for a share of the database.
 const LOOKUP_WAIT: Duration = Duration::from_secs(2);
@@ -246,12 +246,10 @@ pub async fn link_confirm(
         })
     };
     match tokio::time::timeout(ack::STORE_BUDGET, write).await {
-        Ok(Ok(Ok(Some(_)))) => page(
-            StatusCode::OK,
-            "Thank you",
-            "Thank you: your acknowledgement is recorded, and the others are told that you have it.",
-            None,
-        ),
+        Ok(Ok(Ok(Some(done)))) => {
+            let (title, text) = confirmed(&state, &done);
+            page(StatusCode::OK, title, &text, None)
+        }
         Ok(Ok(Ok(None))) => page(StatusCode::NOT_FOUND, "No such alert", NO_SUCH, None),
         other => {
             let why = match other {
@@ -263,6 +261,45 @@ pub async fn link_confirm(
             record(&state, &d.id, event::NOT_STORED, &why).await;
             busy()
         }
+    }
+}
+
+/// What the confirm form's page says happened: a thank-you only for the acknowledgement that told the
+/// others; a later one, or one after the resolve, is recorded and told to nobody, and the page says who
+/// had it first, and when.
+fn confirmed(state: &AppState, done: &Acknowledged) -> (&'static str, String) {
+    let offset = state.settings.messages.utc_offset_minutes;
+    let when = |ms: Option<i64>| {
+        ms.map(|ms| format!(" at {}", crate::messages::format_time(ms, offset)))
+            .unwrap_or_default()
+    };
+    let first = match &done.by {
+        Some(by) => format!("{by} had already acknowledged it{}", when(done.at)),
+        None => "Nobody had acknowledged it".to_owned(),
+    };
+    if done.first {
+        (
+            "Thank you",
+            "Thank you: your acknowledgement is recorded, and the others are told that you have it."
+                .to_owned(),
+        )
+    } else if done.status == IncidentState::Resolved {
+        (
+            "Already resolved",
+            format!(
+                "This emergency was already resolved{}. {first}. Your acknowledgement is recorded; \
+                 nobody is told of it.",
+                when(done.resolved_at)
+            ),
+        )
+    } else {
+        (
+            "Already acknowledged",
+            format!(
+                "{first}, and everyone alerted was told then. Your acknowledgement is recorded as \
+                 well; nobody is told of it again."
+            ),
+        )
     }
 }
 

@@ -1,11 +1,14 @@
 //! Exotel's webhooks: the Passthru that stores an emergency and the Dynamic Greeting that plays it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::edge::Deadline;
@@ -13,7 +16,7 @@ use super::exotel_token;
 use super::params::{exotel_time, http_url, Params};
 use super::AppState;
 use crate::app::incidents::{self, Emergency, Planned};
-use crate::domain::{truncate, CallSid, Phone, Source};
+use crate::domain::{mask, mask_numbers, truncate, CallSid, Phone, Source};
 use crate::error::AppError;
 use crate::messages::{self, Vars};
 use crate::settings::RecordingMode;
@@ -53,31 +56,121 @@ pub async fn passthru(
     // The write runs in a task of its own: once started it is never cut off half-way (a request time
     // limit or a client hanging up drops this handler, not the write), and its success answer is left
     // with the deadline the moment it commits, so a stored emergency is never answered as a failure.
+    // A second task hands its outcome over, or logs it when this handler is no longer waiting: an
+    // emergency answered 302 and then stored, or not stored after all, is never without a trace.
     let budget = deadline.budget(STORE_BUDGET);
     let emergency_type = planned.incident.emergency_type.clone();
+    let caller = planned
+        .incident
+        .caller
+        .as_deref()
+        .map(mask)
+        .unwrap_or_default();
     let write = tokio::spawn(store_passthru(state.clone(), planned, deadline).in_current_span());
-    let reason = match tokio::time::timeout(budget, write).await {
-        Ok(Ok(Ok(created))) => {
-            tracing::Span::current().record("incident_id", created.incident_id.as_str());
-            return Ok(stored_answer(&created.incident_id));
-        }
+    let (outcome_tx, mut outcome) = oneshot::channel();
+    let answered_302 = Arc::new(AtomicBool::new(false));
+    tokio::spawn(
+        report_late_write(
+            write,
+            outcome_tx,
+            answered_302.clone(),
+            caller.clone(),
+            emergency_type.clone(),
+        )
+        .in_current_span(),
+    );
+    let reason = match tokio::time::timeout(budget, &mut outcome).await {
+        Ok(Ok(Ok(created))) => return Ok(stored(&created)),
         Ok(Ok(Err(e))) => format!("{e:#}"),
-        Ok(Err(e)) => format!("the write failed: {e}"),
-        Err(_) => format!(
-            "no answer from the database within {budget:?}; the write goes on and alerts go out if it commits"
-        ),
+        Ok(Err(_)) => "the write ended without an outcome".to_owned(),
+        Err(_) => {
+            // From here on the outcome is the reporting task's to log. Closing the channel tells it
+            // so; an outcome sent in the same instant is still taken here, and answered as such.
+            answered_302.store(true, Ordering::Release);
+            outcome.close();
+            match outcome.try_recv() {
+                Ok(Ok(created)) => return Ok(stored(&created)),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => {
+                    tracing::error!(
+                        error = %format!("no answer from the database within {budget:?}"),
+                        emergency_type = %emergency_type,
+                        caller = %caller,
+                        "EMERGENCY NOT STORED YET: answering 302 so the Exotel flow takes its \
+                         fallback branch; the write goes on, and whether it stores the emergency \
+                         is logged when it ends"
+                    );
+                    return Ok(fallback_branch());
+                }
+            }
+        }
     };
-    // 302 sends the caller down the flow's fallback branch (e.g. straight to a human).
     tracing::error!(
-        error = %reason,
+        error = %mask_numbers(&reason),
         emergency_type = %emergency_type,
+        caller = %caller,
+        stored = false,
         "EMERGENCY NOT STORED: answering 302 so the Exotel flow takes its fallback branch"
     );
-    Ok((
+    Ok(fallback_branch())
+}
+
+/// The 200 of a stored emergency.
+fn stored(created: &crate::store::Created) -> Response {
+    tracing::Span::current().record("incident_id", created.incident_id.as_str());
+    stored_answer(&created.incident_id)
+}
+
+/// 302 sends the caller down the flow's fallback branch (e.g. straight to a human).
+fn fallback_branch() -> Response {
+    (
         StatusCode::FOUND,
         "could not store the emergency; take the fallback branch",
     )
-        .into_response())
+        .into_response()
+}
+
+/// Waits for the Passthru's write and hands its outcome to the handler. Once the handler has stopped
+/// waiting (it answered 302, or the request was cut off: the time limit, or the client hanging up),
+/// logs the outcome instead, in the request's span (its CallSid), with the caller's number masked.
+async fn report_late_write(
+    write: tokio::task::JoinHandle<anyhow::Result<crate::store::Created>>,
+    to: oneshot::Sender<anyhow::Result<crate::store::Created>>,
+    answered_302: Arc<AtomicBool>,
+    caller: String,
+    emergency_type: String,
+) {
+    let outcome = match write.await {
+        Ok(outcome) => outcome,
+        Err(e) => Err(anyhow::anyhow!("the write failed: {e}")),
+    };
+    let Err(outcome) = to.send(outcome) else {
+        return;
+    };
+    let after = if answered_302.load(Ordering::Acquire) {
+        "after the Passthru was answered 302 (the Exotel flow took its fallback branch)"
+    } else {
+        "after its Passthru request was cut off (the request time limit, or Exotel hanging up)"
+    };
+    match outcome {
+        Ok(created) => {
+            tracing::Span::current().record("incident_id", created.incident_id.as_str());
+            tracing::warn!(
+                incident_id = %created.incident_id,
+                emergency_type = %emergency_type,
+                caller = %caller,
+                stored = true,
+                "emergency stored {after}: its alerts go out"
+            );
+        }
+        Err(e) => tracing::error!(
+            error = %mask_numbers(&format!("{e:#}")),
+            emergency_type = %emergency_type,
+            caller = %caller,
+            stored = false,
+            "EMERGENCY NOT STORED: the write that went on {after} failed"
+        ),
+    }
 }
 
 /// The greeting of the delivery `reference` names, or `None` (the caller answers the generic alert)

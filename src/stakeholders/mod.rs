@@ -265,6 +265,11 @@ impl Routing {
         let mut contacts = Vec::new();
         let mut teams: BTreeSet<String> = BTreeSet::new();
         let mut seen_phones: HashMap<String, String> = HashMap::new();
+        // Names are identities: an acknowledgement is told to everyone alerted but the contact who
+        // gave it, a drill and a schedule name their contact, each by name. Two entries of one name
+        // (compared as a drill looks them up: trimmed, case-insensitive) would be one contact to all
+        // of these, so the file is refused. Lower-cased name -> the first entry of that name.
+        let mut seen_names: HashMap<String, String> = HashMap::new();
 
         for (i, raw) in file.contact.iter().enumerate() {
             let entry = format!("{where_}: contact[{i}] {:?}", raw.name);
@@ -298,6 +303,22 @@ impl Routing {
             }
             if raw.teams.is_empty() {
                 errors.push(format!("{entry}: is in no team, so no route can reach it"));
+            }
+            let named = match &phone {
+                Some(p) => format!("contact[{i}] {:?} ({})", raw.name, p.masked()),
+                None => format!("contact[{i}] {:?}", raw.name),
+            };
+            let key = raw.name.trim().to_lowercase();
+            if !key.is_empty() {
+                match seen_names.get(&key) {
+                    Some(first) => errors.push(format!(
+                        "{where_}: {named}: has the same name as {first}; give each contact a name \
+                         of its own (acknowledgements and drills tell contacts apart by name)"
+                    )),
+                    None => {
+                        seen_names.insert(key, named);
+                    }
+                }
             }
             let member_of: Vec<String> = raw.teams.iter().map(|t| t.trim().to_owned()).collect();
             teams.extend(member_of.iter().cloned());
@@ -885,6 +906,42 @@ Brain = []
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert!(errs.iter().all(|e| e.starts_with("s.toml: ")));
+    }
+
+    #[test]
+    fn a_name_given_twice_is_refused_naming_both_entries() {
+        let twice = r#"
+[[contact]]
+name = "Dr. Asha Rao"
+phone = "+91 98000 00001"
+teams = ["cardiology"]
+
+[[contact]]
+name = "Desk"
+phone = "09800000002"
+teams = ["cardiology"]
+
+[[contact]]
+name = " dr. asha RAO"
+phone = "+919800000003"
+teams = ["cardiology"]
+
+[routes]
+default = ["cardiology"]
+"#;
+        let errs = Routing::parse(twice, "s.toml", india()).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let e = &errs[0];
+        for needle in [
+            "s.toml: contact[2] \" dr. asha RAO\" (+91******0003)",
+            "contact[0] \"Dr. Asha Rao\" (+91******0001)",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in {e}");
+        }
+        assert!(
+            !e.contains("9800000001") && !e.contains("9800000003"),
+            "{e}"
+        );
     }
 
     const ESCALATING: &str = r#"

@@ -38,12 +38,25 @@ pub struct Acknowledged {
     pub status: IncidentState,
     /// Who acknowledged first (this request when `first`).
     pub by: Option<String>,
+    /// When the first acknowledgement was, milliseconds (now when `first`).
+    pub at: Option<i64>,
+    /// When the incident was resolved, if it is.
+    pub resolved_at: Option<i64>,
     /// The delivery's move to `acknowledged`, when it moved now.
     pub delivery_moved: Option<(Channel, DeliveryState)>,
     /// Calls not yet placed and later tiers' messages not yet sent, cancelled.
     pub cancelled: Vec<Moved>,
     /// Acknowledgement notices queued.
     pub notices: usize,
+}
+
+/// The incident as the acknowledgement leaves it.
+#[derive(sqlx::FromRow)]
+struct IncidentNow {
+    status: String,
+    acknowledged_by: Option<String>,
+    acknowledged_at: Option<i64>,
+    resolved_at: Option<i64>,
 }
 
 /// The first acknowledgement, only of an open incident.
@@ -82,7 +95,11 @@ const CANCEL_ESCALATION_MESSAGES: &str =
      RETURNING id, channel, status";
 
 /// The contacts already alerted (a delivery of theirs went out, or is going out) on each message
-/// channel they have in this incident, but the one who acknowledged (by delivery or by name).
+/// channel they have in this incident, but the contact who acknowledged: `$2` and `$3` are the number
+/// and the contact name of the delivery acknowledged through (empty for an operator, who is nobody's
+/// delivery, whatever name they give). A name is a contact's identity (the stakeholder file refuses
+/// two of one name), and it still names them should their number have changed by a reload since the
+/// incident began; the number is the handset, which tells whoever holds it nothing new.
 const NOTICE_RECIPIENTS: &str = "SELECT DISTINCT m.contact_name, m.phone, m.channel \
      FROM deliveries m WHERE m.incident_id = $1 AND m.channel IN ('sms', 'whatsapp') \
        AND m.purpose <> 'ack_notice' AND m.phone <> $2 AND m.contact_name <> $3 \
@@ -153,12 +170,19 @@ impl Store {
             .await?
             .rows_affected()
             > 0;
-        let current: Option<(String, Option<String>)> =
-            sqlx::query_as("SELECT status, acknowledged_by FROM incidents WHERE id = $1")
-                .bind(&req.incident_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some((status, first_by)) = current else {
+        let current: Option<IncidentNow> = sqlx::query_as(
+            "SELECT status, acknowledged_by, acknowledged_at, resolved_at FROM incidents WHERE id = $1",
+        )
+        .bind(&req.incident_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(IncidentNow {
+            status,
+            acknowledged_by: first_by,
+            acknowledged_at: first_at,
+            resolved_at,
+        }) = current
+        else {
             return Ok(None);
         };
         let status: IncidentState = status.parse()?;
@@ -223,10 +247,17 @@ impl Store {
             }
             let escalation_messages = messages.len();
             cancelled.extend(messages);
+            // The acknowledging contact is known by their delivery, never by the name given: an
+            // operator who types a contact's name must not keep that contact from being told.
             let recipients: Vec<(String, String, String)> = sqlx::query_as(NOTICE_RECIPIENTS)
                 .bind(&req.incident_id)
                 .bind(acker.as_ref().map(|d| d.phone.as_str()).unwrap_or(""))
-                .bind(&by)
+                .bind(
+                    acker
+                        .as_ref()
+                        .map(|d| d.contact_name.as_str())
+                        .unwrap_or(""),
+                )
                 .fetch_all(&mut *tx)
                 .await?;
             for (name, phone, channel) in recipients {
@@ -299,6 +330,8 @@ impl Store {
             first,
             status,
             by: first_by,
+            at: first_at,
+            resolved_at,
             delivery_moved,
             cancelled,
             notices,

@@ -16,6 +16,9 @@ both_engines!(
     the_first_acknowledgement_cancels_calls_not_yet_placed,
     only_the_person_who_acknowledged_gets_the_recording_followup,
     a_keypress_the_database_cannot_take_answers_302,
+    an_operator_who_shares_a_contacts_name_leaves_that_contact_told,
+    a_later_link_acknowledgement_says_who_had_it_and_when,
+    a_link_acknowledgement_after_the_resolve_says_it_was_resolved,
 );
 
 const BIN: &str = env!("CARGO_BIN_EXE_exotel-sos");
@@ -741,6 +744,142 @@ async fn a_keypress_the_database_cannot_take_answers_302(db: Db) {
         302,
         "{}",
         res.text().await.unwrap_or_default()
+    );
+    app.stop().await;
+}
+
+/// An operator is nobody's delivery, whatever name they type: an acknowledgement through the API in
+/// the name "Dr. Asha Rao" tells the contact of that name too (before, the notices left out every
+/// recipient whose stored name matched the operator's, so she was never told someone had it).
+async fn an_operator_who_shares_a_contacts_name_leaves_that_contact_told(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(db, &p, &[]).await;
+    let sid = "CA-ack-same-name";
+    app.passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
+        .await;
+    let ds = sent(&app, sid).await;
+    let id = ds[0].incident_id.clone();
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{id}/ack", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"by": "Dr. Asha Rao"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["incident"]["acknowledged_by"], "Dr. Asha Rao");
+    assert_eq!(body["notices"], 5, "{body}");
+    let told = notices(&app.deliveries_of(sid).await);
+    for channel in ["sms", "whatsapp"] {
+        assert!(
+            told.contains(&("Dr. Asha Rao".to_owned(), channel.to_owned())),
+            "{told:?}"
+        );
+    }
+    app.stop().await;
+}
+
+/// The lab's link, after Asha acknowledged by keypress: the page says who had it and when, not a
+/// thank-you that suggests the others were told of the lab.
+async fn a_later_link_acknowledgement_says_who_had_it_and_when(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(db, &p, &[]).await;
+    let sid = "CA-ack-link-later";
+    app.passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
+        .await;
+    let ds = sent(&app, sid).await;
+    let asha = call_of(&ds, "Dr. Asha Rao").clone();
+    assert_eq!(
+        keypress(&app, &asha.greeting_ref, Some("1")).await.status(),
+        200
+    );
+    let inc = app
+        .store
+        .incident(&asha.incident_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let at = exotel_sos::messages::format_time(
+        inc.acknowledged_at.expect("acknowledged"),
+        app.state.settings.messages.utc_offset_minutes,
+    );
+    let lab_sms = ds
+        .iter()
+        .find(|d| d.contact_name == "Central lab" && d.channel == "sms")
+        .unwrap();
+    let link = format!(
+        "{}/a/{}",
+        app.base,
+        lab_sms.ack_ref.as_deref().expect("an acknowledge link")
+    );
+    let res = app.client.post(&link).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let html = res.text().await.unwrap();
+    assert!(
+        html.contains(&format!(
+            "Dr. Asha Rao had already acknowledged it at {at}, and everyone alerted was told then"
+        )),
+        "{html}"
+    );
+    assert!(!html.contains("the others are told"), "{html}");
+    let trail = app.store.incident_timeline(&inc.id).await.unwrap();
+    assert!(
+        trail.iter().any(|e| e.kind == "acknowledged_again"),
+        "recorded: {trail:?}"
+    );
+    app.stop().await;
+}
+
+/// A link confirmed after the incident was resolved says so, and when.
+async fn a_link_acknowledgement_after_the_resolve_says_it_was_resolved(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let app = live_app(db, &p, &[]).await;
+    let sid = "CA-ack-link-resolved";
+    app.passthru(&format!("CallSid={sid}&EmergencyType=Heart"))
+        .await;
+    let ds = sent(&app, sid).await;
+    let id = ds[0].incident_id.clone();
+    let res = app
+        .client
+        .post(format!("{}/api/v1/incidents/{id}/resolve", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let inc = app.store.incident(&id).await.unwrap().unwrap();
+    let at = exotel_sos::messages::format_time(
+        inc.resolved_at.expect("resolved"),
+        app.state.settings.messages.utc_offset_minutes,
+    );
+    let lab_sms = ds
+        .iter()
+        .find(|d| d.contact_name == "Central lab" && d.channel == "sms")
+        .unwrap();
+    let link = format!(
+        "{}/a/{}",
+        app.base,
+        lab_sms.ack_ref.as_deref().expect("an acknowledge link")
+    );
+    let res = app.client.post(&link).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let html = res.text().await.unwrap();
+    assert!(
+        html.contains(&format!("This emergency was already resolved at {at}")),
+        "{html}"
+    );
+    assert!(!html.contains("the others are told"), "{html}");
+    let inc = app.store.incident(&id).await.unwrap().unwrap();
+    assert_eq!(inc.status, "resolved");
+    assert_eq!(
+        inc.acknowledged_by, None,
+        "a late confirmation is recorded, nothing more"
     );
     app.stop().await;
 }

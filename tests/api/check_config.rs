@@ -72,6 +72,22 @@ default = ["cardiology"]
     );
 }
 
+/// Two contacts of one name: acknowledgements, notices and drills tell contacts apart by name, so the
+/// file is refused, naming both entries (numbers masked).
+#[test]
+fn a_contact_name_given_twice_fails_naming_both_entries() {
+    let twice = STAKEHOLDERS.replace("name = \"Central lab\"", "name = \"Emergency Desk\"");
+    let (ok, text) = check(&twice);
+    assert!(!ok, "{text}");
+    for needle in [
+        "contact[3] \"Emergency Desk\" (+91******0005)",
+        "contact[2] \"Emergency desk\" (+91******0004)",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(!text.contains("9800000005"), "numbers masked: {text}");
+}
+
 #[test]
 fn unparseable_file_and_bad_settings_fail_clearly() {
     let (ok, text) = check("[[contact]\nname=");

@@ -379,3 +379,53 @@ async fn json_logs_carry_the_incident_id_and_no_secrets() {
         }
     }
 }
+
+/// `--server` without a scheme (or with another than http and https) is a usage error, exit code 2,
+/// naming the flag and what to write: before, it was sent and reported as "cannot reach the server".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_url_without_a_scheme_is_a_usage_error() {
+    for (args, hint) in [
+        (
+            vec!["ack", "an-id", "--server", "127.0.0.1:8080", "--token", "t"],
+            "http://127.0.0.1:8080",
+        ),
+        (
+            vec![
+                "trigger",
+                "--type",
+                "Heart",
+                "--message",
+                "m",
+                "--server",
+                "localhost:8080",
+                "--token",
+                "t",
+            ],
+            "http://localhost:8080",
+        ),
+        (
+            vec![
+                "resolve",
+                "an-id",
+                "--server",
+                "ftp://sos.example",
+                "--token",
+                "t",
+            ],
+            "http://",
+        ),
+        (
+            vec!["drill", "--contact", "Desk", "--server", "sos.example"],
+            "http://sos.example",
+        ),
+    ] {
+        let r = run(&[], &args).await;
+        assert_eq!(r.code, 2, "{args:?}: {}{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.contains("--server") && r.stderr.contains(hint),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("cannot reach"), "{}", r.stderr);
+    }
+}

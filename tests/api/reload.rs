@@ -105,3 +105,40 @@ async fn sighup_reloads_the_file() {
     );
     app.stop().await;
 }
+
+/// An edit that gives two contacts one name is refused, naming both, and the file in force stays
+/// (notices and drills tell contacts apart by name); a start on such a file fails the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_giving_two_contacts_one_name_is_refused_and_the_old_file_stays() {
+    let app = spawn_app(Db::Sqlite).await;
+    let twice = format!(
+        "{ONLY_DESK}\n[[contact]]\nname = \"new desk\"\nphone = \"+919800000078\"\n\
+         teams = [\"emergency-desk\"]\n"
+    );
+    std::fs::write(&app.stakeholders, twice).unwrap();
+    let routing = app.state.routing.clone();
+    let errors = routing.reload().expect_err("the edit is refused");
+    let all = errors.join("\n");
+    assert!(
+        all.contains("contact[1] \"new desk\" (+91******0078)")
+            && all.contains("contact[0] \"New desk\" (+91******0077)"),
+        "{all}"
+    );
+    assert_eq!(routing.current().contact_count(), 4, "the old file stays");
+    // A server started on that file does not start.
+    let refused = match exotel_sos::App::build(test_settings(&app.db, &app.stakeholders, &[])).await
+    {
+        Ok(_) => panic!("a server started with two contacts of one name"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(refused.contains("contact[1] \"new desk\""), "{refused}");
+    app.passthru("CallSid=dddd0000000000000000000000000009&EmergencyType=Heart")
+        .await;
+    assert_eq!(
+        app.deliveries_of("dddd0000000000000000000000000009")
+            .await
+            .len(),
+        HEART_DELIVERIES
+    );
+    app.stop().await;
+}

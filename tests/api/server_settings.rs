@@ -49,3 +49,70 @@ fn out_of_range_server_limits_are_refused() {
     let p = problem(&[("SOS_SERVER__PUBLIC_DB_CONCURRENCY", "0")]);
     assert!(p.contains("server.public_db_concurrency"), "{p}");
 }
+
+/// A console token equal to the admin token would sign the front desk in as an admin.
+#[test]
+fn a_console_token_equal_to_the_admin_token_is_refused() {
+    let same = "the-same-token-0123456789";
+    let p = problem(&[
+        ("SOS_SERVER__ADMIN_TOKEN", same),
+        ("SOS_SERVER__CONSOLE_TOKEN", same),
+    ]);
+    assert!(
+        p.contains("server.console_token") && p.contains("server.admin_token"),
+        "{p}"
+    );
+    assert!(!p.contains(same), "the token is not repeated: {p}");
+    load(&[
+        ("SOS_SERVER__ADMIN_TOKEN", same),
+        ("SOS_SERVER__CONSOLE_TOKEN", "another-token-0123456789"),
+    ])
+    .expect("different tokens are fine");
+}
+
+/// `dispatch.poll_interval_ms = 0` made an idle server poll the database without pause.
+#[test]
+fn a_poll_interval_under_the_minimum_is_refused() {
+    for bad in ["0", "49"] {
+        let p = problem(&[("SOS_DISPATCH__POLL_INTERVAL_MS", bad)]);
+        assert!(
+            p.contains("dispatch.poll_interval_ms must be at least 50"),
+            "{p}"
+        );
+    }
+    load(&[("SOS_DISPATCH__POLL_INTERVAL_MS", "50")]).expect("the minimum is accepted");
+}
+
+crate::both_engines!(a_console_token_equal_to_the_stored_admin_token_stops_the_start);
+
+/// The generated admin token is printed at each start and kept in the database: pasted into
+/// `server.console_token`, it would make every console sign-in an admin one, so the server does not
+/// start.
+async fn a_console_token_equal_to_the_stored_admin_token_stops_the_start(db: crate::helpers::Db) {
+    use crate::helpers::*;
+    let generated = [("SOS_SERVER__ADMIN_TOKEN", String::new())];
+    let app = spawn_app_with(db, &generated).await;
+    let admin = secrecy::ExposeSecret::expose_secret(app.state.admin_token.as_ref()).to_owned();
+    let stakeholders = app.stakeholders.clone();
+    let test_db = app.stop().await;
+    let settings = test_settings(
+        &test_db,
+        &stakeholders,
+        &[
+            ("SOS_SERVER__ADMIN_TOKEN", String::new()),
+            ("SOS_SERVER__CONSOLE_TOKEN", admin.clone()),
+        ],
+    );
+    let refused = match exotel_sos::App::build(settings).await {
+        Ok(_) => panic!("the server started with the admin token as console token"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains("server.console_token") && refused.contains("admin token"),
+        "{refused}"
+    );
+    assert!(
+        !refused.contains(&admin),
+        "the token is not repeated: {refused}"
+    );
+}

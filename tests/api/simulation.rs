@@ -662,7 +662,7 @@ async fn every_emergency_ends_acknowledged_or_unreached(db: Db) {
             "SOS_DISPATCH__MAX_CALLS_PER_NUMBER_PER_HOUR",
             CAP.to_string(),
         ),
-        ("SOS_DISPATCH__POLL_INTERVAL_MS", "20".into()),
+        ("SOS_DISPATCH__POLL_INTERVAL_MS", "50".into()),
         ("SOS_DISPATCH__CALL_CONCURRENCY", "40".into()),
         ("SOS_DISPATCH__CALL_PER_MINUTE", "1000000".into()),
         ("SOS_DISPATCH__SMS_CONCURRENCY", "40".into()),
