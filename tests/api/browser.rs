@@ -165,7 +165,7 @@ impl Browser {
         let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), &bytes).unwrap();
-        // `SOS_UPDATE_SCREENSHOTS=1` refreshes the README's pictures.
+        // `SOS_UPDATE_SCREENSHOTS=1` refreshes the pictures in the README and docs/operations.md.
         if std::env::var_os("SOS_UPDATE_SCREENSHOTS").is_some() {
             std::fs::write(
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
