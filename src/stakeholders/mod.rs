@@ -1,10 +1,13 @@
 //! The ops-edited stakeholder file: contacts, teams, routes and IVR digits, validated as a whole into a
 //! [`Routing`] that answers "who gets what for this emergency type", and in which escalation tier.
 
+mod escalation;
 mod file;
+#[cfg(test)]
+mod fixtures;
 pub mod reload;
 
+pub use escalation::{Escalation, EscalationBounds, CALL_MARGIN_SECS, MAX_REPEAT, MAX_WAIT_SECS};
 pub use file::{
-    human_secs, is_sample_number, unreached_warning, Contact, Escalation, EscalationBounds, Plan,
-    Routing, Target, CALL_MARGIN_SECS, DEFAULT_ROUTE, MAX_REPEAT, MAX_WAIT_SECS,
+    human_secs, is_sample_number, unreached_warning, Contact, Plan, Routing, Target, DEFAULT_ROUTE,
 };
