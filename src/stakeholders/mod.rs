@@ -6,8 +6,8 @@ mod file;
 #[cfg(test)]
 mod fixtures;
 pub mod reload;
+mod routing;
 
 pub use escalation::{Escalation, EscalationBounds, CALL_MARGIN_SECS, MAX_REPEAT, MAX_WAIT_SECS};
-pub use file::{
-    human_secs, is_sample_number, unreached_warning, Contact, Plan, Routing, Target, DEFAULT_ROUTE,
-};
+pub use file::{human_secs, is_sample_number, unreached_warning};
+pub use routing::{Contact, Plan, Routing, Target, DEFAULT_ROUTE};
