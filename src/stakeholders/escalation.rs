@@ -6,8 +6,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use super::describe::human_secs;
 use super::file::RawEscalation;
-use super::{human_secs, Routing};
+use super::Routing;
 
 /// An escalation policy: tiers of teams alerted one after another until someone acknowledges.
 /// Stored with each incident (as JSON) when it is raised, so a later edit of the file never changes
@@ -45,17 +46,6 @@ impl Escalation {
     /// end of the policy, or `ack_deadline_secs` when that comes first.
     pub fn unreached_after_secs(&self, ack_deadline_secs: u64) -> u64 {
         self.total_secs().min(ack_deadline_secs)
-    }
-
-    /// `cardiology → emergency-desk → lab, every 2m, repeat 1`.
-    pub fn summary(&self) -> String {
-        let tiers: Vec<String> = self.tiers.iter().map(|t| t.join(" + ")).collect();
-        format!(
-            "{}, every {}, repeat {}",
-            tiers.join(" → "),
-            human_secs(self.wait_secs),
-            self.repeat
-        )
     }
 }
 
