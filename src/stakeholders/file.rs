@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::escalation::escalations;
-use super::{Contact, EscalationBounds, Routing, DEFAULT_ROUTE};
+use super::{Contact, Escalation, EscalationBounds, Routing, DEFAULT_ROUTE};
 use crate::domain::{Channel, Phone};
 
 /// The file as written by ops, before validation.
@@ -25,6 +25,7 @@ struct File {
     unreached: Option<RawUnreached>,
 }
 
+/// The `[unreached]` table as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUnreached {
@@ -46,6 +47,7 @@ pub(super) struct RawEscalation {
     pub(super) repeat: i64,
 }
 
+/// One `[[contact]]` entry as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawContact {
@@ -86,206 +88,340 @@ impl Routing {
         Ok(routing)
     }
 
+    /// Validates the text of a stakeholder file, reporting every problem at once, each naming the
+    /// file (`where_`) and the entry: any error refuses the file, warnings go with the routing. Each
+    /// step checks one table, or one way the tables fit together; messages come in step order.
     pub fn parse(
         text: &str,
         where_: &str,
         default_region: phonenumber::country::Id,
     ) -> Result<Self, Vec<String>> {
-        let file: File = toml::from_str(text).map_err(|e| {
-            // The error's own Display quotes the offending line, which may hold a phone number: say
-            // where, and the reason with numbers masked.
-            let line = e
-                .span()
-                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
-            let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
-            vec![format!(
-                "{where_}: not valid TOML{at}: {}",
-                crate::domain::mask_numbers(e.message())
-            )]
-        })?;
+        let file = read_toml(text, where_)?;
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
-        let mut contacts = Vec::new();
-        let mut teams: BTreeSet<String> = BTreeSet::new();
-        let mut seen_phones: HashMap<String, String> = HashMap::new();
-        // Names are identities: an acknowledgement is told to everyone alerted but the contact who
-        // gave it, a drill and a schedule name their contact, each by name. Two entries of one name
-        // (compared as a drill looks them up: trimmed, case-insensitive) would be one contact to all
-        // of these, so the file is refused. Lower-cased name -> the first entry of that name.
-        let mut seen_names: HashMap<String, String> = HashMap::new();
-
-        for (i, raw) in file.contact.iter().enumerate() {
-            let entry = format!("{where_}: contact[{i}] {:?}", raw.name);
-            if raw.name.trim().is_empty() {
-                errors.push(format!("{entry}: name is empty"));
-            }
-            let phone = match Phone::parse(&raw.phone, default_region) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    errors.push(format!("{entry}: bad phone number: {e}"));
-                    None
-                }
-            };
-            let mut channels = Vec::new();
-            match &raw.channels {
-                None => channels.extend(Channel::ALL),
-                Some(list) if list.is_empty() => errors.push(format!(
-                    "{entry}: channels is empty (leave it out for all three)"
-                )),
-                Some(list) => {
-                    for c in list {
-                        match Channel::parse(c) {
-                            Some(ch) if !channels.contains(&ch) => channels.push(ch),
-                            Some(_) => {}
-                            None => errors.push(format!(
-                                "{entry}: unknown channel {c:?} (use call, sms or whatsapp)"
-                            )),
-                        }
-                    }
-                }
-            }
-            if raw.teams.is_empty() {
-                errors.push(format!("{entry}: is in no team, so no route can reach it"));
-            }
-            let named = match &phone {
-                Some(p) => format!("contact[{i}] {:?} ({})", raw.name, p.masked()),
-                None => format!("contact[{i}] {:?}", raw.name),
-            };
-            let key = raw.name.trim().to_lowercase();
-            if !key.is_empty() {
-                match seen_names.get(&key) {
-                    Some(first) => errors.push(format!(
-                        "{where_}: {named}: has the same name as {first}; give each contact a name \
-                         of its own (acknowledgements and drills tell contacts apart by name)"
-                    )),
-                    None => {
-                        seen_names.insert(key, named);
-                    }
-                }
-            }
-            let member_of: Vec<String> = raw.teams.iter().map(|t| t.trim().to_owned()).collect();
-            teams.extend(member_of.iter().cloned());
-            if let Some(phone) = phone {
-                if let Some(other) = seen_phones.insert(phone.e164().to_owned(), raw.name.clone()) {
-                    warnings.push(format!(
-                        "{entry}: same phone number {} as {other:?}; each is notified once",
-                        phone.masked()
-                    ));
-                }
-                contacts.push(Contact {
-                    name: raw.name.trim().to_owned(),
-                    phone,
-                    channels,
-                    teams: member_of,
-                });
-            }
-        }
-
-        let mut routes = HashMap::new();
-        for (ty, route_teams) in &file.routes {
-            let entry = format!("{where_}: routes.{ty}");
-            if route_teams.is_empty() {
-                errors.push(format!("{entry}: route has no teams"));
-            }
-            for t in route_teams {
-                if !teams.contains(t.trim()) {
-                    errors.push(format!("{entry}: team {t:?} has no contacts"));
-                }
-            }
-            let key = ty.trim().to_lowercase();
-            if routes
-                .insert(key, (ty.trim().to_owned(), route_teams.clone()))
-                .is_some()
-            {
-                errors.push(format!(
-                    "{entry}: defined twice (types match case-insensitively)"
-                ));
-            }
-        }
+        let (contacts, teams) = check_contacts(
+            &file.contact,
+            where_,
+            default_region,
+            &mut errors,
+            &mut warnings,
+        );
+        let routes = check_routes(&file.routes, &teams, where_, &mut errors);
         let escalations = escalations(&file.escalation, &teams, where_, &mut errors);
-        if !routes.contains_key(DEFAULT_ROUTE) && !escalations.contains_key(DEFAULT_ROUTE) {
-            errors.push(format!(
-                "{where_}: routes.default is missing; unknown or missing emergency types need it"
+        check_default_route(&routes, &escalations, where_, &mut errors);
+        let unreached = file
+            .unreached
+            .as_ref()
+            .map(|u| check_unreached(u, &teams, where_, &mut errors));
+        warn_routed_teams_outside_their_policy(&file.routes, &escalations, where_, &mut warnings);
+        warn_unrouted_teams(
+            &teams,
+            &file.routes,
+            &escalations,
+            unreached.as_deref(),
+            where_,
+            &mut warnings,
+        );
+        let ivr = check_ivr(
+            &file.ivr,
+            &routes,
+            &escalations,
+            where_,
+            &mut errors,
+            &mut warnings,
+        );
+
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Routing {
+            contacts,
+            routes,
+            ivr,
+            unreached,
+            escalations,
+            file: where_.to_owned(),
+            warnings,
+        })
+    }
+}
+
+/// The text as TOML of the file's shape. A syntax error says where (the line) and why, with numbers
+/// masked: the parser's own message quotes the offending line, which may hold a phone number.
+fn read_toml(text: &str, where_: &str) -> Result<File, Vec<String>> {
+    toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+        vec![format!(
+            "{where_}: not valid TOML{at}: {}",
+            crate::domain::mask_numbers(e.message())
+        )]
+    })
+}
+
+/// Validates the `[[contact]]` entries: each has a name of its own, a number that parses, known
+/// channels and a team; two entries sharing a number are a warning (each is notified once). Returns
+/// the contacts whose number parsed, and every team an entry names, those of an entry with a bad
+/// number included, so that a mistyped number is one error rather than one more per route that
+/// names its teams.
+fn check_contacts(
+    raw: &[RawContact],
+    where_: &str,
+    default_region: phonenumber::country::Id,
+    errors: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> (Vec<Contact>, BTreeSet<String>) {
+    let mut contacts = Vec::new();
+    let mut teams: BTreeSet<String> = BTreeSet::new();
+    let mut seen_phones: HashMap<String, String> = HashMap::new();
+    let mut seen_names: HashMap<String, String> = HashMap::new();
+    for (i, raw) in raw.iter().enumerate() {
+        let entry = format!("{where_}: contact[{i}] {:?}", raw.name);
+        if raw.name.trim().is_empty() {
+            errors.push(format!("{entry}: name is empty"));
+        }
+        let phone = match Phone::parse(&raw.phone, default_region) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                errors.push(format!("{entry}: bad phone number: {e}"));
+                None
+            }
+        };
+        let channels = contact_channels(raw.channels.as_deref(), &entry, errors);
+        if raw.teams.is_empty() {
+            errors.push(format!("{entry}: is in no team, so no route can reach it"));
+        }
+        check_name_is_new(&mut seen_names, i, raw, phone.as_ref(), where_, errors);
+        let member_of: Vec<String> = raw.teams.iter().map(|t| t.trim().to_owned()).collect();
+        teams.extend(member_of.iter().cloned());
+        let Some(phone) = phone else {
+            continue;
+        };
+        if let Some(other) = seen_phones.insert(phone.e164().to_owned(), raw.name.clone()) {
+            warnings.push(format!(
+                "{entry}: same phone number {} as {other:?}; each is notified once",
+                phone.masked()
             ));
         }
-        let unreached = file.unreached.as_ref().map(|u| {
-            let entry = format!("{where_}: unreached.teams");
-            if u.teams.is_empty() {
-                errors.push(format!(
-                    "{entry}: is empty; name the teams alarmed when nobody acknowledged"
-                ));
-            }
-            for t in &u.teams {
-                if !teams.contains(t.trim()) {
-                    errors.push(format!("{entry}: team {t:?} has no contacts"));
-                }
-            }
-            u.teams
-                .iter()
-                .map(|t| t.trim().to_owned())
-                .collect::<Vec<_>>()
+        contacts.push(Contact {
+            name: raw.name.trim().to_owned(),
+            phone,
+            channels,
+            teams: member_of,
         });
-        // A policy replaces its type's route: a team routed but in none of its tiers is not alerted.
-        for (ty, route_teams) in &file.routes {
-            let Some(policy) = escalations.get(&ty.trim().to_lowercase()) else {
-                continue;
-            };
-            for t in route_teams {
-                if !policy.tiers.iter().flatten().any(|p| p == t.trim()) {
-                    warnings.push(format!(
-                        "{where_}: routes.{ty}: team {t:?} is in no tier of the {:?} escalation \
-                         policy, which replaces this route: it is not alerted",
-                        policy.emergency_type
-                    ));
+    }
+    (contacts, teams)
+}
+
+/// The channels a contact is reached on: all three when the entry leaves `channels` out, else those
+/// it lists, each once, in its order. An empty list or an unknown channel is an error.
+fn contact_channels(
+    listed: Option<&[String]>,
+    entry: &str,
+    errors: &mut Vec<String>,
+) -> Vec<Channel> {
+    let mut channels = Vec::new();
+    match listed {
+        None => channels.extend(Channel::ALL),
+        Some([]) => errors.push(format!(
+            "{entry}: channels is empty (leave it out for all three)"
+        )),
+        Some(list) => {
+            for c in list {
+                match Channel::parse(c) {
+                    Some(ch) if !channels.contains(&ch) => channels.push(ch),
+                    Some(_) => {}
+                    None => errors.push(format!(
+                        "{entry}: unknown channel {c:?} (use call, sms or whatsapp)"
+                    )),
                 }
             }
-        }
-        for team in &teams {
-            // A team that is only alarmed (a duty manager) is on no route on purpose.
-            let alarmed = unreached.as_ref().is_some_and(|u| u.contains(team));
-            let routed = file.routes.values().flatten().any(|t| t.trim() == team)
-                || escalations
-                    .values()
-                    .any(|p| p.tiers.iter().flatten().any(|t| t == team));
-            if !routed && !alarmed {
-                warnings.push(format!("{where_}: team {team:?} is on no route"));
-            }
-        }
-
-        let mut ivr = HashMap::new();
-        for (digit, ty) in &file.ivr {
-            let entry = format!("{where_}: ivr.{digit}");
-            let digit = digit.trim();
-            if digit.is_empty()
-                || !digit
-                    .chars()
-                    .all(|c| c.is_ascii_digit() || c == '*' || c == '#')
-            {
-                errors.push(format!("{entry}: key must be the digits pressed"));
-            }
-            let key = ty.trim().to_lowercase();
-            if !routes.contains_key(&key) && !escalations.contains_key(&key) {
-                warnings.push(format!(
-                    "{entry}: {ty:?} has no route; it will use routes.default"
-                ));
-            }
-            ivr.insert(digit.to_owned(), ty.trim().to_owned());
-        }
-
-        if errors.is_empty() {
-            Ok(Routing {
-                contacts,
-                routes,
-                ivr,
-                unreached,
-                escalations,
-                file: where_.to_owned(),
-                warnings,
-            })
-        } else {
-            Err(errors)
         }
     }
+    channels
+}
+
+/// Refuses contact `i` when an earlier entry has its name. Names are identities: an acknowledgement
+/// is told to everyone alerted but the contact who gave it, a drill and a schedule name their
+/// contact, each by name. Two entries of one name (compared as a drill looks them up: trimmed,
+/// case-insensitive) would be one contact to all of these. `seen` maps each lower-cased name to the
+/// first entry of that name, as the error names it.
+fn check_name_is_new(
+    seen: &mut HashMap<String, String>,
+    i: usize,
+    raw: &RawContact,
+    phone: Option<&Phone>,
+    where_: &str,
+    errors: &mut Vec<String>,
+) {
+    let named = match phone {
+        Some(p) => format!("contact[{i}] {:?} ({})", raw.name, p.masked()),
+        None => format!("contact[{i}] {:?}", raw.name),
+    };
+    let key = raw.name.trim().to_lowercase();
+    if key.is_empty() {
+        return;
+    }
+    match seen.get(&key) {
+        Some(first) => errors.push(format!(
+            "{where_}: {named}: has the same name as {first}; give each contact a name \
+             of its own (acknowledgements and drills tell contacts apart by name)"
+        )),
+        None => {
+            seen.insert(key, named);
+        }
+    }
+}
+
+/// Validates `[routes]`: each route names a team, every team it names has contacts, and no type is
+/// given twice (types match case-insensitively). Returns the routes by lower-cased type, each with
+/// the type as the file spells it.
+fn check_routes(
+    raw: &BTreeMap<String, Vec<String>>,
+    teams: &BTreeSet<String>,
+    where_: &str,
+    errors: &mut Vec<String>,
+) -> HashMap<String, (String, Vec<String>)> {
+    let mut routes = HashMap::new();
+    for (ty, route_teams) in raw {
+        let entry = format!("{where_}: routes.{ty}");
+        if route_teams.is_empty() {
+            errors.push(format!("{entry}: route has no teams"));
+        }
+        for t in route_teams {
+            if !teams.contains(t.trim()) {
+                errors.push(format!("{entry}: team {t:?} has no contacts"));
+            }
+        }
+        let key = ty.trim().to_lowercase();
+        if routes
+            .insert(key, (ty.trim().to_owned(), route_teams.clone()))
+            .is_some()
+        {
+            errors.push(format!(
+                "{entry}: defined twice (types match case-insensitively)"
+            ));
+        }
+    }
+    routes
+}
+
+/// Unknown and missing emergency types take the default route, so the file must have one: a
+/// `routes.default` entry, or a `default` escalation policy standing in for it.
+fn check_default_route(
+    routes: &HashMap<String, (String, Vec<String>)>,
+    escalations: &HashMap<String, Escalation>,
+    where_: &str,
+    errors: &mut Vec<String>,
+) {
+    if !routes.contains_key(DEFAULT_ROUTE) && !escalations.contains_key(DEFAULT_ROUTE) {
+        errors.push(format!(
+            "{where_}: routes.default is missing; unknown or missing emergency types need it"
+        ));
+    }
+}
+
+/// Validates `[unreached]`: it names a team, and every team it names has contacts. Returns its
+/// teams, trimmed.
+fn check_unreached(
+    raw: &RawUnreached,
+    teams: &BTreeSet<String>,
+    where_: &str,
+    errors: &mut Vec<String>,
+) -> Vec<String> {
+    let entry = format!("{where_}: unreached.teams");
+    if raw.teams.is_empty() {
+        errors.push(format!(
+            "{entry}: is empty; name the teams alarmed when nobody acknowledged"
+        ));
+    }
+    for t in &raw.teams {
+        if !teams.contains(t.trim()) {
+            errors.push(format!("{entry}: team {t:?} has no contacts"));
+        }
+    }
+    raw.teams.iter().map(|t| t.trim().to_owned()).collect()
+}
+
+/// A policy replaces its type's route: a team routed but in none of its tiers is not alerted, which
+/// whoever added it to the route did not mean. Each such team is a warning.
+fn warn_routed_teams_outside_their_policy(
+    routes: &BTreeMap<String, Vec<String>>,
+    escalations: &HashMap<String, Escalation>,
+    where_: &str,
+    warnings: &mut Vec<String>,
+) {
+    for (ty, route_teams) in routes {
+        let Some(policy) = escalations.get(&ty.trim().to_lowercase()) else {
+            continue;
+        };
+        for t in route_teams {
+            if !policy.tiers.iter().flatten().any(|p| p == t.trim()) {
+                warnings.push(format!(
+                    "{where_}: routes.{ty}: team {t:?} is in no tier of the {:?} escalation \
+                     policy, which replaces this route: it is not alerted",
+                    policy.emergency_type
+                ));
+            }
+        }
+    }
+}
+
+/// A team on no route and in no tier is never alerted: a warning, unless `[unreached]` names it (a
+/// team that is only alarmed, a duty manager, is on no route on purpose).
+fn warn_unrouted_teams(
+    teams: &BTreeSet<String>,
+    routes: &BTreeMap<String, Vec<String>>,
+    escalations: &HashMap<String, Escalation>,
+    unreached: Option<&[String]>,
+    where_: &str,
+    warnings: &mut Vec<String>,
+) {
+    for team in teams {
+        let alarmed = unreached.is_some_and(|u| u.contains(team));
+        let routed = routes.values().flatten().any(|t| t.trim() == team)
+            || escalations
+                .values()
+                .any(|p| p.tiers.iter().flatten().any(|t| t == team));
+        if !routed && !alarmed {
+            warnings.push(format!("{where_}: team {team:?} is on no route"));
+        }
+    }
+}
+
+/// Validates `[ivr]`: each key is the digits pressed (`0`-`9`, `*`, `#`); a type with no route or
+/// policy of its own is a warning, as its callers get the default route. Returns the emergency type
+/// by digits, both trimmed.
+fn check_ivr(
+    raw: &BTreeMap<String, String>,
+    routes: &HashMap<String, (String, Vec<String>)>,
+    escalations: &HashMap<String, Escalation>,
+    where_: &str,
+    errors: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> HashMap<String, String> {
+    let mut ivr = HashMap::new();
+    for (digit, ty) in raw {
+        let entry = format!("{where_}: ivr.{digit}");
+        let digit = digit.trim();
+        if digit.is_empty()
+            || !digit
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '*' || c == '#')
+        {
+            errors.push(format!("{entry}: key must be the digits pressed"));
+        }
+        let key = ty.trim().to_lowercase();
+        if !routes.contains_key(&key) && !escalations.contains_key(&key) {
+            warnings.push(format!(
+                "{entry}: {ty:?} has no route; it will use routes.default"
+            ));
+        }
+        ivr.insert(digit.to_owned(), ty.trim().to_owned());
+    }
+    ivr
 }
 
 #[cfg(test)]
