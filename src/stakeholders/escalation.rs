@@ -138,48 +138,9 @@ pub(super) fn escalations(
         if ty.is_empty() {
             errors.push(format!("{entry}: type is empty"));
         }
-        if p.tiers.is_empty() {
-            errors.push(format!(
-                "{entry}: tiers is empty (give at least one tier of teams)"
-            ));
-        }
-        for (j, tier) in p.tiers.iter().enumerate() {
-            if tier.is_empty() {
-                errors.push(format!("{entry}: tier {} is empty", j + 1));
-            }
-            for t in tier {
-                if !teams.contains(t.trim()) {
-                    errors.push(format!(
-                        "{entry}: tier {}: team {t:?} has no contacts",
-                        j + 1
-                    ));
-                }
-            }
-        }
-        let wait = crate::settings::parse_duration_secs(&p.wait);
-        match wait {
-            None => errors.push(format!(
-                "{entry}: wait {:?} is not a duration above zero (90s, 2m, 1h)",
-                p.wait
-            )),
-            Some(secs) if secs > MAX_WAIT_SECS => errors.push(format!(
-                "{entry}: wait {:?} is longer than {}",
-                p.wait,
-                human_secs(MAX_WAIT_SECS)
-            )),
-            Some(_) => {}
-        }
-        if p.repeat < 0 {
-            errors.push(format!(
-                "{entry}: repeat {} is negative (0: no repeat)",
-                p.repeat
-            ));
-        } else if p.repeat > MAX_REPEAT {
-            errors.push(format!(
-                "{entry}: repeat {} is more than {MAX_REPEAT}",
-                p.repeat
-            ));
-        }
+        let tiers = check_tiers(&p.tiers, teams, &entry, errors);
+        let wait_secs = check_wait(&p.wait, &entry, errors);
+        let repeat = check_repeat(p.repeat, &entry, errors);
         let key = ty.to_lowercase();
         if !key.is_empty() && !seen.insert(key.clone()) {
             errors.push(format!(
@@ -190,24 +151,90 @@ pub(super) fn escalations(
         if errors.len() > before {
             continue;
         }
-        let (Some(wait_secs), Ok(repeat)) = (wait, u32::try_from(p.repeat)) else {
+        let (Some(wait_secs), Some(repeat)) = (wait_secs, repeat) else {
             continue;
         };
         out.insert(
             key,
             Escalation {
                 emergency_type: ty.to_owned(),
-                tiers: p
-                    .tiers
-                    .iter()
-                    .map(|t| t.iter().map(|team| team.trim().to_owned()).collect())
-                    .collect(),
+                tiers,
                 wait_secs,
                 repeat,
             },
         );
     }
     out
+}
+
+/// Checks a policy's tiers: there is one at least, none is empty, and every team in them has
+/// contacts. Returns the tiers with each team's name trimmed.
+fn check_tiers(
+    tiers: &[Vec<String>],
+    teams: &BTreeSet<String>,
+    entry: &str,
+    errors: &mut Vec<String>,
+) -> Vec<Vec<String>> {
+    if tiers.is_empty() {
+        errors.push(format!(
+            "{entry}: tiers is empty (give at least one tier of teams)"
+        ));
+    }
+    for (j, tier) in tiers.iter().enumerate() {
+        if tier.is_empty() {
+            errors.push(format!("{entry}: tier {} is empty", j + 1));
+        }
+        for t in tier {
+            if !teams.contains(t.trim()) {
+                errors.push(format!(
+                    "{entry}: tier {}: team {t:?} has no contacts",
+                    j + 1
+                ));
+            }
+        }
+    }
+    tiers
+        .iter()
+        .map(|t| t.iter().map(|team| team.trim().to_owned()).collect())
+        .collect()
+}
+
+/// Checks a policy's `wait`: a duration above zero and at most [`MAX_WAIT_SECS`]. Returns it in
+/// seconds when it is both.
+fn check_wait(wait: &str, entry: &str, errors: &mut Vec<String>) -> Option<u64> {
+    match crate::settings::parse_duration_secs(wait) {
+        None => {
+            errors.push(format!(
+                "{entry}: wait {wait:?} is not a duration above zero (90s, 2m, 1h)"
+            ));
+            None
+        }
+        Some(secs) if secs > MAX_WAIT_SECS => {
+            errors.push(format!(
+                "{entry}: wait {wait:?} is longer than {}",
+                human_secs(MAX_WAIT_SECS)
+            ));
+            None
+        }
+        Some(secs) => Some(secs),
+    }
+}
+
+/// Checks a policy's `repeat`: from 0 to [`MAX_REPEAT`]. Returns it when it is.
+fn check_repeat(repeat: i64, entry: &str, errors: &mut Vec<String>) -> Option<u32> {
+    if repeat < 0 {
+        errors.push(format!(
+            "{entry}: repeat {repeat} is negative (0: no repeat)"
+        ));
+        None
+    } else if repeat > MAX_REPEAT {
+        errors.push(format!(
+            "{entry}: repeat {repeat} is more than {MAX_REPEAT}"
+        ));
+        None
+    } else {
+        u32::try_from(repeat).ok()
+    }
 }
 
 #[cfg(test)]
