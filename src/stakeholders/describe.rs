@@ -67,70 +67,89 @@ impl Routing {
         let mut keys: BTreeSet<&String> = self.routes.keys().collect();
         keys.extend(self.escalations.keys());
         for key in keys {
-            let plan = self.plan(Some(key));
-            let teams = match (&plan.escalation, self.routes.get(key)) {
-                (Some(policy), _) => policy
-                    .tiers
-                    .iter()
-                    .map(|t| t.join(" + "))
-                    .collect::<Vec<_>>()
-                    .join(" → "),
-                (None, Some((_, teams))) => teams.join(", "),
-                (None, None) => String::new(),
-            };
-            let spelling = match (self.routes.get(key), &plan.escalation) {
-                (Some((spelling, _)), _) => spelling.clone(),
-                (None, Some(policy)) => policy.emergency_type.clone(),
-                (None, None) => key.clone(),
-            };
-            out.push_str(&format!("{spelling} -> {teams}\n"));
-            // With a policy, each tier's contacts under its number (a contact in two tiers is listed
-            // in each: called in both, messaged in the first).
-            let mut by_contact: BTreeMap<(u32, String, String), Vec<&str>> = BTreeMap::new();
-            for t in &plan.targets {
-                by_contact
-                    .entry((t.tier, t.contact_name.clone(), t.phone.masked()))
-                    .or_default()
-                    .push(t.channel.as_str());
-            }
-            for ((tier, name, phone), channels) in by_contact {
-                let tier = match plan.escalation {
-                    Some(_) => format!("tier {} ", tier + 1),
-                    None => String::new(),
-                };
-                out.push_str(&format!(
-                    "    {tier}{name:<28} {phone:<16} {}\n",
-                    channels.join(", ")
-                ));
-            }
+            self.describe_route(key, &mut out);
         }
-        if let (Some(teams), Some(plan)) = (&self.unreached, self.unreached_plan()) {
-            out.push_str(&format!(
-                "Unreached alarm (nobody acknowledged in time) -> {}\n",
-                teams.join(", ")
-            ));
-            let mut by_contact: BTreeMap<(String, String), Vec<&str>> = BTreeMap::new();
-            for t in &plan.targets {
-                by_contact
-                    .entry((t.contact_name.clone(), t.phone.masked()))
-                    .or_default()
-                    .push(t.channel.as_str());
-            }
-            for ((name, phone), channels) in by_contact {
-                out.push_str(&format!(
-                    "    {name:<28} {phone:<16} {}\n",
-                    channels.join(", ")
-                ));
-            }
-        }
-        if !self.ivr.is_empty() {
-            out.push_str("IVR digits:\n");
-            let mut digits: Vec<(&String, &String)> = self.ivr.iter().collect();
-            digits.sort();
-            for (d, t) in digits {
-                out.push_str(&format!("    {d} -> {t}\n"));
-            }
-        }
+        self.describe_unreached(&mut out);
+        self.describe_ivr(&mut out);
         out
+    }
+
+    /// One route (`key`, lower-cased): its type as the file spells it and its teams (tiers, with a
+    /// policy), then each contact it reaches with their masked number and channels.
+    fn describe_route(&self, key: &str, out: &mut String) {
+        let plan = self.plan(Some(key));
+        let teams = match (&plan.escalation, self.routes.get(key)) {
+            (Some(policy), _) => policy
+                .tiers
+                .iter()
+                .map(|t| t.join(" + "))
+                .collect::<Vec<_>>()
+                .join(" → "),
+            (None, Some((_, teams))) => teams.join(", "),
+            (None, None) => String::new(),
+        };
+        let spelling = match (self.routes.get(key), &plan.escalation) {
+            (Some((spelling, _)), _) => spelling.clone(),
+            (None, Some(policy)) => policy.emergency_type.clone(),
+            (None, None) => key.to_owned(),
+        };
+        out.push_str(&format!("{spelling} -> {teams}\n"));
+        // With a policy, each tier's contacts under its number (a contact in two tiers is listed
+        // in each: called in both, messaged in the first).
+        let mut by_contact: BTreeMap<(u32, String, String), Vec<&str>> = BTreeMap::new();
+        for t in &plan.targets {
+            by_contact
+                .entry((t.tier, t.contact_name.clone(), t.phone.masked()))
+                .or_default()
+                .push(t.channel.as_str());
+        }
+        for ((tier, name, phone), channels) in by_contact {
+            let tier = match plan.escalation {
+                Some(_) => format!("tier {} ", tier + 1),
+                None => String::new(),
+            };
+            out.push_str(&format!(
+                "    {tier}{name:<28} {phone:<16} {}\n",
+                channels.join(", ")
+            ));
+        }
+    }
+
+    /// The `[unreached]` teams and each contact they alarm, as a route is shown; nothing without
+    /// the table.
+    fn describe_unreached(&self, out: &mut String) {
+        let (Some(teams), Some(plan)) = (&self.unreached, self.unreached_plan()) else {
+            return;
+        };
+        out.push_str(&format!(
+            "Unreached alarm (nobody acknowledged in time) -> {}\n",
+            teams.join(", ")
+        ));
+        let mut by_contact: BTreeMap<(String, String), Vec<&str>> = BTreeMap::new();
+        for t in &plan.targets {
+            by_contact
+                .entry((t.contact_name.clone(), t.phone.masked()))
+                .or_default()
+                .push(t.channel.as_str());
+        }
+        for ((name, phone), channels) in by_contact {
+            out.push_str(&format!(
+                "    {name:<28} {phone:<16} {}\n",
+                channels.join(", ")
+            ));
+        }
+    }
+
+    /// The `[ivr]` digits and their emergency types, in digit order; nothing without the table.
+    fn describe_ivr(&self, out: &mut String) {
+        if self.ivr.is_empty() {
+            return;
+        }
+        out.push_str("IVR digits:\n");
+        let mut digits: Vec<(&String, &String)> = self.ivr.iter().collect();
+        digits.sort();
+        for (d, t) in digits {
+            out.push_str(&format!("    {d} -> {t}\n"));
+        }
     }
 }
