@@ -2,10 +2,13 @@
 
 use super::Routing;
 
+/// The region the test files' national numbers (`098…`) are read in.
 pub fn india() -> phonenumber::country::Id {
     crate::domain::phone::region("IN").unwrap()
 }
 
+/// Three policies over four contacts: `Heart` (three tiers, a repeat) replacing its route, `Trauma`
+/// with no route of its own, and `default`; Dr. Asha Rao is in two of Heart's tiers.
 pub const ESCALATING: &str = r#"
 [[contact]]
 name = "Dr. Asha Rao"
@@ -51,6 +54,7 @@ tiers = [["emergency-desk"], ["surgery"]]
 wait = "1m"
 "#;
 
+/// [`ESCALATING`], validated.
 pub fn escalating() -> Routing {
     Routing::parse(ESCALATING, "s.toml", india()).unwrap()
 }
