@@ -24,6 +24,7 @@ pub struct RoutingHandle {
 }
 
 impl RoutingHandle {
+    /// Holds `routing`, read from `path` with numbers in `region`; reloads read the same file.
     pub fn new(routing: Routing, path: PathBuf, region: phonenumber::country::Id) -> Self {
         RoutingHandle {
             current: RwLock::new(Arc::new(routing)),
@@ -51,6 +52,7 @@ impl RoutingHandle {
         self.rejected.load(Ordering::Relaxed)
     }
 
+    /// The routing in force now; a request keeps the one it got, even across a reload.
     pub fn current(&self) -> Arc<Routing> {
         // A poisoned lock only means a panic elsewhere while swapping; the Arc inside is still whole.
         self.current
@@ -88,63 +90,9 @@ impl RoutingHandle {
     /// Reloads on SIGHUP and whenever the file changes on disk, until `shutdown` fires.
     pub fn spawn_watchers(self: &Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-
-        // The directory is watched, not the file: editors save by writing a new file and renaming it.
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let file_name = self.path.file_name().map(|n| n.to_owned());
-        let fs_tx = tx.clone();
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = event {
-                let ours = event
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().map(|n| n.to_owned()) == file_name);
-                if ours && !event.kind.is_access() {
-                    let _ = fs_tx.send(());
-                }
-            }
-        });
-        let watcher = match watcher {
-            Ok(mut w) => match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
-                Ok(()) => Some(w),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch the stakeholder file; SIGHUP still reloads it");
-                    None
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "no file watcher; SIGHUP still reloads the stakeholder file");
-                None
-            }
-        };
-
+        let watcher = self.watch_file(tx.clone());
         #[cfg(unix)]
-        {
-            let hup_tx = tx.clone();
-            let mut hup_shutdown = shutdown.clone();
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(mut hup) => {
-                    tokio::spawn(async move {
-                        loop {
-                            tokio::select! {
-                                got = hup.recv() => {
-                                    if got.is_none() { break; }
-                                    tracing::info!("SIGHUP: reloading the stakeholder file");
-                                    let _ = hup_tx.send(());
-                                }
-                                _ = hup_shutdown.changed() => break,
-                            }
-                        }
-                    });
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
-            }
-        }
+        forward_sighup(tx, shutdown.clone());
 
         let handle = Arc::clone(self);
         tokio::spawn(async move {
@@ -162,5 +110,64 @@ impl RoutingHandle {
                 }
             }
         });
+    }
+
+    /// Sends on `tx` whenever the file changes on disk, for as long as the returned watcher lives;
+    /// `None` (with a warning) when it cannot be watched, and SIGHUP is then the only way to reload.
+    fn watch_file(&self, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+        // The directory is watched, not the file: editors save by writing a new file and renaming it.
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let file_name = self.path.file_name().map(|n| n.to_owned());
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                let ours = event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().map(|n| n.to_owned()) == file_name);
+                if ours && !event.kind.is_access() {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        match watcher {
+            Ok(mut w) => match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the stakeholder file; SIGHUP still reloads it");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no file watcher; SIGHUP still reloads the stakeholder file");
+                None
+            }
+        }
+    }
+}
+
+/// Sends on `tx` at each SIGHUP, until `shutdown` fires.
+#[cfg(unix)]
+fn forward_sighup(tx: mpsc::UnboundedSender<()>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        got = hup.recv() => {
+                            if got.is_none() { break; }
+                            tracing::info!("SIGHUP: reloading the stakeholder file");
+                            let _ = tx.send(());
+                        }
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
     }
 }
