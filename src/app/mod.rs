@@ -6,6 +6,7 @@ pub mod ack;
 pub mod alarms;
 pub mod auditor;
 pub mod console;
+pub mod durable;
 pub mod housekeeping;
 pub mod incidents;
 pub mod optin;

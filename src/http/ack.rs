@@ -7,13 +7,13 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use tracing::Instrument;
 
 use super::edge::{public_read, Deadline, PublicDb};
 use super::exotel_token;
 use super::params::Params;
 use super::AppState;
 use crate::app::ack::{self, event};
+use crate::app::durable::{self, Written};
 use crate::domain::{mask, DeliveryState, IncidentState};
 use crate::error::AppError;
 use crate::store::{Acknowledged, DeliveryRow};
@@ -89,34 +89,28 @@ pub async fn keypress(
             }
         }
     }
-    // The write runs in a task of its own: once started it is never cut off half-way, and its 200 is
-    // left with the deadline the moment it commits.
+    // Never cut off half-way once started; its 200 is left with the deadline the moment it commits.
     let budget = deadline.budget(ack::STORE_BUDGET);
-    let write = tokio::spawn(
-        {
-            let state = state.clone();
-            let delivery = delivery.clone();
-            async move {
-                let done = ack::acknowledge(
-                    &state,
-                    &delivery.incident_id,
-                    Some(&delivery),
-                    &delivery.contact_name,
-                    delivery.channel.as_str(),
-                )
-                .await?;
-                deadline.commit(acknowledged_answer());
-                Ok::<_, anyhow::Error>(done)
-            }
+    let write = {
+        let (state, delivery) = (state.clone(), delivery.clone());
+        async move {
+            let done = ack::acknowledge(
+                &state,
+                &delivery.incident_id,
+                Some(&delivery),
+                &delivery.contact_name,
+                delivery.channel.as_str(),
+            )
+            .await?;
+            deadline.commit(acknowledged_answer());
+            Ok(done)
         }
-        .in_current_span(),
-    );
-    let reason = match tokio::time::timeout(budget, write).await {
-        Ok(Ok(Ok(Some(_)))) => return Ok(acknowledged_answer()),
-        Ok(Ok(Ok(None))) => "its incident is gone".to_owned(),
-        Ok(Ok(Err(e))) => format!("{e:#}"),
-        Ok(Err(e)) => format!("the write failed: {e}"),
-        Err(_) => format!("no answer from the database within {budget:?}"),
+    };
+    let reason = match durable::write(budget, write, |_, _| {}).await {
+        Written::Ended(Ok(Some(_))) => return Ok(acknowledged_answer()),
+        Written::Ended(Ok(None)) => "its incident is gone".to_owned(),
+        Written::Ended(Err(e)) => e.to_string(),
+        Written::Pending => format!("no answer from the database within {budget:?}"),
     };
     tracing::error!(
         error = %reason,
@@ -232,9 +226,8 @@ pub async fn link_confirm(
         Err(res) => return res,
     };
     let write = {
-        let state = state.clone();
-        let d = d.clone();
-        tokio::spawn(async move {
+        let (state, d) = (state.clone(), d.clone());
+        async move {
             ack::acknowledge(
                 &state,
                 &d.incident_id,
@@ -243,25 +236,22 @@ pub async fn link_confirm(
                 d.channel.as_str(),
             )
             .await
-        })
+        }
     };
-    match tokio::time::timeout(ack::STORE_BUDGET, write).await {
-        Ok(Ok(Ok(Some(done)))) => {
+    let why = match durable::write(ack::STORE_BUDGET, write, |_, _| {}).await {
+        Written::Ended(Ok(Some(done))) => {
             let (title, text) = confirmed(&state, &done);
-            page(StatusCode::OK, title, &text, None)
+            return page(StatusCode::OK, title, &text, None);
         }
-        Ok(Ok(Ok(None))) => page(StatusCode::NOT_FOUND, "No such alert", NO_SUCH, None),
-        other => {
-            let why = match other {
-                Ok(Ok(Err(e))) => format!("{e:#}"),
-                Ok(Err(e)) => format!("the write failed: {e}"),
-                _ => "no answer from the database in time".to_owned(),
-            };
-            tracing::error!(error = %why, "ACKNOWLEDGEMENT NOT STORED through a link");
-            record(&state, &d.id, event::NOT_STORED, &why).await;
-            busy()
+        Written::Ended(Ok(None)) => {
+            return page(StatusCode::NOT_FOUND, "No such alert", NO_SUCH, None)
         }
-    }
+        Written::Ended(Err(e)) => e.to_string(),
+        Written::Pending => "no answer from the database in time".to_owned(),
+    };
+    tracing::error!(error = %why, "ACKNOWLEDGEMENT NOT STORED through a link");
+    record(&state, &d.id, event::NOT_STORED, &why).await;
+    busy()
 }
 
 /// What the confirm form's page says happened: a thank-you only for the acknowledgement that told the

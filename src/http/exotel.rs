@@ -1,20 +1,18 @@
 //! Exotel's webhooks: the Passthru that stores an emergency and the Dynamic Greeting that plays it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::edge::Deadline;
 use super::exotel_token;
 use super::params::{exotel_time, http_url, Params};
 use super::AppState;
+use crate::app::durable::{self, Late, WriteError, Written};
 use crate::app::incidents::{self, Emergency, Planned};
 use crate::domain::{mask, mask_numbers, truncate, CallSid, Phone, Source};
 use crate::error::AppError;
@@ -53,11 +51,9 @@ pub async fn passthru(
     tracing::Span::current().record("call_sid", call_sid.as_str());
 
     let planned = incidents::plan(&state, emergency(&state, &params, &call_sid));
-    // The write runs in a task of its own: once started it is never cut off half-way (a request time
-    // limit or a client hanging up drops this handler, not the write), and its success answer is left
-    // with the deadline the moment it commits, so a stored emergency is never answered as a failure.
-    // A second task hands its outcome over, or logs it when this handler is no longer waiting: an
-    // emergency answered 302 and then stored, or not stored after all, is never without a trace.
+    // Stored or not, the write is never cut off half-way, and its 200 is left with the deadline the
+    // moment it commits, so a stored emergency is never answered as a failure. An emergency answered
+    // 302 and then stored, or not stored after all, is logged when the write ends.
     let budget = deadline.budget(STORE_BUDGET);
     let emergency_type = planned.incident.emergency_type.clone();
     let caller = planned
@@ -66,43 +62,29 @@ pub async fn passthru(
         .as_deref()
         .map(mask)
         .unwrap_or_default();
-    let write = tokio::spawn(store_passthru(state.clone(), planned, deadline).in_current_span());
-    let (outcome_tx, mut outcome) = oneshot::channel();
-    let answered_302 = Arc::new(AtomicBool::new(false));
-    tokio::spawn(
-        report_late_write(
-            write,
-            outcome_tx,
-            answered_302.clone(),
-            caller.clone(),
-            emergency_type.clone(),
-        )
-        .in_current_span(),
-    );
-    let reason = match tokio::time::timeout(budget, &mut outcome).await {
-        Ok(Ok(Ok(created))) => return Ok(stored(&created)),
-        Ok(Ok(Err(e))) => format!("{e:#}"),
-        Ok(Err(_)) => "the write ended without an outcome".to_owned(),
-        Err(_) => {
-            // From here on the outcome is the reporting task's to log. Closing the channel tells it
-            // so; an outcome sent in the same instant is still taken here, and answered as such.
-            answered_302.store(true, Ordering::Release);
-            outcome.close();
-            match outcome.try_recv() {
-                Ok(Ok(created)) => return Ok(stored(&created)),
-                Ok(Err(e)) => format!("{e:#}"),
-                Err(_) => {
-                    tracing::error!(
-                        error = %format!("no answer from the database within {budget:?}"),
-                        emergency_type = %emergency_type,
-                        caller = %caller,
-                        "EMERGENCY NOT STORED YET: answering 302 so the Exotel flow takes its \
-                         fallback branch; the write goes on, and whether it stores the emergency \
-                         is logged when it ends"
-                    );
-                    return Ok(fallback_branch());
-                }
-            }
+    let late = {
+        let (emergency_type, caller) = (emergency_type.clone(), caller.clone());
+        move |when, ended| report_late_write(when, ended, &caller, &emergency_type)
+    };
+    let reason = match durable::write(
+        budget,
+        store_passthru(state.clone(), planned, deadline),
+        late,
+    )
+    .await
+    {
+        Written::Ended(Ok(created)) => return Ok(stored(&created)),
+        Written::Ended(Err(e)) => e.to_string(),
+        Written::Pending => {
+            tracing::error!(
+                error = %format!("no answer from the database within {budget:?}"),
+                emergency_type = %emergency_type,
+                caller = %caller,
+                "EMERGENCY NOT STORED YET: answering 302 so the Exotel flow takes its \
+                 fallback branch; the write goes on, and whether it stores the emergency \
+                 is logged when it ends"
+            );
+            return Ok(fallback_branch());
         }
     };
     tracing::error!(
@@ -130,29 +112,24 @@ fn fallback_branch() -> Response {
         .into_response()
 }
 
-/// Waits for the Passthru's write and hands its outcome to the handler. Once the handler has stopped
-/// waiting (it answered 302, or the request was cut off: the time limit, or the client hanging up),
-/// logs the outcome instead, in the request's span (its CallSid), with the caller's number masked.
-async fn report_late_write(
-    write: tokio::task::JoinHandle<anyhow::Result<crate::store::Created>>,
-    to: oneshot::Sender<anyhow::Result<crate::store::Created>>,
-    answered_302: Arc<AtomicBool>,
-    caller: String,
-    emergency_type: String,
+/// Logs the outcome of a Passthru's write that ended after the handler stopped waiting (it answered
+/// 302, or the request was cut off: the time limit, or the client hanging up), in the request's span
+/// (its CallSid), with the caller's number masked.
+fn report_late_write(
+    when: Late,
+    ended: Result<crate::store::Created, WriteError>,
+    caller: &str,
+    emergency_type: &str,
 ) {
-    let outcome = match write.await {
-        Ok(outcome) => outcome,
-        Err(e) => Err(anyhow::anyhow!("the write failed: {e}")),
+    let after = match when {
+        Late::GaveUp => {
+            "after the Passthru was answered 302 (the Exotel flow took its fallback branch)"
+        }
+        Late::CutOff => {
+            "after its Passthru request was cut off (the request time limit, or Exotel hanging up)"
+        }
     };
-    let Err(outcome) = to.send(outcome) else {
-        return;
-    };
-    let after = if answered_302.load(Ordering::Acquire) {
-        "after the Passthru was answered 302 (the Exotel flow took its fallback branch)"
-    } else {
-        "after its Passthru request was cut off (the request time limit, or Exotel hanging up)"
-    };
-    match outcome {
+    match ended {
         Ok(created) => {
             tracing::Span::current().record("incident_id", created.incident_id.as_str());
             tracing::warn!(
@@ -164,7 +141,7 @@ async fn report_late_write(
             );
         }
         Err(e) => tracing::error!(
-            error = %mask_numbers(&format!("{e:#}")),
+            error = %mask_numbers(&e.to_string()),
             emergency_type = %emergency_type,
             caller = %caller,
             stored = false,
