@@ -11,6 +11,7 @@ pub mod housekeeping;
 pub mod incidents;
 pub mod optin;
 pub mod recordings;
+pub mod reports;
 pub mod supervise;
 
 use std::sync::Arc;

@@ -7,6 +7,7 @@ pub mod console;
 pub mod edge;
 pub mod exotel;
 pub mod exotel_token;
+pub mod gupshup;
 pub mod health;
 pub mod params;
 pub mod recording;
@@ -60,12 +61,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/exotel/call-status", post(callbacks::call_status))
         .route("/exotel/sms-status", post(callbacks::sms_status))
-        .route("/gupshup/dlr", post(callbacks::gupshup_dlr))
         .route(
             "/r/{reference}",
             get(recording::recording).head(recording::recording),
         )
         .route("/healthz", get(health::healthz))
+        .merge(gupshup::routes())
         .merge(api::routes())
         .merge(console::routes())
         .merge(health::routes())
