@@ -2,11 +2,9 @@
 
 pub mod ack;
 pub mod api;
-pub mod callbacks;
 pub mod console;
 pub mod edge;
 pub mod exotel;
-pub mod exotel_token;
 pub mod gupshup;
 pub mod health;
 pub mod params;
@@ -21,7 +19,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -43,24 +41,11 @@ pub fn router(state: AppState) -> Router {
     );
 
     Router::new()
-        .route(
-            "/exotel/passthru",
-            // An explicit HEAD, or axum would run the GET handler for it and store an emergency.
-            get(exotel::passthru)
-                .post(exotel::passthru)
-                .head(exotel::passthru_probe),
-        )
-        .route(
-            "/exotel/greeting",
-            get(exotel::greeting).head(exotel::greeting),
-        )
-        .route("/exotel/ack", get(ack::keypress).post(ack::keypress))
+        .merge(exotel::routes())
         .route(
             "/a/{reference}",
             get(ack::link_page).post(ack::link_confirm),
         )
-        .route("/exotel/call-status", post(callbacks::call_status))
-        .route("/exotel/sms-status", post(callbacks::sms_status))
         .route(
             "/r/{reference}",
             get(recording::recording).head(recording::recording),

@@ -6,12 +6,12 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
-use super::exotel_token;
-use super::params::Params;
-use super::AppState;
+use super::token as exotel_token;
 use crate::app::reports;
 use crate::domain::Channel;
 use crate::error::AppError;
+use crate::http::params::Params;
+use crate::http::AppState;
 use crate::providers::{exotel_call, exotel_sms};
 use crate::store::CallbackEffect;
 
