@@ -3,23 +3,29 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use super::token as exotel_token;
+use super::{ExotelParams, Webhook};
 use crate::app::ack::{self, event};
 use crate::app::durable::{self, Written};
 use crate::domain::{mask, DeliveryState};
 use crate::error::AppError;
 use crate::http::edge::Deadline;
-use crate::http::params::Params;
 use crate::http::AppState;
 
 /// 302: Exotel's flow takes the branch that can repeat the menu.
 fn again(why: &str) -> Response {
     (StatusCode::FOUND, format!("not acknowledged: {why}")).into_response()
+}
+
+/// The keypress's Passthru.
+pub struct Keypress;
+
+impl Webhook for Keypress {
+    const BODY: bool = true;
+    const REFUSED: &'static str = "acknowledge keypress with a missing or wrong token";
 }
 
 /// `GET` (or `POST` form) `/exotel/ack?token=`: Exotel's Passthru after the Gather, with the call's
@@ -30,18 +36,8 @@ fn again(why: &str) -> Response {
 pub async fn keypress(
     State(state): State<AppState>,
     deadline: Deadline,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    ExotelParams(params, _): ExotelParams<Keypress>,
 ) -> Result<Response, AppError> {
-    let mut params = Params::from_query(uri.query());
-    params
-        .extend_body(&headers, body)
-        .await
-        .map_err(AppError::BadRequest)?;
-    if let Err(refused) = exotel_token::check(&state, &params) {
-        return Ok(refused.answer("acknowledge keypress with a missing or wrong token"));
-    }
     let Some(reference) = params.get("CustomField").filter(|r| r.len() <= 128) else {
         tracing::warn!("acknowledge keypress without a CustomField; answering 302");
         return Ok(again("no CustomField"));

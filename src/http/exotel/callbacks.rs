@@ -1,36 +1,24 @@
 //! Exotel's StatusCallbacks for calls and SMS, read into provider-neutral reports by the provider
 //! modules, matched by provider id, idempotent, never a step back.
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::token as exotel_token;
+use super::{ExotelParams, Webhook};
 use crate::app::reports;
 use crate::domain::Channel;
 use crate::error::AppError;
-use crate::http::params::Params;
 use crate::http::AppState;
 use crate::providers::{exotel_call, exotel_sms};
 use crate::store::CallbackEffect;
 
-/// The fields of one of Exotel's status callbacks, once its token is right; else the answer to give.
-async fn read(
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: Bytes,
-    state: &AppState,
-) -> Result<Params, Response> {
-    let mut params = Params::from_query(uri.query());
-    params
-        .extend_body(headers, body)
-        .await
-        .map_err(|e| AppError::BadRequest(e).into_response())?;
-    if let Err(refused) = exotel_token::check(state, &params) {
-        return Err(refused.answer("status callback with a missing or wrong token"));
-    }
-    Ok(params)
+/// Exotel's status callbacks, of calls and SMS alike.
+pub struct StatusCallback;
+
+impl Webhook for StatusCallback {
+    const BODY: bool = true;
+    const REFUSED: &'static str = "status callback with a missing or wrong token";
 }
 
 fn answer(
@@ -63,14 +51,8 @@ fn answer(
 #[tracing::instrument(skip_all, fields(call_sid))]
 pub async fn call_status(
     State(state): State<AppState>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    ExotelParams(p, _): ExotelParams<StatusCallback>,
 ) -> Result<Response, AppError> {
-    let p = match read(&uri, &headers, body, &state).await {
-        Ok(p) => p,
-        Err(refused) => return Ok(refused),
-    };
     let report = exotel_call::callback_report(|k| p.get(k)).map_err(AppError::BadRequest)?;
     tracing::Span::current().record("call_sid", report.provider_id.as_str());
     let effect = reports::apply(&state, &report, true).await?;
@@ -82,14 +64,8 @@ pub async fn call_status(
 #[tracing::instrument(skip_all, fields(sms_sid))]
 pub async fn sms_status(
     State(state): State<AppState>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    ExotelParams(p, _): ExotelParams<StatusCallback>,
 ) -> Result<Response, AppError> {
-    let p = match read(&uri, &headers, body, &state).await {
-        Ok(p) => p,
-        Err(refused) => return Ok(refused),
-    };
     let report = exotel_sms::callback_report(|k| p.get(k)).map_err(AppError::BadRequest)?;
     tracing::Span::current().record("sms_sid", report.provider_id.as_str());
     if let Some(lane) = state.providers.for_channel(Channel::Sms) {

@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
-use super::token as exotel_token;
-use crate::http::params::Params;
+use super::token::Refused;
+use super::{ExotelParams, Webhook};
 use crate::http::AppState;
 use crate::messages::{self, Vars};
 use crate::settings::RecordingMode;
@@ -18,31 +18,48 @@ use crate::store::recordings::status;
 /// The greeting must answer fast: a doctor is listening to silence meanwhile.
 const GREETING_BUDGET: Duration = Duration::from_secs(3);
 
+/// The Dynamic Greeting.
+pub struct Greeting;
+
+impl Webhook for Greeting {
+    const BODY: bool = false;
+    const REFUSED: &'static str =
+        "greeting with a missing or wrong token; answering the generic alert";
+
+    /// A doctor is on the line: say something useful, but reveal nothing stored.
+    fn refused(state: &AppState, refused: Refused) -> Response {
+        refused.log(Self::REFUSED);
+        let mut response = spoken(generic(state));
+        refused.mark(&mut response);
+        response
+    }
+}
+
 /// `GET`/`HEAD` `/exotel/greeting?CustomField=<reference>`: what the outbound call plays. Always 200 with
 /// `Content-Type: text/plain` and something speakable, whatever the request holds.
 #[tracing::instrument(skip_all, fields(delivery_id))]
-pub async fn greeting(State(state): State<AppState>, method: Method, uri: Uri) -> Response {
-    let params = Params::from_query(uri.query());
-    let msg = &state.settings.messages;
-    let fallback = || messages::speakable(&msg.greeting_fallback);
-
-    let refused = exotel_token::check(&state, &params).err();
-    let body = if let Some(refused) = refused {
-        // A doctor is on the line: say something useful, but reveal nothing stored.
-        refused.log("greeting with a missing or wrong token; answering the generic alert");
-        fallback()
-    } else {
-        match params.get("CustomField").filter(|r| r.len() <= 128) {
-            None => fallback(),
-            Some(reference) => greeting_for(&state, &method, &reference)
-                .await
-                .unwrap_or_else(fallback),
-        }
+pub async fn greeting(
+    State(state): State<AppState>,
+    method: Method,
+    ExotelParams(params, _): ExotelParams<Greeting>,
+) -> Response {
+    let body = match params.get("CustomField").filter(|r| r.len() <= 128) {
+        None => generic(&state),
+        Some(reference) => greeting_for(&state, &method, &reference)
+            .await
+            .unwrap_or_else(|| generic(&state)),
     };
+    spoken(body)
+}
+
+/// The generic alert: for a call whose delivery cannot be told.
+fn generic(state: &AppState) -> String {
+    messages::speakable(&state.settings.messages.greeting_fallback)
+}
+
+/// The 200 of a greeting.
+fn spoken(body: String) -> Response {
     let mut response = (StatusCode::OK, body).into_response();
-    if let Some(refused) = refused {
-        refused.mark(&mut response);
-    }
     // Exactly text/plain: Exotel asks for "nothing else", and axum would add a charset.
     response
         .headers_mut()

@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use super::token as exotel_token;
+use super::{ExotelParams, Webhook};
 use crate::app::durable::{self, Late, WriteError, Written};
 use crate::app::incidents::{self, Emergency, Planned};
 use crate::domain::{mask, mask_numbers, truncate, CallSid, Phone, Source};
@@ -23,24 +22,30 @@ const STORE_BUDGET: Duration = Duration::from_secs(5);
 /// Longest emergency type label kept.
 const MAX_TYPE_CHARS: usize = 64;
 
+/// The Passthru that stores an emergency.
+pub struct Passthru;
+
+impl Webhook for Passthru {
+    const BODY: bool = true;
+    const REFUSED: &'static str = "passthru with a missing or wrong token";
+}
+
+/// The Passthru's `HEAD`: the query string alone.
+pub struct Probe;
+
+impl Webhook for Probe {
+    const BODY: bool = false;
+    const REFUSED: &'static str = "passthru probe with a missing or wrong token";
+}
+
 /// `GET` (or `POST` form) `/exotel/passthru`: stores the incident and its queued deliveries in one
 /// transaction, then answers 200. Never calls a provider.
 #[tracing::instrument(skip_all, fields(call_sid, incident_id))]
 pub async fn passthru(
     State(state): State<AppState>,
     deadline: Deadline,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    ExotelParams(params, _): ExotelParams<Passthru>,
 ) -> Result<Response, AppError> {
-    let mut params = Params::from_query(uri.query());
-    params
-        .extend_body(&headers, body)
-        .await
-        .map_err(AppError::BadRequest)?;
-    if let Err(refused) = exotel_token::check(&state, &params) {
-        return Ok(refused.answer("passthru with a missing or wrong token"));
-    }
     let call_sid =
         CallSid::parse(&params.get("CallSid").unwrap_or_default()).map_err(AppError::BadRequest)?;
     tracing::Span::current().record("call_sid", call_sid.as_str());
@@ -207,10 +212,6 @@ async fn store_passthru(
 /// `HEAD /exotel/passthru`: a probe, answered 200 with nothing read or written. 200 rather than 405:
 /// Exotel checks applet URLs with HEAD before it GETs them (documented for the SMS applet), and uptime
 /// checks do the same; a 405 would look like a broken URL, while only a GET or POST is an emergency.
-pub async fn passthru_probe(State(state): State<AppState>, uri: Uri) -> Response {
-    let params = Params::from_query(uri.query());
-    if let Err(refused) = exotel_token::check(&state, &params) {
-        return refused.answer("passthru probe with a missing or wrong token");
-    }
-    StatusCode::OK.into_response()
+pub async fn passthru_probe(_: ExotelParams<Probe>) -> StatusCode {
+    StatusCode::OK
 }
