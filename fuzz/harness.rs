@@ -39,7 +39,7 @@ pub const CONTENT_TYPES: &[&str] = &[
     "APPLICATION/JSON",
 ];
 
-/// The fields the Passthru and the callbacks read (http/exotel.rs, http/callbacks.rs).
+/// The fields the Passthru and the callbacks read (http/exotel/passthru.rs, http/exotel/callbacks.rs).
 pub const FIELDS: &[&str] = &[
     "token",
     "CallSid",
@@ -242,7 +242,7 @@ fn check_lookup(client: &dyn Client, id: &str, prefix: &[&str]) {
     );
 }
 
-/// The status callbacks: what http/callbacks.rs reads, and the look-up URL a reported id leads to.
+/// The status callbacks: what http/exotel/callbacks.rs reads, and the look-up URL a reported id leads to.
 pub fn callbacks(data: &[u8]) {
     let (content_type, query, body) = split_request(data);
     let Ok(params) = read_params(content_type, &query, body) else {

@@ -78,3 +78,23 @@ pub async fn acknowledge(
     }
     Ok(done)
 }
+
+/// Records on the delivery's events, best effort, why a keypress or a link did not acknowledge (the
+/// store may be what failed).
+pub async fn record_not_acknowledged(
+    state: &AppState,
+    delivery_id: &str,
+    kind: &str,
+    detail: &str,
+) {
+    if let Err(e) = state
+        .store
+        .record_event(delivery_id, kind, None, detail)
+        .await
+    {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "could not record the refused keypress"
+        );
+    }
+}

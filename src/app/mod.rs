@@ -6,10 +6,12 @@ pub mod ack;
 pub mod alarms;
 pub mod auditor;
 pub mod console;
+pub mod durable;
 pub mod housekeeping;
 pub mod incidents;
 pub mod optin;
 pub mod recordings;
+pub mod reports;
 pub mod supervise;
 
 use std::sync::Arc;

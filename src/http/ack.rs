@@ -1,149 +1,21 @@
-//! Acknowledgement by the person alerted: the call's keypress (`/exotel/ack`, Exotel's Passthru after
-//! the outbound flow's Gather) and the message's link (`/a/{reference}`: a confirm page, and its form).
+//! Acknowledgement through a message's link (`/a/{reference}`: a confirm page, and its form). The
+//! call's keypress is Exotel's (`http::exotel::ack`).
 
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use tracing::Instrument;
 
-use super::edge::{public_read, Deadline, PublicDb};
-use super::exotel_token;
-use super::params::Params;
+use super::edge::{public_read, PublicDb};
 use super::AppState;
 use crate::app::ack::{self, event};
-use crate::domain::{mask, DeliveryState, IncidentState};
-use crate::error::AppError;
+use crate::app::durable::{self, Written};
+use crate::domain::IncidentState;
 use crate::store::{Acknowledged, DeliveryRow};
 
 /// The look-up of a link waits this long for a share of the database.
 const LOOKUP_WAIT: Duration = Duration::from_secs(2);
-
-/// 302: Exotel's flow takes the branch that can repeat the menu.
-fn again(why: &str) -> Response {
-    (StatusCode::FOUND, format!("not acknowledged: {why}")).into_response()
-}
-
-/// `GET` (or `POST` form) `/exotel/ack?token=`: Exotel's Passthru after the Gather, with the call's
-/// `CustomField` (the delivery's greeting reference) and `digits` (quoted, as Exotel sends them). 200
-/// only once the acknowledgement is committed (a repeat too); 302 for another key or none, an unknown
-/// reference, or a failure to store, recorded on the delivery when it is known; 401 for a bad token.
-#[tracing::instrument(skip_all, fields(delivery_id))]
-pub async fn keypress(
-    State(state): State<AppState>,
-    deadline: Deadline,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, AppError> {
-    let mut params = Params::from_query(uri.query());
-    params
-        .extend_body(&headers, body)
-        .await
-        .map_err(AppError::BadRequest)?;
-    if let Err(refused) = exotel_token::check(&state, &params) {
-        return Ok(refused.answer("acknowledge keypress with a missing or wrong token"));
-    }
-    let Some(reference) = params.get("CustomField").filter(|r| r.len() <= 128) else {
-        tracing::warn!("acknowledge keypress without a CustomField; answering 302");
-        return Ok(again("no CustomField"));
-    };
-    let delivery = match state.store.delivery_by_greeting_ref(&reference).await {
-        Ok(Some(d)) => d,
-        Ok(None) => {
-            tracing::warn!("acknowledge keypress for an unknown CustomField; answering 302");
-            return Ok(again("unknown CustomField"));
-        }
-        Err(e) => {
-            tracing::error!(
-                error = format!("{e:#}"),
-                "ACKNOWLEDGEMENT NOT STORED: the delivery could not be read; answering 302"
-            );
-            return Ok(again("could not be stored"));
-        }
-    };
-    tracing::Span::current().record("delivery_id", delivery.id.as_str());
-    let pressed = params.get("digits");
-    let wanted = state.settings.ack.digit().map(str::to_owned);
-    let refused = match (&wanted, pressed.as_deref()) {
-        (None, _) => Some("acknowledgement by keypress is off (ack.digit is empty)".to_owned()),
-        (Some(_), None) => Some("no key pressed".to_owned()),
-        (Some(w), Some(p)) if w != p => Some(format!("pressed {p:?}, not the acknowledge key")),
-        _ => None,
-    };
-    if let Some(why) = refused {
-        tracing::info!(reason = %why, "keypress does not acknowledge; answering 302");
-        record(&state, &delivery.id, event::NOT_ACK_DIGIT, &why).await;
-        return Ok(again(&why));
-    }
-    // The call's own record may still be on its way (outcomes are committed in groups): give it a
-    // moment, so the delivery itself can become `acknowledged` rather than only the incident.
-    if delivery.status == DeliveryState::Sending {
-        for _ in 0..20 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            match state.store.delivery(&delivery.id).await {
-                Ok(Some(d)) if d.status == DeliveryState::Sending => {}
-                _ => break,
-            }
-        }
-    }
-    // The write runs in a task of its own: once started it is never cut off half-way, and its 200 is
-    // left with the deadline the moment it commits.
-    let budget = deadline.budget(ack::STORE_BUDGET);
-    let write = tokio::spawn(
-        {
-            let state = state.clone();
-            let delivery = delivery.clone();
-            async move {
-                let done = ack::acknowledge(
-                    &state,
-                    &delivery.incident_id,
-                    Some(&delivery),
-                    &delivery.contact_name,
-                    delivery.channel.as_str(),
-                )
-                .await?;
-                deadline.commit(acknowledged_answer());
-                Ok::<_, anyhow::Error>(done)
-            }
-        }
-        .in_current_span(),
-    );
-    let reason = match tokio::time::timeout(budget, write).await {
-        Ok(Ok(Ok(Some(_)))) => return Ok(acknowledged_answer()),
-        Ok(Ok(Ok(None))) => "its incident is gone".to_owned(),
-        Ok(Ok(Err(e))) => format!("{e:#}"),
-        Ok(Err(e)) => format!("the write failed: {e}"),
-        Err(_) => format!("no answer from the database within {budget:?}"),
-    };
-    tracing::error!(
-        error = %reason,
-        phone = %mask(&delivery.phone),
-        "ACKNOWLEDGEMENT NOT STORED: answering 302 so the flow can ask again"
-    );
-    record(&state, &delivery.id, event::NOT_STORED, &reason).await;
-    Ok(again("could not be stored"))
-}
-
-fn acknowledged_answer() -> Response {
-    (StatusCode::OK, "acknowledged").into_response()
-}
-
-/// Best effort: the event of a keypress that did not acknowledge (the store may be what failed).
-async fn record(state: &AppState, delivery_id: &str, kind: &str, detail: &str) {
-    if let Err(e) = state
-        .store
-        .record_event(delivery_id, kind, None, detail)
-        .await
-    {
-        tracing::warn!(
-            error = format!("{e:#}"),
-            "could not record the refused keypress"
-        );
-    }
-}
 
 /// The message whose link this is, looked up within the unauthenticated share of the database.
 async fn linked(
@@ -232,9 +104,8 @@ pub async fn link_confirm(
         Err(res) => return res,
     };
     let write = {
-        let state = state.clone();
-        let d = d.clone();
-        tokio::spawn(async move {
+        let (state, d) = (state.clone(), d.clone());
+        async move {
             ack::acknowledge(
                 &state,
                 &d.incident_id,
@@ -243,25 +114,22 @@ pub async fn link_confirm(
                 d.channel.as_str(),
             )
             .await
-        })
+        }
     };
-    match tokio::time::timeout(ack::STORE_BUDGET, write).await {
-        Ok(Ok(Ok(Some(done)))) => {
+    let why = match durable::write(ack::STORE_BUDGET, write, |_, _| {}).await {
+        Written::Ended(Ok(Some(done))) => {
             let (title, text) = confirmed(&state, &done);
-            page(StatusCode::OK, title, &text, None)
+            return page(StatusCode::OK, title, &text, None);
         }
-        Ok(Ok(Ok(None))) => page(StatusCode::NOT_FOUND, "No such alert", NO_SUCH, None),
-        other => {
-            let why = match other {
-                Ok(Ok(Err(e))) => format!("{e:#}"),
-                Ok(Err(e)) => format!("the write failed: {e}"),
-                _ => "no answer from the database in time".to_owned(),
-            };
-            tracing::error!(error = %why, "ACKNOWLEDGEMENT NOT STORED through a link");
-            record(&state, &d.id, event::NOT_STORED, &why).await;
-            busy()
+        Written::Ended(Ok(None)) => {
+            return page(StatusCode::NOT_FOUND, "No such alert", NO_SUCH, None)
         }
-    }
+        Written::Ended(Err(e)) => e.to_string(),
+        Written::Pending => "no answer from the database in time".to_owned(),
+    };
+    tracing::error!(error = %why, "ACKNOWLEDGEMENT NOT STORED through a link");
+    ack::record_not_acknowledged(&state, &d.id, event::NOT_STORED, &why).await;
+    busy()
 }
 
 /// What the confirm form's page says happened: a thank-you only for the acknowledgement that told the

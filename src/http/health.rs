@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use super::edge::{public_read, PublicDb};
-use super::exotel_token::NotExotel;
+use super::exotel::token::NotExotel;
 use super::AppState;
 use crate::domain::{now_ms, Channel};
 use crate::metrics::{CLASSIC_CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE};

@@ -2,11 +2,10 @@
 
 pub mod ack;
 pub mod api;
-pub mod callbacks;
 pub mod console;
 pub mod edge;
 pub mod exotel;
-pub mod exotel_token;
+pub mod gupshup;
 pub mod health;
 pub mod params;
 pub mod recording;
@@ -20,7 +19,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -42,30 +41,17 @@ pub fn router(state: AppState) -> Router {
     );
 
     Router::new()
-        .route(
-            "/exotel/passthru",
-            // An explicit HEAD, or axum would run the GET handler for it and store an emergency.
-            get(exotel::passthru)
-                .post(exotel::passthru)
-                .head(exotel::passthru_probe),
-        )
-        .route(
-            "/exotel/greeting",
-            get(exotel::greeting).head(exotel::greeting),
-        )
-        .route("/exotel/ack", get(ack::keypress).post(ack::keypress))
+        .merge(exotel::routes())
         .route(
             "/a/{reference}",
             get(ack::link_page).post(ack::link_confirm),
         )
-        .route("/exotel/call-status", post(callbacks::call_status))
-        .route("/exotel/sms-status", post(callbacks::sms_status))
-        .route("/gupshup/dlr", post(callbacks::gupshup_dlr))
         .route(
             "/r/{reference}",
             get(recording::recording).head(recording::recording),
         )
         .route("/healthz", get(health::healthz))
+        .merge(gupshup::routes())
         .merge(api::routes())
         .merge(console::routes())
         .merge(health::routes())

@@ -13,9 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::task::JoinError;
-use tokio::time::error::Elapsed;
-use tracing::Instrument;
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Admin;
@@ -23,6 +20,7 @@ use super::{
     clean_json, iso, known_id, scrub, unprocessable, ErrorBody, MAX_DEDUP_KEY_CHARS,
     MAX_MESSAGE_CHARS, MAX_TYPE_CHARS,
 };
+use crate::app::durable::{self, WriteError, Written};
 use crate::app::incidents::{self, Emergency, PlanError, Planned};
 use crate::domain::{mask, Channel, DeliveryState, IncidentState, Source, SOURCE_HEADER};
 use crate::error::AppError;
@@ -846,17 +844,14 @@ pub async fn acknowledge_incident(
         _ => "api",
     };
     let write = {
-        let state = state.clone();
-        let id = id.clone();
-        tokio::spawn(
-            async move { crate::app::ack::acknowledge(&state, &id, None, &by, via).await }
-                .in_current_span(),
-        )
+        let (state, id) = (state.clone(), id.clone());
+        async move { crate::app::ack::acknowledge(&state, &id, None, &by, via).await }
     };
-    let done = match tokio::time::timeout(crate::app::ack::STORE_BUDGET, write).await {
-        Ok(Ok(done)) => done?,
-        Ok(Err(e)) => return Err(AppError::Internal(anyhow::anyhow!("the write failed: {e}"))),
-        Err(_) => {
+    let done = match durable::write(crate::app::ack::STORE_BUDGET, write, |_, _| {}).await {
+        Written::Ended(Ok(done)) => done,
+        // A 500 that logs the failed write's cause, or the task's failure.
+        Written::Ended(Err(e)) => return Err(AppError::Internal(e.into())),
+        Written::Pending => {
             return Err(AppError::Unavailable(
                 "the database did not answer in time".to_owned(),
             ))
@@ -986,11 +981,8 @@ pub(super) async fn store_trigger(
     };
     let incident = planned.incident.clone();
     let budget = deadline.budget(STORE_BUDGET);
-    let write = tokio::spawn(
-        write_incident(state.clone(), deadline.clone(), planned, answer_on_commit)
-            .in_current_span(),
-    );
-    let created = written(tokio::time::timeout(budget, write).await, budget)?;
+    let write = write_incident(state.clone(), deadline.clone(), planned, answer_on_commit);
+    let created = written(durable::write(budget, write, |_, _| {}).await, budget)?;
     tracing::Span::current().record("incident_id", created.incident_id.as_str());
     Ok(Stored {
         id: created.incident_id,
@@ -999,8 +991,8 @@ pub(super) async fn store_trigger(
     })
 }
 
-/// The write of [`store_trigger`], run in a task of its own so that it finishes even when the request
-/// is given up; the success answer is left with the deadline the moment it commits, when asked to.
+/// The write of [`store_trigger`]; the success answer is left with the deadline the moment it
+/// commits, when asked to.
 async fn write_incident(
     state: AppState,
     deadline: Deadline,
@@ -1019,25 +1011,27 @@ async fn write_incident(
 
 /// What the write task came to within `budget`. A failed, panicked or slow write is 503 (`Unavailable`)
 /// so the caller tries again; a slow one goes on, and its alerts go out if it commits.
-fn written(
-    outcome: Result<Result<anyhow::Result<Created>, JoinError>, Elapsed>,
-    budget: Duration,
-) -> Result<Created, AppError> {
+fn written(outcome: Written<Created>, budget: Duration) -> Result<Created, AppError> {
     match outcome {
-        Ok(Ok(Ok(created))) => Ok(created),
-        Ok(Ok(Err(e))) => {
+        Written::Ended(Ok(created)) => Ok(created),
+        Written::Ended(Err(WriteError::Failed(e))) => {
             tracing::error!(error = format!("{e:#}"), "could not store the incident");
             Err(AppError::Unavailable(
                 "the incident could not be stored; try again".to_owned(),
             ))
         }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "the incident write failed");
+        Written::Ended(Err(e)) => {
+            // A lost write in the task's own words (`task 7 panicked …`).
+            let error = match &e {
+                WriteError::Lost(panicked) => panicked.to_string(),
+                other => other.to_string(),
+            };
+            tracing::error!(%error, "the incident write failed");
             Err(AppError::Unavailable(
                 "the incident could not be stored; try again".to_owned(),
             ))
         }
-        Err(_) => {
+        Written::Pending => {
             tracing::error!(
                 "no answer from the database within {budget:?}; the write goes on and alerts go out if it commits"
             );

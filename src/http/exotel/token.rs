@@ -4,11 +4,11 @@
 
 use axum::response::{IntoResponse, Response};
 
-use super::params::Params;
-use super::AppState;
 use crate::app::alarms::Sender;
 use crate::domain::{CallSid, Phone};
 use crate::error::AppError;
+use crate::http::params::Params;
+use crate::http::AppState;
 
 /// Longest number field read when telling Exotel from a stranger: a phone number in any spelling
 /// fits, and nobody's junk is handed to the phone number parser.
