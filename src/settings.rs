@@ -650,6 +650,21 @@ impl Settings {
                 );
             }
         }
+        // The webhook token sits in the flow URLs pasted into Exotel's dashboard and in every
+        // callback URL Exotel logs: whoever sees one must not hold the admin's or the console's rights.
+        if let Some(w) = non_empty(&self.server.webhook_token) {
+            for (key, other) in [
+                ("server.admin_token", &self.server.admin_token),
+                ("server.console_token", &self.server.console_token),
+            ] {
+                if non_empty(other) == Some(w) {
+                    problems.push(format!(
+                        "server.webhook_token must differ from {key}: it travels in the URLs Exotel \
+                         calls and logs"
+                    ));
+                }
+            }
+        }
         if self.database.max_connections == 0 {
             problems.push("database.max_connections must be at least 1".to_owned());
         }

@@ -70,6 +70,17 @@ fn a_console_token_equal_to_the_admin_token_is_refused() {
     .expect("different tokens are fine");
 }
 
+/// The webhook token is in URLs Exotel shows and logs: it may not open the API or the console.
+#[test]
+fn a_webhook_token_equal_to_the_admin_or_console_token_is_refused() {
+    let same = "the-same-token-0123456789";
+    for key in ["SOS_SERVER__ADMIN_TOKEN", "SOS_SERVER__CONSOLE_TOKEN"] {
+        let p = problem(&[("SOS_SERVER__WEBHOOK_TOKEN", same), (key, same)]);
+        assert!(p.contains("server.webhook_token must differ"), "{p}");
+        assert!(!p.contains(same), "the token is not repeated: {p}");
+    }
+}
+
 /// `dispatch.poll_interval_ms = 0` made an idle server poll the database without pause.
 #[test]
 fn a_poll_interval_under_the_minimum_is_refused() {
