@@ -28,6 +28,8 @@ fn audio(len: usize) -> Vec<u8> {
 /// is processed, then the audio.
 struct RecordingServer {
     ready_at: Instant,
+    /// Closed: "not found" whatever the time, until the test opens it.
+    gate: Arc<std::sync::atomic::AtomicBool>,
     body: Vec<u8>,
     content_type: &'static str,
     hits: Arc<AtomicUsize>,
@@ -43,7 +45,7 @@ impl Respond for RecordingServer {
         if !authorised {
             return ResponseTemplate::new(401);
         }
-        if Instant::now() < self.ready_at {
+        if Instant::now() < self.ready_at || !self.gate.load(Ordering::SeqCst) {
             return ResponseTemplate::new(404).set_body_string("Recording not found");
         }
         ResponseTemplate::new(200)
@@ -55,23 +57,46 @@ impl Respond for RecordingServer {
 struct Stand {
     server: MockServer,
     hits: Arc<AtomicUsize>,
+    gate: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Stand {
     async fn start(ready_in: Duration, body: Vec<u8>, content_type: &'static str) -> Self {
+        Self::serve(ready_in, true, body, content_type).await
+    }
+
+    /// A stand-in whose recording is not ready until [`Stand::release`]: what the test checks "before
+    /// the recording is in" cannot be overtaken by a fetch on a slow machine.
+    async fn gated(body: Vec<u8>, content_type: &'static str) -> Self {
+        Self::serve(Duration::ZERO, false, body, content_type).await
+    }
+
+    async fn serve(
+        ready_in: Duration,
+        open: bool,
+        body: Vec<u8>,
+        content_type: &'static str,
+    ) -> Self {
         let server = MockServer::start().await;
         let hits = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(std::sync::atomic::AtomicBool::new(open));
         Mock::given(method("GET"))
             .and(path(REC_PATH))
             .respond_with(RecordingServer {
                 ready_at: Instant::now() + ready_in,
+                gate: gate.clone(),
                 body,
                 content_type,
                 hits: hits.clone(),
             })
             .mount(&server)
             .await;
-        Stand { server, hits }
+        Stand { server, hits, gate }
+    }
+
+    /// The recording is ready from now on.
+    fn release(&self) {
+        self.gate.store(true, Ordering::SeqCst);
     }
 
     fn url(&self) -> String {
@@ -157,7 +182,7 @@ async fn the_recording_is_fetched_served_and_followed_up(db: Db) {
     const SID: &str = "recstory1";
     let p = Providers::start().await;
     let body = audio(600 * 1024);
-    let stand = Stand::start(Duration::from_secs(2), body.clone(), "audio/mpeg").await;
+    let stand = Stand::gated(body.clone(), "audio/mpeg").await;
     // Acknowledgement by keypress off: Asha's answer reaches her, and nobody's acknowledgement stops
     // the desk's redial (the follow-up after an acknowledgement is tested in `ack`).
     let app = proxy_app(db, &p, &stand, &[("SOS_ACK__DIGIT", String::new())]).await;
@@ -232,6 +257,9 @@ async fn the_recording_is_fetched_served_and_followed_up(db: Db) {
         assert_eq!(res.status(), 200);
     }
 
+    // Exotel has the recording now (it was asked at least once before: "not found").
+    assert!(eventually(Duration::from_secs(20), || async { stand.hits() >= 1 }).await);
+    stand.release();
     wait_for_status(&app, &incident.id, "stored", Duration::from_secs(20)).await;
     let requests = stand.server.received_requests().await.unwrap();
     assert!(requests.len() >= 2, "404 first, then the audio");
