@@ -467,19 +467,11 @@ pub struct DrillArgs {
     pub token: Option<String>,
 }
 
-/// States after which a delivery will not change by itself (a late report aside).
-const SETTLED: [&str; 8] = [
-    "delivered",
-    "read",
-    "acknowledged",
-    "answered",
-    "failed",
-    "unconfirmed",
-    "simulated",
-    "cancelled",
-];
-/// States that mean the contact's phone got it.
-const REACHED: [&str; 4] = ["delivered", "read", "acknowledged", "answered"];
+/// The state of a delivery as the API reports it; `None` for a name this build does not know (a newer
+/// server), which counts as neither settled nor reached.
+fn state_of(status: &str) -> Option<crate::domain::DeliveryState> {
+    status.parse().ok()
+}
 
 /// How often a drill asks the server how its deliveries stand.
 const DRILL_POLL: Duration = Duration::from_secs(2);
@@ -550,9 +542,9 @@ async fn wait_for_outcomes(server: &Server, id: &str, wait: Duration) -> Vec<ser
             }
         }
         let settled = !last.is_empty()
-            && last
-                .iter()
-                .all(|d| SETTLED.contains(&d["status"].as_str().unwrap_or("")));
+            && last.iter().all(|d| {
+                state_of(d["status"].as_str().unwrap_or("")).is_some_and(|s| s.is_settled())
+            });
         if settled || tokio::time::Instant::now() >= until {
             return last;
         }
@@ -570,7 +562,7 @@ fn report_drill(deliveries: &[serde_json::Value]) -> u8 {
     for d in deliveries {
         let status = d["status"].as_str().unwrap_or("?");
         // A dry-run proves the routing, not the phone: it does not pass.
-        let reached = REACHED.contains(&status);
+        let reached = state_of(status).is_some_and(|s| s.reached_phone());
         all_reached &= reached;
         let note = d["last_error"].as_str().unwrap_or("");
         println!(

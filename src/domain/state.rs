@@ -90,6 +90,23 @@ impl DeliveryState {
         )
     }
 
+    /// Will not change by itself: final, or a call picked up without the keypress (which changes only
+    /// if someone acts). What a fire drill waits for.
+    pub fn is_settled(self) -> bool {
+        self.is_final() || self == DeliveryState::Answered
+    }
+
+    /// The contact's phone got it: delivered, read, picked up or acknowledged.
+    pub fn reached_phone(self) -> bool {
+        matches!(
+            self,
+            DeliveryState::Delivered
+                | DeliveryState::Read
+                | DeliveryState::Acknowledged
+                | DeliveryState::Answered
+        )
+    }
+
     /// Final for a provider that sends no report after accepting (so acceptance is as far as can be
     /// seen), or final in itself.
     pub fn ends_delivery(self, provider_reports: bool) -> bool {
