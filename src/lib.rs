@@ -141,6 +141,9 @@ impl App {
         dispatch::Dispatcher::new(
             s.store.clone(),
             s.settings.clone(),
+            dispatch::Given {
+                texts: messages::delivery::Texts::from_settings(&s.settings),
+            },
             dispatch::lanes(
                 &s.settings,
                 &s.providers,

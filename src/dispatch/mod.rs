@@ -27,6 +27,7 @@ pub use self::listener::listen_for_wakeups;
 use self::recorder::PendingOutcome;
 use self::retry::RetryPolicy;
 use crate::domain::{now_ms, DeliveryState};
+use crate::messages::delivery::Texts;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::store::{DeliveryRow, IncidentRow, Moved, Store};
@@ -37,9 +38,17 @@ type IncidentLookup = Result<Option<Arc<IncidentRow>>, String>;
 /// Under load, how long freed permits are gathered before the next claim.
 const CLAIM_GATHER: Duration = Duration::from_millis(2);
 
+/// What the dispatcher takes from other modules' settings, built once at start, so that it reads
+/// no provider's settings itself.
+pub struct Given {
+    /// The SMS and WhatsApp texts.
+    pub texts: Texts,
+}
+
 pub struct Dispatcher {
     store: Store,
     settings: Arc<Settings>,
+    texts: Texts,
     /// This process's lease owner name.
     owner: String,
     lanes: Vec<Arc<Lane>>,
@@ -62,6 +71,7 @@ impl Dispatcher {
     pub fn new(
         store: Store,
         settings: Arc<Settings>,
+        given: Given,
         lanes: Vec<Lane>,
         wake: Arc<Notify>,
         heartbeat: Arc<AtomicI64>,
@@ -93,6 +103,7 @@ impl Dispatcher {
             lease: Duration::from_secs_f64(d.lease_secs),
             store,
             settings,
+            texts: given.texts,
             lanes: lanes.into_iter().map(Arc::new).collect(),
             http,
             wake,
