@@ -143,6 +143,7 @@ impl App {
             s.settings.clone(),
             dispatch::Given {
                 texts: messages::delivery::Texts::from_settings(&s.settings),
+                call_window: stakeholders::EscalationBounds::of(&s.settings).call_window(),
             },
             dispatch::lanes(
                 &s.settings,

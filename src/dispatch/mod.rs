@@ -43,12 +43,17 @@ const CLAIM_GATHER: Duration = Duration::from_millis(2);
 pub struct Given {
     /// The SMS and WhatsApp texts.
     pub texts: Texts,
+    /// How long a call may ring and be answered: a call accepted longer ago no longer holds back
+    /// another call to the same phone.
+    pub call_window: Duration,
 }
 
 pub struct Dispatcher {
     store: Store,
     settings: Arc<Settings>,
     texts: Texts,
+    /// [`Given::call_window`], milliseconds.
+    call_window_ms: i64,
     /// This process's lease owner name.
     owner: String,
     lanes: Vec<Arc<Lane>>,
@@ -104,6 +109,7 @@ impl Dispatcher {
             store,
             settings,
             texts: given.texts,
+            call_window_ms: i64::try_from(given.call_window.as_millis()).unwrap_or(i64::MAX / 2),
             lanes: lanes.into_iter().map(Arc::new).collect(),
             http,
             wake,

@@ -262,17 +262,15 @@ impl Dispatcher {
         if lane.channel() != Channel::Call || first_of_all {
             return None;
         }
-        let ring_ms = i64::try_from(
-            self.settings
-                .exotel
-                .ring_timeout_secs
-                .saturating_add(crate::stakeholders::CALL_MARGIN_SECS)
-                .saturating_mul(1000),
-        )
-        .unwrap_or(i64::MAX / 2);
         match self
             .store
-            .call_in_flight(&d.incident_id, &d.phone, &d.id, (d.tier, d.run), ring_ms)
+            .call_in_flight(
+                &d.incident_id,
+                &d.phone,
+                &d.id,
+                (d.tier, d.run),
+                self.call_window_ms,
+            )
             .await
         {
             Ok(true) => Some(Finish::Requeue {
