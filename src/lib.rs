@@ -141,6 +141,10 @@ impl App {
         dispatch::Dispatcher::new(
             s.store.clone(),
             s.settings.clone(),
+            dispatch::Given {
+                texts: messages::delivery::Texts::from_settings(&s.settings),
+                call_window: stakeholders::EscalationBounds::of(&s.settings).call_window(),
+            },
             dispatch::lanes(
                 &s.settings,
                 &s.providers,

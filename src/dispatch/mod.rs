@@ -27,6 +27,7 @@ pub use self::listener::listen_for_wakeups;
 use self::recorder::PendingOutcome;
 use self::retry::RetryPolicy;
 use crate::domain::{now_ms, DeliveryState};
+use crate::messages::delivery::Texts;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::store::{DeliveryRow, IncidentRow, Moved, Store};
@@ -37,9 +38,22 @@ type IncidentLookup = Result<Option<Arc<IncidentRow>>, String>;
 /// Under load, how long freed permits are gathered before the next claim.
 const CLAIM_GATHER: Duration = Duration::from_millis(2);
 
+/// What the dispatcher takes from other modules' settings, built once at start, so that it reads
+/// no provider's settings itself.
+pub struct Given {
+    /// The SMS and WhatsApp texts.
+    pub texts: Texts,
+    /// How long a call may ring and be answered: a call accepted longer ago no longer holds back
+    /// another call to the same phone.
+    pub call_window: Duration,
+}
+
 pub struct Dispatcher {
     store: Store,
     settings: Arc<Settings>,
+    texts: Texts,
+    /// [`Given::call_window`], milliseconds.
+    call_window_ms: i64,
     /// This process's lease owner name.
     owner: String,
     lanes: Vec<Arc<Lane>>,
@@ -62,6 +76,7 @@ impl Dispatcher {
     pub fn new(
         store: Store,
         settings: Arc<Settings>,
+        given: Given,
         lanes: Vec<Lane>,
         wake: Arc<Notify>,
         heartbeat: Arc<AtomicI64>,
@@ -93,6 +108,8 @@ impl Dispatcher {
             lease: Duration::from_secs_f64(d.lease_secs),
             store,
             settings,
+            texts: given.texts,
+            call_window_ms: i64::try_from(given.call_window.as_millis()).unwrap_or(i64::MAX / 2),
             lanes: lanes.into_iter().map(Arc::new).collect(),
             http,
             wake,

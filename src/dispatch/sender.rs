@@ -12,9 +12,9 @@ use tracing::Instrument;
 use super::limits::Ready;
 use super::{recorder, Dispatcher, IncidentLookup, Lane};
 use crate::domain::{mask, mask_numbers, Channel, DeliveryState, IncidentState};
-use crate::messages::{self, MessageKind, Style, Vars};
+use crate::messages::delivery::{Facts, Fetch};
+use crate::messages::MessageKind;
 use crate::providers::{self, Job, Outcome, Prepared};
-use crate::settings::{RecordingLink, RecordingMode};
 use crate::store::recordings::status;
 use crate::store::{DeliveryRow, Finish, IncidentRow};
 
@@ -129,8 +129,7 @@ impl Dispatcher {
         lease_deadline: tokio::time::Instant,
     ) -> Finish {
         let recording = self.recording_status(lane.channel(), incident).await;
-        let (text, dlt_template_id) =
-            self.text_for(lane.channel(), d, incident, recording.as_deref());
+        let (text, dlt_template_id) = self.text_for(lane.channel(), d, incident, recording);
         let job = Job {
             delivery_id: d.id.clone(),
             channel: lane.channel(),
@@ -263,17 +262,15 @@ impl Dispatcher {
         if lane.channel() != Channel::Call || first_of_all {
             return None;
         }
-        let ring_ms = i64::try_from(
-            self.settings
-                .exotel
-                .ring_timeout_secs
-                .saturating_add(crate::stakeholders::CALL_MARGIN_SECS)
-                .saturating_mul(1000),
-        )
-        .unwrap_or(i64::MAX / 2);
         match self
             .store
-            .call_in_flight(&d.incident_id, &d.phone, &d.id, (d.tier, d.run), ring_ms)
+            .call_in_flight(
+                &d.incident_id,
+                &d.phone,
+                &d.id,
+                (d.tier, d.run),
+                self.call_window_ms,
+            )
             .await
         {
             Ok(true) => Some(Finish::Requeue {
@@ -419,134 +416,62 @@ impl Dispatcher {
         }
     }
 
-    /// In proxy mode, the status of the recording we fetch for this incident (`None`: none is fetched,
-    /// the recording URL, if any, is used as it is). Only messages need it. A failed read counts as
-    /// still being fetched: the message then carries our link, which works once the recording is in.
-    async fn recording_status(&self, channel: Channel, incident: &IncidentRow) -> Option<String> {
+    /// In proxy mode, where the recording we fetch for this incident stands (`NotFetched`: none is
+    /// fetched, the recording URL, if any, is used as it is). Only messages need it. A failed read
+    /// counts as still being fetched: the message then carries our link, which works once the
+    /// recording is in.
+    async fn recording_status(&self, channel: Channel, incident: &IncidentRow) -> Fetch {
         if channel == Channel::Call
             || incident.recording_url.is_none()
-            || self.settings.recording_mode() != RecordingMode::Proxy
+            || !self.texts.proxies_recordings()
         {
-            return None;
+            return Fetch::NotFetched;
         }
         match self.store.recording(&incident.id).await {
-            Ok(job) => job.map(|j| j.status),
+            Ok(None) => Fetch::NotFetched,
+            Ok(Some(job)) if job.status == status::PENDING || job.status == status::STORED => {
+                Fetch::Usable
+            }
+            Ok(Some(_)) => Fetch::Gone,
             Err(e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "cannot read the recording's status"
                 );
-                Some(status::PENDING.to_owned())
+                Fetch::Usable
             }
         }
     }
 
-    /// The SMS or WhatsApp text from the template of the incident's message kind (a Passthru alert or
-    /// an alert from the API), and the DLT template id it is registered under (SMS only). It lives here
-    /// rather than in `messages`, which knows nothing of the store's rows.
+    /// The SMS or WhatsApp text of the delivery, and the DLT template id it is registered under (SMS
+    /// only): the store's rows handed to `messages` as plain facts.
     fn text_for(
         &self,
         channel: Channel,
         d: &DeliveryRow,
         incident: &IncidentRow,
-        recording: Option<&str>,
+        recording: Fetch,
     ) -> (String, String) {
-        let m = &self.settings.messages;
-        let notice = d.purpose == crate::store::ACK_NOTICE;
-        let fallback = d.purpose == crate::store::FALLBACK;
-        let alarm = d.purpose == crate::store::alarms::ALARM;
-        let kind = self
-            .settings
-            .message_kind(MessageKind::for_delivery(&d.purpose, &incident.source));
-        let (template, style, dlt_template_id) = match channel {
-            Channel::Call => return (String::new(), String::new()),
-            Channel::Sms => (&kind.sms, Style::Dlt, kind.dlt_template_id.clone()),
-            Channel::Whatsapp => (&kind.whatsapp, Style::Exact, String::new()),
-        };
-        let base = self.settings.public_base();
-        // Links sent before per-link references existed use the greeting reference.
-        let reference = d.link_ref.as_deref().unwrap_or(&d.greeting_ref);
-        let short = format!("{base}/r/{reference}");
-        let link = match (&incident.recording_url, recording) {
-            (None, _) => None,
-            // Proxy mode: our own link, which a phone can open (Exotel's needs the account's
-            // credentials); none once the recording is known never to come.
-            (Some(_), Some(status)) => {
-                (status == status::PENDING || status == status::STORED).then(|| short.clone())
-            }
-            // Proxy mode, a recording we may not fetch: still our link (it redirects), never Exotel's
-            // URL in a message.
-            (Some(_), None) if self.settings.recording_mode() == RecordingMode::Proxy => {
-                Some(short.clone())
-            }
-            (Some(url), None) => Some(match (m.recording_link, channel) {
-                (RecordingLink::Short, _) => short.clone(),
-                // A URL too long for a DLT link variable would be refused: the short link leads to
-                // the same recording.
-                (RecordingLink::Direct, Channel::Sms) => messages::sms_link(url, &short),
-                (RecordingLink::Direct, _) => url.clone(),
-            }),
-        };
-        let ack_link = d.ack_ref.as_deref().map(|r| format!("{base}/a/{r}"));
-        // A notice without a text of its own uses the alert's: its {message} then tells the news. In
-        // SMS a DLT variable holds 30 characters, so there it is the short form.
-        let by = incident.acknowledged_by.as_deref().unwrap_or("someone");
-        let not_reached = fallback.then(|| match channel {
-            Channel::Sms => "Could not reach you by phone".to_owned(),
-            _ => match incident.message.as_deref() {
-                Some(said) => format!("We could not reach you by phone: {said}"),
-                None => "We could not reach you by phone.".to_owned(),
-            },
-        });
-        let news = notice.then(|| match channel {
-            Channel::Sms => format!("Acknowledged by {by}"),
-            _ => format!(
-                "{by} acknowledged the {} emergency at {}",
-                incident.emergency_type,
-                messages::format_time(
-                    incident
-                        .acknowledged_at
-                        .unwrap_or_else(|| self.store.now_ms()),
-                    m.utc_offset_minutes
-                )
-            ),
-        });
-        // An alarm (nobody acknowledged; a provider refusing the account) tells its news in {message}.
-        let alarm_news = alarm.then(|| {
-            messages::alarm::news(
-                &messages::alarm::AlarmFacts {
-                    source: &incident.source,
-                    emergency_type: &incident.emergency_type,
-                    received_at: incident.received_at,
-                    message: incident.message.as_deref(),
-                },
-                channel == Channel::Sms,
-                m.utc_offset_minutes,
-            )
-        });
-        let vars = Vars {
-            emergency_type: &incident.emergency_type,
-            source: &incident.source,
-            caller: incident.caller.as_deref(),
+        let facts = Facts {
+            kind: MessageKind::for_delivery(&d.purpose, &incident.source),
             name: &d.contact_name,
-            time_ms: incident.occurred_at.unwrap_or(incident.received_at),
-            recording: link.as_deref(),
-            message: news
-                .as_deref()
-                .or(alarm_news.as_deref())
-                .or(not_reached.as_deref())
-                .or(incident.message.as_deref()),
-            incident: &incident.id,
-            reference,
-            brand: m.brand.trim(),
-            public_url: base,
-            ack: ack_link.as_deref(),
+            link_ref: d.link_ref.as_deref(),
+            greeting_ref: &d.greeting_ref,
             ack_ref: d.ack_ref.as_deref(),
-            by: incident.acknowledged_by.as_deref(),
-            ack_time_ms: incident.acknowledged_at,
+            incident: &incident.id,
+            source: &incident.source,
+            emergency_type: &incident.emergency_type,
+            caller: incident.caller.as_deref(),
+            message: incident.message.as_deref(),
+            recording_url: incident.recording_url.as_deref(),
+            recording,
+            occurred_at: incident.occurred_at,
+            received_at: incident.received_at,
+            acknowledged_by: incident.acknowledged_by.as_deref(),
+            acknowledged_at: incident.acknowledged_at,
+            now_ms: self.store.now_ms(),
         };
-        let text = messages::render(template, &vars, m.utc_offset_minutes, style);
-        (text, dlt_template_id)
+        self.texts.compose(channel, &facts)
     }
 }
 

@@ -1,7 +1,11 @@
 //! Message text from the operator's templates: SMS, WhatsApp and the spoken greeting; the kinds of
 //! message the system sends; and the rules India's DLT scrubbing puts on SMS templates.
+//!
+//! `delivery` composes the text of each SMS and WhatsApp message the dispatcher sends, `alarm` the
+//! news an alarm tells, `dlt` checks templates against DLT's rules and `gsm` counts SMS segments.
 
 pub mod alarm;
+pub mod delivery;
 pub mod dlt;
 pub mod gsm;
 

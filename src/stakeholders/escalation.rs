@@ -76,6 +76,12 @@ impl EscalationBounds {
             ack_deadline_secs: settings.ack.deadline_secs(),
         }
     }
+
+    /// How long a call may take from its request to its keypress: its ring time and the margin to
+    /// place it and hear the keypress. Another call to the same phone waits at most this long.
+    pub fn call_window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.ring_timeout_secs.saturating_add(CALL_MARGIN_SECS))
+    }
 }
 
 impl Routing {
