@@ -2,8 +2,6 @@
 //! would go out) and each answer is *classified* into an [`Outcome`] the dispatcher acts on.
 
 pub mod exotel;
-pub mod exotel_call;
-pub mod exotel_sms;
 pub mod gupshup;
 pub mod registry;
 

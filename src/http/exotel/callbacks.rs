@@ -10,7 +10,7 @@ use crate::app::reports;
 use crate::domain::Channel;
 use crate::error::AppError;
 use crate::http::AppState;
-use crate::providers::{exotel_call, exotel_sms};
+use crate::providers::exotel::{call as exotel_call, sms as exotel_sms};
 use crate::store::CallbackEffect;
 
 /// Exotel's status callbacks, of calls and SMS alike.

@@ -1,4 +1,8 @@
-//! What Exotel's voice and SMS APIs share: account, credentials, and the `RestException` error body.
+//! Exotel: the voice call (`call`) and the SMS (`sms`) clients, and what they share here: account,
+//! credentials, and the `RestException` error body.
+
+pub mod call;
+pub mod sms;
 
 use secrecy::SecretString;
 

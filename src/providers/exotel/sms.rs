@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use super::exotel::{error_reason, path_segment, summary, unnamed_success, xml_field, Account};
-use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
+use super::{error_reason, path_segment, summary, unnamed_success, xml_field, Account};
 use crate::domain::{Channel, Report, ReportOutcome};
+use crate::providers::{classify_http, Answer, Client, Job, Outcome, Prepared};
 
 /// Exotel's limit on one SMS body.
 pub const MAX_BODY_CHARS: usize = 2000;
@@ -71,8 +71,8 @@ impl Client for ExotelSms {
         }
     }
 
-    fn account_problem(&self, answer: &Answer) -> Option<super::AccountProblem> {
-        super::exotel::account_problem(answer.status, &answer.body)
+    fn account_problem(&self, answer: &Answer) -> Option<crate::providers::AccountProblem> {
+        super::account_problem(answer.status, &answer.body)
     }
 
     fn classify(&self, answer: &Answer) -> Outcome {
