@@ -168,6 +168,7 @@ pub fn call_report(
         outcome,
         provider_status: word,
         detail,
+        account_problem: None,
     }
 }
 

@@ -206,6 +206,8 @@ pub fn sms_report(
         outcome,
         provider_status: word,
         detail,
+        // A DLT block may come with any status word, so the code alone decides.
+        account_problem: code.trim().parse().ok().and_then(super::dlt_problem),
     }
 }
 
@@ -380,5 +382,29 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn a_dlt_block_in_the_status_callback_is_an_account_problem_in_the_report() {
+        let report = |status: &str, code: &str| {
+            let fields = [
+                ("SmsSid", "sm1"),
+                ("Status", status),
+                ("DetailedStatusCode", code),
+            ];
+            callback_report(|k| {
+                fields
+                    .iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| (*v).to_owned())
+            })
+            .map(|r| r.account_problem.map(|p| p.reason))
+        };
+        assert_eq!(report("failed", " 23080 "), Ok(Some("dlt_sender")));
+        assert_eq!(report("failed", "23183"), Ok(Some("dlt_template")));
+        // The code decides, whatever the status word says.
+        assert_eq!(report("sent", "23082"), Ok(Some("dlt_template")));
+        assert_eq!(report("failed_dnd", "24105"), Ok(None));
+        assert_eq!(report("sent", ""), Ok(None));
     }
 }
