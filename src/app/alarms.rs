@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use super::AppState;
 use crate::dispatch::retry::RetryPolicy;
 use crate::domain::message_kind::MessageKind;
-use crate::domain::Channel;
+use crate::domain::{Channel, Report, ReportOutcome};
 use crate::providers::AccountProblem;
 use crate::store::alarms::{AccountAlarm, AlarmTarget, DueAlarm, Raised, Tried, UnnotifiedAlarm};
 
@@ -655,22 +655,18 @@ async fn sms_template(state: &AppState, sms_sid: &str) -> Option<String> {
 /// template id. A delivered SMS clears the sender alarm, and the template alarm of its own template
 /// only: an SMS of another kind (another template) delivered says nothing of a blocked one. The usual
 /// delivered report costs one read (no DLT alarm open) and no write.
-pub fn sms_reported(
-    state: &AppState,
-    lane: &str,
-    account: &str,
-    sms_sid: &str,
-    detailed_code: Option<&str>,
-    delivered: bool,
-) {
-    let problem = detailed_code
-        .and_then(|c| c.trim().parse::<i64>().ok())
-        .and_then(crate::providers::exotel::dlt_problem);
+pub fn sms_reported(state: &AppState, lane: &str, account: &str, report: &Report) {
+    let problem = report.account_problem.clone();
+    let delivered = report.outcome == ReportOutcome::Delivered;
     if !delivered && problem.is_none() {
         return;
     }
     let state = state.clone();
-    let (lane, account, sms_sid) = (lane.to_owned(), account.to_owned(), sms_sid.to_owned());
+    let (lane, account, sms_sid) = (
+        lane.to_owned(),
+        account.to_owned(),
+        report.provider_id.clone(),
+    );
     tokio::spawn(async move {
         if let Some(problem) = problem {
             let template = if problem.reason == "dlt_template" {

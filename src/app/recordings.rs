@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::SecretString;
 use tokio::task::JoinSet;
 
 use super::AppState;
 use crate::domain::{mask, Channel};
+use crate::providers::exotel::call_details;
 use crate::recordings::fetch::{self, ChunkSink, Credentials, FetchConfig, FetchError};
 use crate::settings::RecordingMode;
 use crate::store::{AttemptFailed, RecordingFetch, RecordingRow, Store};
@@ -189,15 +189,7 @@ impl Fetcher {
 
 /// The Exotel credentials, when set: sent only to hosts on `recordings.allowed_hosts`.
 fn credentials(state: &AppState) -> Credentials {
-    use secrecy::ExposeSecret;
-    let e = &state.settings.exotel;
-    match crate::settings::non_empty(&e.api_token) {
-        Some(_) if !e.api_key.expose_secret().trim().is_empty() => Credentials::Basic {
-            user: e.api_key.expose_secret().to_owned(),
-            password: SecretString::from(e.api_token.expose_secret().to_owned()),
-        },
-        _ => Credentials::None,
-    }
+    crate::providers::exotel::recording::credentials(&exotel_account(state))
 }
 
 /// One try at one job, and what it came to, recorded.
@@ -223,7 +215,7 @@ async fn attempt(
         && job.auth_refusals + 1 >= AUTH_REFUSALS_BEFORE_DETAILS
     {
         if let Some(sid) = job.call_sid.as_deref() {
-            result = match fetch::details_recording_url(client, &exotel_account(state), sid).await {
+            result = match call_details::recording_url(client, &exotel_account(state), sid).await {
                 Ok(Some((url, presigned))) => {
                     // A pre-signed URL carries its own authorisation.
                     let creds = if presigned { Credentials::None } else { creds };

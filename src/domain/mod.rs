@@ -10,7 +10,7 @@ pub mod state;
 pub use call_sid::CallSid;
 pub use clock::Clock;
 pub use phone::{mask, mask_numbers, Phone};
-pub use report::{Report, ReportOutcome};
+pub use report::{AccountProblem, Report, ReportOutcome};
 pub use state::{DeliveryState, IncidentState, RedialPolicy};
 
 use std::fmt;

@@ -40,6 +40,19 @@ pub struct Report {
     pub provider_status: String,
     /// The fields worth keeping in the audit trail.
     pub detail: String,
+    /// What the report says of the account rather than the one request (a DLT block of the sender or
+    /// the template), read by the provider module so an edge only passes it on to the alarms.
+    pub account_problem: Option<AccountProblem>,
+}
+
+/// A provider answer that means the account, not the one request, is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountProblem {
+    /// Short and stable (`auth`, `payment`, `credit`, `pack_expired`, `dlt_sender`, `dlt_template`):
+    /// an alarm is raised once per lane and reason.
+    pub reason: &'static str,
+    /// What the provider said, for the alarm's summary.
+    pub detail: String,
 }
 
 impl Report {

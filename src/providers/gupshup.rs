@@ -267,6 +267,7 @@ pub fn dlr_report(field: impl Fn(&str) -> Option<String>) -> Option<Report> {
         outcome,
         provider_status: event,
         detail: detail.join(" "),
+        account_problem: None,
     })
 }
 

@@ -2,11 +2,10 @@
 //! would go out) and each answer is *classified* into an [`Outcome`] the dispatcher acts on.
 
 pub mod exotel;
-pub mod exotel_call;
-pub mod exotel_sms;
 pub mod gupshup;
 pub mod registry;
 
+pub use crate::domain::AccountProblem;
 pub use registry::{Registered, Registry};
 
 use std::time::{Duration, Instant};
@@ -127,16 +126,6 @@ pub enum Outcome {
     },
     /// Will fail the same way again: bad number, DND block, auth, plan limits.
     Permanent { reason: String },
-}
-
-/// A provider answer that means the account, not the one request, is refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccountProblem {
-    /// Short and stable (`auth`, `payment`, `credit`, `pack_expired`, `dlt_sender`, `dlt_template`):
-    /// an alarm is raised once per lane and reason.
-    pub reason: &'static str,
-    /// What the provider said, for the alarm's summary.
-    pub detail: String,
 }
 
 /// The answer of a provider, as read off the wire.

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
+use super::exotel::call::ExotelCall;
+use super::exotel::sms::ExotelSms;
 use super::exotel::Account;
-use super::exotel_call::ExotelCall;
-use super::exotel_sms::ExotelSms;
 use super::gupshup::Gupshup;
 use super::Client;
 use crate::domain::Channel;

@@ -1,17 +1,13 @@
-//! Downloads one call recording from Exotel, safely: only from listed hosts, within a size and time
-//! limit, streamed in fixed-size chunks, and kept only when the answer is audio.
+//! Downloads one call recording, safely: only from listed hosts, within a size and time limit,
+//! streamed in fixed-size chunks, and kept only when the answer is audio.
 //!
-//! Exotel's recordings are private (HTTP Basic auth with the API key and token) and appear 1–15
-//! minutes after the call, answering 404 until then. This module makes one attempt and says what kind
-//! of failure it met; the worker that calls it owns the retries and the storage.
-//!
-//! <https://developer.exotel.com/api/call-details>
+//! The URL and the credentials come from the provider's module under `providers/`. This module
+//! makes one attempt and says what kind of failure it met; the worker that calls it owns the retries
+//! and the storage.
 
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-
-use crate::providers::exotel::{path_segment, rest_exception, Account};
 
 /// Bytes per chunk handed to a [`ChunkSink`]: every chunk but the last is exactly this long.
 pub const CHUNK_BYTES: usize = 256 * 1024;
@@ -19,13 +15,11 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 /// Most redirects followed for one recording.
 const MAX_REDIRECTS: usize = 5;
 
-/// The Call Details answer is a small JSON document; anything bigger is not it.
-const MAX_DETAILS_BYTES: usize = 1024 * 1024;
-
 /// Settings the fetch obeys (built by the caller from `recordings.*` settings).
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
-    /// Lower-case hosts or host:port allowed (the same list is trusted with the Exotel credentials).
+    /// Lower-case hosts or host:port allowed (the same list is trusted with the provider's
+    /// credentials).
     pub allowed_hosts: Vec<String>,
     pub allow_http: bool,
     pub max_bytes: u64,
@@ -125,7 +119,7 @@ fn redacted(url: &reqwest::Url) -> String {
 /// host. Built once by the worker.
 ///
 /// reqwest drops the `Authorization` header when a redirect changes host, port or scheme, so the
-/// Exotel credentials only ever go to the host first asked, which is on the list.
+/// provider's credentials only ever go to the host first asked, which is on the list.
 pub fn client(cfg: &FetchConfig) -> anyhow::Result<reqwest::Client> {
     let policy_cfg = cfg.clone();
     let policy = reqwest::redirect::Policy::custom(move |attempt| {
@@ -150,7 +144,8 @@ pub fn client(cfg: &FetchConfig) -> anyhow::Result<reqwest::Client> {
     Ok(client)
 }
 
-/// How a recording is asked for: with the Exotel API key and token, or bare (a pre-signed URL).
+/// How a recording is asked for: with the provider's user and password (HTTP Basic), or bare (a
+/// pre-signed URL).
 #[derive(Debug, Clone)]
 pub enum Credentials {
     None,
@@ -185,10 +180,11 @@ pub struct Fetched {
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// Not there yet or a passing fault: 404, 408, 425, 429, 5xx, timeout, connection error, an
-    /// empty 200 body, a non-audio answer (Exotel may serve an HTML error page with 200). Retry later.
+    /// empty 200 body, a non-audio answer (a provider may serve an HTML error page with 200). Retry
+    /// later.
     #[error("{0}")]
     NotReady(String),
-    /// 401 or 403: retry, and after repeats the worker asks Exotel's Call Details API for another URL.
+    /// 401 or 403: retry, and after repeats the worker asks the provider for another URL.
     #[error("{0}")]
     AuthRefused(String),
     /// Will never succeed: host not allowed, redirect off the list, body larger than max_bytes (by
@@ -248,7 +244,7 @@ fn sniff(head: &[u8]) -> Option<&'static str> {
 }
 
 /// A transport error in words, without the URL reqwest would put in its text.
-fn describe(e: reqwest::Error) -> String {
+pub(crate) fn describe(e: reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -313,7 +309,7 @@ pub async fn fetch<S: ChunkSink + Send>(
         200..=299 => {}
         401 | 403 => {
             return Err(FetchError::AuthRefused(format!(
-                "{from} answered HTTP {code}: the Exotel credentials were refused, or the URL has expired"
+                "{from} answered HTTP {code}: the credentials were refused, or the URL has expired"
             )))
         }
         404 | 408 | 425 | 429 | 500..=599 => {
@@ -450,100 +446,6 @@ fn redirect_refusal(cfg: &FetchConfig, response: &reqwest::Response, from: &str)
             ),
         },
     }
-}
-
-/// Where Exotel's Call Details API says the recording is: GET
-/// `{api_base}/v1/Accounts/{sid}/Calls/{call_sid}.json?RecordingUrlValidity=60` with Basic auth.
-/// `Call.PreSignedRecordingUrl` first (`Some((url, true))`), else `Call.RecordingUrl`
-/// (`Some((url, false))`); `None` when neither is a non-empty string or the body is not that JSON.
-/// `Err(why)` on transport errors or a non-2xx answer.
-///
-/// <https://developer.exotel.com/api/call-details>
-pub async fn details_recording_url(
-    client: &reqwest::Client,
-    account: &Account,
-    call_sid: &str,
-) -> Result<Option<(String, bool)>, String> {
-    let url = account.url(&format!("Calls/{}.json", path_segment(call_sid)));
-    let mut response = client
-        .get(&url)
-        .query(&[("RecordingUrlValidity", "60")])
-        .basic_auth(&account.api_key, Some(account.api_token.expose_secret()))
-        .timeout(Duration::from_secs(15))
-        .send()
-        .await
-        .map_err(|e| format!("Call Details API: {}", describe(e)))?;
-    let code = response.status().as_u16();
-    // The body is read with a cap: a wrong `exotel.base_url` could answer with anything.
-    let mut body = Vec::new();
-    while let Some(piece) = response
-        .chunk()
-        .await
-        .map_err(|e| format!("Call Details API: {}", describe(e)))?
-    {
-        if body.len() + piece.len() > MAX_DETAILS_BYTES {
-            return Err(format!(
-                "Call Details API answered HTTP {code} with more than {MAX_DETAILS_BYTES} bytes"
-            ));
-        }
-        body.extend_from_slice(&piece);
-    }
-    let body = String::from_utf8_lossy(&body);
-    if !(200..300).contains(&code) {
-        let detail = match (code, rest_exception(&body)) {
-            (401 | 403, _) | (_, None) => String::new(),
-            (_, Some(message)) => format!(": {}", message.chars().take(200).collect::<String>()),
-        };
-        return Err(format!("Call Details API answered HTTP {code}{detail}"));
-    }
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
-        return Ok(None);
-    };
-    let field = |name: &str| {
-        v["Call"][name]
-            .as_str()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-    };
-    Ok(field("PreSignedRecordingUrl")
-        .map(|u| (u, true))
-        .or_else(|| field("RecordingUrl").map(|u| (u, false))))
-}
-
-/// Exotel's `RecordingAvailableBy` (format unconfirmed), as epoch milliseconds: `YYYY-MM-DD HH:mm:ss`
-/// (local time at `utc_offset_minutes`), RFC 3339 / ISO 8601 with a zone, `YYYY-MM-DDTHH:mm:ss`
-/// without one (local), an RFC 2822 date, or epoch seconds (10 digits) / milliseconds (13 digits).
-/// Surrounding quotes and whitespace are ignored.
-pub fn parse_available_by(raw: &str, utc_offset_minutes: i32) -> Option<i64> {
-    let s = raw.trim().trim_matches(['"', '\'']).trim();
-    if s.is_empty() {
-        return None;
-    }
-    let millis = if s.bytes().all(|b| b.is_ascii_digit()) {
-        let n: i64 = s.parse().ok()?;
-        match s.len() {
-            10 => n.checked_mul(1000)?,
-            13 => n,
-            _ => return None,
-        }
-    } else if let Some(t) = crate::domain::exotel_time(s, utc_offset_minutes) {
-        t
-    } else if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        t.timestamp_millis()
-    } else if let Ok(t) = chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z") {
-        // ISO 8601 offsets without a colon (`+0530`), which RFC 3339 does not allow.
-        t.timestamp_millis()
-    } else if let Ok(t) = chrono::DateTime::parse_from_rfc2822(s) {
-        t.timestamp_millis()
-    } else {
-        // `2024-07-31T16:48:02[.123]` without a zone: local, like Exotel's own format.
-        let (date, time) = s.split_once(['T', 't'])?;
-        let time = time.split_once('.').map_or(time, |(whole, _)| whole);
-        crate::domain::exotel_time(&format!("{date} {time}"), utc_offset_minutes)?
-    };
-    // Exotel writes the epoch (1970-01-01) for "unknown", as `exotel_time` knows.
-    (millis >= 86_400_000).then_some(millis)
 }
 
 #[cfg(test)]
@@ -779,7 +681,7 @@ mod tests {
     fn hosts_and_ports_match_exactly() {
         let cfg = FetchConfig {
             allowed_hosts: FetchConfig::parse_hosts(
-                "recordings.exotel.com, s3.ap-south-1.amazonaws.com:8443, [::1]:9000",
+                "recordings.example.com, s3.ap-south-1.amazonaws.com:8443, [::1]:9000",
             )
             .unwrap(),
             allow_http: false,
@@ -787,10 +689,12 @@ mod tests {
             timeout: Duration::from_secs(1),
         };
         // A bare host: only the scheme's default port, written or not.
-        assert!(cfg.check("https://recordings.exotel.com/a.mp3").is_ok());
-        assert!(cfg.check("https://RECORDINGS.exotel.com:443/a.mp3").is_ok());
+        assert!(cfg.check("https://recordings.example.com/a.mp3").is_ok());
         assert!(cfg
-            .check("https://recordings.exotel.com:8443/a.mp3")
+            .check("https://RECORDINGS.example.com:443/a.mp3")
+            .is_ok());
+        assert!(cfg
+            .check("https://recordings.example.com:8443/a.mp3")
             .is_err());
         // host:port: that port only.
         assert!(cfg
@@ -803,31 +707,34 @@ mod tests {
         assert!(cfg.check("https://[::1]/a.mp3").is_err());
         // No suffix or prefix tricks.
         assert_eq!(
-            cfg.check("https://recordings.exotel.com.evil.example/a.mp3"),
+            cfg.check("https://recordings.example.com.evil.example/a.mp3"),
             Err(
-                "host recordings.exotel.com.evil.example is not in recordings.allowed_hosts".into()
+                "host recordings.example.com.evil.example is not in recordings.allowed_hosts"
+                    .into()
             )
         );
         assert!(cfg
-            .check("https://evil.recordings.exotel.com/a.mp3")
+            .check("https://evil.recordings.example.com/a.mp3")
             .is_err());
         assert!(cfg
-            .check("https://evil.example/recordings.exotel.com")
+            .check("https://evil.example/recordings.example.com")
             .is_err());
         // Scheme and userinfo.
-        let http = cfg.check("http://recordings.exotel.com/a.mp3").unwrap_err();
+        let http = cfg
+            .check("http://recordings.example.com/a.mp3")
+            .unwrap_err();
         assert!(http.contains("plain http"), "{http}");
-        assert!(cfg.check("ftp://recordings.exotel.com/a.mp3").is_err());
+        assert!(cfg.check("ftp://recordings.example.com/a.mp3").is_err());
         let userinfo = cfg
             .check(&format!(
-                "https://{USER}:{PASSWORD}@recordings.exotel.com/a.mp3"
+                "https://{USER}:{PASSWORD}@recordings.example.com/a.mp3"
             ))
             .unwrap_err();
         assert!(
             !userinfo.contains(PASSWORD) && !userinfo.contains(USER),
             "{userinfo}"
         );
-        assert!(cfg.check("https://x@recordings.exotel.com/a.mp3").is_err());
+        assert!(cfg.check("https://x@recordings.example.com/a.mp3").is_err());
         assert!(cfg.check("not a url").is_err());
         assert!(cfg.check("").is_err());
     }
@@ -835,8 +742,8 @@ mod tests {
     #[test]
     fn allowed_hosts_are_parsed_from_the_setting() {
         assert_eq!(
-            FetchConfig::parse_hosts(" Recordings.Exotel.com , ,127.0.0.1:8080,").unwrap(),
-            ["recordings.exotel.com", "127.0.0.1:8080"]
+            FetchConfig::parse_hosts(" Recordings.Example.com , ,127.0.0.1:8080,").unwrap(),
+            ["recordings.example.com", "127.0.0.1:8080"]
         );
         assert_eq!(FetchConfig::parse_hosts("").unwrap(), Vec::<String>::new());
         assert_eq!(
@@ -844,10 +751,13 @@ mod tests {
             Vec::<String>::new()
         );
         let scheme =
-            FetchConfig::parse_hosts("a.example, https://recordings.exotel.com").unwrap_err();
-        assert!(scheme.contains("https://recordings.exotel.com"), "{scheme}");
-        let path = FetchConfig::parse_hosts("recordings.exotel.com/acme").unwrap_err();
-        assert!(path.contains("recordings.exotel.com/acme"), "{path}");
+            FetchConfig::parse_hosts("a.example, https://recordings.example.com").unwrap_err();
+        assert!(
+            scheme.contains("https://recordings.example.com"),
+            "{scheme}"
+        );
+        let path = FetchConfig::parse_hosts("recordings.example.com/acme").unwrap_err();
+        assert!(path.contains("recordings.example.com/acme"), "{path}");
         assert!(FetchConfig::parse_hosts("host:port").is_err());
         assert!(FetchConfig::parse_hosts("host:0").is_err());
         assert!(FetchConfig::parse_hosts("host:99999").is_err());
@@ -908,7 +818,7 @@ mod tests {
         assert_eq!(result.unwrap().bytes, 5000);
         assert_eq!(sink.joined(), body);
 
-        // Another listed host (a pre-signed store): followed, without the Exotel credentials.
+        // Another listed host (a pre-signed store): followed, without the credentials.
         Mock::given(path("/away.mp3"))
             .respond_with(
                 ResponseTemplate::new(302)
@@ -1210,166 +1120,5 @@ mod tests {
         let creds = Credentials::None;
         let future = fetch(&client, &cfg, "https://x.example/", &creds, &mut sink);
         assert_send(&future);
-    }
-
-    fn account(server: &MockServer) -> Account {
-        Account {
-            base_url: server.uri(),
-            account_sid: "acme".into(),
-            api_key: USER.into(),
-            api_token: SecretString::from(PASSWORD.to_owned()),
-        }
-    }
-
-    async fn details_answer(
-        call_sid: &str,
-        answer: ResponseTemplate,
-    ) -> Result<Option<(String, bool)>, String> {
-        let server = MockServer::start().await;
-        Mock::given(method("GET"))
-            .and(path(format!(
-                "/v1/Accounts/acme/Calls/{}.json",
-                path_segment(call_sid)
-            )))
-            .and(query_param("RecordingUrlValidity", "60"))
-            .and(header("authorization", auth_header().as_str()))
-            .respond_with(answer)
-            .expect(1)
-            .mount(&server)
-            .await;
-        details_recording_url(&reqwest::Client::new(), &account(&server), call_sid).await
-    }
-
-    #[tokio::test]
-    async fn the_call_details_api_names_the_recording() {
-        let both = serde_json::json!({"Call": {
-            "Sid": "abc",
-            "RecordingUrl": "https://recordings.exotel.com/exotelrecordings/acme/abc.mp3",
-            "PreSignedRecordingUrl": "https://s3.ap-south-1.amazonaws.com/r/abc.mp3?X-Amz-Signature=s",
-        }});
-        assert_eq!(
-            details_answer("abc", ResponseTemplate::new(200).set_body_json(both)).await,
-            Ok(Some((
-                "https://s3.ap-south-1.amazonaws.com/r/abc.mp3?X-Amz-Signature=s".into(),
-                true
-            )))
-        );
-        let plain = serde_json::json!({"Call": {
-            "Sid": "abc",
-            "RecordingUrl": "https://recordings.exotel.com/exotelrecordings/acme/abc.mp3",
-            "PreSignedRecordingUrl": "",
-        }});
-        // A call sid is one path segment, whatever it holds.
-        assert_eq!(
-            details_answer("../a b?c", ResponseTemplate::new(200).set_body_json(plain)).await,
-            Ok(Some((
-                "https://recordings.exotel.com/exotelrecordings/acme/abc.mp3".into(),
-                false
-            )))
-        );
-        let neither = serde_json::json!({"Call": {"Sid": "abc", "RecordingUrl": null}});
-        assert_eq!(
-            details_answer("abc", ResponseTemplate::new(200).set_body_json(neither)).await,
-            Ok(None)
-        );
-        assert_eq!(
-            details_answer(
-                "abc",
-                ResponseTemplate::new(200).set_body_raw("<html>maintenance</html>", "text/html")
-            )
-            .await,
-            Ok(None)
-        );
-        let refused = details_answer(
-            "abc",
-            ResponseTemplate::new(401).set_body_string(format!("bad token {PASSWORD}")),
-        )
-        .await
-        .unwrap_err();
-        assert!(
-            refused.contains("HTTP 401") && !refused.contains(PASSWORD),
-            "{refused}"
-        );
-        let missing = details_answer(
-            "abc",
-            ResponseTemplate::new(404).set_body_json(serde_json::json!({
-                "RestException": {"Status": 404, "Message": "Call not found"}
-            })),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(
-            missing,
-            "Call Details API answered HTTP 404: Call not found"
-        );
-    }
-
-    #[tokio::test]
-    async fn the_call_details_api_unreachable_is_an_error() {
-        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = closed.local_addr().unwrap();
-        drop(closed);
-        let account = Account {
-            base_url: format!("http://{addr}"),
-            account_sid: "acme".into(),
-            api_key: USER.into(),
-            api_token: SecretString::from(PASSWORD.to_owned()),
-        };
-        let e = details_recording_url(&reqwest::Client::new(), &account, "abc")
-            .await
-            .unwrap_err();
-        assert!(e.starts_with("Call Details API: could not connect"), "{e}");
-        assert!(!e.contains(PASSWORD) && !e.contains("acme"), "{e}");
-    }
-
-    #[test]
-    fn available_by_is_read_in_every_likely_format() {
-        // 2024-07-31 16:48:02 in India is 11:18:02 UTC.
-        let want = chrono::DateTime::parse_from_rfc3339("2024-07-31T11:18:02Z")
-            .unwrap()
-            .timestamp_millis();
-        let ist = 330;
-        for raw in [
-            "2024-07-31 16:48:02",
-            " \"2024-07-31 16:48:02\" ",
-            "'2024-07-31 16:48:02'",
-            "2024-07-31T16:48:02+05:30",
-            "2024-07-31T11:18:02Z",
-            "2024-07-31T11:18:02.000Z",
-            "2024-07-31T16:48:02+0530",
-            "2024-07-31T16:48:02",
-            "Wed, 31 Jul 2024 16:48:02 +0530",
-            "Wed, 31 Jul 2024 11:18:02 GMT",
-            "Wed, 31 Jul 2024 16:48:02",
-            "1722424682",
-            "1722424682000",
-        ] {
-            assert_eq!(parse_available_by(raw, ist), Some(want), "{raw:?}");
-        }
-        assert_eq!(
-            parse_available_by("2024-07-31T16:48:02.250", ist),
-            Some(want),
-            "a fraction of a second is dropped"
-        );
-        assert_eq!(
-            parse_available_by("2024-07-31 11:18:02", 0),
-            Some(want),
-            "local time follows the offset"
-        );
-        for junk in [
-            "",
-            "  ",
-            "\"\"",
-            "soon",
-            "172242468",
-            "17224246820",
-            "2024-13-45 99:00:00",
-            "1970-01-01 05:30:00",
-            "0000000000",
-            "2024-07-31",
-            "31/07/2024 16:48",
-        ] {
-            assert_eq!(parse_available_by(junk, ist), None, "{junk:?}");
-        }
     }
 }

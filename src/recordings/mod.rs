@@ -1,4 +1,4 @@
-//! The caller's recording: fetched from Exotel, kept in the database, served at `/r/<ref>`.
+//! The caller's recording: fetched from the provider, kept in the database, served at `/r/<ref>`.
 
 pub mod fetch;
 pub mod opens;

@@ -1,6 +1,6 @@
-//! HTTP byte ranges (RFC 9110 §14) for serving a stored recording: phone players and Exotel ask for
-//! pieces of it. One range is served; a request for several gets the whole recording (allowed: a server
-//! may ignore `Range`).
+//! HTTP byte ranges (RFC 9110 §14) for serving a stored recording: phone players and the call
+//! provider ask for pieces of it. One range is served; a request for several gets the whole recording
+//! (allowed: a server may ignore `Range`).
 
 /// What to send of a body of `len` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

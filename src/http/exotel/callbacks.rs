@@ -10,7 +10,7 @@ use crate::app::reports;
 use crate::domain::Channel;
 use crate::error::AppError;
 use crate::http::AppState;
-use crate::providers::{exotel_call, exotel_sms};
+use crate::providers::exotel::{call as exotel_call, sms as exotel_sms};
 use crate::store::CallbackEffect;
 
 /// Exotel's status callbacks, of calls and SMS alike.
@@ -69,14 +69,7 @@ pub async fn sms_status(
     let report = exotel_sms::callback_report(|k| p.get(k)).map_err(AppError::BadRequest)?;
     tracing::Span::current().record("sms_sid", report.provider_id.as_str());
     if let Some(lane) = state.providers.for_channel(Channel::Sms) {
-        crate::app::alarms::sms_reported(
-            &state,
-            &lane.name,
-            &lane.account,
-            &report.provider_id,
-            p.get("DetailedStatusCode").as_deref(),
-            p.get("Status").is_some_and(|s| s.trim() == "sent"),
-        );
+        crate::app::alarms::sms_reported(&state, &lane.name, &lane.account, &report);
     }
     let effect = reports::apply(&state, &report, true).await?;
     tracing::info!(status = %report.provider_status, effect = ?effect, "sms status");

@@ -187,7 +187,7 @@ fn emergency(state: &AppState, params: &Params, call_sid: &CallSid) -> Emergency
         recording_url: recording,
         recording_available_by: params
             .get("RecordingAvailableBy")
-            .and_then(|t| crate::recordings::fetch::parse_available_by(&t, offset)),
+            .and_then(|t| crate::providers::exotel::call_details::parse_available_by(&t, offset)),
         message: None,
         raw_params: params.audit_json(&["token"]),
         occurred_at,

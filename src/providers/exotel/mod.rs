@@ -1,4 +1,11 @@
-//! What Exotel's voice and SMS APIs share: account, credentials, and the `RestException` error body.
+//! Exotel: the voice call (`call`) and the SMS (`sms`) clients, the caller's recording
+//! (`recording`, `call_details`), and what they share here: account, credentials, and the
+//! `RestException` error body.
+
+pub mod call;
+pub mod call_details;
+pub mod recording;
+pub mod sms;
 
 use secrecy::SecretString;
 

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use super::exotel::{error_reason, path_segment, summary, unnamed_success, xml_field, Account};
-use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
+use super::{error_reason, path_segment, summary, unnamed_success, xml_field, Account};
 use crate::domain::{Channel, Report, ReportOutcome};
+use crate::providers::{classify_http, Answer, Client, Job, Outcome, Prepared};
 
 pub struct ExotelCall {
     pub account: Account,
@@ -59,8 +59,8 @@ impl Client for ExotelCall {
         }
     }
 
-    fn account_problem(&self, answer: &Answer) -> Option<super::AccountProblem> {
-        super::exotel::account_problem(answer.status, &answer.body)
+    fn account_problem(&self, answer: &Answer) -> Option<crate::providers::AccountProblem> {
+        super::account_problem(answer.status, &answer.body)
     }
 
     fn classify(&self, answer: &Answer) -> Outcome {
@@ -168,6 +168,7 @@ pub fn call_report(
         outcome,
         provider_status: word,
         detail,
+        account_problem: None,
     }
 }
 

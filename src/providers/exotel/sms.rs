@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use super::exotel::{error_reason, path_segment, summary, unnamed_success, xml_field, Account};
-use super::{classify_http, Answer, Client, Job, Outcome, Prepared};
+use super::{error_reason, path_segment, summary, unnamed_success, xml_field, Account};
 use crate::domain::{Channel, Report, ReportOutcome};
+use crate::providers::{classify_http, Answer, Client, Job, Outcome, Prepared};
 
 /// Exotel's limit on one SMS body.
 pub const MAX_BODY_CHARS: usize = 2000;
@@ -71,8 +71,8 @@ impl Client for ExotelSms {
         }
     }
 
-    fn account_problem(&self, answer: &Answer) -> Option<super::AccountProblem> {
-        super::exotel::account_problem(answer.status, &answer.body)
+    fn account_problem(&self, answer: &Answer) -> Option<crate::providers::AccountProblem> {
+        super::account_problem(answer.status, &answer.body)
     }
 
     fn classify(&self, answer: &Answer) -> Outcome {
@@ -206,6 +206,8 @@ pub fn sms_report(
         outcome,
         provider_status: word,
         detail,
+        // A DLT block may come with any status word, so the code alone decides.
+        account_problem: code.trim().parse().ok().and_then(super::dlt_problem),
     }
 }
 
@@ -380,5 +382,29 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn a_dlt_block_in_the_status_callback_is_an_account_problem_in_the_report() {
+        let report = |status: &str, code: &str| {
+            let fields = [
+                ("SmsSid", "sm1"),
+                ("Status", status),
+                ("DetailedStatusCode", code),
+            ];
+            callback_report(|k| {
+                fields
+                    .iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| (*v).to_owned())
+            })
+            .map(|r| r.account_problem.map(|p| p.reason))
+        };
+        assert_eq!(report("failed", " 23080 "), Ok(Some("dlt_sender")));
+        assert_eq!(report("failed", "23183"), Ok(Some("dlt_template")));
+        // The code decides, whatever the status word says.
+        assert_eq!(report("sent", "23082"), Ok(Some("dlt_template")));
+        assert_eq!(report("failed_dnd", "24105"), Ok(None));
+        assert_eq!(report("sent", ""), Ok(None));
     }
 }
