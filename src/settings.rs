@@ -714,8 +714,12 @@ impl Settings {
         if self.readyz.heartbeat_stale_secs == 0 {
             problems.push("readyz.heartbeat_stale_secs must be at least 1".to_owned());
         }
-        if self.housekeeping.auto_resolve_every_ms < 10 {
-            problems.push("housekeeping.auto_resolve_every_ms must be at least 10".to_owned());
+        // Each round asks the database something: below the dispatcher's floor an idle server would
+        // keep a core busy for nothing, as a 0 poll interval did.
+        if self.housekeeping.auto_resolve_every_ms < MIN_POLL_INTERVAL_MS {
+            problems.push(format!(
+                "housekeeping.auto_resolve_every_ms must be at least {MIN_POLL_INTERVAL_MS}"
+            ));
         }
         // Multiplied by 60 into a chrono offset: out of range it would overflow or be silently ignored.
         if !(-MAX_UTC_OFFSET_MINUTES..=MAX_UTC_OFFSET_MINUTES)
@@ -727,8 +731,10 @@ impl Settings {
                 self.messages.utc_offset_minutes
             ));
         }
-        if self.retention.every_ms < 10 {
-            problems.push("retention.every_ms must be at least 10".to_owned());
+        if self.retention.every_ms < MIN_POLL_INTERVAL_MS {
+            problems.push(format!(
+                "retention.every_ms must be at least {MIN_POLL_INTERVAL_MS}"
+            ));
         }
         if !(1..=10_000).contains(&self.retention.batch) {
             problems.push("retention.batch must be 1 to 10000".to_owned());

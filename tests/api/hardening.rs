@@ -240,7 +240,7 @@ async fn pruning_takes_the_alarms_of_pruned_incidents_and_cleared_account_alarms
 
 async fn the_retention_task_prunes_only_when_keep_days_is_set(db: Db) {
     // keep_days = 0 (the default): nothing is ever deleted, however old.
-    let app = spawn_app_with(db, &[("SOS_RETENTION__EVERY_MS", "20".into())]).await;
+    let app = spawn_app_with(db, &[("SOS_RETENTION__EVERY_MS", "50".into())]).await;
     let id = raise(&app, "retention0000000000000000000004").await;
     resolve_at(&app, &id, now_ms() - 3650 * DAY_MS).await;
     let kept = rows_of(&app.store, &id).await;
@@ -256,7 +256,7 @@ async fn the_retention_task_prunes_only_when_keep_days_is_set(db: Db) {
         db,
         &[
             ("SOS_RETENTION__KEEP_DAYS", "7".into()),
-            ("SOS_RETENTION__EVERY_MS", "20".into()),
+            ("SOS_RETENTION__EVERY_MS", "50".into()),
         ],
     )
     .await;

@@ -81,6 +81,21 @@ fn a_webhook_token_equal_to_the_admin_or_console_token_is_refused() {
     }
 }
 
+/// The housekeeping and retention rounds have the dispatcher's floor for the same reason.
+#[test]
+fn housekeeping_and_retention_rounds_under_the_minimum_are_refused() {
+    for key in [
+        "SOS_HOUSEKEEPING__AUTO_RESOLVE_EVERY_MS",
+        "SOS_RETENTION__EVERY_MS",
+    ] {
+        for bad in ["0", "10", "49"] {
+            let p = problem(&[(key, bad)]);
+            assert!(p.contains("must be at least 50"), "{key}={bad}: {p}");
+        }
+        load(&[(key, "50")]).expect("50 ms is allowed");
+    }
+}
+
 /// `dispatch.poll_interval_ms = 0` made an idle server poll the database without pause.
 #[test]
 fn a_poll_interval_under_the_minimum_is_refused() {
