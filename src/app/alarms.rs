@@ -736,9 +736,8 @@ pub fn token_checked(state: &AppState, given: Option<&str>, ok: bool, sender: Se
         }
         return;
     }
-    if tokenless {
-        return;
-    }
+    // A request that looks like Exotel's for this account without any token counts too: a flow URL
+    // saved without `?token=` refuses every emergency exactly as an old token does.
     if !watch.failed(now) {
         return;
     }
@@ -749,8 +748,9 @@ pub fn token_checked(state: &AppState, given: Option<&str>, ok: bool, sender: Se
         AccountProblem {
             reason: "webhook_token",
             detail: format!(
-                "{TOKEN_BURST} or more requests to Exotel's webhooks with a wrong token within {}s: \
-                 was server.webhook_token changed without updating the Exotel flow's URLs?",
+                "{TOKEN_BURST} or more requests to Exotel's webhooks with a wrong or missing token within \
+                 {}s: was server.webhook_token changed without updating the Exotel flow's URLs, or a URL \
+                 saved without its ?token=?",
                 TOKEN_BURST_WINDOW_MS / 1000
             ),
         },

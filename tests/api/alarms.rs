@@ -26,7 +26,8 @@ both_engines!(
     wrong_tokens_from_scanners_page_nobody_and_are_reported,
     a_wrong_token_on_a_genuine_looking_passthru_still_pages,
     a_dlt_template_block_in_the_sms_report_raises_one_alarm,
-    tokenless_and_gupshup_requests_neither_raise_nor_clear_the_token_alarm_and_it_pages_once_an_hour,
+    gupshup_requests_neither_raise_nor_clear_the_token_alarm_and_it_pages_once_an_hour,
+    a_flow_url_saved_without_its_token_raises_the_token_alarm,
     a_delivered_sms_of_another_template_does_not_clear_a_template_alarm,
     an_sms_accepted_with_a_dlt_block_code_raises_the_template_alarm,
     the_first_acknowledgement_cancels_alarm_messages_still_queued,
@@ -1087,11 +1088,41 @@ async fn degraded(app: &TestApp) -> bool {
     readyz(app).await.1["status"] == "degraded"
 }
 
-/// Requests without a token (a scanner) and wrong tokens on GupShup's webhook never raise the token
-/// alarm; wrong ones on Exotel's do; a good token on GupShup's does not clear it, one on Exotel's does.
+/// Exotel's own Passthrus arriving with no token at all (a flow URL saved without `?token=`) refuse
+/// every emergency just as an old token does: they raise the same alarm and page.
+async fn a_flow_url_saved_without_its_token_raises_the_token_alarm(db: Db) {
+    let p = Providers::start().await;
+    mount_happy(&p).await;
+    let (server, url) = hook().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let app = spawn_alarm_app(db, &p, &[("SOS_ALARMS__WEBHOOK_URL", url)]).await;
+    refused_passthrus(&app, None, 3).await;
+    refused_passthrus(&app, Some(""), 3).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            account_posts(&server).await.len() == 1
+        })
+        .await,
+        "a missing token on Exotel's own requests raised no alarm"
+    );
+    let listed = account_alarms(&app).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["dedup_key"], "account:webhook:webhook_token");
+    assert!(listed[0]["summary"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("missing"));
+    app.stop().await;
+}
+
+/// Wrong tokens on GupShup's webhook never raise the token alarm; wrong ones on Exotel's do; a good token on GupShup's does not clear it, one on Exotel's does.
 /// The same cause again within the hour is recorded (listed, degraded) but pages nobody: no webhook
 /// POST, no people; an hour after the page it pages again.
-async fn tokenless_and_gupshup_requests_neither_raise_nor_clear_the_token_alarm_and_it_pages_once_an_hour(
+async fn gupshup_requests_neither_raise_nor_clear_the_token_alarm_and_it_pages_once_an_hour(
     db: Db,
 ) {
     let p = Providers::start().await;
@@ -1103,8 +1134,6 @@ async fn tokenless_and_gupshup_requests_neither_raise_nor_clear_the_token_alarm_
         .mount(&server)
         .await;
     let app = spawn_alarm_app(db, &p, &[("SOS_ALARMS__WEBHOOK_URL", url)]).await;
-    refused_passthrus(&app, None, 8).await;
-    refused_passthrus(&app, Some(""), 8).await;
     for _ in 0..8 {
         let res = app
             .client
