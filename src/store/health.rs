@@ -156,3 +156,14 @@ pub(super) fn refused(engine: super::Engine, e: &anyhow::Error) -> bool {
         _ => false,
     }
 }
+
+/// Whether PostgreSQL ended the transaction to break a deadlock or a serialization conflict with another
+/// one (`40P01`, `40001`): the same transaction, run again, normally goes through.
+pub(super) fn is_conflict(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| match c.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40P01") | Some("40001"))
+        }
+        _ => false,
+    })
+}

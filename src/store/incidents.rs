@@ -121,6 +121,25 @@ impl Store {
         id: &str,
         reason: &str,
     ) -> anyhow::Result<Option<Resolved>> {
+        // A resolve locks the incident, then its deliveries; a dispatcher's transaction can hold them
+        // the other way round. PostgreSQL then ends one of the two to break the deadlock: run again,
+        // the resolve goes through instead of answering the operator with an error.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.resolve_once(id, reason).await {
+                Err(e) if tries < 3 && super::health::is_conflict(&e) => {
+                    tracing::info!(
+                        error = format!("{e:#}"),
+                        "resolve ran into a concurrent transaction; trying again"
+                    );
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn resolve_once(&self, id: &str, reason: &str) -> anyhow::Result<Option<Resolved>> {
         let now = self.now_ms();
         let mut tx = self.writer.begin().await?;
         // The UPDATE comes first so that SQLite takes its write lock at once, and a concurrent resolve
