@@ -155,6 +155,24 @@ impl Store {
     /// (or one of a resolved incident) is an event. The delivery acknowledged through becomes
     /// `acknowledged` either way; a repeat changes nothing. `None` when no incident has this id.
     pub async fn acknowledge(&self, req: &AckRequest) -> anyhow::Result<Option<Acknowledged>> {
+        // Locks the incident, then its deliveries, as a resolve does: a deadlock PostgreSQL ends on
+        // this side is run again rather than losing the acknowledgement.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.acknowledge_once(req).await {
+                Err(e) if tries < 3 && super::health::is_conflict(&e) => {
+                    tracing::info!(
+                        error = format!("{e:#}"),
+                        "acknowledgement ran into a concurrent transaction; trying again"
+                    );
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn acknowledge_once(&self, req: &AckRequest) -> anyhow::Result<Option<Acknowledged>> {
         let now = self.now_ms();
         let by = storable(&req.by).into_owned();
         let mut tx = self.writer.begin().await?;

@@ -153,8 +153,7 @@ async fn a_resolve_that_deadlocks_is_run_again() {
         .expect("lock the deliveries");
     let store = app.store.clone();
     let id = incident.id.clone();
-    let resolve =
-        tokio::spawn(async move { store.resolve_incident(&id, "deadlock test").await });
+    let resolve = tokio::spawn(async move { store.resolve_incident(&id, "deadlock test").await });
     // The resolve holds the incident and waits for the deliveries; now wait for the incident.
     let waiting = eventually(Duration::from_secs(10), || async {
         sqlx::query_scalar::<_, i64>(
@@ -181,6 +180,80 @@ async fn a_resolve_that_deadlocks_is_run_again() {
         .expect("found");
     assert!(resolved.changed);
     assert_eq!(resolved.cancelled.len(), HEART_DELIVERIES);
+    other.close().await;
+    app.stop().await;
+}
+
+/// The same for an operator's acknowledgement, which also locks the incident, then its deliveries. The other transaction here locks the incident's deliveries, then the
+/// incident, the opposite order of a resolve; its own deadlock check waits longer, so PostgreSQL ends
+/// the resolve's transaction, not the test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_that_deadlocks_is_run_again() {
+    let app = spawn_app_with(Db::Postgres, &[without_dispatcher()]).await;
+    let res = app
+        .passthru(&format!("CallSid={SID}d2&EmergencyType=Heart"))
+        .await;
+    assert_eq!(res.status(), 200);
+    let incident = app
+        .store
+        .incident_by_call_sid(&format!("{SID}d2"))
+        .await
+        .expect("read")
+        .expect("stored");
+    let other = exotel_sos::store::Store::connect(&app.db.url, 1)
+        .await
+        .expect("second handle");
+    let mut tx = other.pool().begin().await.expect("begin");
+    sqlx::query("SET LOCAL deadlock_timeout = '10s'")
+        .execute(&mut *tx)
+        .await
+        .expect("deadlock timeout");
+    sqlx::query("SELECT id FROM deliveries WHERE incident_id = $1 FOR UPDATE")
+        .bind(&incident.id)
+        .execute(&mut *tx)
+        .await
+        .expect("lock the deliveries");
+    let store = app.store.clone();
+    let id = incident.id.clone();
+    let resolve = tokio::spawn(async move {
+        store
+            .acknowledge(&exotel_sos::store::AckRequest {
+                incident_id: id,
+                delivery_id: None,
+                by: "operator".into(),
+                via: "api".into(),
+                notice_lanes: Vec::new(),
+            })
+            .await
+    });
+    // The resolve holds the incident and waits for the deliveries; now wait for the incident.
+    let waiting = eventually(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE 'UPDATE deliveries%'",
+        )
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap_or(0)
+            > 0
+    })
+    .await;
+    assert!(
+        waiting,
+        "the acknowledgement never waited for the deliveries"
+    );
+    sqlx::query("UPDATE incidents SET recording_url = recording_url WHERE id = $1")
+        .bind(&incident.id)
+        .execute(&mut *tx)
+        .await
+        .expect("the test's transaction is not the one ended");
+    tx.rollback().await.expect("rollback");
+    let resolved = resolve
+        .await
+        .expect("task")
+        .expect("the acknowledgement went through on its second try")
+        .expect("found");
+    assert!(resolved.first);
     other.close().await;
     app.stop().await;
 }
