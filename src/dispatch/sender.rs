@@ -453,13 +453,13 @@ impl Dispatcher {
         recording: Fetch,
     ) -> (String, String) {
         let facts = Facts {
-            kind: MessageKind::for_delivery(&d.purpose, &incident.source),
+            kind: MessageKind::for_delivery(&d.purpose, incident.source),
             name: &d.contact_name,
             link_ref: d.link_ref.as_deref(),
             greeting_ref: &d.greeting_ref,
             ack_ref: d.ack_ref.as_deref(),
             incident: &incident.id,
-            source: &incident.source,
+            source: incident.source,
             emergency_type: &incident.emergency_type,
             caller: incident.caller.as_deref(),
             message: incident.message.as_deref(),

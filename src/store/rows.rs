@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::domain::{Channel, DeliveryState, IncidentState};
+use crate::domain::{Channel, DeliveryState, IncidentState, Source};
 
 /// The columns of [`IncidentRow`], in a `SELECT`.
 macro_rules! incident_columns {
@@ -31,7 +31,8 @@ pub(crate) use delivery_columns;
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct IncidentRow {
     pub id: String,
-    pub source: String,
+    #[sqlx(try_from = "String")]
+    pub source: Source,
     pub call_sid: Option<String>,
     pub dedup_key: Option<String>,
     pub emergency_type: String,
@@ -156,7 +157,8 @@ pub struct EventRow {
 pub struct GreetingView {
     pub delivery_id: String,
     pub incident_id: String,
-    pub source: String,
+    #[sqlx(try_from = "String")]
+    pub source: Source,
     pub emergency_type: String,
     pub recording_url: Option<String>,
     pub message: Option<String>,

@@ -321,7 +321,7 @@ impl From<IncidentRow> for IncidentView {
     fn from(r: IncidentRow) -> Self {
         IncidentView {
             id: r.id,
-            source: r.source,
+            source: r.source.as_str().to_owned(),
             emergency_type: r.emergency_type,
             route: r.route,
             call_sid: r.call_sid,

@@ -237,7 +237,7 @@ pub fn board_incident(
     BoardIncident {
         id: incident.id.clone(),
         emergency_type: incident.emergency_type.clone(),
-        source: incident.source.clone(),
+        source: incident.source.as_str().to_owned(),
         status: incident.status.to_string(),
         unreached: incident.unreached_at.is_some(),
         acknowledged_by: incident.acknowledged_by.clone().unwrap_or_default(),
