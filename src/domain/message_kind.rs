@@ -1,7 +1,7 @@
 //! The kinds of message the system sends. They are named here, below the settings that configure them
 //! and the renderer that fills them, so neither has to import the other.
 
-use super::Source;
+use super::{Purpose, Source};
 
 /// Every text the system sends is one of these kinds. Each kind has its own SMS text, DLT template id
 /// and WhatsApp template (settings `messages.kinds.<key>`; the alert's come from `messages.sms`,
@@ -67,12 +67,12 @@ impl MessageKind {
 
     /// The kind a delivery of `purpose` (`alert`, `ack_notice`, `fallback`, `alarm`) of an incident of
     /// `source` is sent as: what picks its text and its DLT template.
-    pub fn for_delivery(purpose: &str, source: Source) -> Self {
+    pub fn for_delivery(purpose: Purpose, source: Source) -> Self {
         match purpose {
-            "ack_notice" => MessageKind::AckNotice,
-            "alarm" => MessageKind::UnreachedAlarm,
-            "fallback" => MessageKind::Fallback,
-            _ => Self::for_source(source),
+            Purpose::AckNotice => MessageKind::AckNotice,
+            Purpose::Alarm => MessageKind::UnreachedAlarm,
+            Purpose::Fallback => MessageKind::Fallback,
+            Purpose::Alert | Purpose::Followup => Self::for_source(source),
         }
     }
 }

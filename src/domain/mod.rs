@@ -4,12 +4,14 @@ pub mod call_sid;
 pub mod clock;
 pub mod message_kind;
 pub mod phone;
+pub mod purpose;
 pub mod report;
 pub mod state;
 
 pub use call_sid::CallSid;
 pub use clock::Clock;
 pub use phone::{mask, mask_numbers, Phone};
+pub use purpose::Purpose;
 pub use report::{AccountProblem, Report, ReportOutcome};
 pub use state::{DeliveryState, IncidentState, RedialPolicy};
 

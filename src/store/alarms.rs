@@ -8,12 +8,10 @@ use serde::Serialize;
 use super::recordings::insert_incident_event;
 use super::sql::{per_engine, Dialect};
 use super::{insert_event, Store};
-use crate::domain::{mask, storable, Channel, Source};
+use crate::domain::{mask, storable, Channel, Purpose, Source};
 
 /// The incident event written when an incident is marked unreached.
 pub const UNREACHED_EVENT: &str = "unreached";
-/// Purpose of a delivery that alarms the `[unreached]` teams.
-pub const ALARM: &str = "alarm";
 
 /// Alarm kinds.
 pub mod kind {
@@ -515,12 +513,12 @@ impl Store {
     }
 
     /// The purpose of the SMS with provider id `sms_sid` and its incident's source, when it is ours.
-    pub async fn sms_kind(&self, sms_sid: &str) -> anyhow::Result<Option<(String, Source)>> {
+    pub async fn sms_kind(&self, sms_sid: &str) -> anyhow::Result<Option<(Purpose, Source)>> {
         let row: Option<(String, String)> = sqlx::query_as(SMS_KIND)
             .bind(sms_sid)
             .fetch_optional(&self.reader)
             .await?;
-        row.map(|(purpose, source)| Ok((purpose, source.parse()?)))
+        row.map(|(purpose, source)| Ok((purpose.parse()?, source.parse()?)))
             .transpose()
     }
 

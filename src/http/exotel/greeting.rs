@@ -89,7 +89,7 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
         }
     };
     tracing::Span::current().record("delivery_id", view.delivery_id.as_str());
-    if view.purpose == crate::store::alarms::ALARM {
+    if view.purpose == crate::domain::Purpose::Alarm {
         return Some(alarm_greeting(state, method, &view));
     }
     let settings = &state.settings;
