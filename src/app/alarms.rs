@@ -646,7 +646,7 @@ async fn sms_template(state: &AppState, sms_sid: &str) -> Option<String> {
         }
     }
     let (purpose, source) = found?;
-    let kind = MessageKind::for_delivery(&purpose, &source);
+    let kind = MessageKind::for_delivery(purpose, source);
     Some(state.settings.message_kind(kind).dlt_template_id)
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use super::AppState;
-use crate::domain::{mask, Channel};
+use crate::domain::{mask, Channel, Purpose};
 use crate::providers::exotel::call_details;
 use crate::recordings::fetch::{self, ChunkSink, Credentials, FetchConfig, FetchError};
 use crate::settings::RecordingMode;
@@ -342,7 +342,7 @@ pub async fn queue_followups(state: &AppState) -> anyhow::Result<usize> {
         // A call left `answered` (picked up, no keypress) is over: its redial, if one was due, was
         // queued at once.
         let finished = c.status.is_final() || c.status == crate::domain::DeliveryState::Answered;
-        if c.played_recording_at.is_some() || !finished || c.purpose == crate::store::FOLLOWUP {
+        if c.played_recording_at.is_some() || !finished || c.purpose == Purpose::Followup {
             entry.1 = false;
         }
     }

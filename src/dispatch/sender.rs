@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use super::limits::Ready;
 use super::{recorder, Dispatcher, IncidentLookup, Lane};
-use crate::domain::{mask, mask_numbers, Channel, DeliveryState, IncidentState};
+use crate::domain::{mask, mask_numbers, Channel, DeliveryState, IncidentState, Purpose};
 use crate::messages::delivery::{Facts, Fetch};
 use crate::messages::MessageKind;
 use crate::providers::{self, Job, Outcome, Prepared};
@@ -150,7 +150,7 @@ impl Dispatcher {
         // call that plays the recording to the person who acknowledged still goes.
         if lane.channel() == Channel::Call
             && incident.status == IncidentState::Acknowledged
-            && d.purpose != crate::store::FOLLOWUP
+            && d.purpose != Purpose::Followup
         {
             return Finish::Cancelled {
                 reason: format!(
@@ -163,9 +163,9 @@ impl Dispatcher {
         // the queue (a retry) after the acknowledgement stopped the escalation: it was never needed.
         if lane.channel() != Channel::Call
             && incident.status == IncidentState::Acknowledged
-            && ((d.purpose == "alert" && (d.tier > 0 || d.run > 0))
-                || d.purpose == crate::store::alarms::ALARM
-                || d.purpose == crate::store::FALLBACK)
+            && ((d.purpose == Purpose::Alert && (d.tier > 0 || d.run > 0))
+                || d.purpose == Purpose::Alarm
+                || d.purpose == Purpose::Fallback)
         {
             return Finish::Cancelled {
                 reason: format!(
@@ -221,11 +221,10 @@ impl Dispatcher {
         d: &DeliveryRow,
         claimed: &IncidentRow,
     ) -> Option<Finish> {
-        let escalating =
-            d.tier > 0 || d.run > 0 || d.redials > 0 || d.purpose == crate::store::alarms::ALARM;
+        let escalating = d.tier > 0 || d.run > 0 || d.redials > 0 || d.purpose == Purpose::Alarm;
         if lane.channel() != Channel::Call
             || !escalating
-            || d.purpose == crate::store::FOLLOWUP
+            || d.purpose == Purpose::Followup
             || claimed.status != IncidentState::Open
         {
             return None;
@@ -258,7 +257,7 @@ impl Dispatcher {
     /// duplicate call is better than a missed one).
     async fn still_ringing(&self, lane: &Lane, d: &DeliveryRow) -> Option<Finish> {
         let first_of_all =
-            d.tier == 0 && d.run == 0 && d.redials == 0 && d.purpose != crate::store::alarms::ALARM;
+            d.tier == 0 && d.run == 0 && d.redials == 0 && d.purpose != Purpose::Alarm;
         if lane.channel() != Channel::Call || first_of_all {
             return None;
         }
@@ -453,13 +452,13 @@ impl Dispatcher {
         recording: Fetch,
     ) -> (String, String) {
         let facts = Facts {
-            kind: MessageKind::for_delivery(&d.purpose, &incident.source),
+            kind: MessageKind::for_delivery(d.purpose, incident.source),
             name: &d.contact_name,
             link_ref: d.link_ref.as_deref(),
             greeting_ref: &d.greeting_ref,
             ack_ref: d.ack_ref.as_deref(),
             incident: &incident.id,
-            source: &incident.source,
+            source: incident.source,
             emergency_type: &incident.emergency_type,
             caller: incident.caller.as_deref(),
             message: incident.message.as_deref(),

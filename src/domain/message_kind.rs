@@ -1,6 +1,8 @@
 //! The kinds of message the system sends. They are named here, below the settings that configure them
 //! and the renderer that fills them, so neither has to import the other.
 
+use super::{Purpose, Source};
+
 /// Every text the system sends is one of these kinds. Each kind has its own SMS text, DLT template id
 /// and WhatsApp template (settings `messages.kinds.<key>`; the alert's come from `messages.sms`,
 /// `messages.whatsapp`, `messages.whatsapp_template` and `exotel.dlt_template_id`), so each can be
@@ -53,22 +55,24 @@ impl MessageKind {
     /// [`Alert`]: MessageKind::Alert
     /// [`Drill`]: MessageKind::Drill
     /// [`ApiAlert`]: MessageKind::ApiAlert
-    pub fn for_source(source: &str) -> Self {
+    pub fn for_source(source: Source) -> Self {
         match source {
-            "exotel" => MessageKind::Alert,
-            "drill" => MessageKind::Drill,
-            _ => MessageKind::ApiAlert,
+            Source::Exotel => MessageKind::Alert,
+            Source::Drill => MessageKind::Drill,
+            Source::Api | Source::Alertmanager | Source::Cli | Source::Alarm => {
+                MessageKind::ApiAlert
+            }
         }
     }
 
     /// The kind a delivery of `purpose` (`alert`, `ack_notice`, `fallback`, `alarm`) of an incident of
     /// `source` is sent as: what picks its text and its DLT template.
-    pub fn for_delivery(purpose: &str, source: &str) -> Self {
+    pub fn for_delivery(purpose: Purpose, source: Source) -> Self {
         match purpose {
-            "ack_notice" => MessageKind::AckNotice,
-            "alarm" => MessageKind::UnreachedAlarm,
-            "fallback" => MessageKind::Fallback,
-            _ => Self::for_source(source),
+            Purpose::AckNotice => MessageKind::AckNotice,
+            Purpose::Alarm => MessageKind::UnreachedAlarm,
+            Purpose::Fallback => MessageKind::Fallback,
+            Purpose::Alert | Purpose::Followup => Self::for_source(source),
         }
     }
 }

@@ -4,12 +4,14 @@ pub mod call_sid;
 pub mod clock;
 pub mod message_kind;
 pub mod phone;
+pub mod purpose;
 pub mod report;
 pub mod state;
 
 pub use call_sid::CallSid;
 pub use clock::Clock;
 pub use phone::{mask, mask_numbers, Phone};
+pub use purpose::Purpose;
 pub use report::{AccountProblem, Report, ReportOutcome};
 pub use state::{DeliveryState, IncidentState, RedialPolicy};
 
@@ -87,9 +89,21 @@ pub enum Source {
     Cli,
     /// A fire drill (`exotel-sos drill`): a marked test that reaches one contact.
     Drill,
+    /// The incident that carries an account alarm to the `[unreached]` teams.
+    Alarm,
 }
 
 impl Source {
+    pub const ALL: [Source; 6] = [
+        Source::Exotel,
+        Source::Api,
+        Source::Alertmanager,
+        Source::Cli,
+        Source::Drill,
+        Source::Alarm,
+    ];
+
+    /// The name stored in the database and shown by the API.
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Exotel => "exotel",
@@ -97,9 +111,12 @@ impl Source {
             Source::Alertmanager => "alertmanager",
             Source::Cli => "cli",
             Source::Drill => "drill",
+            Source::Alarm => "alarm",
         }
     }
 }
+
+state::named_states!(Source);
 
 /// Header by which the `trigger` command marks its incidents as coming from the command line.
 pub const SOURCE_HEADER: &str = "x-sos-source";
@@ -178,6 +195,15 @@ pub fn exotel_time(raw: &str, utc_offset_minutes: i32) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_store_and_serialise_under_the_same_names() {
+        for s in Source::ALL {
+            assert_eq!(s.as_str().parse::<Source>(), Ok(s));
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+        assert!("webhook".parse::<Source>().is_err());
+    }
 
     #[test]
     fn storable_text_has_no_nul_or_control_characters() {

@@ -5,7 +5,6 @@
 //! delivery backwards fails loudly instead of paging someone twice or never.
 
 use std::fmt;
-use std::str::FromStr;
 
 /// Where one delivery (one contact, one channel) stands.
 #[derive(
@@ -234,28 +233,28 @@ impl std::error::Error for UnknownState {}
 
 macro_rules! named_states {
     ($t:ty) => {
-        impl FromStr for $t {
-            type Err = UnknownState;
+        impl ::std::str::FromStr for $t {
+            type Err = $crate::domain::state::UnknownState;
 
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 <$t>::ALL
                     .into_iter()
                     .find(|state| state.as_str() == s)
-                    .ok_or_else(|| UnknownState(s.to_owned()))
+                    .ok_or_else(|| $crate::domain::state::UnknownState(s.to_owned()))
             }
         }
 
         /// For rows decoded from the database (`#[sqlx(try_from = "String")]`).
         impl TryFrom<String> for $t {
-            type Error = UnknownState;
+            type Error = $crate::domain::state::UnknownState;
 
             fn try_from(s: String) -> Result<Self, Self::Error> {
                 s.parse()
             }
         }
 
-        impl fmt::Display for $t {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $t {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
@@ -267,6 +266,7 @@ macro_rules! named_states {
         }
     };
 }
+pub(crate) use named_states;
 
 named_states!(DeliveryState);
 named_states!(IncidentState);

@@ -2,14 +2,13 @@
 //! The text fills the `{message}` of the `unreached_alarm` kind's SMS and WhatsApp texts, and is
 //! spoken by an alarm call's greeting.
 
-/// The source of the incidents that carry an account alarm to people.
-const ACCOUNT_ALARM_SOURCE: &str = "alarm";
+use crate::domain::Source;
 
 /// What the incident behind an alarm says about itself.
 #[derive(Debug, Clone, Copy)]
 pub struct AlarmFacts<'a> {
     /// `alarm` for an account alarm's own incident; the alarmed incident's source otherwise.
-    pub source: &'a str,
+    pub source: Source,
     pub emergency_type: &'a str,
     pub received_at: i64,
     pub message: Option<&'a str>,
@@ -17,7 +16,7 @@ pub struct AlarmFacts<'a> {
 
 /// The alarm's news. `short` for an SMS, where a DLT variable holds 30 characters.
 pub fn news(facts: &AlarmFacts<'_>, short: bool, utc_offset_minutes: i32) -> String {
-    let account = facts.source == ACCOUNT_ALARM_SOURCE;
+    let account = facts.source == Source::Alarm;
     match (account, short) {
         (true, true) => "Account alarm: check now".to_owned(),
         (true, false) => format!(
@@ -56,7 +55,7 @@ mod tests {
     #[test]
     fn an_unreached_alarm_names_the_emergency_and_fits_a_dlt_variable_in_sms() {
         let facts = AlarmFacts {
-            source: "exotel",
+            source: Source::Exotel,
             emergency_type: "Heart",
             received_at: 1_722_424_376_000,
             message: None,
@@ -69,7 +68,7 @@ mod tests {
         assert!(said.ends_with("Press 1 to acknowledge."), "{said}");
         assert!(news(&facts, true, 0).chars().count() <= 30);
         let account = AlarmFacts {
-            source: "alarm",
+            source: Source::Alarm,
             message: Some("exotel:call refuses this account (auth)"),
             ..facts
         };

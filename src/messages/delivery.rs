@@ -4,7 +4,7 @@
 //! [`Texts`]; the facts come as plain values, so this module knows nothing of the store's rows.
 
 use super::{alarm, format_time, render, sms_link, KindTexts, MessageKind, Style, Vars};
-use crate::domain::Channel;
+use crate::domain::{Channel, Source};
 use crate::settings::{RecordingLink, RecordingMode, Settings};
 
 /// The settings every delivery's text is made from, read once at start: each kind's texts and DLT
@@ -43,7 +43,7 @@ pub struct Facts<'a> {
     pub greeting_ref: &'a str,
     pub ack_ref: Option<&'a str>,
     pub incident: &'a str,
-    pub source: &'a str,
+    pub source: Source,
     pub emergency_type: &'a str,
     pub caller: Option<&'a str>,
     /// What the incident says about itself.
@@ -93,7 +93,7 @@ impl Texts {
         let news = self.news(channel, facts);
         let vars = Vars {
             emergency_type: facts.emergency_type,
-            source: facts.source,
+            source: facts.source.as_str(),
             caller: facts.caller,
             name: facts.name,
             time_ms: facts.occurred_at.unwrap_or(facts.received_at),

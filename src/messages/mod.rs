@@ -387,6 +387,7 @@ pub fn speakable(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Source;
 
     fn vars() -> Vars<'static> {
         Vars {
@@ -565,8 +566,8 @@ mod tests {
         for k in MessageKind::ALL {
             assert_eq!(MessageKind::from_key(k.key()), Some(k));
         }
-        assert_eq!(MessageKind::for_source("exotel"), MessageKind::Alert);
-        for s in ["api", "alertmanager", "cli"] {
+        assert_eq!(MessageKind::for_source(Source::Exotel), MessageKind::Alert);
+        for s in [Source::Api, Source::Alertmanager, Source::Cli] {
             assert_eq!(MessageKind::for_source(s), MessageKind::ApiAlert);
         }
     }

@@ -8,14 +8,10 @@ use serde::Serialize;
 use super::recordings::insert_incident_event;
 use super::sql::{per_engine, Dialect};
 use super::{insert_event, Store};
-use crate::domain::{mask, storable, Channel};
+use crate::domain::{mask, storable, Channel, Purpose, Source};
 
 /// The incident event written when an incident is marked unreached.
 pub const UNREACHED_EVENT: &str = "unreached";
-/// Purpose of a delivery that alarms the `[unreached]` teams.
-pub const ALARM: &str = "alarm";
-/// Source of the incident that carries an account alarm to the `[unreached]` teams.
-pub const ALARM_SOURCE: &str = "alarm";
 
 /// Alarm kinds.
 pub mod kind {
@@ -517,12 +513,13 @@ impl Store {
     }
 
     /// The purpose of the SMS with provider id `sms_sid` and its incident's source, when it is ours.
-    pub async fn sms_kind(&self, sms_sid: &str) -> anyhow::Result<Option<(String, String)>> {
-        let row = sqlx::query_as(SMS_KIND)
+    pub async fn sms_kind(&self, sms_sid: &str) -> anyhow::Result<Option<(Purpose, Source)>> {
+        let row: Option<(String, String)> = sqlx::query_as(SMS_KIND)
             .bind(sms_sid)
             .fetch_optional(&self.reader)
             .await?;
-        Ok(row)
+        row.map(|(purpose, source)| Ok((purpose.parse()?, source.parse()?)))
+            .transpose()
     }
 
     /// The account alarms not cleared yet: `/readyz` reports them as degraded.

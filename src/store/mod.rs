@@ -35,7 +35,7 @@ pub use queue::{CallbackEffect, Finish, Moved};
 pub use health::Writable;
 pub use incidents::{IncidentFilter, QueueStats, Resolved};
 pub use recordings::{AttemptFailed, IncidentEventRow, LinkView, RecordingFetch, RecordingRow};
-pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow, ACK_NOTICE, FALLBACK, FOLLOWUP};
+pub use rows::{DeliveryRow, EventRow, GreetingView, IncidentRow};
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::sql::{per_engine, Dialect};
 use super::Store;
-use crate::domain::{storable, Channel, DeliveryState};
+use crate::domain::{storable, Channel, DeliveryState, Purpose};
 
 /// A recording's status.
 pub mod status {
@@ -111,7 +111,8 @@ pub struct FollowupCandidate {
     pub incident_id: String,
     pub contact_name: String,
     pub phone: String,
-    pub purpose: String,
+    #[sqlx(try_from = "String")]
+    pub purpose: Purpose,
     #[sqlx(try_from = "String")]
     pub status: DeliveryState,
     pub spoke_text_at: Option<i64>,

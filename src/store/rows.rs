@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::domain::{Channel, DeliveryState, IncidentState};
+use crate::domain::{Channel, DeliveryState, IncidentState, Purpose, Source};
 
 /// The columns of [`IncidentRow`], in a `SELECT`.
 macro_rules! incident_columns {
@@ -31,7 +31,8 @@ pub(crate) use delivery_columns;
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct IncidentRow {
     pub id: String,
-    pub source: String,
+    #[sqlx(try_from = "String")]
+    pub source: Source,
     pub call_sid: Option<String>,
     pub dedup_key: Option<String>,
     pub emergency_type: String,
@@ -101,9 +102,10 @@ pub struct DeliveryRow {
     /// This delivery's recording link reference (`/r/<link_ref>`).
     #[serde(skip)]
     pub link_ref: Option<String>,
-    /// `alert`, `followup` (the one call that plays a recording that came late: never redialled) or
-    /// `ack_notice` (someone else acknowledged).
-    pub purpose: String,
+    /// `alert`, `followup` (the one call that plays a recording that came late: never redialled),
+    /// `ack_notice` (someone else acknowledged), `fallback` or `alarm`.
+    #[sqlx(try_from = "String")]
+    pub purpose: Purpose,
     /// When this call's greeting spoke text because the recording was not in yet.
     pub spoke_text_at: Option<i64>,
     /// When this call's greeting played the recording.
@@ -117,20 +119,13 @@ pub struct DeliveryRow {
     pub run: i64,
 }
 
-/// A follow-up call's purpose.
-pub const FOLLOWUP: &str = "followup";
-/// The purpose of a message telling a contact that someone else acknowledged.
-pub const ACK_NOTICE: &str = "ack_notice";
-/// A message sent again because no call reached its contact.
-pub const FALLBACK: &str = "fallback";
-
 impl DeliveryRow {
     /// The redial policy for this delivery: a follow-up call is one attempt, never redialled.
     pub fn redial_policy(
         &self,
         policy: crate::domain::RedialPolicy,
     ) -> crate::domain::RedialPolicy {
-        if self.purpose == FOLLOWUP {
+        if self.purpose == Purpose::Followup {
             crate::domain::RedialPolicy {
                 max_redials: 0,
                 ..policy
@@ -156,7 +151,8 @@ pub struct EventRow {
 pub struct GreetingView {
     pub delivery_id: String,
     pub incident_id: String,
-    pub source: String,
+    #[sqlx(try_from = "String")]
+    pub source: Source,
     pub emergency_type: String,
     pub recording_url: Option<String>,
     pub message: Option<String>,
@@ -169,7 +165,8 @@ pub struct GreetingView {
     /// The fetched recording's status, when it is fetched by us (proxy mode).
     pub recording_status: Option<String>,
     /// The delivery's purpose: an `alarm` call speaks the alarm, not the alert.
-    pub purpose: String,
+    #[sqlx(try_from = "String")]
+    pub purpose: Purpose,
     /// Where the call stands in the escalation: a later tier's or run's call, or a redial, is placed
     /// only while nobody has acknowledged.
     pub tier: i64,

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::app::durable::{self, WriteError, Written};
 use crate::app::incidents::{self, Emergency, PlanError, Planned};
-use crate::domain::{mask, Channel, DeliveryState, IncidentState, Source, SOURCE_HEADER};
+use crate::domain::{mask, Channel, DeliveryState, IncidentState, Purpose, Source, SOURCE_HEADER};
 use crate::error::AppError;
 use crate::http::edge::Deadline;
 use crate::http::params::{http_url, strip_all_controls};
@@ -264,7 +264,7 @@ fn contact_summaries(deliveries: Vec<DeliveryRow>) -> Vec<ContactSummary> {
         // A notice says someone else has it: it is not this contact's alert. With escalation a
         // contact has a call per tier and pass: the channel shows the one that went out last, and a
         // later tier's call still waiting (or cancelled before it was placed) only when none did.
-        if d.purpose != crate::store::ACK_NOTICE {
+        if d.purpose != Purpose::AckNotice {
             let went_out = d.attempts > 0
                 || !matches!(
                     d.status,
@@ -321,7 +321,7 @@ impl From<IncidentRow> for IncidentView {
     fn from(r: IncidentRow) -> Self {
         IncidentView {
             id: r.id,
-            source: r.source,
+            source: r.source.as_str().to_owned(),
             emergency_type: r.emergency_type,
             route: r.route,
             call_sid: r.call_sid,

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use askama::Template;
 
 use crate::app::AppState;
-use crate::domain::{human_duration_ms, mask, mask_numbers, now_ms, Channel, DeliveryState};
+use crate::domain::{
+    human_duration_ms, mask, mask_numbers, now_ms, Channel, DeliveryState, Purpose,
+};
 use crate::settings::non_empty;
 use crate::store::{DeliveryRow, EventRow, IncidentEventRow, IncidentRow};
 
@@ -201,7 +203,7 @@ pub fn board_incident(
     let mut latest: BTreeMap<(String, String, Channel), &DeliveryRow> = BTreeMap::new();
     for d in deliveries {
         // An acknowledgement notice says nothing of whether this contact was reached.
-        if d.purpose == "ack_notice" {
+        if d.purpose == Purpose::AckNotice {
             continue;
         }
         let who = (d.contact_name.clone(), d.phone.clone());
@@ -237,7 +239,7 @@ pub fn board_incident(
     BoardIncident {
         id: incident.id.clone(),
         emergency_type: incident.emergency_type.clone(),
-        source: incident.source.clone(),
+        source: incident.source.as_str().to_owned(),
         status: incident.status.to_string(),
         unreached: incident.unreached_at.is_some(),
         acknowledged_by: incident.acknowledged_by.clone().unwrap_or_default(),

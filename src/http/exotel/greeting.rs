@@ -89,7 +89,7 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
         }
     };
     tracing::Span::current().record("delivery_id", view.delivery_id.as_str());
-    if view.purpose == crate::store::alarms::ALARM {
+    if view.purpose == crate::domain::Purpose::Alarm {
         return Some(alarm_greeting(state, method, &view));
     }
     let settings = &state.settings;
@@ -103,7 +103,7 @@ async fn greeting_for(state: &AppState, method: &Method, reference: &str) -> Opt
     let fetched = view.recording_status.as_deref().filter(|_| proxied);
     let vars = Vars {
         emergency_type: &view.emergency_type,
-        source: &view.source,
+        source: view.source.as_str(),
         caller: view.caller.as_deref(),
         time_ms: view.occurred_at.unwrap_or(view.received_at),
         recording: if fetched.is_some() {
@@ -160,7 +160,7 @@ fn acknowledged_greeting(
     let msg = &state.settings.messages;
     let vars = Vars {
         emergency_type: &view.emergency_type,
-        source: &view.source,
+        source: view.source.as_str(),
         caller: view.caller.as_deref(),
         time_ms: view.occurred_at.unwrap_or(view.received_at),
         message: view.message.as_deref(),
@@ -199,7 +199,7 @@ fn record_play(state: &AppState, delivery_id: &str, played: Option<bool>) {
 fn alarm_greeting(state: &AppState, method: &Method, view: &crate::store::GreetingView) -> String {
     let body = messages::alarm::spoken(
         &messages::alarm::AlarmFacts {
-            source: &view.source,
+            source: view.source,
             emergency_type: &view.emergency_type,
             received_at: view.received_at,
             message: view.message.as_deref(),
