@@ -7,8 +7,21 @@ use std::collections::{BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::describe::human_secs;
-use super::file::RawEscalation;
 use super::Routing;
+
+/// One `[[escalation]]` entry as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEscalation {
+    #[serde(rename = "type")]
+    pub(super) ty: String,
+    #[serde(default)]
+    pub(super) tiers: Vec<Vec<String>>,
+    pub(super) wait: String,
+    /// Signed, so that a negative value is reported as such rather than as a TOML type error.
+    #[serde(default)]
+    pub(super) repeat: i64,
+}
 
 /// An escalation policy: tiers of teams alerted one after another until someone acknowledges.
 /// Stored with each incident (as JSON) when it is raised, so a later edit of the file never changes

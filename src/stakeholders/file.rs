@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::escalation::escalations;
+use super::escalation::{escalations, RawEscalation};
 use super::{Contact, Escalation, EscalationBounds, Routing, DEFAULT_ROUTE};
 use crate::domain::{Channel, Phone};
 
@@ -31,20 +31,6 @@ struct File {
 struct RawUnreached {
     #[serde(default)]
     teams: Vec<String>,
-}
-
-/// One `[[escalation]]` entry as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawEscalation {
-    #[serde(rename = "type")]
-    pub(super) ty: String,
-    #[serde(default)]
-    pub(super) tiers: Vec<Vec<String>>,
-    pub(super) wait: String,
-    /// Signed, so that a negative value is reported as such rather than as a TOML type error.
-    #[serde(default)]
-    pub(super) repeat: i64,
 }
 
 /// One `[[contact]]` entry as written.

@@ -121,20 +121,23 @@ async fn a_claim_takes_no_more_than_its_limit(db: Db) {
 
 crate::both_engines!(a_claim_takes_no_more_than_its_limit);
 
-/// A resolve that deadlocks with another transaction on PostgreSQL (which ends one of the two) is run
-/// again instead of failing. The other transaction here locks the incident's deliveries, then the
-/// incident, the opposite order of a resolve; its own deadlock check waits longer, so PostgreSQL ends
-/// the resolve's transaction, not the test's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resolve_that_deadlocks_is_run_again() {
-    let app = spawn_app_with(Db::Postgres, &[without_dispatcher()]).await;
+/// Runs `op` (given the store and the incident of a new Heart Passthru) against a transaction that locks
+/// the incident's deliveries, then the incident: the opposite order of a resolve or an acknowledgement.
+/// The test's transaction waits longer before its deadlock check, so PostgreSQL ends `op`'s transaction,
+/// not the test's. What `op` came to.
+async fn against_a_deadlock<F, Fut, T>(app: &TestApp, call_sid: &str, op: F) -> anyhow::Result<T>
+where
+    F: FnOnce(exotel_sos::store::Store, String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
     let res = app
-        .passthru(&format!("CallSid={SID}d1&EmergencyType=Heart"))
+        .passthru(&format!("CallSid={call_sid}&EmergencyType=Heart"))
         .await;
     assert_eq!(res.status(), 200);
     let incident = app
         .store
-        .incident_by_call_sid(&format!("{SID}d1"))
+        .incident_by_call_sid(call_sid)
         .await
         .expect("read")
         .expect("stored");
@@ -151,10 +154,8 @@ async fn a_resolve_that_deadlocks_is_run_again() {
         .execute(&mut *tx)
         .await
         .expect("lock the deliveries");
-    let store = app.store.clone();
-    let id = incident.id.clone();
-    let resolve = tokio::spawn(async move { store.resolve_incident(&id, "deadlock test").await });
-    // The resolve holds the incident and waits for the deliveries; now wait for the incident.
+    let running = tokio::spawn(op(app.store.clone(), incident.id.clone()));
+    // `op` holds the incident and waits for the deliveries; now wait for the incident.
     let waiting = eventually(Duration::from_secs(10), || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
@@ -166,56 +167,39 @@ async fn a_resolve_that_deadlocks_is_run_again() {
             > 0
     })
     .await;
-    assert!(waiting, "the resolve never waited for the deliveries");
+    assert!(waiting, "it never waited for the deliveries");
     sqlx::query("UPDATE incidents SET recording_url = recording_url WHERE id = $1")
         .bind(&incident.id)
         .execute(&mut *tx)
         .await
         .expect("the test's transaction is not the one ended");
     tx.rollback().await.expect("rollback");
-    let resolved = resolve
-        .await
-        .expect("task")
-        .expect("the resolve went through on its second try")
-        .expect("found");
+    let outcome = running.await.expect("task");
+    other.close().await;
+    outcome
+}
+
+/// A resolve that deadlocks with another transaction on PostgreSQL (which ends one of the two) is run
+/// again instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolve_that_deadlocks_is_run_again() {
+    let app = spawn_app_with(Db::Postgres, &[without_dispatcher()]).await;
+    let resolved = against_a_deadlock(&app, &format!("{SID}d1"), |store, id| async move {
+        store.resolve_incident(&id, "deadlock test").await
+    })
+    .await
+    .expect("the resolve went through on its second try")
+    .expect("found");
     assert!(resolved.changed);
     assert_eq!(resolved.cancelled.len(), HEART_DELIVERIES);
-    other.close().await;
     app.stop().await;
 }
 
-/// The same for an operator's acknowledgement, which also locks the incident, then its deliveries. The other transaction here locks the incident's deliveries, then the
-/// incident, the opposite order of a resolve; its own deadlock check waits longer, so PostgreSQL ends
-/// the resolve's transaction, not the test's.
+/// The same for an operator's acknowledgement, which also locks the incident, then its deliveries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledgement_that_deadlocks_is_run_again() {
     let app = spawn_app_with(Db::Postgres, &[without_dispatcher()]).await;
-    let res = app
-        .passthru(&format!("CallSid={SID}d2&EmergencyType=Heart"))
-        .await;
-    assert_eq!(res.status(), 200);
-    let incident = app
-        .store
-        .incident_by_call_sid(&format!("{SID}d2"))
-        .await
-        .expect("read")
-        .expect("stored");
-    let other = exotel_sos::store::Store::connect(&app.db.url, 1)
-        .await
-        .expect("second handle");
-    let mut tx = other.pool().begin().await.expect("begin");
-    sqlx::query("SET LOCAL deadlock_timeout = '10s'")
-        .execute(&mut *tx)
-        .await
-        .expect("deadlock timeout");
-    sqlx::query("SELECT id FROM deliveries WHERE incident_id = $1 FOR UPDATE")
-        .bind(&incident.id)
-        .execute(&mut *tx)
-        .await
-        .expect("lock the deliveries");
-    let store = app.store.clone();
-    let id = incident.id.clone();
-    let resolve = tokio::spawn(async move {
+    let acked = against_a_deadlock(&app, &format!("{SID}d2"), |store, id| async move {
         store
             .acknowledge(&exotel_sos::store::AckRequest {
                 incident_id: id,
@@ -225,35 +209,10 @@ async fn an_acknowledgement_that_deadlocks_is_run_again() {
                 notice_lanes: Vec::new(),
             })
             .await
-    });
-    // The resolve holds the incident and waits for the deliveries; now wait for the incident.
-    let waiting = eventually(Duration::from_secs(10), || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock' AND query LIKE 'UPDATE deliveries%'",
-        )
-        .fetch_one(app.store.pool())
-        .await
-        .unwrap_or(0)
-            > 0
     })
-    .await;
-    assert!(
-        waiting,
-        "the acknowledgement never waited for the deliveries"
-    );
-    sqlx::query("UPDATE incidents SET recording_url = recording_url WHERE id = $1")
-        .bind(&incident.id)
-        .execute(&mut *tx)
-        .await
-        .expect("the test's transaction is not the one ended");
-    tx.rollback().await.expect("rollback");
-    let resolved = resolve
-        .await
-        .expect("task")
-        .expect("the acknowledgement went through on its second try")
-        .expect("found");
-    assert!(resolved.first);
-    other.close().await;
+    .await
+    .expect("the acknowledgement went through on its second try")
+    .expect("found");
+    assert!(acked.first);
     app.stop().await;
 }
