@@ -118,6 +118,31 @@ async fn probe(writer: &AnyPool, now: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether a statement failed for want of storage (a full disk, an I/O error, a read-only file), not
+/// for anything in the incident: the database is unwritable, whichever incident tried.
+pub(super) fn storage_failure(engine: super::Engine, e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => {
+                db.code().is_some_and(|code| storage_code(engine, &code))
+            }
+            Some(sqlx::Error::Io(_)) => true,
+            _ => false,
+        })
+}
+
+/// SQLite's result codes (the primary code is the low byte of an extended one) for a full disk (13),
+/// an I/O error (10), a read-only database (8) or a file that cannot be opened (14); PostgreSQL's
+/// class 53 (insufficient resources: a full disk, out of memory) and 58 (system error: I/O).
+fn storage_code(engine: super::Engine, code: &str) -> bool {
+    match engine {
+        super::Engine::Sqlite => code
+            .parse::<i64>()
+            .is_ok_and(|n| matches!(n & 0xff, 8 | 10 | 13 | 14)),
+        super::Engine::Postgres => code.starts_with("53") || code.starts_with("58"),
+    }
+}
+
 /// Whether the database answered `e` by refusing what it was given (a value it cannot store, a
 /// constraint, an illegal state move, a statement it does not understand): trying the same again cannot
 /// help. Anything else (a connection refused or ended, a pool timeout, a busy or full database, an I/O

@@ -16,7 +16,7 @@ use anyhow::Context;
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::health::WriteHealth;
+use super::health::{storage_failure, WriteHealth};
 use super::{recordings, stored_repeat, Created, Engine, NewDelivery, NewIncident};
 use crate::domain::{storable, Clock, DeliveryState, IncidentState};
 
@@ -240,9 +240,7 @@ async fn write(writer: &Writer, batch: &[Job]) -> Result<Vec<anyhow::Result<Crea
     match &result {
         Ok(_) => writer.health.committed(),
         Err(Failed::Transaction(e)) => writer.health.failed(e),
-        Err(Failed::Statement(e)) if is_storage_failure(writer.engine, e) => {
-            writer.health.failed(e)
-        }
+        Err(Failed::Statement(e)) if storage_failure(writer.engine, e) => writer.health.failed(e),
         Err(Failed::Statement(_)) => {}
     }
     result
@@ -297,31 +295,6 @@ async fn write_on(
             };
             (result, clean)
         }
-    }
-}
-
-/// Whether a statement failed for want of storage (a full disk, an I/O error, a read-only file), not
-/// for anything in the incident: the database is unwritable, whichever incident tried.
-fn is_storage_failure(engine: Engine, e: &anyhow::Error) -> bool {
-    e.chain()
-        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
-            Some(sqlx::Error::Database(db)) => {
-                db.code().is_some_and(|code| storage_code(engine, &code))
-            }
-            Some(sqlx::Error::Io(_)) => true,
-            _ => false,
-        })
-}
-
-/// SQLite's result codes (the primary code is the low byte of an extended one) for a full disk (13),
-/// an I/O error (10), a read-only database (8) or a file that cannot be opened (14); PostgreSQL's
-/// class 53 (insufficient resources: a full disk, out of memory) and 58 (system error: I/O).
-fn storage_code(engine: Engine, code: &str) -> bool {
-    match engine {
-        Engine::Sqlite => code
-            .parse::<i64>()
-            .is_ok_and(|n| matches!(n & 0xff, 8 | 10 | 13 | 14)),
-        Engine::Postgres => code.starts_with("53") || code.starts_with("58"),
     }
 }
 

@@ -53,7 +53,7 @@ impl Client for ExotelCall {
                     "application/json".into(),
                 ),
             ],
-            basic_auth: Some((self.account.api_key.clone(), self.account.api_token.clone())),
+            basic_auth: self.account.basic_auth(),
             secret_fields: &[],
             timeout: self.request_timeout,
         }
@@ -99,7 +99,7 @@ impl Client for ExotelCall {
                 .account
                 .url(&format!("Calls/{}.json", path_segment(provider_id))),
             form: Vec::new(),
-            basic_auth: Some((self.account.api_key.clone(), self.account.api_token.clone())),
+            basic_auth: self.account.basic_auth(),
             secret_fields: &[],
             timeout: Duration::from_secs(15),
         })

@@ -161,6 +161,11 @@ pub struct Account {
 }
 
 impl Account {
+    /// The Basic credentials every request to the account's API carries.
+    pub fn basic_auth(&self) -> Option<(String, SecretString)> {
+        Some((self.api_key.clone(), self.api_token.clone()))
+    }
+
     /// `{base}/v1/Accounts/{sid}/{path}`.
     pub fn url(&self, path: &str) -> String {
         format!(

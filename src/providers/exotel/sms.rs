@@ -65,7 +65,7 @@ impl Client for ExotelSms {
         Prepared {
             url: self.account.url("Sms/send.json"),
             form,
-            basic_auth: Some((self.account.api_key.clone(), self.account.api_token.clone())),
+            basic_auth: self.account.basic_auth(),
             secret_fields: &[],
             timeout: self.request_timeout,
         }
@@ -121,7 +121,7 @@ impl Client for ExotelSms {
                 .account
                 .url(&format!("SMS/Messages/{}.json", path_segment(provider_id))),
             form: Vec::new(),
-            basic_auth: Some((self.account.api_key.clone(), self.account.api_token.clone())),
+            basic_auth: self.account.basic_auth(),
             secret_fields: &[],
             timeout: self.request_timeout,
         })
